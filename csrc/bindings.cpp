@@ -1,0 +1,109 @@
+// The one binding file: thin pybind11 wrappers over the torch-free kernels. Tensors travel as
+// raw addresses (tensor.data_ptr()) plus sizes and dtype codes; CUDA entry points also take
+// the device index and the cudaStream_t (torch.cuda.current_stream().cuda_stream).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "common/parallel.h"
+#include "common/runtime.h"
+#include "kmeans/kmeans.h"
+
+namespace py = pybind11;
+using namespace popcomp;
+
+namespace {
+template <typename T>
+T* ptr(uintptr_t a) {
+  return reinterpret_cast<T*>(a);
+}
+
+kmeans::Params kmeans_params(int64_t rows, int64_t n, int k, double beta, int method, int init,
+                             int diameter, int max_iter, double tol, uint64_t seed, int x_dtype,
+                             int w_dtype) {
+  kmeans::Params p;
+  p.rows = rows;
+  p.n = n;
+  p.k = k;
+  p.beta = beta;
+  p.method = static_cast<kmeans::Method>(method);
+  p.init = static_cast<kmeans::Init>(init);
+  p.diameter = static_cast<kmeans::Diameter>(diameter);
+  p.max_iter = max_iter;
+  p.tol = tol;
+  p.seed = seed;
+  p.x_dtype = static_cast<DType>(x_dtype);
+  p.w_dtype = static_cast<DType>(w_dtype);
+  return p;
+}
+
+kmeans::Buffers kmeans_buffers(uintptr_t x, uintptr_t w, uintptr_t init_centers,
+                               uintptr_t centers, uintptr_t labels, uintptr_t cost,
+                               uintptr_t n_iter) {
+  kmeans::Buffers b;
+  b.x = ptr<const void>(x);
+  b.w = ptr<const void>(w);
+  b.init_centers = ptr<const double>(init_centers);
+  b.centers = ptr<double>(centers);
+  b.labels = ptr<int64_t>(labels);
+  b.cost = ptr<double>(cost);
+  b.n_iter = ptr<int64_t>(n_iter);
+  return b;
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "popcomp compiled core (torch-free kernels)";
+#if defined(POPCOMP_WITH_CUDA)
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+#if defined(POPCOMP_OPENMP)
+  m.attr("has_openmp") = true;
+#else
+  m.attr("has_openmp") = false;
+#endif
+  m.def("max_threads", &max_threads);
+#if defined(POPCOMP_WITH_CUDA)
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("cuda_build_version", &cuda_build_version);
+#else
+  m.def("cuda_device_count", []() { return 0; });
+  m.def("cuda_build_version", []() { return 0; });
+#endif
+
+  // ---- weighted 1-D K-means -------------------------------------------------------------
+  m.def(
+      "kmeans1d_cpu",
+      [](uintptr_t x, uintptr_t w, int x_dtype, int w_dtype, int64_t rows, int64_t n, int k,
+         double beta, int method, int init, int diameter, int max_iter, double tol,
+         uint64_t seed, uintptr_t init_centers, uintptr_t centers, uintptr_t labels,
+         uintptr_t cost, uintptr_t n_iter, int num_threads) {
+        auto p = kmeans_params(rows, n, k, beta, method, init, diameter, max_iter, tol, seed,
+                               x_dtype, w_dtype);
+        kmeans::run_cpu(p, kmeans_buffers(x, w, init_centers, centers, labels, cost, n_iter),
+                        num_threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+#if defined(POPCOMP_WITH_CUDA)
+  m.def("kmeans1d_cuda_workspace",
+        [](int64_t rows, int64_t n, int k, int method, int x_dtype) {
+          auto p = kmeans_params(rows, n, k, 0.0, method, 0, 0, 1, 0.0, 0, x_dtype, x_dtype);
+          return kmeans::cuda_workspace_bytes(p);
+        });
+  m.def(
+      "kmeans1d_cuda",
+      [](uintptr_t x, uintptr_t w, int x_dtype, int w_dtype, int64_t rows, int64_t n, int k,
+         double beta, int method, int init, int diameter, int max_iter, double tol,
+         uint64_t seed, uintptr_t init_centers, uintptr_t centers, uintptr_t labels,
+         uintptr_t cost, uintptr_t n_iter, uintptr_t workspace, size_t workspace_bytes,
+         int device, uintptr_t stream) {
+        auto p = kmeans_params(rows, n, k, beta, method, init, diameter, max_iter, tol, seed,
+                               x_dtype, w_dtype);
+        kmeans::run_cuda(p, kmeans_buffers(x, w, init_centers, centers, labels, cost, n_iter),
+                         ptr<void>(workspace), workspace_bytes, device, ptr<void>(stream));
+      },
+      py::call_guard<py::gil_scoped_release>());
+#endif
+}

@@ -1,0 +1,52 @@
+// Weighted 1-D K-means with diameter regularization (HW / DRHW K-means, Bu et al. eqs. 27, 31).
+// Torch-free interface: raw pointers, sizes, and an explicit CUDA device and stream.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "common/hd.h"
+
+namespace popcomp {
+namespace kmeans {
+
+enum class Method : int { lloyd = 0, exact = 1 };
+enum class Init : int { kmeanspp = 0, linear = 1, quantile = 2, given = 3 };
+// squared: beta * (max c - min c)^2 (eq. 31 as written); linear: beta * (max c - min c).
+enum class Diameter : int { squared = 0, linear = 1 };
+
+struct Params {
+  int64_t rows = 1;       // independent problems
+  int64_t n = 0;          // values per problem
+  int k = 1;              // centers per problem
+  double beta = 0.0;      // diameter penalty
+  Method method = Method::lloyd;
+  Init init = Init::kmeanspp;
+  Diameter diameter = Diameter::squared;
+  int max_iter = 300;
+  double tol = 0.0;       // stop when the relative objective decrease is <= tol
+  uint64_t seed = 0;
+  DType x_dtype = DType::f32;
+  DType w_dtype = DType::f32;  // ignored when w == nullptr
+};
+
+struct Buffers {
+  const void* x = nullptr;             // rows x n, contiguous
+  const void* w = nullptr;             // rows x n or nullptr (all ones)
+  const double* init_centers = nullptr;  // rows x k (Init::given), else nullptr
+  double* centers = nullptr;           // out: rows x k, ascending
+  int64_t* labels = nullptr;           // out: rows x n
+  double* cost = nullptr;              // out: rows
+  int64_t* n_iter = nullptr;           // out: rows
+};
+
+// CPU backend (OpenMP across problems, and inside a single large problem).
+void run_cpu(const Params& p, const Buffers& b, int num_threads);
+
+// CUDA backend. `workspace` must hold cuda_workspace_bytes(p) bytes of device memory.
+// All work is enqueued on `stream` (a cudaStream_t) of `device`; nothing synchronizes the host.
+size_t cuda_workspace_bytes(const Params& p);
+void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspace_bytes,
+              int device, void* stream);
+
+}  // namespace kmeans
+}  // namespace popcomp

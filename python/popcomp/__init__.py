@@ -1,0 +1,15 @@
+"""popcomp: fast, generalization-aware compression for PyTorch models.
+
+Quantization with Hessian-weighted and diameter-regularized K-means (Bu et al. 2020),
+spectral pruning (Suzuki et al. 2020) and compression-based generalization bounds
+(Zhang 2020), on a torch-free C++/CUDA core.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import _ops  # noqa: F401  (registers the torch.library ops)
+from ._backend import backends
+from .kmeans import KMeansResult, kmeans1d
+
+__all__ = ["backends", "kmeans1d", "KMeansResult", "__version__"]

@@ -1,0 +1,79 @@
+"""CPU and CUDA kernels of popcomp::kmeans1d, and the registration of its reference."""
+from __future__ import annotations
+
+import torch
+
+from .._backend import DTYPE_CODES, compiled, cuda_stream_args, cuda_workspace, num_threads
+from .._ops import LIB
+from .._reference.kmeans import kmeans1d_reference
+
+METHODS = {"lloyd": 0, "exact": 1}
+INITS = {"kmeans++": 0, "linear": 1, "quantile": 2, "given": 3}
+DIAMETERS = {"squared": 0, "linear": 1}
+_U64 = (1 << 64) - 1
+
+
+def _common(x, weights, k, init_centers):
+    rows, n = x.shape
+    x = x.contiguous()
+    w = weights.contiguous() if weights is not None else None
+    ic = init_centers.to(torch.float64).contiguous() if init_centers is not None else None
+    outs = (
+        torch.empty((rows, k), dtype=torch.float64, device=x.device),
+        torch.empty((rows, n), dtype=torch.int64, device=x.device),
+        torch.empty((rows,), dtype=torch.float64, device=x.device),
+        torch.empty((rows,), dtype=torch.int64, device=x.device),
+    )
+    args = (
+        x.data_ptr(),
+        w.data_ptr() if w is not None else 0,
+        DTYPE_CODES[x.dtype],
+        DTYPE_CODES[w.dtype] if w is not None else DTYPE_CODES[x.dtype],
+        rows,
+        n,
+        k,
+    )
+    return x, w, ic, outs, args
+
+
+def kmeans1d_cpu(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter):
+    C = compiled()
+    if C is None:
+        return kmeans1d_reference(
+            x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter
+        )
+    x, w, ic, outs, args = _common(x, weights, k, init_centers)
+    if x.numel() == 0:
+        return outs
+    C.kmeans1d_cpu(
+        *args, float(beta), METHODS[method], INITS[init], DIAMETERS[diameter], int(max_iter),
+        float(tol), int(seed) & _U64, ic.data_ptr() if ic is not None else 0,
+        *(o.data_ptr() for o in outs), num_threads(),
+    )
+    return outs
+
+
+def kmeans1d_cuda(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter):
+    C = compiled()
+    if C is None or not C.has_cuda:
+        return kmeans1d_reference(
+            x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter
+        )
+    x, w, ic, outs, args = _common(x, weights, k, init_centers)
+    if x.numel() == 0:
+        return outs
+    rows, n = x.shape
+    nbytes = C.kmeans1d_cuda_workspace(rows, n, k, METHODS[method], DTYPE_CODES[x.dtype])
+    ws = cuda_workspace(nbytes, x.device)
+    dev, stream = cuda_stream_args(x)
+    C.kmeans1d_cuda(
+        *args, float(beta), METHODS[method], INITS[init], DIAMETERS[diameter], int(max_iter),
+        float(tol), int(seed) & _U64, ic.data_ptr() if ic is not None else 0,
+        *(o.data_ptr() for o in outs), ws.data_ptr(), ws.numel(), dev, stream,
+    )
+    return outs
+
+
+LIB.impl("kmeans1d", kmeans1d_reference, "CompositeExplicitAutograd")
+LIB.impl("kmeans1d", kmeans1d_cpu, "CPU")
+LIB.impl("kmeans1d", kmeans1d_cuda, "CUDA")

@@ -1,0 +1,1 @@
+"""Pure-torch reference implementations: the `default` kernels of the ops and the test oracles."""
