@@ -1,9 +1,545 @@
+// CPU backend of weighted 1-D K-means (HW / DRHW K-means).
+//
+// Per problem: radix sort (or, for large 16-bit inputs, a 65536-bin weighted histogram) to the
+// u sorted distinct values with summed weights, prefix sums, then
+//   exact : optimal k-partition by dynamic programming, each layer's row minima found with
+//           SMAWK (O(k u) time, O(n + k u) memory), split across threads at pivot rows;
+//   lloyd : O(k log u) Lloyd iterations on the prefix sums (kmeans_math.h, shared with CUDA);
+// then one pass over the original values for labels and the cost.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <stdexcept>
+#include <type_traits>
+#include <vector>
 
+#include "common/parallel.h"
 #include "kmeans/kmeans.h"
+#include "kmeans/kmeans_math.h"
 
 namespace popcomp {
 namespace kmeans {
-void run_cpu(const Params&, const Buffers&, int) { throw std::runtime_error("not implemented yet"); }
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr int64_t kHistMin = 32768;  // 16-bit inputs at least this long use the histogram
+
+// ---- element access ------------------------------------------------------------------------
+template <DType D>
+struct Elem;
+template <>
+struct Elem<DType::f64> {
+  using Key = uint64_t;
+  static constexpr int key_bits = 64;
+  static double get(const void* p, int64_t i) { return static_cast<const double*>(p)[i]; }
+  static Key key(const void* p, int64_t i) { return double_key(get(p, i)); }
+  static double value(Key k) {
+    uint64_t b = (k & 0x8000000000000000ull) ? (k & 0x7fffffffffffffffull) : ~k;
+    double d;
+    std::memcpy(&d, &b, 8);
+    return d;
+  }
+};
+template <>
+struct Elem<DType::f32> {
+  using Key = uint32_t;
+  static constexpr int key_bits = 32;
+  static double get(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+  static Key key(const void* p, int64_t i) { return float_key(static_cast<const float*>(p)[i]); }
+  static double value(Key k) { return key_to_float(k); }
+};
+template <>
+struct Elem<DType::f16> {
+  using Key = uint32_t;
+  static constexpr int key_bits = 16;
+  static double get(const void* p, int64_t i) {
+    return half_bits_to_float(static_cast<const uint16_t*>(p)[i]);
+  }
+  static Key key(const void* p, int64_t i) { return half_key(static_cast<const uint16_t*>(p)[i]); }
+  static double value(Key k) { return half_bits_to_float(half_key_to_bits(k)); }
+};
+template <>
+struct Elem<DType::bf16> {
+  using Key = uint32_t;
+  static constexpr int key_bits = 16;
+  static double get(const void* p, int64_t i) {
+    return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
+  }
+  static Key key(const void* p, int64_t i) { return half_key(static_cast<const uint16_t*>(p)[i]); }
+  static double value(Key k) { return bf16_bits_to_float(half_key_to_bits(k)); }
+};
+
+template <typename F>
+void dispatch(DType t, F&& f) {
+  switch (t) {
+    case DType::f64: f(std::integral_constant<DType, DType::f64>{}); break;
+    case DType::f32: f(std::integral_constant<DType, DType::f32>{}); break;
+    case DType::f16: f(std::integral_constant<DType, DType::f16>{}); break;
+    case DType::bf16: f(std::integral_constant<DType, DType::bf16>{}); break;
+    default: throw std::invalid_argument("kmeans1d: unsupported dtype code");
+  }
+}
+
+// ---- LSD radix sort of (key, index) pairs --------------------------------------------------
+template <typename Key>
+void radix_sort_pairs(std::vector<Key>& keys, std::vector<uint32_t>& idx, std::vector<Key>& tk,
+                      std::vector<uint32_t>& ti, int64_t n, int key_bits) {
+  if (n < 64) {  // insertion sort
+    for (int64_t i = 1; i < n; ++i) {
+      Key k = keys[i];
+      uint32_t v = idx[i];
+      int64_t j = i - 1;
+      while (j >= 0 && keys[j] > k) {
+        keys[j + 1] = keys[j];
+        idx[j + 1] = idx[j];
+        --j;
+      }
+      keys[j + 1] = k;
+      idx[j + 1] = v;
+    }
+    return;
+  }
+  const int digit = key_bits == 16 ? 8 : (key_bits == 32 ? 11 : 16);
+  const int passes = (key_bits + digit - 1) / digit;
+  const size_t nb = size_t(1) << digit;
+  std::vector<uint32_t> hist(nb * passes, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    Key k = keys[i];
+    for (int p = 0; p < passes; ++p) ++hist[p * nb + ((k >> (p * digit)) & (nb - 1))];
+  }
+  tk.resize(n);
+  ti.resize(n);
+  Key* src_k = keys.data();
+  uint32_t* src_i = idx.data();
+  Key* dst_k = tk.data();
+  uint32_t* dst_i = ti.data();
+  for (int p = 0; p < passes; ++p) {
+    uint32_t* h = &hist[p * nb];
+    bool trivial = false;
+    for (size_t b = 0; b < nb; ++b) {
+      if (h[b] == (uint32_t)n) {
+        trivial = true;
+        break;
+      }
+      if (h[b]) break;
+    }
+    if (trivial) continue;
+    uint32_t sum = 0;
+    for (size_t b = 0; b < nb; ++b) {
+      uint32_t c = h[b];
+      h[b] = sum;
+      sum += c;
+    }
+    const int sh = p * digit;
+    for (int64_t i = 0; i < n; ++i) {
+      Key k = src_k[i];
+      uint32_t pos = h[(k >> sh) & (nb - 1)]++;
+      dst_k[pos] = k;
+      dst_i[pos] = src_i[i];
+    }
+    std::swap(src_k, dst_k);
+    std::swap(src_i, dst_i);
+  }
+  if (src_k != keys.data()) {
+    std::memcpy(keys.data(), src_k, n * sizeof(Key));
+    std::memcpy(idx.data(), src_i, n * sizeof(uint32_t));
+  }
+}
+
+// ---- per-thread workspace ------------------------------------------------------------------
+struct Work {
+  std::vector<uint64_t> k64, t64;
+  std::vector<uint32_t> k32, t32, idx, tidx;
+  std::vector<uint32_t> hcnt;
+  std::vector<double> hw;
+  std::vector<double> v, W, s0, s1, s2;
+  std::vector<double> D0, D1;
+  std::vector<int32_t> J;
+  std::vector<int64_t> cols, buf;
+  std::vector<int64_t> Bk, Bk2;
+  std::vector<double> dk[6];
+  std::vector<int> act;
+  std::vector<double> c, mids;
+  std::vector<int32_t> lut;
+
+  Scratch scratch(int k) {
+    Bk.resize(k + 1);
+    Bk2.resize(k + 1);
+    for (auto& d : dk) d.resize(k + 1);
+    act.resize(k + 1);
+    return Scratch{Bk.data(), Bk2.data(), dk[0].data(), dk[1].data(), dk[2].data(),
+                   dk[3].data(), dk[4].data(), act.data()};
+  }
+};
+
+// ---- exact DP ------------------------------------------------------------------------------
+struct Layer {
+  const double* s0;
+  const double* s1;
+  const double* s2;
+  const double* Dprev;  // D_{m-1}
+  double* Dcur;
+  int32_t* J;
+
+  // cost of the best (m-1)-partition of [0, j) plus the cluster [j, i]
+  inline double val(int64_t i, int64_t j) const {
+    if (j > i) return kInf;
+    const double w = s0[i + 1] - s0[j];
+    const double s = s1[i + 1] - s1[j];
+    const double c = (s2[i + 1] - s2[j]) - s * s / (w > 0.0 ? w : 1.0);
+    return Dprev[j - 1] + (c > 0.0 ? c : 0.0);
+  }
+};
+
+// Row minima (leftmost) of the totally monotone matrix L.val over rows r0 + t*step
+// (t < R) and the given sorted columns; results in L.Dcur / L.J.
+void smawk(const Layer& L, int64_t r0, int64_t step, int64_t R, const int64_t* cols, int64_t nc,
+           int64_t* buf) {
+  if (R == 0) return;
+  int64_t* S = buf;
+  int64_t top = 0;
+  for (int64_t t = 0; t < nc; ++t) {
+    const int64_t c = cols[t];
+    while (top > 0) {
+      const int64_t r = r0 + (top - 1) * step;
+      if (L.val(r, S[top - 1]) > L.val(r, c)) {
+        --top;
+      } else {
+        break;
+      }
+    }
+    if (top < R) S[top++] = c;
+  }
+  smawk(L, r0 + step, 2 * step, R / 2, S, top, buf + top);
+  int64_t pos = 0;
+  for (int64_t t = 0; t < R; t += 2) {
+    const int64_t r = r0 + t * step;
+    const int64_t endc = (t + 1 < R) ? (int64_t)L.J[r + step] : S[top - 1];
+    double best = kInf;
+    int64_t bj = S[pos];
+    for (;;) {
+      const double v = L.val(r, S[pos]);
+      if (v < best) {
+        best = v;
+        bj = S[pos];
+      }
+      if (S[pos] >= endc || pos + 1 >= top) break;
+      ++pos;
+    }
+    L.Dcur[r] = best;
+    L.J[r] = (int32_t)bj;
+  }
+}
+
+void brute_row(const Layer& L, int64_t r, int64_t clo, int64_t chi) {
+  double best = kInf;
+  int64_t bj = clo;
+  for (int64_t j = clo; j <= chi; ++j) {
+    const double v = L.val(r, j);
+    if (v < best) {
+      best = v;
+      bj = j;
+    }
+  }
+  L.Dcur[r] = best;
+  L.J[r] = (int32_t)bj;
+}
+
+// Rows [rlo, rhi] of one layer, columns [clo, chi] (chi clipped per row by val()).
+void layer_range(const Layer& L, int64_t rlo, int64_t rhi, int64_t clo, int64_t chi, int64_t* cols,
+                 int64_t* buf) {
+  if (rlo > rhi) return;
+  int64_t nc = 0;
+  for (int64_t j = clo; j <= chi; ++j) cols[nc++] = j;
+  smawk(L, rlo, 1, rhi - rlo + 1, cols, nc, buf);
+}
+
+// Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
+void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
+  const double* s0 = w.s0.data();
+  const double* s1 = w.s1.data();
+  const double* s2 = w.s2.data();
+  w.D0.resize(u);
+  w.D1.resize(u);
+  w.J.resize((size_t)k * u);
+  for (int64_t i = 0; i < u; ++i) {
+    const double ww = s0[i + 1], s = s1[i + 1];
+    const double c = s2[i + 1] - s * s / (ww > 0.0 ? ww : 1.0);
+    w.D0[i] = c > 0.0 ? c : 0.0;
+  }
+  double* Dprev = w.D0.data();
+  double* Dcur = w.D1.data();
+  if (threads > 1) {
+    w.cols.resize(2 * u + 4);
+    w.buf.resize(4 * u + 8);
+  } else {
+    w.cols.resize(u + 2);
+    w.buf.resize(2 * u + 4);
+  }
+  for (int m = 1; m < k; ++m) {
+    Layer L{s0, s1, s2, Dprev, Dcur, w.J.data() + (size_t)m * u};
+    if (m == k - 1) {  // only the last row matters
+      brute_row(L, u - 1, m, u - 1);
+    } else {
+      const int64_t rlo = m, rhi = u - 1 - (k - 1 - m);
+      const int64_t R = rhi - rlo + 1;
+      if (threads > 1 && R > 65536) {
+        const int64_t piv = rlo + R / 2;
+        brute_row(L, piv, m, piv);
+        const int64_t jp = L.J[piv];
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel sections num_threads(2)
+#endif
+        {
+#if defined(POPCOMP_OPENMP)
+#pragma omp section
+#endif
+          layer_range(L, rlo, piv - 1, m, std::min(jp, piv - 1), w.cols.data(), w.buf.data());
+#if defined(POPCOMP_OPENMP)
+#pragma omp section
+#endif
+          layer_range(L, piv + 1, rhi, jp, rhi, w.cols.data() + u + 2, w.buf.data() + 2 * u + 4);
+        }
+      } else {
+        layer_range(L, rlo, rhi, m, rhi, w.cols.data(), w.buf.data());
+      }
+    }
+    std::swap(Dprev, Dcur);
+  }
+  B[k] = u;
+  int64_t i = u - 1;
+  for (int m = k - 1; m >= 1; --m) {
+    const int64_t j = w.J[(size_t)m * u + i];
+    B[m] = j;
+    i = j - 1;
+  }
+  B[0] = 0;
+}
+
+// ---- one problem ---------------------------------------------------------------------------
+template <DType DX>
+struct Solver {
+  using E = Elem<DX>;
+  using Key = typename E::Key;
+
+  const Params& p;
+  Work& w;
+  int threads;
+
+  // Sorted distinct values (shifted) and weights -> w.v, w.W, prefix sums. Returns u.
+  template <DType DW>
+  int64_t reduce_sorted(const void* x, const void* wt, int64_t n) {
+    std::vector<Key>& keys = key_vec();
+    std::vector<Key>& tk = key_tmp();
+    keys.resize(n);
+    w.idx.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      keys[i] = E::key(x, i);
+      w.idx[i] = (uint32_t)i;
+    }
+    radix_sort_pairs<Key>(keys, w.idx, tk, w.tidx, n, E::key_bits);
+    w.v.resize(n);
+    w.W.resize(n);
+    int64_t u = 0;
+    for (int64_t t = 0; t < n;) {
+      const Key kk = keys[t];
+      double ws = 0.0;
+      do {
+        ws += wt ? Elem<DW>::get(wt, w.idx[t]) : 1.0;
+        ++t;
+      } while (t < n && keys[t] == kk);
+      w.v[u] = E::value(kk);
+      w.W[u] = ws;
+      ++u;
+    }
+    return u;
+  }
+
+  template <DType DW>
+  int64_t reduce_hist(const void* x, const void* wt, int64_t n) {
+    w.hcnt.assign(65536, 0);
+    w.hw.assign(65536, 0.0);
+    const uint16_t* xb = static_cast<const uint16_t*>(x);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t kk = half_key(xb[i]);
+      ++w.hcnt[kk];
+      w.hw[kk] += wt ? Elem<DW>::get(wt, i) : 1.0;
+    }
+    w.v.resize(65536);
+    w.W.resize(65536);
+    int64_t u = 0;
+    for (uint32_t kk = 0; kk < 65536; ++kk) {
+      if (!w.hcnt[kk]) continue;
+      w.v[u] = E::value(kk);
+      w.W[u] = w.hw[kk];
+      ++u;
+    }
+    return u;
+  }
+
+  std::vector<Key>& key_vec() {
+    if constexpr (std::is_same<Key, uint64_t>::value) return w.k64;
+    else return w.k32;
+  }
+  std::vector<Key>& key_tmp() {
+    if constexpr (std::is_same<Key, uint64_t>::value) return w.t64;
+    else return w.t32;
+  }
+
+  template <DType DW>
+  void solve(int64_t row, const Buffers& b) {
+    const int64_t n = p.n;
+    const int k = p.k;
+    const size_t es = DX == DType::f64 ? 8 : (DX == DType::f32 ? 4 : 2);
+    const size_t ws_ = DW == DType::f64 ? 8 : (DW == DType::f32 ? 4 : 2);
+    const void* x = static_cast<const char*>(b.x) + (size_t)row * n * es;
+    const void* wt = b.w ? static_cast<const char*>(b.w) + (size_t)row * n * ws_ : nullptr;
+    const bool hist = (DX == DType::f16 || DX == DType::bf16) && n >= kHistMin;
+    const int64_t u = hist ? reduce_hist<DW>(x, wt, n) : reduce_sorted<DW>(x, wt, n);
+
+    const double shift = w.v[u / 2];
+    w.s0.resize(u + 1);
+    w.s1.resize(u + 1);
+    w.s2.resize(u + 1);
+    w.s0[0] = w.s1[0] = w.s2[0] = 0.0;
+    for (int64_t t = 0; t < u; ++t) {
+      const double vv = w.v[t] - shift, ww = w.W[t];
+      w.v[t] = vv;
+      w.s0[t + 1] = w.s0[t] + ww;
+      w.s1[t + 1] = w.s1[t] + ww * vv;
+      w.s2[t + 1] = w.s2[t] + ww * vv * vv;
+    }
+    const Prefix P{w.v.data(), w.s0.data(), w.s1.data(), w.s2.data(), u};
+    const Scratch sc = w.scratch(k);
+    w.c.resize(k);
+    double* c = w.c.data();
+    int iters = 0;
+    double obj = 0.0;
+    const bool drhw = p.beta > 0.0;
+    if (k >= u) {
+      for (int j = 0; j < k; ++j) c[j] = w.v[j < u ? j : u - 1];
+      if (drhw) iters = lloyd(P, k, c, p.beta, p.diameter, p.max_iter, p.tol, sc, &obj);
+    } else if (p.method == Method::exact) {
+      exact_partition(w, u, k, threads, sc.B);
+      for (int j = 0; j < k; ++j) {
+        const int64_t a = sc.B[j], e = sc.B[j + 1];
+        const double H = P.s0[e] - P.s0[a];
+        c[j] = H > 0.0 ? (P.s1[e] - P.s1[a]) / H : 0.5 * (P.v[a] + P.v[e - 1]);
+      }
+      if (drhw) iters = lloyd(P, k, c, p.beta, p.diameter, p.max_iter, p.tol, sc, &obj);
+    } else {
+      switch (p.init) {
+        case Init::linear: init_linear(P, k, c); break;
+        case Init::quantile: init_quantile(P, k, c); break;
+        case Init::given:
+          for (int j = 0; j < k; ++j) c[j] = b.init_centers[(size_t)row * k + j] - shift;
+          break;
+        default: {
+          SplitMix64 rng(p.seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(row + 1)));
+          init_kmeanspp(P, k, c, rng, sc);
+        }
+      }
+      iters = lloyd(P, k, c, p.beta, p.diameter, p.max_iter, p.tol, sc, &obj);
+    }
+    sort_small(c, k);
+    double* out_c = b.centers + (size_t)row * k;
+    for (int j = 0; j < k; ++j) out_c[j] = c[j] + shift;
+    w.mids.resize(k > 1 ? k - 1 : 1);
+    for (int j = 0; j + 1 < k; ++j) w.mids[j] = 0.5 * (out_c[j] + out_c[j + 1]);
+    const double pen = diameter_penalty(out_c[k - 1] - out_c[0], p.beta, p.diameter);
+    int64_t* lab = b.labels + (size_t)row * n;
+    double cost = 0.0;
+    if (hist) {
+      // label of every present 16-bit pattern, then a table lookup per value
+      w.lut.assign(65536, 0);
+      double cacc = 0.0;
+      for (uint32_t kk = 0; kk < 65536; ++kk) {
+        if (!w.hcnt[kk]) continue;
+        const double xv = E::value(kk);
+        const int l = nearest_label(w.mids.data(), k - 1, xv);
+        w.lut[kk] = l;
+        const double d = xv - out_c[l];
+        cacc += w.hw[kk] * d * d;
+      }
+      const uint16_t* xb = static_cast<const uint16_t*>(x);
+      const int32_t* lut = w.lut.data();
+      const int nt = threads;
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+#endif
+      for (int64_t i = 0; i < n; ++i) lab[i] = lut[half_key(xb[i])];
+      (void)nt;
+      cost = cacc;
+    } else {
+      const double* mids = w.mids.data();
+      const int km1 = k - 1;
+      constexpr int64_t chunk = 1 << 16;
+      const int64_t nchunks = (n + chunk - 1) / chunk;
+      std::vector<double> part(nchunks, 0.0);
+      const int nt = threads;
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && nchunks > 1)
+#endif
+      for (int64_t ch = 0; ch < nchunks; ++ch) {
+        const int64_t i0 = ch * chunk, i1 = std::min(n, i0 + chunk);
+        double acc = 0.0;
+        for (int64_t i = i0; i < i1; ++i) {
+          const double xv = E::get(x, i);
+          const int l = nearest_label(mids, km1, xv);
+          lab[i] = l;
+          const double d = xv - out_c[l];
+          acc += (wt ? Elem<DW>::get(wt, i) : 1.0) * d * d;
+        }
+        part[ch] = acc;
+      }
+      (void)nt;
+      for (double a : part) cost += a;
+    }
+    b.cost[row] = cost + pen;
+    b.n_iter[row] = iters;
+  }
+};
+
+}  // namespace
+
+void run_cpu(const Params& p, const Buffers& b, int num_threads) {
+  if (p.k < 1) throw std::invalid_argument("kmeans1d: k must be >= 1");
+  if (p.n < 1 || p.rows < 0) throw std::invalid_argument("kmeans1d: need n >= 1 and rows >= 0");
+  if (p.n > (int64_t)0xffffffffll) throw std::invalid_argument("kmeans1d: n must be < 2^32");
+  if (p.method == Method::exact && (double)p.k * (double)p.n > 4e9)
+    throw std::invalid_argument("kmeans1d: exact needs k * n < 4e9 (the k x u argmin table)");
+  if (!b.x || !b.centers || !b.labels || !b.cost || !b.n_iter)
+    throw std::invalid_argument("kmeans1d: null buffer");
+  if (p.init == Init::given && p.method == Method::lloyd && !b.init_centers)
+    throw std::invalid_argument("kmeans1d: init 'given' needs init_centers");
+  const int T = std::max(1, num_threads);
+  const bool outer = p.rows >= T && T > 1;
+  const DType dw = b.w ? p.w_dtype : p.x_dtype;
+  dispatch(p.x_dtype, [&](auto dx) {
+    dispatch(dw, [&](auto dwt) {
+      constexpr DType DX = decltype(dx)::value;
+      constexpr DType DW = decltype(dwt)::value;
+      if (outer) {
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel num_threads(T)
+#endif
+        {
+          Work w;
+          Solver<DX> s{p, w, 1};
+#if defined(POPCOMP_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+          for (int64_t r = 0; r < p.rows; ++r) s.template solve<DW>(r, b);
+        }
+      } else {
+        Work w;
+        Solver<DX> s{p, w, T};
+        for (int64_t r = 0; r < p.rows; ++r) s.template solve<DW>(r, b);
+      }
+    });
+  });
+}
+
 }  // namespace kmeans
 }  // namespace popcomp
