@@ -147,21 +147,29 @@ void radix_sort_pairs(std::vector<Key>& keys, std::vector<uint32_t>& idx, std::v
   }
 }
 
+// ---- exact DP ------------------------------------------------------------------------------
+// Column j of a layer: prefix sums at j and D_{m-1}(j-1), in one 32-byte record.
+struct alignas(32) Col {
+  double s0, s1, s2, d;
+};
+
 // ---- per-thread workspace ------------------------------------------------------------------
 struct Work {
   std::vector<uint64_t> k64, t64;
   std::vector<uint32_t> k32, t32, idx, tidx;
   std::vector<uint32_t> hcnt;
   std::vector<double> hw;
-  std::vector<double> v, W, s0, s1, s2;
-  std::vector<double> D0, D1;
+  std::vector<double> v, vo, W, s0, s1, s2;
+  std::vector<double> D1, vbuf;
+  std::vector<Col> q;
   std::vector<int32_t> J;
   std::vector<int64_t> cols, buf;
   std::vector<int64_t> Bk, Bk2;
   std::vector<double> dk[6];
   std::vector<int> act;
   std::vector<double> c, mids;
-  std::vector<int32_t> lut;
+  std::vector<int32_t> lut, ulab;
+  std::vector<uint32_t> run;
 
   Scratch scratch(int k) {
     Bk.resize(k + 1);
@@ -173,53 +181,59 @@ struct Work {
   }
 };
 
-// ---- exact DP ------------------------------------------------------------------------------
 struct Layer {
-  const double* s0;
-  const double* s1;
-  const double* s2;
-  const double* Dprev;  // D_{m-1}
+  const Col* q;  // q[t]: prefix sums at t (t = 0..u) and d = D_{m-1}(t-1)
   double* Dcur;
   int32_t* J;
 
   // cost of the best (m-1)-partition of [0, j) plus the cluster [j, i]
-  inline double val(int64_t i, int64_t j) const {
+  inline double val(const Col& ri, int64_t i, int64_t j) const {
     if (j > i) return kInf;
-    const double w = s0[i + 1] - s0[j];
-    const double s = s1[i + 1] - s1[j];
-    const double c = (s2[i + 1] - s2[j]) - s * s / (w > 0.0 ? w : 1.0);
-    return Dprev[j - 1] + (c > 0.0 ? c : 0.0);
+    const Col& cj = q[j];
+    const double w = ri.s0 - cj.s0;
+    const double s = ri.s1 - cj.s1;
+    const double c = (ri.s2 - cj.s2) - s * s / (w > 0.0 ? w : 1.0);
+    return cj.d + (c > 0.0 ? c : 0.0);
   }
+  inline double val(int64_t i, int64_t j) const { return val(q[i + 1], i, j); }
 };
 
 // Row minima (leftmost) of the totally monotone matrix L.val over rows r0 + t*step
-// (t < R) and the given sorted columns; results in L.Dcur / L.J.
+// (t < R) and the given sorted columns; results in L.Dcur / L.J. buf holds >= 2R entries of
+// column indices and vbuf >= 2R cached values.
 void smawk(const Layer& L, int64_t r0, int64_t step, int64_t R, const int64_t* cols, int64_t nc,
-           int64_t* buf) {
+           int64_t* buf, double* vbuf) {
   if (R == 0) return;
   int64_t* S = buf;
+  double* Sv = vbuf;  // Sv[t] = value of column S[t] in row r0 + t*step
   int64_t top = 0;
   for (int64_t t = 0; t < nc; ++t) {
     const int64_t c = cols[t];
+    double vc = 0.0;
     while (top > 0) {
       const int64_t r = r0 + (top - 1) * step;
-      if (L.val(r, S[top - 1]) > L.val(r, c)) {
+      vc = L.val(r, c);
+      if (Sv[top - 1] > vc) {
         --top;
       } else {
         break;
       }
     }
-    if (top < R) S[top++] = c;
+    if (top < R) {
+      Sv[top] = L.val(r0 + top * step, c);
+      S[top++] = c;
+    }
   }
-  smawk(L, r0 + step, 2 * step, R / 2, S, top, buf + top);
+  smawk(L, r0 + step, 2 * step, R / 2, S, top, buf + top, vbuf + top);
   int64_t pos = 0;
   for (int64_t t = 0; t < R; t += 2) {
     const int64_t r = r0 + t * step;
+    const Col ri = L.q[r + 1];
     const int64_t endc = (t + 1 < R) ? (int64_t)L.J[r + step] : S[top - 1];
     double best = kInf;
     int64_t bj = S[pos];
     for (;;) {
-      const double v = L.val(r, S[pos]);
+      const double v = L.val(ri, r, S[pos]);
       if (v < best) {
         best = v;
         bj = S[pos];
@@ -233,10 +247,11 @@ void smawk(const Layer& L, int64_t r0, int64_t step, int64_t R, const int64_t* c
 }
 
 void brute_row(const Layer& L, int64_t r, int64_t clo, int64_t chi) {
+  const Col ri = L.q[r + 1];
   double best = kInf;
   int64_t bj = clo;
   for (int64_t j = clo; j <= chi; ++j) {
-    const double v = L.val(r, j);
+    const double v = L.val(ri, r, j);
     if (v < best) {
       best = v;
       bj = j;
@@ -246,66 +261,66 @@ void brute_row(const Layer& L, int64_t r, int64_t clo, int64_t chi) {
   L.J[r] = (int32_t)bj;
 }
 
-// Rows [rlo, rhi] of one layer, columns [clo, chi] (chi clipped per row by val()).
+// Rows [rlo, rhi] of one layer, columns [clo, chi] (clipped per row by val()).
 void layer_range(const Layer& L, int64_t rlo, int64_t rhi, int64_t clo, int64_t chi, int64_t* cols,
-                 int64_t* buf) {
+                 int64_t* buf, double* vbuf) {
   if (rlo > rhi) return;
   int64_t nc = 0;
   for (int64_t j = clo; j <= chi; ++j) cols[nc++] = j;
-  smawk(L, rlo, 1, rhi - rlo + 1, cols, nc, buf);
+  smawk(L, rlo, 1, rhi - rlo + 1, cols, nc, buf, vbuf);
 }
 
 // Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
 void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
-  const double* s0 = w.s0.data();
-  const double* s1 = w.s1.data();
-  const double* s2 = w.s2.data();
-  w.D0.resize(u);
+  w.q.resize(u + 1);
+  Col* q = w.q.data();
+  for (int64_t t = 0; t <= u; ++t) q[t] = Col{w.s0[t], w.s1[t], w.s2[t], 0.0};
   w.D1.resize(u);
   w.J.resize((size_t)k * u);
+  // layer 0: one cluster over [0, i]
   for (int64_t i = 0; i < u; ++i) {
-    const double ww = s0[i + 1], s = s1[i + 1];
-    const double c = s2[i + 1] - s * s / (ww > 0.0 ? ww : 1.0);
-    w.D0[i] = c > 0.0 ? c : 0.0;
+    const double ww = q[i + 1].s0, s = q[i + 1].s1;
+    const double c = q[i + 1].s2 - s * s / (ww > 0.0 ? ww : 1.0);
+    q[i + 1].d = c > 0.0 ? c : 0.0;  // becomes D_0(i) for column i + 1
   }
-  double* Dprev = w.D0.data();
+  const size_t half = (size_t)u + 2;
+  w.cols.resize(threads > 1 ? 2 * half : half);
+  w.buf.resize(threads > 1 ? 4 * half : 2 * half);
+  w.vbuf.resize(threads > 1 ? 4 * half : 2 * half);
   double* Dcur = w.D1.data();
-  if (threads > 1) {
-    w.cols.resize(2 * u + 4);
-    w.buf.resize(4 * u + 8);
-  } else {
-    w.cols.resize(u + 2);
-    w.buf.resize(2 * u + 4);
-  }
   for (int m = 1; m < k; ++m) {
-    Layer L{s0, s1, s2, Dprev, Dcur, w.J.data() + (size_t)m * u};
+    Layer L{q, Dcur, w.J.data() + (size_t)m * u};
+    const int64_t rlo = m, rhi = (m == k - 1) ? u - 1 : u - 1 - (k - 1 - m);
     if (m == k - 1) {  // only the last row matters
       brute_row(L, u - 1, m, u - 1);
-    } else {
-      const int64_t rlo = m, rhi = u - 1 - (k - 1 - m);
-      const int64_t R = rhi - rlo + 1;
-      if (threads > 1 && R > 65536) {
-        const int64_t piv = rlo + R / 2;
-        brute_row(L, piv, m, piv);
-        const int64_t jp = L.J[piv];
+      break;
+    }
+    const int64_t R = rhi - rlo + 1;
+    if (threads > 1 && R > 32768) {
+      const int64_t piv = rlo + R / 2;
+      brute_row(L, piv, m, piv);
+      const int64_t jp = L.J[piv];
 #if defined(POPCOMP_OPENMP)
 #pragma omp parallel sections num_threads(2)
 #endif
-        {
+      {
 #if defined(POPCOMP_OPENMP)
 #pragma omp section
 #endif
-          layer_range(L, rlo, piv - 1, m, std::min(jp, piv - 1), w.cols.data(), w.buf.data());
+        layer_range(L, rlo, piv - 1, m, std::min(jp, piv - 1), w.cols.data(), w.buf.data(),
+                    w.vbuf.data());
 #if defined(POPCOMP_OPENMP)
 #pragma omp section
 #endif
-          layer_range(L, piv + 1, rhi, jp, rhi, w.cols.data() + u + 2, w.buf.data() + 2 * u + 4);
-        }
-      } else {
-        layer_range(L, rlo, rhi, m, rhi, w.cols.data(), w.buf.data());
+        layer_range(L, piv + 1, rhi, jp, rhi, w.cols.data() + half, w.buf.data() + 2 * half,
+                    w.vbuf.data() + 2 * half);
       }
+    } else {
+      layer_range(L, rlo, rhi, m, rhi, w.cols.data(), w.buf.data(), w.vbuf.data());
     }
-    std::swap(Dprev, Dcur);
+    // D_m becomes the d field of the next layer's columns (rows outside [rlo, rhi] are never
+    // reached by an optimal partition; give them +inf)
+    for (int64_t i = 0; i < u; ++i) q[i + 1].d = (i >= rlo && i <= rhi) ? Dcur[i] : kInf;
   }
   B[k] = u;
   int64_t i = u - 1;
@@ -318,6 +333,14 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
 }
 
 // ---- one problem ---------------------------------------------------------------------------
+// Branchless count of the sorted midpoints (padded with +inf to P - 1 entries, P a power of
+// two) strictly below x: the nearest-center label, ties to the lower center.
+inline int label_pow2(const double* mids, int P, double x) {
+  int idx = 0;
+  for (int step = P >> 1; step > 0; step >>= 1) idx += (mids[idx + step - 1] < x) ? step : 0;
+  return idx;
+}
+
 template <DType DX>
 struct Solver {
   using E = Elem<DX>;
@@ -326,30 +349,65 @@ struct Solver {
   const Params& p;
   Work& w;
   int threads;
+  int status = kOk;
 
-  // Sorted distinct values (shifted) and weights -> w.v, w.W, prefix sums. Returns u.
+  std::vector<Key>& key_vec() {
+    if constexpr (std::is_same<Key, uint64_t>::value) return w.k64;
+    else return w.k32;
+  }
+  std::vector<Key>& key_tmp() {
+    if constexpr (std::is_same<Key, uint64_t>::value) return w.t64;
+    else return w.t32;
+  }
+
+  template <DType DW>
+  void check_weights(const void* wt, int64_t n) {
+    if (!wt) return;
+    bool nonfinite = false, negative = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = Elem<DW>::get(wt, i);
+      nonfinite |= !std::isfinite(v);
+      negative |= v < 0.0;
+    }
+    if (nonfinite) status = kNonFiniteW;
+    else if (negative) status = kNegativeW;
+  }
+
+  // Sorted distinct values and summed weights -> w.v, w.W; w.idx keeps the sort permutation
+  // and w.run the index of each sorted position's distinct value. Returns u.
   template <DType DW>
   int64_t reduce_sorted(const void* x, const void* wt, int64_t n) {
     std::vector<Key>& keys = key_vec();
     std::vector<Key>& tk = key_tmp();
     keys.resize(n);
     w.idx.resize(n);
+    bool nonfinite = false;
     for (int64_t i = 0; i < n; ++i) {
+      nonfinite |= !std::isfinite(E::get(x, i));
       keys[i] = E::key(x, i);
       w.idx[i] = (uint32_t)i;
     }
+    if (nonfinite) {
+      status = kNonFiniteX;
+      return 0;
+    }
+    check_weights<DW>(wt, n);
+    if (status != kOk) return 0;
     radix_sort_pairs<Key>(keys, w.idx, tk, w.tidx, n, E::key_bits);
     w.v.resize(n);
+    w.vo.resize(n);
     w.W.resize(n);
+    w.run.resize(n);
     int64_t u = 0;
     for (int64_t t = 0; t < n;) {
       const Key kk = keys[t];
       double ws = 0.0;
       do {
         ws += wt ? Elem<DW>::get(wt, w.idx[t]) : 1.0;
+        w.run[t] = (uint32_t)u;
         ++t;
       } while (t < n && keys[t] == kk);
-      w.v[u] = E::value(kk);
+      w.v[u] = w.vo[u] = E::value(kk);
       w.W[u] = ws;
       ++u;
     }
@@ -358,6 +416,8 @@ struct Solver {
 
   template <DType DW>
   int64_t reduce_hist(const void* x, const void* wt, int64_t n) {
+    check_weights<DW>(wt, n);
+    if (status != kOk) return 0;
     w.hcnt.assign(65536, 0);
     w.hw.assign(65536, 0.0);
     const uint16_t* xb = static_cast<const uint16_t*>(x);
@@ -367,24 +427,21 @@ struct Solver {
       w.hw[kk] += wt ? Elem<DW>::get(wt, i) : 1.0;
     }
     w.v.resize(65536);
+    w.vo.resize(65536);
     w.W.resize(65536);
     int64_t u = 0;
     for (uint32_t kk = 0; kk < 65536; ++kk) {
       if (!w.hcnt[kk]) continue;
-      w.v[u] = E::value(kk);
+      const double val = E::value(kk);
+      if (!std::isfinite(val)) {
+        status = kNonFiniteX;
+        return 0;
+      }
+      w.v[u] = w.vo[u] = val;
       w.W[u] = w.hw[kk];
       ++u;
     }
     return u;
-  }
-
-  std::vector<Key>& key_vec() {
-    if constexpr (std::is_same<Key, uint64_t>::value) return w.k64;
-    else return w.k32;
-  }
-  std::vector<Key>& key_tmp() {
-    if constexpr (std::is_same<Key, uint64_t>::value) return w.t64;
-    else return w.t32;
   }
 
   template <DType DW>
@@ -397,6 +454,7 @@ struct Solver {
     const void* wt = b.w ? static_cast<const char*>(b.w) + (size_t)row * n * ws_ : nullptr;
     const bool hist = (DX == DType::f16 || DX == DType::bf16) && n >= kHistMin;
     const int64_t u = hist ? reduce_hist<DW>(x, wt, n) : reduce_sorted<DW>(x, wt, n);
+    if (status != kOk) return;
 
     const double shift = w.v[u / 2];
     w.s0.resize(u + 1);
@@ -409,6 +467,10 @@ struct Solver {
       w.s0[t + 1] = w.s0[t] + ww;
       w.s1[t + 1] = w.s1[t] + ww * vv;
       w.s2[t + 1] = w.s2[t] + ww * vv * vv;
+    }
+    if (!(w.s0[u] > 0.0)) {
+      status = kZeroW;
+      return;
     }
     const Prefix P{w.v.data(), w.s0.data(), w.s1.data(), w.s2.data(), u};
     const Scratch sc = w.scratch(k);
@@ -445,57 +507,51 @@ struct Solver {
     sort_small(c, k);
     double* out_c = b.centers + (size_t)row * k;
     for (int j = 0; j < k; ++j) out_c[j] = c[j] + shift;
-    w.mids.resize(k > 1 ? k - 1 : 1);
-    for (int j = 0; j + 1 < k; ++j) w.mids[j] = 0.5 * (out_c[j] + out_c[j + 1]);
     const double pen = diameter_penalty(out_c[k - 1] - out_c[0], p.beta, p.diameter);
-    int64_t* lab = b.labels + (size_t)row * n;
+    int32_t* lab = b.labels + (size_t)row * n;
+
+    // Label of every distinct value (nearest center in the original coordinates, ties to the
+    // lower center) by one merge pass, and the cost from the aggregated weights.
+    int Pw = 1;
+    while (Pw < k) Pw <<= 1;
+    w.mids.assign(Pw, kInf);
+    for (int j = 0; j + 1 < k; ++j) w.mids[j] = 0.5 * (out_c[j] + out_c[j + 1]);
+    w.ulab.resize(u);
     double cost = 0.0;
-    if (hist) {
-      // label of every present 16-bit pattern, then a table lookup per value
-      w.lut.assign(65536, 0);
-      double cacc = 0.0;
-      for (uint32_t kk = 0; kk < 65536; ++kk) {
-        if (!w.hcnt[kk]) continue;
-        const double xv = E::value(kk);
-        const int l = nearest_label(w.mids.data(), k - 1, xv);
-        w.lut[kk] = l;
-        const double d = xv - out_c[l];
-        cacc += w.hw[kk] * d * d;
+    {
+      int l = 0;
+      for (int64_t t = 0; t < u; ++t) {
+        const double xv = w.vo[t];
+        while (l < k - 1 && w.mids[l] < xv) ++l;
+        w.ulab[t] = l;
+        const double d = w.v[t] - c[l];
+        cost += w.W[t] * d * d;
       }
+    }
+    const int nt = threads;
+    if (hist) {
+      w.lut.assign(65536, 0);
+      for (uint32_t kk = 0, t = 0; kk < 65536; ++kk)
+        if (w.hcnt[kk]) w.lut[kk] = w.ulab[t++];
       const uint16_t* xb = static_cast<const uint16_t*>(x);
       const int32_t* lut = w.lut.data();
-      const int nt = threads;
 #if defined(POPCOMP_OPENMP)
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
 #endif
       for (int64_t i = 0; i < n; ++i) lab[i] = lut[half_key(xb[i])];
-      (void)nt;
-      cost = cacc;
+    } else if (n <= (int64_t(1) << 18) || nt == 1) {
+      const uint32_t* idx = w.idx.data();
+      const uint32_t* run = w.run.data();
+      const int32_t* ul = w.ulab.data();
+      for (int64_t t = 0; t < n; ++t) lab[idx[t]] = ul[run[t]];
     } else {
       const double* mids = w.mids.data();
-      const int km1 = k - 1;
-      constexpr int64_t chunk = 1 << 16;
-      const int64_t nchunks = (n + chunk - 1) / chunk;
-      std::vector<double> part(nchunks, 0.0);
-      const int nt = threads;
 #if defined(POPCOMP_OPENMP)
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && nchunks > 1)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
 #endif
-      for (int64_t ch = 0; ch < nchunks; ++ch) {
-        const int64_t i0 = ch * chunk, i1 = std::min(n, i0 + chunk);
-        double acc = 0.0;
-        for (int64_t i = i0; i < i1; ++i) {
-          const double xv = E::get(x, i);
-          const int l = nearest_label(mids, km1, xv);
-          lab[i] = l;
-          const double d = xv - out_c[l];
-          acc += (wt ? Elem<DW>::get(wt, i) : 1.0) * d * d;
-        }
-        part[ch] = acc;
-      }
-      (void)nt;
-      for (double a : part) cost += a;
+      for (int64_t i = 0; i < n; ++i) lab[i] = label_pow2(mids, Pw, E::get(x, i));
     }
+    (void)nt;
     b.cost[row] = cost + pen;
     b.n_iter[row] = iters;
   }
@@ -503,7 +559,7 @@ struct Solver {
 
 }  // namespace
 
-void run_cpu(const Params& p, const Buffers& b, int num_threads) {
+Result run_cpu(const Params& p, const Buffers& b, int num_threads) {
   if (p.k < 1) throw std::invalid_argument("kmeans1d: k must be >= 1");
   if (p.n < 1 || p.rows < 0) throw std::invalid_argument("kmeans1d: need n >= 1 and rows >= 0");
   if (p.n > (int64_t)0xffffffffll) throw std::invalid_argument("kmeans1d: n must be < 2^32");
@@ -516,6 +572,9 @@ void run_cpu(const Params& p, const Buffers& b, int num_threads) {
   const int T = std::max(1, num_threads);
   const bool outer = p.rows >= T && T > 1;
   const DType dw = b.w ? p.w_dtype : p.x_dtype;
+  Result res;
+  int64_t bad_row = p.rows;
+  int bad_status = kOk;
   dispatch(p.x_dtype, [&](auto dx) {
     dispatch(dw, [&](auto dwt) {
       constexpr DType DX = decltype(dx)::value;
@@ -530,15 +589,38 @@ void run_cpu(const Params& p, const Buffers& b, int num_threads) {
 #if defined(POPCOMP_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
-          for (int64_t r = 0; r < p.rows; ++r) s.template solve<DW>(r, b);
+          for (int64_t r = 0; r < p.rows; ++r) {
+            s.status = kOk;
+            s.template solve<DW>(r, b);
+            if (s.status != kOk) {
+#if defined(POPCOMP_OPENMP)
+#pragma omp critical(popcomp_kmeans_status)
+#endif
+              if (r < bad_row) {
+                bad_row = r;
+                bad_status = s.status;
+              }
+            }
+          }
         }
       } else {
         Work w;
         Solver<DX> s{p, w, T};
-        for (int64_t r = 0; r < p.rows; ++r) s.template solve<DW>(r, b);
+        for (int64_t r = 0; r < p.rows && bad_status == kOk; ++r) {
+          s.template solve<DW>(r, b);
+          if (s.status != kOk) {
+            bad_row = r;
+            bad_status = s.status;
+          }
+        }
       }
     });
   });
+  if (bad_status != kOk) {
+    res.status = bad_status;
+    res.row = bad_row;
+  }
+  return res;
 }
 
 }  // namespace kmeans
