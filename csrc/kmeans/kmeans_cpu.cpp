@@ -147,12 +147,6 @@ void radix_sort_pairs(std::vector<Key>& keys, std::vector<uint32_t>& idx, std::v
   }
 }
 
-// ---- exact DP ------------------------------------------------------------------------------
-// Column j of a layer: prefix sums at j and D_{m-1}(j-1), in one 32-byte record.
-struct alignas(32) Col {
-  double s0, s1, s2, d;
-};
-
 // ---- per-thread workspace ------------------------------------------------------------------
 struct Work {
   std::vector<uint64_t> k64, t64;
@@ -160,10 +154,8 @@ struct Work {
   std::vector<uint32_t> hcnt;
   std::vector<double> hw;
   std::vector<double> v, vo, W, s0, s1, s2;
-  std::vector<double> D1, vbuf;
-  std::vector<Col> q;
+  std::vector<double> D1, d;
   std::vector<int32_t> J;
-  std::vector<int64_t> cols, buf;
   std::vector<int64_t> Bk, Bk2;
   std::vector<double> dk[6];
   std::vector<int> act;
@@ -181,146 +173,145 @@ struct Work {
   }
 };
 
-struct Layer {
-  const Col* q;  // q[t]: prefix sums at t (t = 0..u) and d = D_{m-1}(t-1)
+// ---- exact DP ------------------------------------------------------------------------------
+// Layer m of the DP:  D_m(i) = min_{j in [m, i]}  D_{m-1}(j-1) + cost(j, i),  and the leftmost
+// argmin J_m(i) is non-decreasing in i (the cost is Monge). Rows are solved by divide and
+// conquer on that monotonicity; every row scans a contiguous column range, evaluated in
+// blocks by a loop the compiler vectorizes (AVX-512 / AVX2 clones chosen at run time), so
+// the O(u log u) evaluations per layer run at throughput rather than latency.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define PC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PC_CLONES
+#endif
+
+constexpr int kBlock = 256;
+
+PC_CLONES
+void eval_block(const double* __restrict s0, const double* __restrict s1,
+                const double* __restrict s2, const double* __restrict d, double a0, double a1,
+                double a2, int64_t lo, int n, double* __restrict out) {
+  for (int t = 0; t < n; ++t) {
+    const int64_t j = lo + t;
+    const double w = a0 - s0[j];
+    const double s = a1 - s1[j];
+    double c = (a2 - s2[j]) - s * s / (w > 0.0 ? w : 1.0);
+    c = c > 0.0 ? c : 0.0;
+    out[t] = d[j] + c;
+  }
+}
+
+struct DnC {
+  const double* s0;
+  const double* s1;
+  const double* s2;
+  const double* d;      // d[j] = D_{m-1}(j - 1)
+  const int32_t* Jlow;  // J_{m-1}: J_m(i) >= J_{m-1}(i) (Knuth), or nullptr for m = 1
   double* Dcur;
   int32_t* J;
 
-  // cost of the best (m-1)-partition of [0, j) plus the cluster [j, i]
-  inline double val(const Col& ri, int64_t i, int64_t j) const {
-    if (j > i) return kInf;
-    const Col& cj = q[j];
-    const double w = ri.s0 - cj.s0;
-    const double s = ri.s1 - cj.s1;
-    const double c = (ri.s2 - cj.s2) - s * s / (w > 0.0 ? w : 1.0);
-    return cj.d + (c > 0.0 ? c : 0.0);
-  }
-  inline double val(int64_t i, int64_t j) const { return val(q[i + 1], i, j); }
-};
-
-// Row minima (leftmost) of the totally monotone matrix L.val over rows r0 + t*step
-// (t < R) and the given sorted columns; results in L.Dcur / L.J. buf holds >= 2R entries of
-// column indices and vbuf >= 2R cached values.
-void smawk(const Layer& L, int64_t r0, int64_t step, int64_t R, const int64_t* cols, int64_t nc,
-           int64_t* buf, double* vbuf) {
-  if (R == 0) return;
-  int64_t* S = buf;
-  double* Sv = vbuf;  // Sv[t] = value of column S[t] in row r0 + t*step
-  int64_t top = 0;
-  for (int64_t t = 0; t < nc; ++t) {
-    const int64_t c = cols[t];
-    double vc = 0.0;
-    while (top > 0) {
-      const int64_t r = r0 + (top - 1) * step;
-      vc = L.val(r, c);
-      if (Sv[top - 1] > vc) {
-        --top;
-      } else {
-        break;
-      }
-    }
-    if (top < R) {
-      Sv[top] = L.val(r0 + top * step, c);
-      S[top++] = c;
-    }
-  }
-  smawk(L, r0 + step, 2 * step, R / 2, S, top, buf + top, vbuf + top);
-  int64_t pos = 0;
-  for (int64_t t = 0; t < R; t += 2) {
-    const int64_t r = r0 + t * step;
-    const Col ri = L.q[r + 1];
-    const int64_t endc = (t + 1 < R) ? (int64_t)L.J[r + step] : S[top - 1];
+  void row(int64_t i, int64_t clo, int64_t chi) const {
+    if (chi > i) chi = i;
+    if (Jlow && Jlow[i] > clo) clo = Jlow[i] <= chi ? Jlow[i] : chi;
+    const double a0 = s0[i + 1], a1 = s1[i + 1], a2 = s2[i + 1];
     double best = kInf;
-    int64_t bj = S[pos];
-    for (;;) {
-      const double v = L.val(ri, r, S[pos]);
-      if (v < best) {
-        best = v;
-        bj = S[pos];
+    int64_t bj = clo;
+    if (chi - clo < 16) {  // short ranges (most rows): inline scalar loop
+      for (int64_t j = clo; j <= chi; ++j) {
+        const double w = a0 - s0[j], s = a1 - s1[j];
+        double c = (a2 - s2[j]) - s * s / (w > 0.0 ? w : 1.0);
+        const double v = d[j] + (c > 0.0 ? c : 0.0);
+        if (v < best) {
+          best = v;
+          bj = j;
+        }
       }
-      if (S[pos] >= endc || pos + 1 >= top) break;
-      ++pos;
+    } else {
+      double vals[kBlock];
+      for (int64_t lo = clo; lo <= chi; lo += kBlock) {
+        const int n = (int)std::min<int64_t>(kBlock, chi - lo + 1);
+        eval_block(s0, s1, s2, d, a0, a1, a2, lo, n, vals);
+        double mn = vals[0];
+        for (int t = 1; t < n; ++t) mn = vals[t] < mn ? vals[t] : mn;
+        if (mn < best) {
+          int t = 0;
+          while (vals[t] != mn) ++t;
+          best = mn;
+          bj = lo + t;
+        }
+      }
     }
-    L.Dcur[r] = best;
-    L.J[r] = (int32_t)bj;
+    Dcur[i] = best;
+    J[i] = (int32_t)bj;
   }
-}
 
-void brute_row(const Layer& L, int64_t r, int64_t clo, int64_t chi) {
-  const Col ri = L.q[r + 1];
-  double best = kInf;
-  int64_t bj = clo;
-  for (int64_t j = clo; j <= chi; ++j) {
-    const double v = L.val(ri, r, j);
-    if (v < best) {
-      best = v;
-      bj = j;
+  void solve(int64_t rlo, int64_t rhi, int64_t clo, int64_t chi) const {
+    while (rlo <= rhi) {
+      const int64_t mid = (rlo + rhi) >> 1;
+      row(mid, clo, chi);
+      const int64_t jm = J[mid];
+      if (mid - rlo < rhi - mid) {
+        solve(rlo, mid - 1, clo, jm);
+        rlo = mid + 1;
+        clo = jm;
+      } else {
+        solve(mid + 1, rhi, jm, chi);
+        rhi = mid - 1;
+        chi = jm;
+      }
     }
   }
-  L.Dcur[r] = best;
-  L.J[r] = (int32_t)bj;
-}
-
-// Rows [rlo, rhi] of one layer, columns [clo, chi] (clipped per row by val()).
-void layer_range(const Layer& L, int64_t rlo, int64_t rhi, int64_t clo, int64_t chi, int64_t* cols,
-                 int64_t* buf, double* vbuf) {
-  if (rlo > rhi) return;
-  int64_t nc = 0;
-  for (int64_t j = clo; j <= chi; ++j) cols[nc++] = j;
-  smawk(L, rlo, 1, rhi - rlo + 1, cols, nc, buf, vbuf);
-}
+};
 
 // Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
 void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
-  w.q.resize(u + 1);
-  Col* q = w.q.data();
-  for (int64_t t = 0; t <= u; ++t) q[t] = Col{w.s0[t], w.s1[t], w.s2[t], 0.0};
+  const double* s0 = w.s0.data();
+  const double* s1 = w.s1.data();
+  const double* s2 = w.s2.data();
+  w.d.resize(u + 1);
   w.D1.resize(u);
   w.J.resize((size_t)k * u);
-  // layer 0: one cluster over [0, i]
-  for (int64_t i = 0; i < u; ++i) {
-    const double ww = q[i + 1].s0, s = q[i + 1].s1;
-    const double c = q[i + 1].s2 - s * s / (ww > 0.0 ? ww : 1.0);
-    q[i + 1].d = c > 0.0 ? c : 0.0;  // becomes D_0(i) for column i + 1
-  }
-  const size_t half = (size_t)u + 2;
-  w.cols.resize(threads > 1 ? 2 * half : half);
-  w.buf.resize(threads > 1 ? 4 * half : 2 * half);
-  w.vbuf.resize(threads > 1 ? 4 * half : 2 * half);
+  double* d = w.d.data();
   double* Dcur = w.D1.data();
+  d[0] = kInf;
+  for (int64_t i = 0; i < u; ++i) {  // layer 0: one cluster over [0, i]
+    const double ww = s0[i + 1], s = s1[i + 1];
+    const double c = s2[i + 1] - s * s / (ww > 0.0 ? ww : 1.0);
+    d[i + 1] = c > 0.0 ? c : 0.0;
+  }
   for (int m = 1; m < k; ++m) {
-    Layer L{q, Dcur, w.J.data() + (size_t)m * u};
-    const int64_t rlo = m, rhi = (m == k - 1) ? u - 1 : u - 1 - (k - 1 - m);
+    const DnC L{s0, s1, s2, d, m > 1 ? w.J.data() + (size_t)(m - 1) * u : nullptr, Dcur,
+                w.J.data() + (size_t)m * u};
     if (m == k - 1) {  // only the last row matters
-      brute_row(L, u - 1, m, u - 1);
+      L.row(u - 1, m, u - 1);
       break;
     }
-    const int64_t R = rhi - rlo + 1;
-    if (threads > 1 && R > 32768) {
-      const int64_t piv = rlo + R / 2;
-      brute_row(L, piv, m, piv);
-      const int64_t jp = L.J[piv];
+    const int64_t rlo = m, rhi = u - 1 - (k - 1 - m);
+    if (threads > 1 && rhi - rlo > 16384) {
+      // split the rows at pivots solved first; the halves are independent
+      const int T = threads;
+      std::vector<int64_t> piv(T + 1);
+      piv[0] = rlo - 1;
+      piv[T] = rhi + 1;
+      for (int t = 1; t < T; ++t) piv[t] = rlo + (rhi - rlo + 1) * t / T;
 #if defined(POPCOMP_OPENMP)
-#pragma omp parallel sections num_threads(2)
+#pragma omp parallel for num_threads(T) schedule(static)
 #endif
-      {
+      for (int t = 1; t < T; ++t) L.row(piv[t], m, piv[t]);
 #if defined(POPCOMP_OPENMP)
-#pragma omp section
+#pragma omp parallel for num_threads(T) schedule(static)
 #endif
-        layer_range(L, rlo, piv - 1, m, std::min(jp, piv - 1), w.cols.data(), w.buf.data(),
-                    w.vbuf.data());
-#if defined(POPCOMP_OPENMP)
-#pragma omp section
-#endif
-        layer_range(L, piv + 1, rhi, jp, rhi, w.cols.data() + half, w.buf.data() + 2 * half,
-                    w.vbuf.data() + 2 * half);
+      for (int t = 0; t < T; ++t) {
+        const int64_t clo = t == 0 ? m : L.J[piv[t]];
+        const int64_t chi = t == T - 1 ? rhi : L.J[piv[t + 1]];
+        L.solve(piv[t] + 1, piv[t + 1] - 1, clo, chi);
       }
     } else {
-      layer_range(L, rlo, rhi, m, rhi, w.cols.data(), w.buf.data(), w.vbuf.data());
+      L.solve(rlo, rhi, m, rhi);
     }
-    // D_m becomes the d field of the next layer's columns (rows outside [rlo, rhi] are never
-    // reached by an optimal partition; give them +inf)
-    for (int64_t i = 0; i < u; ++i) q[i + 1].d = (i >= rlo && i <= rhi) ? Dcur[i] : kInf;
+    // D_m becomes d of the next layer; rows outside [rlo, rhi] are never used there
+    for (int64_t i = rlo; i <= rhi; ++i) d[i + 1] = Dcur[i];
+    for (int64_t i = 0; i < rlo; ++i) d[i + 1] = kInf;
   }
   B[k] = u;
   int64_t i = u - 1;
