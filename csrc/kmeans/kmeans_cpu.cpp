@@ -25,7 +25,13 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kHistMin = 32768;  // 16-bit inputs at least this long use the histogram
 
-// ---- element access ------------------------------------------------------------------------
+// ---- element access ----
+// 16-bit pattern with -0 folded into +0 (equal values share one key).
+inline uint16_t fold_zero(const void* p, int64_t i) {
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return h == 0x8000u ? (uint16_t)0 : h;
+}
+--------------------------------------------------------------------
 template <DType D>
 struct Elem;
 template <>
@@ -33,7 +39,7 @@ struct Elem<DType::f64> {
   using Key = uint64_t;
   static constexpr int key_bits = 64;
   static double get(const void* p, int64_t i) { return static_cast<const double*>(p)[i]; }
-  static Key key(const void* p, int64_t i) { return double_key(get(p, i)); }
+  static Key key(const void* p, int64_t i) { return double_key(get(p, i) + 0.0); }  // -0 -> +0
   static double value(Key k) {
     uint64_t b = (k & 0x8000000000000000ull) ? (k & 0x7fffffffffffffffull) : ~k;
     double d;
@@ -46,7 +52,9 @@ struct Elem<DType::f32> {
   using Key = uint32_t;
   static constexpr int key_bits = 32;
   static double get(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
-  static Key key(const void* p, int64_t i) { return float_key(static_cast<const float*>(p)[i]); }
+  static Key key(const void* p, int64_t i) {
+    return float_key(static_cast<const float*>(p)[i] + 0.0f);  // -0 -> +0
+  }
   static double value(Key k) { return key_to_float(k); }
 };
 template <>
@@ -56,7 +64,7 @@ struct Elem<DType::f16> {
   static double get(const void* p, int64_t i) {
     return half_bits_to_float(static_cast<const uint16_t*>(p)[i]);
   }
-  static Key key(const void* p, int64_t i) { return half_key(static_cast<const uint16_t*>(p)[i]); }
+  static Key key(const void* p, int64_t i) { return half_key(fold_zero(p, i)); }
   static double value(Key k) { return half_bits_to_float(half_key_to_bits(k)); }
 };
 template <>
@@ -66,7 +74,7 @@ struct Elem<DType::bf16> {
   static double get(const void* p, int64_t i) {
     return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
   }
-  static Key key(const void* p, int64_t i) { return half_key(static_cast<const uint16_t*>(p)[i]); }
+  static Key key(const void* p, int64_t i) { return half_key(fold_zero(p, i)); }
   static double value(Key k) { return bf16_bits_to_float(half_key_to_bits(k)); }
 };
 
@@ -413,7 +421,7 @@ struct Solver {
     w.hw.assign(65536, 0.0);
     const uint16_t* xb = static_cast<const uint16_t*>(x);
     for (int64_t i = 0; i < n; ++i) {
-      const uint32_t kk = half_key(xb[i]);
+      const uint32_t kk = half_key(xb[i] == 0x8000u ? (uint16_t)0 : xb[i]);
       ++w.hcnt[kk];
       w.hw[kk] += wt ? Elem<DW>::get(wt, i) : 1.0;
     }
@@ -529,7 +537,7 @@ struct Solver {
 #if defined(POPCOMP_OPENMP)
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
 #endif
-      for (int64_t i = 0; i < n; ++i) lab[i] = lut[half_key(xb[i])];
+      for (int64_t i = 0; i < n; ++i) lab[i] = lut[half_key(xb[i] == 0x8000u ? (uint16_t)0 : xb[i])];
     } else if (n <= (int64_t(1) << 18) || nt == 1) {
       const uint32_t* idx = w.idx.data();
       const uint32_t* run = w.run.data();
