@@ -25,13 +25,12 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kHistMin = 32768;  // 16-bit inputs at least this long use the histogram
 
-// ---- element access ----
+// ---- element access --------------------------------------------------------------------
 // 16-bit pattern with -0 folded into +0 (equal values share one key).
 inline uint16_t fold_zero(const void* p, int64_t i) {
   const uint16_t h = static_cast<const uint16_t*>(p)[i];
   return h == 0x8000u ? (uint16_t)0 : h;
 }
---------------------------------------------------------------------
 template <DType D>
 struct Elem;
 template <>
