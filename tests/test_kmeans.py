@@ -325,3 +325,11 @@ def test_backends_report():
     assert set(b) >= {"cpu", "cuda", "reference"}
     if not torch.cuda.is_available():
         assert not b["cuda"]["usable"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_negative_zero_is_zero(dtype):
+    x = torch.tensor([-0.0, 0.0, 1.0, 2.0] * 3).to(dtype)
+    r = popcomp.kmeans1d(x, 4, method="exact")
+    torch.testing.assert_close(r.centers, torch.tensor([0.0, 1.0, 2.0, 2.0], dtype=r.centers.dtype))
+    assert int(r.labels[0]) == int(r.labels[1]) == 0
