@@ -13,8 +13,9 @@
 //      several warps (partials reduced in order) per node depending on the node width.
 //   D. one thread per problem: k >= u / exact boundaries / init + lloyd (kmeans_math.h),
 //      then unshift and midpoints.
-//   E. labels and per-value cost from the original x; per-row sums by CUB reductions,
-//      plus the diameter penalty.
+//   E. labels from the original x (nearest center, ties to the lower one); cost from the
+//      distinct values, sum_g W_g (v_g - c_label)^2 in the shifted coordinates as the CPU
+//      backend computes it, per-row sums by CUB reductions, plus the diameter penalty.
 //
 // Workspace: one buffer from the caller, carved by a Plan computed from Params only, so that
 // cuda_workspace_bytes() and run_cuda() agree. Upper bounds used: total values N = rows*n,
@@ -87,7 +88,8 @@ struct Plan {
   int Lmax = 0;         // recursion levels of the DP divide and conquer
   size_t cub_bytes = 0;
   // persistent region
-  size_t o_off = 0, o_ustart = 0, o_nruns = 0, o_shift = 0, o_mids = 0, o_scratch = 0, o_vs = 0,
+  size_t o_off = 0, o_ustart = 0, o_nruns = 0, o_shift = 0, o_mids = 0, o_cs = 0, o_scratch = 0,
+         o_vo = 0, o_vs = 0,
          o_W = 0, o_runrow = 0, o_S0 = 0, o_S1 = 0, o_S2 = 0, o_cub = 0, o_temp = 0;
   // phase A (sort / dedup), relative to o_temp
   size_t a_kA = 0, a_kB = 0, a_wA = 0, a_wB = 0, a_pos = 0, a_runpos = 0, a_uniq = 0, a_end = 0;
@@ -106,14 +108,15 @@ struct Plan {
 __device__ __forceinline__ uint64_t raw_key(const void* x, DType t, int64_t i) {
   switch (t) {
     case DType::f64: {
-      double d = static_cast<const double*>(x)[i];
-      if (d == 0.0) d = 0.0;  // -0.0 == +0.0: one distinct value
-      return double_key(d);
+      // -0.0 == +0.0: one distinct value (folded on the bits, immune to optimization)
+      uint64_t bits = (uint64_t)__double_as_longlong(static_cast<const double*>(x)[i]);
+      if ((bits & 0x7fffffffffffffffull) == 0) bits = 0;
+      return double_key(__longlong_as_double((long long)bits));
     }
     case DType::f32: {
-      float f = static_cast<const float*>(x)[i];
-      if (f == 0.0f) f = 0.0f;
-      return (uint64_t)float_key(f);
+      uint32_t bits = __float_as_uint(static_cast<const float*>(x)[i]);
+      if ((bits & 0x7fffffffu) == 0) bits = 0;
+      return (uint64_t)float_key(__uint_as_float(bits));
     }
     default: {
       uint16_t h = static_cast<const uint16_t*>(x)[i];
@@ -173,8 +176,8 @@ __global__ void run_starts_kernel(const int64_t* pos, int64_t N, int64_t* runpos
 template <typename ST>
 __global__ void runs_kernel(const ST* keys, const int64_t* runpos, const int64_t* nruns, int64_t U,
                             int64_t n, int64_t rows, DType xt, int64_t key_mask_bits,
-                            bool weighted, double* vs, double* W, int32_t* runrow,
-                            int64_t* ustart) {
+                            bool weighted, double* vo, double* vs, double* W,
+                            int32_t* runrow, int64_t* ustart) {
   const int64_t R = *nruns;
   for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < U;
        g += (int64_t)gridDim.x * blockDim.x) {
@@ -183,12 +186,15 @@ __global__ void runs_kernel(const ST* keys, const int64_t* runpos, const int64_t
       const int64_t r = i0 / n;
       uint64_t key = (uint64_t)keys[i0];
       if (key_mask_bits < 64) key &= ((uint64_t)1 << key_mask_bits) - 1;
-      vs[g] = key_value(key, xt);
+      const double val = key_value(key, xt);
+      vo[g] = val;
+      vs[g] = val;
       runrow[g] = (int32_t)r;
       if (!weighted) W[g] = (double)(runpos[g + 1] - i0);
       if (i0 == r * n) ustart[r] = g;
       if (g == 0) ustart[rows] = R;
     } else {
+      vo[g] = 0.0;
       vs[g] = 0.0;
       runrow[g] = (int32_t)rows;  // sentinel key for the scan by key
       if (!weighted) W[g] = 0.0;
@@ -427,6 +433,7 @@ struct SolveArgs {
   size_t scratch_stride;
   double* centers;
   double* mids;
+  double* cs;  // sorted centers in the shifted coordinates (for the cost)
   int64_t* n_iter;
   double* shift;
 };
@@ -489,7 +496,10 @@ __global__ void solve_kernel(SolveArgs a) {
   }
   sort_small(c, k);
   const double sh = a.shift[r];
-  for (int j = 0; j < k; ++j) c[j] += sh;
+  for (int j = 0; j < k; ++j) {
+    a.cs[r * k + j] = c[j];
+    c[j] += sh;
+  }
   for (int j = 0; j + 1 < k; ++j) a.mids[r * (k - 1) + j] = 0.5 * (c[j] + c[j + 1]);
   a.n_iter[r] = it;
 }
@@ -497,18 +507,31 @@ __global__ void solve_kernel(SolveArgs a) {
 // ---------------------------------------------------------------------------------------
 // Labels and cost
 
-__global__ void labels_kernel(const void* x, DType xt, const void* w, DType wt, int64_t N,
-                              int64_t n, int k, const double* centers, const double* mids,
-                              int64_t* labels, double* pcost) {
+__global__ void labels_kernel(const void* x, DType xt, int64_t N, int64_t n, int k,
+                              const double* mids, int32_t* labels) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < N;
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = i / n;
-    const double xv = load_as_double(x, xt, i);
-    const int lab = nearest_label(mids + r * (k - 1), k - 1, xv);
-    labels[i] = lab;
-    const double wv = w != nullptr ? load_as_double(w, wt, i) : 1.0;
-    const double dx = xv - centers[r * k + lab];
-    pcost[i] = wv * (dx * dx);
+    labels[i] = (int32_t)nearest_label(mids + r * (k - 1), k - 1, load_as_double(x, xt, i));
+  }
+}
+
+// Cost of every distinct value, W (v - c_label)^2 in the shifted coordinates (as the CPU
+// backend); the label from the original value and the midpoints of the final centers.
+__global__ void run_cost_kernel(const int64_t* nruns, int64_t U, const int32_t* runrow,
+                                const double* vo, const double* vs, const double* W, int k,
+                                const double* mids, const double* cs, double* pc) {
+  const int64_t R = *nruns;
+  for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < U;
+       g += (int64_t)gridDim.x * blockDim.x) {
+    if (g < R) {
+      const int64_t r = runrow[g];
+      const int l = nearest_label(mids + r * (k - 1), k - 1, vo[g]);
+      const double d = vs[g] - cs[r * k + l];
+      pc[g] = W[g] * d * d;
+    } else {
+      pc[g] = 0.0;
+    }
   }
 }
 
@@ -656,7 +679,7 @@ Plan make_plan(const Params& p) {
     const double* in = nullptr;
     double* out = nullptr;
     if (pl.rows == 1) {
-      PC_CUDA_CHECK(cub::DeviceReduce::Sum(nullptr, b, in, out, pl.N));
+      PC_CUDA_CHECK(cub::DeviceReduce::Sum(nullptr, b, in, out, pl.U));
     } else {
       const int64_t* off = nullptr;
       PC_CUDA_CHECK(cub::DeviceSegmentedReduce::Sum(nullptr, b, in, out, pl.rows, off, off + 1));
@@ -678,7 +701,9 @@ Plan make_plan(const Params& p) {
   pl.o_nruns = take(8);
   pl.o_shift = take(rows * 8);
   pl.o_mids = take(rows * (size_t)std::max(p.k - 1, 1) * 8);
+  pl.o_cs = take(rows * (size_t)p.k * 8);
   pl.o_scratch = take(rows * scratch_row_bytes(p.k));
+  pl.o_vo = take(U * 8);
   pl.o_vs = take(U * 8);
   pl.o_W = take(U * 8);
   pl.o_runrow = take(U * 4);
@@ -718,7 +743,7 @@ Plan make_plan(const Params& p) {
   pl.c_end = a;
 
   a = 0;
-  pl.e_cost = tk(N * 8);
+  pl.e_cost = tk(U * 8);
   pl.e_end = a;
 
   pl.total = pl.o_temp + std::max(std::max(pl.a_end, pl.b_end), std::max(pl.c_end, pl.e_end));
@@ -739,6 +764,7 @@ void phase_sort(const Plan& pl, const Params& p, const Buffers& b, unsigned char
   int64_t* off = reinterpret_cast<int64_t*>(ws + pl.o_off);
   int64_t* ustart = reinterpret_cast<int64_t*>(ws + pl.o_ustart);
   int64_t* nruns = reinterpret_cast<int64_t*>(ws + pl.o_nruns);
+  double* vo = reinterpret_cast<double*>(ws + pl.o_vo);
   double* vs = reinterpret_cast<double*>(ws + pl.o_vs);
   double* W = reinterpret_cast<double*>(ws + pl.o_W);
   int32_t* runrow = reinterpret_cast<int32_t*>(ws + pl.o_runrow);
@@ -766,8 +792,8 @@ void phase_sort(const Plan& pl, const Params& p, const Buffers& b, unsigned char
                                                  DSum(), pl.N, st));
   }
   runs_kernel<ST><<<grid_for(pl.U), kThreads, 0, st>>>(kB, runpos, nruns, pl.U, pl.n, pl.rows,
-                                                       p.x_dtype, pl.keybits, weighted, vs, W,
-                                                       runrow, ustart);
+                                                       p.x_dtype, pl.keybits, weighted, vo, vs,
+                                                       W, runrow, ustart);
   PC_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -795,7 +821,9 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
   int64_t* nruns = reinterpret_cast<int64_t*>(ws + pl.o_nruns);
   double* shift = reinterpret_cast<double*>(ws + pl.o_shift);
   double* mids = reinterpret_cast<double*>(ws + pl.o_mids);
+  double* cs = reinterpret_cast<double*>(ws + pl.o_cs);
   unsigned char* scratch = ws + pl.o_scratch;
+  double* vo = reinterpret_cast<double*>(ws + pl.o_vo);
   double* vs = reinterpret_cast<double*>(ws + pl.o_vs);
   double* W = reinterpret_cast<double*>(ws + pl.o_W);
   int32_t* runrow = reinterpret_cast<int32_t*>(ws + pl.o_runrow);
@@ -804,7 +832,6 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
   double* S2 = reinterpret_cast<double*>(ws + pl.o_S2);
   void* cubtmp = ws + pl.o_cub;
 
-  const int64_t* coff = off;
   offsets_kernel<<<grid_for(p.rows + 1), kThreads, 0, st>>>(p.rows, p.n, off);
   PC_CUDA_CHECK(cudaGetLastError());
 
@@ -894,25 +921,30 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
     a.scratch_stride = scratch_row_bytes(p.k);
     a.centers = b.centers;
     a.mids = mids;
+    a.cs = cs;
     a.n_iter = b.n_iter;
     a.shift = shift;
     solve_kernel<<<grid_for(p.rows, 64), 64, 0, st>>>(a);
     PC_CUDA_CHECK(cudaGetLastError());
   }
 
-  // E. labels and cost over the original values.
+  // E. labels over the original values; cost from the distinct values.
   {
-    double* pcost = reinterpret_cast<double*>(T + pl.e_cost);
-    labels_kernel<<<grid_for(pl.N), kThreads, 0, st>>>(b.x, p.x_dtype, b.w, p.w_dtype, pl.N, p.n,
-                                                       p.k, b.centers, mids, b.labels, pcost);
+    labels_kernel<<<grid_for(pl.N), kThreads, 0, st>>>(b.x, p.x_dtype, pl.N, p.n, p.k, mids,
+                                                       b.labels);
+    PC_CUDA_CHECK(cudaGetLastError());
+    double* pc = reinterpret_cast<double*>(T + pl.e_cost);
+    run_cost_kernel<<<grid_for(pl.U), kThreads, 0, st>>>(nruns, pl.U, runrow, vo, vs, W, p.k,
+                                                         mids, cs, pc);
     PC_CUDA_CHECK(cudaGetLastError());
     size_t bytes = pl.cub_bytes;
+    const int64_t* cus = ustart;
     if (p.rows == 1) {
-      PC_CUDA_CHECK(cub::DeviceReduce::Sum(cubtmp, bytes, static_cast<const double*>(pcost), b.cost,
-                                           pl.N, st));
+      PC_CUDA_CHECK(cub::DeviceReduce::Sum(cubtmp, bytes, static_cast<const double*>(pc), b.cost,
+                                           pl.U, st));
     } else {
-      PC_CUDA_CHECK(cub::DeviceSegmentedReduce::Sum(cubtmp, bytes, static_cast<const double*>(pcost),
-                                                    b.cost, p.rows, coff, coff + 1, st));
+      PC_CUDA_CHECK(cub::DeviceSegmentedReduce::Sum(cubtmp, bytes, static_cast<const double*>(pc),
+                                                    b.cost, p.rows, cus, cus + 1, st));
     }
     penalty_kernel<<<grid_for(p.rows, 128), 128, 0, st>>>(p.rows, p.k, b.centers, p.beta,
                                                           p.diameter, b.cost);
