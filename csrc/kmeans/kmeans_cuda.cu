@@ -11,7 +11,8 @@
 //      mid = (lo+hi)/2, columns [clo, min(chi, mid)], ties -> smallest j), evaluated level by
 //      level for all rows at once; one launch per (layer, level) with a thread, a warp or
 //      several warps (partials reduced in order) per node depending on the node width.
-//   D. one thread per problem: k >= u / exact boundaries / init + lloyd (kmeans_math.h),
+//   D. one warp per problem: k >= u / exact boundaries / init (lane 0), lloyd with the
+//      assignment searches spread over the lanes (same results as kmeans_math.h's lloyd),
 //      then unshift and midpoints.
 //   E. labels from the original x (nearest center, ties to the lower one); cost from the
 //      distinct values, sum_g W_g (v_g - c_label)^2 in the shifted coordinates as the CPU
@@ -204,10 +205,11 @@ __global__ void runs_kernel(const ST* keys, const int64_t* runpos, const int64_t
 
 __global__ void shift_kernel(const int64_t* ustart, int64_t rows, const double* vs,
                              double* shift) {
-  int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (r >= rows) return;
-  const int64_t b = ustart[r], u = ustart[r + 1] - b;
-  shift[r] = vs[b + u / 2];
+  for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows;
+       r += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t b = ustart[r], u = ustart[r + 1] - b;
+    shift[r] = vs[b + u / 2];
+  }
 }
 
 __global__ void shift_values_kernel(const int64_t* nruns, int64_t U, const int32_t* runrow,
@@ -413,7 +415,7 @@ __global__ void dp_level_reduce_kernel(RowData d, double* Dc, int32_t* Jm, int k
 }
 
 // ---------------------------------------------------------------------------------------
-// Per-problem solve (one thread per row)
+// Per-problem solve (one warp per row)
 
 struct SolveArgs {
   RowData d;
@@ -438,9 +440,58 @@ struct SolveArgs {
   double* shift;
 };
 
-__global__ void solve_kernel(SolveArgs a) {
-  const int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (r >= a.rows) return;
+// kmeans_math.h's lloyd() run by one warp: the k - 1 binary searches of the assignment step
+// are spread over the lanes; everything else (center update, sorting) is done by lane 0 and
+// the objective by every lane redundantly (same loads, same value). Same results as lloyd():
+// the midpoints of sorted centers are non-decreasing, so each boundary searched over [0, u)
+// equals the chained search of assign_boundaries() that starts at the previous boundary.
+__device__ __forceinline__ void assign_boundaries_warp(const Prefix& P, int k, const double* c,
+                                                       int64_t* B, int lane) {
+  if (lane == 0) {
+    B[0] = 0;
+    B[k] = P.u;
+  }
+  for (int j = 1 + lane; j < k; j += 32) B[j] = upper_bound_d(P.v, 0, P.u, 0.5 * (c[j - 1] + c[j]));
+  __syncwarp();
+}
+
+__device__ int lloyd_warp(const Prefix& P, int k, double* c, double beta, Diameter dm,
+                          int max_iter, double tol, const Scratch& w, double* obj, int lane) {
+  if (lane == 0) sort_small(c, k);
+  __syncwarp();
+  assign_boundaries_warp(P, k, c, w.B, lane);
+  double f = objective(P, k, w.B, c, beta, dm);
+  int it = 0;
+  while (it < max_iter) {
+    __syncwarp();  // every lane has read B and c of the previous step
+    if (lane == 0) {
+      for (int j = 0; j < k; ++j) {
+        w.H[j] = P.s0[w.B[j + 1]] - P.s0[w.B[j]];
+        w.S[j] = P.s1[w.B[j + 1]] - P.s1[w.B[j]];
+        w.prev[j] = c[j];
+      }
+      update_centers(k, w.H, w.S, w.prev, beta, dm, c, w);
+      sort_small(c, k);
+      for (int j = 0; j <= k; ++j) w.Bprev[j] = w.B[j];
+    }
+    __syncwarp();
+    ++it;
+    assign_boundaries_warp(P, k, c, w.B, lane);
+    const double fn = objective(P, k, w.B, c, beta, dm);
+    bool same = true;
+    for (int j = 0; j <= k; ++j) same = same && (w.B[j] == w.Bprev[j]);
+    const double dec = f - fn;
+    f = fn < f ? fn : f;
+    if (same) break;
+    if (tol > 0.0 && dec <= tol * (fn > 0 ? fn : -fn)) break;
+  }
+  __syncwarp();
+  *obj = f;
+  return it;
+}
+
+// One warp per problem (lane 0 does the O(k) and O(k^2) parts, the lanes the searches).
+__device__ void solve_row(const SolveArgs& a, int64_t r, int lane) {
   const int k = a.k;
   int64_t base;
   const Prefix P = row_prefix(a.d, r, &base);
@@ -456,44 +507,48 @@ __global__ void solve_kernel(SolveArgs a) {
   s.cumS = s.cumH + (k + 1);
   s.act = reinterpret_cast<int*>(s.cumS + (k + 1));
   double* c = a.centers + r * k;
+  const bool all_values = (int64_t)k >= u;
+  const bool run_lloyd = all_values || a.method == Method::exact ? a.beta > 0.0 : true;
+  if (lane == 0) {
+    if (all_values) {
+      for (int j = 0; j < k; ++j) c[j] = P.v[(int64_t)j < u ? j : u - 1];
+    } else if (a.method == Method::exact) {
+      int64_t* B = s.B;
+      B[k] = u;
+      int64_t i = u - 1;
+      for (int m = k - 1; m >= 1; --m) {
+        const int64_t j = a.J[(int64_t)(m - 1) * a.U + base + i];
+        B[m] = j;
+        i = j - 1;
+      }
+      B[0] = 0;
+      for (int j = 0; j < k; ++j) {
+        const double H = P.s0[B[j + 1]] - P.s0[B[j]];
+        const double S = P.s1[B[j + 1]] - P.s1[B[j]];
+        c[j] = H > 0.0 ? S / H : 0.5 * (P.v[B[j]] + P.v[B[j + 1] - 1]);
+      }
+    } else {
+      switch (a.init) {
+        case Init::given: {
+          const double sh = a.shift[r];
+          for (int j = 0; j < k; ++j) c[j] = a.init_centers[r * k + j] - sh;
+          break;
+        }
+        case Init::linear: init_linear(P, k, c); break;
+        case Init::quantile: init_quantile(P, k, c); break;
+        default: {
+          SplitMix64 rng(a.seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(r + 1)));
+          init_kmeanspp(P, k, c, rng, s);
+          break;
+        }
+      }
+    }
+  }
+  __syncwarp();
   int it = 0;
   double obj = 0.0;
-  if ((int64_t)k >= u) {
-    for (int j = 0; j < k; ++j) c[j] = P.v[(int64_t)j < u ? j : u - 1];
-    if (a.beta > 0.0) it = lloyd(P, k, c, a.beta, a.diameter, a.max_iter, a.tol, s, &obj);
-  } else if (a.method == Method::exact) {
-    int64_t* B = s.B;
-    B[k] = u;
-    int64_t i = u - 1;
-    for (int m = k - 1; m >= 1; --m) {
-      const int64_t j = a.J[(int64_t)(m - 1) * a.U + base + i];
-      B[m] = j;
-      i = j - 1;
-    }
-    B[0] = 0;
-    for (int j = 0; j < k; ++j) {
-      const double H = P.s0[B[j + 1]] - P.s0[B[j]];
-      const double S = P.s1[B[j + 1]] - P.s1[B[j]];
-      c[j] = H > 0.0 ? S / H : 0.5 * (P.v[B[j]] + P.v[B[j + 1] - 1]);
-    }
-    if (a.beta > 0.0) it = lloyd(P, k, c, a.beta, a.diameter, a.max_iter, a.tol, s, &obj);
-  } else {
-    switch (a.init) {
-      case Init::given: {
-        const double sh = a.shift[r];
-        for (int j = 0; j < k; ++j) c[j] = a.init_centers[r * k + j] - sh;
-        break;
-      }
-      case Init::linear: init_linear(P, k, c); break;
-      case Init::quantile: init_quantile(P, k, c); break;
-      default: {
-        SplitMix64 rng(a.seed ^ (0x9e3779b97f4a7c15ull * (uint64_t)(r + 1)));
-        init_kmeanspp(P, k, c, rng, s);
-        break;
-      }
-    }
-    it = lloyd(P, k, c, a.beta, a.diameter, a.max_iter, a.tol, s, &obj);
-  }
+  if (run_lloyd) it = lloyd_warp(P, k, c, a.beta, a.diameter, a.max_iter, a.tol, s, &obj, lane);
+  if (lane != 0) return;
   sort_small(c, k);
   const double sh = a.shift[r];
   for (int j = 0; j < k; ++j) {
@@ -502,6 +557,15 @@ __global__ void solve_kernel(SolveArgs a) {
   }
   for (int j = 0; j + 1 < k; ++j) a.mids[r * (k - 1) + j] = 0.5 * (c[j] + c[j + 1]);
   a.n_iter[r] = it;
+}
+
+__global__ void solve_kernel(SolveArgs a) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+  for (int64_t r = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5; r < a.rows; r += warps) {
+    solve_row(a, r, lane);  // r is uniform across the warp
+    __syncwarp();
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -543,9 +607,9 @@ __global__ void offsets_kernel(int64_t rows, int64_t n, int64_t* off) {
 
 __global__ void penalty_kernel(int64_t rows, int k, const double* centers, double beta,
                                Diameter dm, double* cost) {
-  const int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (r >= rows) return;
-  cost[r] = cost[r] + diameter_penalty(centers[r * k + k - 1] - centers[r * k], beta, dm);
+  for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows;
+       r += (int64_t)gridDim.x * blockDim.x)
+    cost[r] = cost[r] + diameter_penalty(centers[r * k + k - 1] - centers[r * k], beta, dm);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -901,7 +965,7 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
     }
   }
 
-  // D. one thread per problem.
+  // D. one warp per problem.
   {
     SolveArgs a;
     a.d = rd;
@@ -924,7 +988,7 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
     a.cs = cs;
     a.n_iter = b.n_iter;
     a.shift = shift;
-    solve_kernel<<<grid_for(p.rows, 64), 64, 0, st>>>(a);
+    solve_kernel<<<grid_for(p.rows * 32, 128), 128, 0, st>>>(a);
     PC_CUDA_CHECK(cudaGetLastError());
   }
 
