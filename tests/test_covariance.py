@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import popcomp
-from popcomp._reference.covariance import covariance_accumulate_reference, greedy_select_reference
+from popcomp._reference.covariance import greedy_select_reference
 
 CUDA = popcomp.backends()["cuda"]["usable"]
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA backend not usable")
