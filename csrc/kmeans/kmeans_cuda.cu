@@ -464,26 +464,11 @@ __device__ int lloyd_warp(const Prefix& P, int k, double* c, double beta, Diamet
   int it = 0;
   while (it < max_iter) {
     __syncwarp();  // every lane has read B and c of the previous step
-    if (lane == 0) {
-      for (int j = 0; j < k; ++j) {
-        w.H[j] = P.s0[w.B[j + 1]] - P.s0[w.B[j]];
-        w.S[j] = P.s1[w.B[j + 1]] - P.s1[w.B[j]];
-        w.prev[j] = c[j];
-      }
-      update_centers(k, w.H, w.S, w.prev, beta, dm, c, w);
-      sort_small(c, k);
-      for (int j = 0; j <= k; ++j) w.Bprev[j] = w.B[j];
-    }
+    if (lane == 0) lloyd_center_step(P, k, c, beta, dm, w);
     __syncwarp();
     ++it;
     assign_boundaries_warp(P, k, c, w.B, lane);
-    const double fn = objective(P, k, w.B, c, beta, dm);
-    bool same = true;
-    for (int j = 0; j <= k; ++j) same = same && (w.B[j] == w.Bprev[j]);
-    const double dec = f - fn;
-    f = fn < f ? fn : f;
-    if (same) break;
-    if (tol > 0.0 && dec <= tol * (fn > 0 ? fn : -fn)) break;
+    if (lloyd_should_stop(k, w, objective(P, k, w.B, c, beta, dm), tol, &f)) break;
   }
   __syncwarp();
   *obj = f;

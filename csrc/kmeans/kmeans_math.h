@@ -185,6 +185,30 @@ PC_HD double objective(const Prefix& P, int k, const int64_t* B, const double* c
   return f + diameter_penalty(c[k - 1] - c[0], beta, dm);
 }
 
+// The center half of a Lloyd step: cluster sums of the current boundaries, the exact
+// center update, sorted centers; the boundaries are saved to w.Bprev.
+PC_HD void lloyd_center_step(const Prefix& P, int k, double* c, double beta, Diameter dm,
+                             const Scratch& w) {
+  for (int j = 0; j < k; ++j) {
+    w.H[j] = P.s0[w.B[j + 1]] - P.s0[w.B[j]];
+    w.S[j] = P.s1[w.B[j + 1]] - P.s1[w.B[j]];
+    w.prev[j] = c[j];
+  }
+  update_centers(k, w.H, w.S, w.prev, beta, dm, c, w);
+  sort_small(c, k);
+  for (int j = 0; j <= k; ++j) w.Bprev[j] = w.B[j];
+}
+
+// After the assignment half: updates *f with the new objective fn; true when Lloyd stops
+// (assignment unchanged, or relative decrease <= tol).
+PC_HD bool lloyd_should_stop(int k, const Scratch& w, double fn, double tol, double* f) {
+  bool same = true;
+  for (int j = 0; j <= k; ++j) same = same && (w.B[j] == w.Bprev[j]);
+  const double dec = *f - fn;
+  if (fn < *f) *f = fn;
+  return same || (tol > 0.0 && dec <= tol * (fn > 0 ? fn : -fn));
+}
+
 // Lloyd iterations (HW K-means; DRHW K-means when beta > 0) on prefix sums: each iteration
 // is O(k log u). c holds k centers (any order) on entry and sorted centers on exit. The
 // objective never increases: both the assignment and the exact center update are optimal
@@ -196,23 +220,10 @@ PC_HD int lloyd(const Prefix& P, int k, double* c, double beta, Diameter dm, int
   double f = objective(P, k, w.B, c, beta, dm);
   int it = 0;
   while (it < max_iter) {
-    for (int j = 0; j < k; ++j) {
-      w.H[j] = P.s0[w.B[j + 1]] - P.s0[w.B[j]];
-      w.S[j] = P.s1[w.B[j + 1]] - P.s1[w.B[j]];
-      w.prev[j] = c[j];
-    }
-    update_centers(k, w.H, w.S, w.prev, beta, dm, c, w);
-    sort_small(c, k);
+    lloyd_center_step(P, k, c, beta, dm, w);
     ++it;
-    for (int j = 0; j <= k; ++j) w.Bprev[j] = w.B[j];
     assign_boundaries(P, k, c, w.B);
-    double fn = objective(P, k, w.B, c, beta, dm);
-    bool same = true;
-    for (int j = 0; j <= k; ++j) same = same && (w.B[j] == w.Bprev[j]);
-    double dec = f - fn;
-    f = fn < f ? fn : f;
-    if (same) break;
-    if (tol > 0.0 && dec <= tol * (fn > 0 ? fn : -fn)) break;
+    if (lloyd_should_stop(k, w, objective(P, k, w.B, c, beta, dm), tol, &f)) break;
   }
   *obj = f;
   return it;
