@@ -61,6 +61,8 @@ def add_arguments(p) -> None:
     p.add_argument("--hessian", default="ggn", choices=["ggn", "fisher", "hutchinson"],
                    help="Hessian-diagonal method of popcomp.hessian (default ggn)")
     p.add_argument("--fig7-k", type=int, default=None, help="K of the β sweep figure (default: 7 or the middle K)")
+    p.add_argument("--diameter", default="squared", choices=["squared", "linear"],
+                   help="DRHW penalty: β·diameter² (eq. 31, default) or β·diameter (the paper's code)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: small nets)")
 
 
@@ -154,7 +156,7 @@ def run(args) -> Dict[str, object]:
         for n in lin_names:
             x = W0[n].double()
             r = popcomp.kmeans1d(x, K, Hs[n], beta=b * x.shape[1], method="exact",
-                                 seed=args.seed)
+                                 seed=args.seed, diameter=args.diameter)
             Wq[n] = r.dequantize().to(W0[n].dtype)
             bits += entropy_bits(r.labels, K).cpu() + 32.0 * K
         set_weights(Wq)
@@ -220,7 +222,7 @@ def run(args) -> Dict[str, object]:
         f"batch {args.batch_size}, on {xs.shape[0]} training digits ({args.fraction:g} of the "
         f"training split); validation {xv.shape[0]} held-out training digits; test {data.x_test.shape[0]} digits.",
         f"Hessian diagonal: {hess_name}. K-means: popcomp.kmeans1d(method='exact'), same K in every layer, "
-        f"β per weight on the mean-1 Hessian; ratio = entropy-coded bits / 32-bit weights.",
+        f"β per weight on the mean-1 Hessian, penalty β·n·diameter{'²' if args.diameter == 'squared' else ''}; ratio = entropy-coded bits / 32-bit weights.",
         "pop_risk = test cross-entropy, emp_risk = training cross-entropy, gen_error = their "
         "difference; mean ± s.e. over models; paired differences over the same models.",
         headline, *verdict_lines,
