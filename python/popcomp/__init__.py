@@ -11,5 +11,6 @@ __version__ = "0.1.0"
 from . import _ops  # noqa: F401  (registers the torch.library ops)
 from ._backend import backends
 from .kmeans import KMeansResult, kmeans1d
+from . import data, theory  # noqa: F401,E402  (bounds/diagnostics; bundled digits)
 
 __all__ = ["backends", "kmeans1d", "KMeansResult", "__version__"]
