@@ -490,8 +490,9 @@ def mlp_cushions(model: nn.Module, x: torch.Tensor, reduce: str = "max") -> Dict
     * layer cushion μ_i (Definition 5.4): ``reduce`` over x of ‖A^i φ(x^{i−1})‖ / (‖A^i‖_F ‖φ(x^{i−1})‖)
       (the survey writes max; Arora et al. 2018 take the worst case, ``reduce="min"``);
     * interlayer cushion μ_{i,j} (Definition 5.5) of the Jacobian J^{i,j} = A^j D_{j−1} ⋯ A^{i+1} D_i
-      of x^i ↦ x^j (D = ReLU derivative; biases do not enter a Jacobian), μ_{i,i} = 1/√h_i, and
-      the minimal interlayer cushion μ_{i→} = min_{i≤j≤d} μ_{i,j};
+      of x^i ↦ x^j (D = ReLU derivative; biases do not enter a Jacobian), and the minimal
+      interlayer cushion μ_{i→} = min_{i≤j≤d} μ_{i,j}. For j = i the definition gives
+      ‖x‖/(‖I‖_F‖x‖) = 1/√h_i (the survey prints √h, a slip), so μ_{i→} ≤ 1/√h_i as in Arora et al.;
     * activation contraction (Definition 5.6) c = min_{x, i<d} ‖φ(x^i)‖/‖x^i‖ as written, and
       ``c_arora`` = 1/c ≥ 1, the convention of Arora et al. used by Theorem 5.7;
     * noise sensitivity of each layer at its input, 1/μ_i² (Proposition 5.3) per sample, max.
@@ -701,10 +702,14 @@ def layer_covariances(model: nn.Module, data, max_batches: Optional[int] = None,
         raise ValueError("model has no Linear/Conv layer")
     acc: Dict[str, torch.Tensor] = {}
     cnt: Dict[str, int] = {}
+    pts: Dict[str, int] = {}
+    mx: Dict[str, float] = {}
 
     def hook(name):
         def f(mod, inp, out):
             a = inp[0].detach().double()
+            pts[name] = pts.get(name, 0) + a.shape[0]
+            mx[name] = max(mx.get(name, 0.0), float(a.flatten(1).norm(dim=1).max()))
             if isinstance(mod, nn.Conv2d):
                 a = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])
             elif isinstance(mod, nn.Conv1d):
@@ -734,7 +739,8 @@ def layer_covariances(model: nn.Module, data, max_batches: Optional[int] = None,
         model.train(was)
     if not cnt:
         raise ValueError("data is empty")
-    return [{"layer": n, "module": m, "cov": acc[n] / cnt[n], "n": cnt[n]} for n, m in layers]
+    return [{"layer": n, "module": m, "cov": acc[n] / cnt[n], "n": cnt[n], "n_inputs": pts[n],
+             "max_input_norm": mx[n]} for n, m in layers]
 
 
 def spectral_capacity(model: nn.Module, data, widths: Optional[Sequence[int]] = None,
@@ -776,10 +782,8 @@ def spectral_capacity(model: nn.Module, data, widths: Optional[Sequence[int]] = 
     R = max(spectral_norm(w) for w in ws)
     R_b = max(float(l["module"].bias.detach().norm()) if l["module"].bias is not None else 0.0
               for l in covs)
-    x0 = data if isinstance(data, torch.Tensor) else None
-    D_x = float(torch.sqrt(torch.linalg.eigvalsh(covs[0]["cov"]).max() * covs[0]["cov"].shape[0])) \
-        if x0 is None else float(x0.flatten(1).double().norm(dim=1).max())
-    n = int(n if n is not None else covs[0]["n"])
+    D_x = covs[0]["max_input_norm"]
+    n = int(n if n is not None else covs[0]["n_inputs"])
     first_in = covs[0]["cov"].shape[0]
     last_out = covs[-1]["module"].weight.shape[0]
     orig = [first_in] + [r["width"] for r in rows] + [last_out]
