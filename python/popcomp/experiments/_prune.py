@@ -71,6 +71,10 @@ def reconstruction(cov: torch.Tensor, J: Sequence[int], tau: torch.Tensor) -> to
     """Â_J = Σ_FJ (Σ_JJ + I_τ)⁻¹ (m × |J|), eq. (1)'s closed form."""
     J = torch.as_tensor(list(J), device=cov.device)
     S_JJ = cov[J][:, J] + torch.diag(tau[J])
+    # dead units (zero rows of Σ, leverage 0) make S_JJ singular: a relative jitter keeps the
+    # solve defined and gives them zero reconstruction weight
+    jit = 1e-12 * float(torch.trace(cov)) / cov.shape[0] + 1e-300
+    S_JJ = S_JJ + jit * torch.eye(len(J), dtype=cov.dtype, device=cov.device)
     return torch.linalg.solve(S_JJ, cov[J, :]).T  # (Σ_JJ+I_τ)^{-1} Σ_JF, transposed
 
 
