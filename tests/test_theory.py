@@ -217,3 +217,20 @@ def test_spectral_capacity_and_table1():
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     rows = T.intrinsic_dimensionality_table(cnn, torch.randn(20, 1, 8, 8))
     assert rows[0]["original"] == 36 and math.isnan(rows[0]["arora"])
+
+
+def test_oracle_printed_convention_gives_distortion_D():
+    # with α = nD/(dσ'²) as printed under eq. (25), E[d_S] = D exactly (for D ≤ dσ'²/n)
+    g, w, X, Y, W = _sim(4000, seed=9)
+    D = 0.3
+    What = T.oracle_compress(W, w, D=D, n=N_, convention="printed", generator=g)
+    dist = T.linreg_empirical_risk(What, X, Y) - T.linreg_empirical_risk(W, X, Y)
+    assert abs(float(dist.mean()) - D) < 4 * float(dist.std()) / math.sqrt(dist.numel())
+    with pytest.raises(ValueError, match="alpha"):
+        T.oracle_compress(W, w, D=1.0, n=N_, convention="printed")
+
+
+def test_cushions_reject_non_mlp():
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 36, 3))
+    with pytest.raises(ValueError, match="MLPs"):
+        T.mlp_cushions(cnn, torch.randn(4, 1, 8, 8))
