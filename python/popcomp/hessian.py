@@ -193,6 +193,8 @@ class HessianAccumulator:
         self._reduction = reduction
         self._seed = seed
         self._gen: Dict[torch.device, torch.Generator] = {}
+        self._vmap_ok = True
+        self._probe_chunk = 64
         self.num_samples = 0
 
         named = dict(model.named_parameters())
@@ -401,17 +403,35 @@ class HessianAccumulator:
             return
         ps = [p for _, p, _ in pairs]
         gs = [g for _, _, g in pairs]
-        for k in range(self.num_probes):
+        left = self.num_probes
+        while left > 0:
+            n = min(left, self._probe_chunk)
+            left -= n
+            last = left == 0
             zs = []
             for p in ps:
                 gen = self._generator(p.device)
-                z = torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(p.dtype)
+                z = torch.randint(0, 2, (n, *p.shape), generator=gen, device=p.device).to(p.dtype)
                 zs.append(z.mul_(2).sub_(1))
-            hz = torch.autograd.grad(gs, ps, zs, retain_graph=k + 1 < self.num_probes,
-                                     allow_unused=True)
-            for (n, _, _), z, h in zip(pairs, zs, hz):
+            hz = None
+            if n > 1 and self._vmap_ok:
+                try:  # all probes of the chunk in one vmapped double-backward
+                    hz = torch.autograd.grad(gs, ps, zs, retain_graph=not last, allow_unused=True,
+                                             is_grads_batched=True)
+                except RuntimeError:
+                    self._vmap_ok = False
+            if hz is None:
+                cols: List[List[Optional[torch.Tensor]]] = [[] for _ in ps]
+                for j in range(n):
+                    hj = torch.autograd.grad(gs, ps, [z[j] for z in zs],
+                                             retain_graph=not (last and j == n - 1),
+                                             allow_unused=True)
+                    for c, h in zip(cols, hj):
+                        c.append(h)
+                hz = [None if c[0] is None else torch.stack(c) for c in cols]
+            for (name, _, _), z, h in zip(pairs, zs, hz):
                 if h is not None:
-                    self._acc[n].add_((z * h).float(), alpha=1.0 / self.num_probes)
+                    self._acc[name].add_((z * h).float().sum(0), alpha=1.0 / self.num_probes)
 
     # -- fisher / ggn / ggn_mc -----------------------------------------------------------------
     def _update_exact(self, inputs, targets, B):
