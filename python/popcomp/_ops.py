@@ -34,5 +34,17 @@ def _kmeans1d_fake(x, weights, k, beta, method, init, init_centers, max_iter, to
     )
 
 
+# ---- fused squared per-sample gradients (Fisher / GGN diagonal) -------------------------
+# acc (out, in) float32 contiguous, mutated: acc[o,i] += sum_b sum_r (sum_t g[b,r,t,o] x[b,t,i])^2
+# g: (B, R, T, out), x: (B, T, in), float32/float16/bfloat16, any strides.
+LIB.define("sumsq_outer_acc(Tensor(a!) acc, Tensor g, Tensor x) -> ()")
+
+
+@torch.library.register_fake("popcomp::sumsq_outer_acc")
+def _sumsq_outer_acc_fake(acc, g, x):
+    return None
+
+
 # Device kernels and references register themselves on import.
 from ._impl import kmeans as _impl_kmeans  # noqa: E402,F401
+from ._impl import hessian as _impl_hessian  # noqa: E402,F401
