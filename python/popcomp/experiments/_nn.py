@@ -69,48 +69,23 @@ def weight_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def hessian_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                      method: str = "ggn", batch_size: int = 256) -> Tuple[Dict[str, torch.Tensor], str]:
-    """Diagonal of the training-loss Hessian for every weight, summed over samples.
+    """Diagonal of the training-loss Hessian (sum over samples of the per-sample
+    cross-entropy) of every parameter, by ``popcomp.hessian.diagonal`` (issue 3), in eval mode.
+    ``"ggn"`` is the exact Hessian diagonal of a ReLU network with cross-entropy."""
+    from ..hessian import diagonal
 
-    Uses ``popcomp.hessian.diagonal(model, loss_fn, data, method=...)`` (issue 3) when it is
-    available. FALLBACK (until popcomp.hessian lands; the lead can delete it): the exact
-    empirical Fisher Σ_s (∂ℓ_s/∂w)² by per-sample gradients with torch.func. Returns the mapping
-    and the name of what was computed.
-    """
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
     batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
-    try:
-        from .. import hessian as _h  # type: ignore[attr-defined]
-
-        diag = getattr(_h, "diagonal")
-    except (ImportError, AttributeError):
-        diag = None
     was = model.training
     model.eval()
     try:
-        if diag is not None:
-            try:
-                res = diag(model, loss_fn, batches, method=method, progress=False)
-            except TypeError:
-                res = diag(model, loss_fn, batches, method=method)
-            res = dict(getattr(res, "items", lambda: res)()) if not isinstance(res, dict) else res
-            return {k: v.detach().float() for k, v in res.items()}, f"popcomp.hessian ({method})"
-        # ---- FALLBACK: per-sample-gradient empirical Fisher ---------------------------------
-        from torch.func import functional_call, grad, vmap
-
-        params = {k: v.detach() for k, v in model.named_parameters()}
-
-        def one(p, xs, ys):
-            out = functional_call(model, p, (xs.unsqueeze(0),))
-            return F.cross_entropy(out, ys.unsqueeze(0), reduction="sum")
-
-        acc = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
-        for xb, yb in batches:
-            gs = vmap(grad(one), in_dims=(None, 0, 0))(params, xb, yb)
-            for k in acc:
-                acc[k] += (gs[k].float() ** 2).sum(0)
-        return acc, "empirical Fisher (internal fallback)"
+        res = diagonal(model, nn.CrossEntropyLoss(reduction="sum"), batches, method=method, progress=False)
     finally:
         model.train(was)
+    return {k: v.detach().float() for k, v in res.items()}, f"popcomp.hessian.diagonal(method={method!r})"
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def entropy_bits(labels: torch.Tensor, k: int) -> torch.Tensor:

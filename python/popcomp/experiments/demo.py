@@ -9,9 +9,11 @@
 5. Print one table — size in bytes, compression ratio, train/test loss and accuracy,
    generalization gap — and write it as CSV/Markdown with plots.
 
-Sizes: dense float32 = 4 bytes per parameter; palettized = ⌈log2 K⌉ bits per weight (packed) +
-a float32 codebook of K entries per layer + float32 biases; the entropy-coded ratio (n·H(labels)
-+ 32 bits per center, the paper's count) is a second column. Pruned = its dense parameter count.
+Quantization is ``popcomp.quantize_`` with the Hessian mapping (palettized modules compute
+exactly what the dense model with the dequantized weights computes); sizes come from
+``popcomp.size_report``: packed ⌈log2 K⌉-bit indices + a float32 codebook per layer + the dense
+float32 biases; the entropy-coded column counts n·H(labels) + 32 bits per center (the paper's
+count) instead of the packed indices. Dense and pruned models: 4 bytes per parameter.
 """
 from __future__ import annotations
 
@@ -26,10 +28,9 @@ from torch import nn
 from ..data import load_digits
 from ._common import (UserError, ensure_out, markdown_table, progress, pyplot, resolve_device, savefig,
                       write_json, write_table)
-from ._nn import entropy_bits, evaluate, hessian_diagonal, make_mlp, train
-from ._prune import hidden_covariances, n_params, prune_mlp
+from ._nn import evaluate, hessian_diagonal, make_mlp, n_params, train
 
-BETAS = (1e-4, 1e-3, 1e-2)
+BETAS = (1e-4, 1e-3, 1e-2, 3e-2, 0.1)
 
 
 def add_arguments(p) -> None:
@@ -59,54 +60,38 @@ def _dense_bytes(model: nn.Module) -> int:
     return 4 * n_params(model)
 
 
-def _quantize_copy(model: nn.Module, H: Dict[str, torch.Tensor], K: int, beta: float, seed: int):
-    """Per-layer (per-tensor) HW/DRHW K-means of every Linear weight on a copy of the model.
+def _quantize_copy(model: nn.Module, H: Dict[str, torch.Tensor], bits: int, beta: float, seed: int):
+    """HW (β = 0) / DRHW (β > 0) palettization of every Linear weight of a copy of the model with
+    ``popcomp.quantize_`` (per-tensor codebook, exact K-means, fp32 codebook), one call per layer
+    so that β is per weight on that layer's mean-1 Hessian (as ``repro nn``).
 
-    Returns the quantized copy (dense modules holding the dequantized weights, so it computes
-    exactly what the palettized model computes), its packed size in bytes and its
-    entropy-coded size in bytes. β is per weight on the mean-1 Hessian (as ``repro nn``).
+    Returns the palettized copy, its size in bytes (packed indices + codebooks + the dense rest)
+    and its entropy-coded size in bytes (n·H(labels) + 32 bits per center + the dense rest).
     """
     import popcomp
 
     q = copy.deepcopy(model)
-    packed_bits = 0.0
-    entropy = 0.0
-    for name, mod in q.named_modules():
-        if not isinstance(mod, nn.Linear):
-            continue
-        w = mod.weight.detach().double().flatten()
-        h = H[name + ".weight"].double().flatten().clamp_min(0)
+    names = [n for n, m in q.named_modules() if isinstance(m, nn.Linear)]
+    for name in names:
+        h = H[name + ".weight"].double().clamp_min(0)
         h = h + 1e-12 * h.mean() + 1e-30
-        h = h / h.mean()
-        r = popcomp.kmeans1d(w, K, h, beta=beta * w.numel(), method="exact", seed=seed)
-        with torch.no_grad():
-            mod.weight.copy_(r.dequantize().view_as(mod.weight).to(mod.weight.dtype))
-        packed_bits += math.ceil(math.log2(K)) * w.numel() + 32 * K
-        entropy += float(entropy_bits(r.labels, K)) + 32 * K
-        if mod.bias is not None:
-            packed_bits += 32 * mod.bias.numel()
-            entropy += 32 * mod.bias.numel()
-    return q, int(math.ceil(packed_bits / 8)), int(math.ceil(entropy / 8))
+        h = (h / h.mean()).float()
+        cfg = popcomp.PalettizeConfig(bits=bits, granularity="per_tensor", beta=beta * h.numel(),
+                                      method="exact", seed=seed, codebook_dtype=torch.float32)
+        popcomp.quantize_(q, cfg, hessian={name + ".weight": h},
+                          filter_fn=lambda m, fqn, name=name: fqn == name)
+    rep = popcomp.size_report(q)
+    packed = rep.total.packed_bytes + rep.other_params_bytes
+    entropy = int(math.ceil(rep.total.entropy_bits / 8)) + rep.other_params_bytes
+    return q, packed, entropy
 
 
 def _spectral_prune(model: nn.Sequential, x: torch.Tensor, keep: float):
-    """``popcomp.prune.spectral_prune`` (issue 4) when installed, else the internal MLP pruner."""
-    try:
-        from ..prune import spectral_prune  # type: ignore[attr-defined]
-    except ImportError:
-        spectral_prune = None
-    if spectral_prune is not None:
-        try:
-            res = spectral_prune(copy.deepcopy(model), x, ratio=keep)
-            pm = res[0] if isinstance(res, tuple) else getattr(res, "model", res)
-            if isinstance(pm, nn.Module):
-                return pm, "popcomp.prune.spectral_prune"
-        except Exception:  # noqa: BLE001 - fall back to the internal pruner
-            pass
-    covs = hidden_covariances(model, x)
-    widths = [max(1, int(round(keep * m.out_features))) for m in model if isinstance(m, nn.Linear)][:-1]
-    pm, backends = prune_mlp(model, covs, widths)
-    return pm, "internal spectral pruning (" + ", ".join(sorted(set(backends))) + ")"
+    """``popcomp.prune.spectral_prune`` (issue 4), backward procedure, paper defaults."""
+    from ..prune import spectral_prune
+
+    pm, rep = spectral_prune(model, x, widths=float(keep), progress=False)
+    return pm, "popcomp.prune.spectral_prune (backward, θ = 0.5, λ = 1e-6 Tr Σ)"
 
 
 def run(args) -> Dict[str, object]:
@@ -156,12 +141,12 @@ def run(args) -> Dict[str, object]:
     for b in args.bit_list:
         K = 2 ** b
         bar.set_postfix_str(f"HW/DRHW {b}-bit")
-        qh, sz, ent = _quantize_copy(model, H, K, 0.0, args.seed)
+        qh, sz, ent = _quantize_copy(model, H, b, 0.0, args.seed)
         add("HW K-means", f"{b}-bit (K={K})", qh, sz, ent)
         bar.update(1)
         best = None
         for beta in BETAS:  # cross-validation of β on the validation split
-            qd, szd, entd = _quantize_copy(model, H, K, beta, args.seed)
+            qd, szd, entd = _quantize_copy(model, H, b, beta, args.seed)
             vl = evaluate(qd, xv, yv)[0]
             if best is None or vl < best[0]:
                 best = (vl, beta, qd, szd, entd)
