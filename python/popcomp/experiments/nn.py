@@ -5,9 +5,10 @@ Protocol (the paper's, on sklearn's 8×8 digits instead of MNIST, which would ne
 * MLP input-256-256-10, ReLU, Dropout 0.2; SGD lr 1e-2, momentum 0.9, 25 epochs, on a fraction
   (default 10%, as the paper) of the training split; ``--models`` (default 50) independently
   initialized models on the same training subset.
-* The diagonal of the training-loss Hessian of every model (popcomp.hessian, method "ggn" — the
-  exact Hessian diagonal for a ReLU net with cross-entropy; an empirical-Fisher fallback while
-  popcomp.hessian is not installed, named in the output).
+* The diagonal of the training-loss Hessian of every model (``popcomp.hessian.diagonal``,
+  method "ggn" by default — the exact Hessian diagonal for a ReLU net with cross-entropy).
+* The K-means of the 50 models run as one batched ``popcomp.kmeans1d`` call per layer (one row
+  per model); this is the per-tensor HW/DRHW K-means that ``popcomp.quantize_`` applies.
 * Every layer's weight matrix is quantized by 1-D K-means with the Hessian diagonal as weights,
   the same K in every layer (biases stay float32). HW: β = 0 (eq. 27); DRHW: β > 0 (eq. 31,
   squared diameter). The Hessian is normalized to mean 1 per layer and the penalty is
