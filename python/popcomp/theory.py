@@ -197,7 +197,8 @@ def oracle_compress(W: torch.Tensor, w_star: torch.Tensor, *, rate=None, D=None,
     Dd = (D.to(W) / d)
     while Dd.dim() < W.dim():
         Dd = Dd.unsqueeze(-1)
-    z = torch.randn(W.shape, generator=generator, dtype=W.dtype, device=W.device)
+    gdev = generator.device if generator is not None else W.device
+    z = torch.randn(W.shape, generator=generator, dtype=W.dtype, device=gdev).to(W.device)
     if sigma_x is not None:
         # noise with covariance Σ_X⁻¹: solve L^T u = z with Σ_X = L L^T
         L = torch.linalg.cholesky(_as_t(sigma_x).to(W))
@@ -214,11 +215,12 @@ def linreg_sample(trials: int, d: int, n: int, w_star: torch.Tensor, noise_var: 
     Returns X (trials, n, d) (rows are samples: the paper's X is our Xᵀ), Y (trials, n).
     """
     _check_linreg_dims(d, n)
-    X = torch.randn(trials, n, d, generator=generator, dtype=dtype, device=device)
+    gdev = generator.device if generator is not None else device
+    X = torch.randn(trials, n, d, generator=generator, dtype=dtype, device=gdev).to(device)
     if sigma_x is not None:
         L = torch.linalg.cholesky(_as_t(sigma_x).to(dtype=dtype, device=X.device))
         X = X @ L.T
-    eps = torch.randn(trials, n, generator=generator, dtype=dtype, device=X.device) * math.sqrt(noise_var)
+    eps = torch.randn(trials, n, generator=generator, dtype=dtype, device=gdev).to(X.device) * math.sqrt(noise_var)
     Y = X @ w_star.to(X) + eps
     return X, Y
 
