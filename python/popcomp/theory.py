@@ -619,7 +619,7 @@ def degrees_of_freedom(cov_or_eigs, lam):
     """suzuki2020 §4.1: N̂(λ) = Tr[Σ̂(Σ̂ + λI)⁻¹] = Σ_j μ̂_j/(μ̂_j + λ), from Σ̂ or its eigenvalues.
     Elementwise in λ (> 0)."""
     mu = _eigs(cov_or_eigs)
-    lam = _as_t(lam).double()
+    lam = _as_t(lam).double().to(mu.device)
     if bool((lam <= 0).any()):
         raise ValueError("lambda must be > 0")
     return (mu / (mu + lam.unsqueeze(-1))).sum(-1)
