@@ -2,6 +2,9 @@
 // raw addresses (tensor.data_ptr()) plus sizes and dtype codes; CUDA entry points also take
 // the device index and the cudaStream_t (torch.cuda.current_stream().cuda_stream).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <utility>
 
 #include <cstdint>
 
@@ -46,7 +49,7 @@ kmeans::Buffers kmeans_buffers(uintptr_t x, uintptr_t w, uintptr_t init_centers,
   b.w = ptr<const void>(w);
   b.init_centers = ptr<const double>(init_centers);
   b.centers = ptr<double>(centers);
-  b.labels = ptr<int64_t>(labels);
+  b.labels = ptr<int32_t>(labels);
   b.cost = ptr<double>(cost);
   b.n_iter = ptr<int64_t>(n_iter);
   return b;
@@ -83,8 +86,9 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t cost, uintptr_t n_iter, int num_threads) {
         auto p = kmeans_params(rows, n, k, beta, method, init, diameter, max_iter, tol, seed,
                                x_dtype, w_dtype);
-        kmeans::run_cpu(p, kmeans_buffers(x, w, init_centers, centers, labels, cost, n_iter),
-                        num_threads);
+        auto r = kmeans::run_cpu(
+            p, kmeans_buffers(x, w, init_centers, centers, labels, cost, n_iter), num_threads);
+        return std::make_pair(r.status, r.row);
       },
       py::call_guard<py::gil_scoped_release>());
 #if defined(POPCOMP_WITH_CUDA)

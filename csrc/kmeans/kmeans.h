@@ -34,13 +34,21 @@ struct Buffers {
   const void* w = nullptr;             // rows x n or nullptr (all ones)
   const double* init_centers = nullptr;  // rows x k (Init::given), else nullptr
   double* centers = nullptr;           // out: rows x k, ascending
-  int64_t* labels = nullptr;           // out: rows x n
+  int32_t* labels = nullptr;           // out: rows x n
   double* cost = nullptr;              // out: rows
   int64_t* n_iter = nullptr;           // out: rows
 };
 
-// CPU backend (OpenMP across problems, and inside a single large problem).
-void run_cpu(const Params& p, const Buffers& b, int num_threads);
+// Problems with the input found while reading it (the Python layer raises ValueError).
+enum Status : int { kOk = 0, kNonFiniteX = 1, kNonFiniteW = 2, kNegativeW = 3, kZeroW = 4 };
+struct Result {
+  int status = kOk;
+  int64_t row = -1;  // first problem (row) with that status
+};
+
+// CPU backend (OpenMP across problems, and inside a single large problem). Validates x and w
+// (finite, w >= 0, not all zero per row) in the same pass that reads them.
+Result run_cpu(const Params& p, const Buffers& b, int num_threads);
 
 // CUDA backend. `workspace` must hold cuda_workspace_bytes(p) bytes of device memory.
 // All work is enqueued on `stream` (a cudaStream_t) of `device`; nothing synchronizes the host.

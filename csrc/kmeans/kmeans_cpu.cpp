@@ -25,7 +25,12 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kHistMin = 32768;  // 16-bit inputs at least this long use the histogram
 
-// ---- element access ------------------------------------------------------------------------
+// ---- element access --------------------------------------------------------------------
+// 16-bit pattern with -0 folded into +0 (equal values share one key).
+inline uint16_t fold_zero(const void* p, int64_t i) {
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return h == 0x8000u ? (uint16_t)0 : h;
+}
 template <DType D>
 struct Elem;
 template <>
@@ -33,7 +38,7 @@ struct Elem<DType::f64> {
   using Key = uint64_t;
   static constexpr int key_bits = 64;
   static double get(const void* p, int64_t i) { return static_cast<const double*>(p)[i]; }
-  static Key key(const void* p, int64_t i) { return double_key(get(p, i)); }
+  static Key key(const void* p, int64_t i) { return double_key(get(p, i) + 0.0); }  // -0 -> +0
   static double value(Key k) {
     uint64_t b = (k & 0x8000000000000000ull) ? (k & 0x7fffffffffffffffull) : ~k;
     double d;
@@ -46,7 +51,9 @@ struct Elem<DType::f32> {
   using Key = uint32_t;
   static constexpr int key_bits = 32;
   static double get(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
-  static Key key(const void* p, int64_t i) { return float_key(static_cast<const float*>(p)[i]); }
+  static Key key(const void* p, int64_t i) {
+    return float_key(static_cast<const float*>(p)[i] + 0.0f);  // -0 -> +0
+  }
   static double value(Key k) { return key_to_float(k); }
 };
 template <>
@@ -56,7 +63,7 @@ struct Elem<DType::f16> {
   static double get(const void* p, int64_t i) {
     return half_bits_to_float(static_cast<const uint16_t*>(p)[i]);
   }
-  static Key key(const void* p, int64_t i) { return half_key(static_cast<const uint16_t*>(p)[i]); }
+  static Key key(const void* p, int64_t i) { return half_key(fold_zero(p, i)); }
   static double value(Key k) { return half_bits_to_float(half_key_to_bits(k)); }
 };
 template <>
@@ -66,7 +73,7 @@ struct Elem<DType::bf16> {
   static double get(const void* p, int64_t i) {
     return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
   }
-  static Key key(const void* p, int64_t i) { return half_key(static_cast<const uint16_t*>(p)[i]); }
+  static Key key(const void* p, int64_t i) { return half_key(fold_zero(p, i)); }
   static double value(Key k) { return bf16_bits_to_float(half_key_to_bits(k)); }
 };
 
@@ -153,15 +160,15 @@ struct Work {
   std::vector<uint32_t> k32, t32, idx, tidx;
   std::vector<uint32_t> hcnt;
   std::vector<double> hw;
-  std::vector<double> v, W, s0, s1, s2;
-  std::vector<double> D0, D1;
+  std::vector<double> v, vo, W, s0, s1, s2;
+  std::vector<double> D1, d;
   std::vector<int32_t> J;
-  std::vector<int64_t> cols, buf;
   std::vector<int64_t> Bk, Bk2;
   std::vector<double> dk[6];
   std::vector<int> act;
   std::vector<double> c, mids;
-  std::vector<int32_t> lut;
+  std::vector<int32_t> lut, ulab;
+  std::vector<uint32_t> run;
 
   Scratch scratch(int k) {
     Bk.resize(k + 1);
@@ -174,138 +181,144 @@ struct Work {
 };
 
 // ---- exact DP ------------------------------------------------------------------------------
-struct Layer {
+// Layer m of the DP:  D_m(i) = min_{j in [m, i]}  D_{m-1}(j-1) + cost(j, i),  and the leftmost
+// argmin J_m(i) is non-decreasing in i (the cost is Monge). Rows are solved by divide and
+// conquer on that monotonicity; every row scans a contiguous column range, evaluated in
+// blocks by a loop the compiler vectorizes (AVX-512 / AVX2 clones chosen at run time), so
+// the O(u log u) evaluations per layer run at throughput rather than latency.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define PC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PC_CLONES
+#endif
+
+constexpr int kBlock = 256;
+
+PC_CLONES
+void eval_block(const double* __restrict s0, const double* __restrict s1,
+                const double* __restrict s2, const double* __restrict d, double a0, double a1,
+                double a2, int64_t lo, int n, double* __restrict out) {
+  for (int t = 0; t < n; ++t) {
+    const int64_t j = lo + t;
+    const double w = a0 - s0[j];
+    const double s = a1 - s1[j];
+    double c = (a2 - s2[j]) - s * s / (w > 0.0 ? w : 1.0);
+    c = c > 0.0 ? c : 0.0;
+    out[t] = d[j] + c;
+  }
+}
+
+struct DnC {
   const double* s0;
   const double* s1;
   const double* s2;
-  const double* Dprev;  // D_{m-1}
+  const double* d;      // d[j] = D_{m-1}(j - 1)
+  const int32_t* Jlow;  // J_{m-1}: J_m(i) >= J_{m-1}(i) (Knuth), or nullptr for m = 1
   double* Dcur;
   int32_t* J;
 
-  // cost of the best (m-1)-partition of [0, j) plus the cluster [j, i]
-  inline double val(int64_t i, int64_t j) const {
-    if (j > i) return kInf;
-    const double w = s0[i + 1] - s0[j];
-    const double s = s1[i + 1] - s1[j];
-    const double c = (s2[i + 1] - s2[j]) - s * s / (w > 0.0 ? w : 1.0);
-    return Dprev[j - 1] + (c > 0.0 ? c : 0.0);
+  void row(int64_t i, int64_t clo, int64_t chi) const {
+    if (chi > i) chi = i;
+    if (Jlow && Jlow[i] > clo) clo = Jlow[i] <= chi ? Jlow[i] : chi;
+    const double a0 = s0[i + 1], a1 = s1[i + 1], a2 = s2[i + 1];
+    double best = kInf;
+    int64_t bj = clo;
+    if (chi - clo < 16) {  // short ranges (most rows): inline scalar loop
+      for (int64_t j = clo; j <= chi; ++j) {
+        const double w = a0 - s0[j], s = a1 - s1[j];
+        double c = (a2 - s2[j]) - s * s / (w > 0.0 ? w : 1.0);
+        const double v = d[j] + (c > 0.0 ? c : 0.0);
+        if (v < best) {
+          best = v;
+          bj = j;
+        }
+      }
+    } else {
+      double vals[kBlock];
+      for (int64_t lo = clo; lo <= chi; lo += kBlock) {
+        const int n = (int)std::min<int64_t>(kBlock, chi - lo + 1);
+        eval_block(s0, s1, s2, d, a0, a1, a2, lo, n, vals);
+        double mn = vals[0];
+        for (int t = 1; t < n; ++t) mn = vals[t] < mn ? vals[t] : mn;
+        if (mn < best) {
+          int t = 0;
+          while (vals[t] != mn) ++t;
+          best = mn;
+          bj = lo + t;
+        }
+      }
+    }
+    Dcur[i] = best;
+    J[i] = (int32_t)bj;
+  }
+
+  void solve(int64_t rlo, int64_t rhi, int64_t clo, int64_t chi) const {
+    while (rlo <= rhi) {
+      const int64_t mid = (rlo + rhi) >> 1;
+      row(mid, clo, chi);
+      const int64_t jm = J[mid];
+      if (mid - rlo < rhi - mid) {
+        solve(rlo, mid - 1, clo, jm);
+        rlo = mid + 1;
+        clo = jm;
+      } else {
+        solve(mid + 1, rhi, jm, chi);
+        rhi = mid - 1;
+        chi = jm;
+      }
+    }
   }
 };
-
-// Row minima (leftmost) of the totally monotone matrix L.val over rows r0 + t*step
-// (t < R) and the given sorted columns; results in L.Dcur / L.J.
-void smawk(const Layer& L, int64_t r0, int64_t step, int64_t R, const int64_t* cols, int64_t nc,
-           int64_t* buf) {
-  if (R == 0) return;
-  int64_t* S = buf;
-  int64_t top = 0;
-  for (int64_t t = 0; t < nc; ++t) {
-    const int64_t c = cols[t];
-    while (top > 0) {
-      const int64_t r = r0 + (top - 1) * step;
-      if (L.val(r, S[top - 1]) > L.val(r, c)) {
-        --top;
-      } else {
-        break;
-      }
-    }
-    if (top < R) S[top++] = c;
-  }
-  smawk(L, r0 + step, 2 * step, R / 2, S, top, buf + top);
-  int64_t pos = 0;
-  for (int64_t t = 0; t < R; t += 2) {
-    const int64_t r = r0 + t * step;
-    const int64_t endc = (t + 1 < R) ? (int64_t)L.J[r + step] : S[top - 1];
-    double best = kInf;
-    int64_t bj = S[pos];
-    for (;;) {
-      const double v = L.val(r, S[pos]);
-      if (v < best) {
-        best = v;
-        bj = S[pos];
-      }
-      if (S[pos] >= endc || pos + 1 >= top) break;
-      ++pos;
-    }
-    L.Dcur[r] = best;
-    L.J[r] = (int32_t)bj;
-  }
-}
-
-void brute_row(const Layer& L, int64_t r, int64_t clo, int64_t chi) {
-  double best = kInf;
-  int64_t bj = clo;
-  for (int64_t j = clo; j <= chi; ++j) {
-    const double v = L.val(r, j);
-    if (v < best) {
-      best = v;
-      bj = j;
-    }
-  }
-  L.Dcur[r] = best;
-  L.J[r] = (int32_t)bj;
-}
-
-// Rows [rlo, rhi] of one layer, columns [clo, chi] (chi clipped per row by val()).
-void layer_range(const Layer& L, int64_t rlo, int64_t rhi, int64_t clo, int64_t chi, int64_t* cols,
-                 int64_t* buf) {
-  if (rlo > rhi) return;
-  int64_t nc = 0;
-  for (int64_t j = clo; j <= chi; ++j) cols[nc++] = j;
-  smawk(L, rlo, 1, rhi - rlo + 1, cols, nc, buf);
-}
 
 // Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
 void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
   const double* s0 = w.s0.data();
   const double* s1 = w.s1.data();
   const double* s2 = w.s2.data();
-  w.D0.resize(u);
+  w.d.resize(u + 1);
   w.D1.resize(u);
   w.J.resize((size_t)k * u);
-  for (int64_t i = 0; i < u; ++i) {
+  double* d = w.d.data();
+  double* Dcur = w.D1.data();
+  d[0] = kInf;
+  for (int64_t i = 0; i < u; ++i) {  // layer 0: one cluster over [0, i]
     const double ww = s0[i + 1], s = s1[i + 1];
     const double c = s2[i + 1] - s * s / (ww > 0.0 ? ww : 1.0);
-    w.D0[i] = c > 0.0 ? c : 0.0;
-  }
-  double* Dprev = w.D0.data();
-  double* Dcur = w.D1.data();
-  if (threads > 1) {
-    w.cols.resize(2 * u + 4);
-    w.buf.resize(4 * u + 8);
-  } else {
-    w.cols.resize(u + 2);
-    w.buf.resize(2 * u + 4);
+    d[i + 1] = c > 0.0 ? c : 0.0;
   }
   for (int m = 1; m < k; ++m) {
-    Layer L{s0, s1, s2, Dprev, Dcur, w.J.data() + (size_t)m * u};
+    const DnC L{s0, s1, s2, d, m > 1 ? w.J.data() + (size_t)(m - 1) * u : nullptr, Dcur,
+                w.J.data() + (size_t)m * u};
     if (m == k - 1) {  // only the last row matters
-      brute_row(L, u - 1, m, u - 1);
-    } else {
-      const int64_t rlo = m, rhi = u - 1 - (k - 1 - m);
-      const int64_t R = rhi - rlo + 1;
-      if (threads > 1 && R > 65536) {
-        const int64_t piv = rlo + R / 2;
-        brute_row(L, piv, m, piv);
-        const int64_t jp = L.J[piv];
-#if defined(POPCOMP_OPENMP)
-#pragma omp parallel sections num_threads(2)
-#endif
-        {
-#if defined(POPCOMP_OPENMP)
-#pragma omp section
-#endif
-          layer_range(L, rlo, piv - 1, m, std::min(jp, piv - 1), w.cols.data(), w.buf.data());
-#if defined(POPCOMP_OPENMP)
-#pragma omp section
-#endif
-          layer_range(L, piv + 1, rhi, jp, rhi, w.cols.data() + u + 2, w.buf.data() + 2 * u + 4);
-        }
-      } else {
-        layer_range(L, rlo, rhi, m, rhi, w.cols.data(), w.buf.data());
-      }
+      L.row(u - 1, m, u - 1);
+      break;
     }
-    std::swap(Dprev, Dcur);
+    const int64_t rlo = m, rhi = u - 1 - (k - 1 - m);
+    if (threads > 1 && rhi - rlo > 16384) {
+      // split the rows at pivots solved first; the halves are independent
+      const int T = threads;
+      std::vector<int64_t> piv(T + 1);
+      piv[0] = rlo - 1;
+      piv[T] = rhi + 1;
+      for (int t = 1; t < T; ++t) piv[t] = rlo + (rhi - rlo + 1) * t / T;
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel for num_threads(T) schedule(static)
+#endif
+      for (int t = 1; t < T; ++t) L.row(piv[t], m, piv[t]);
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel for num_threads(T) schedule(static)
+#endif
+      for (int t = 0; t < T; ++t) {
+        const int64_t clo = t == 0 ? m : L.J[piv[t]];
+        const int64_t chi = t == T - 1 ? rhi : L.J[piv[t + 1]];
+        L.solve(piv[t] + 1, piv[t + 1] - 1, clo, chi);
+      }
+    } else {
+      L.solve(rlo, rhi, m, rhi);
+    }
+    // D_m becomes d of the next layer; rows outside [rlo, rhi] are never used there
+    for (int64_t i = rlo; i <= rhi; ++i) d[i + 1] = Dcur[i];
+    for (int64_t i = 0; i < rlo; ++i) d[i + 1] = kInf;
   }
   B[k] = u;
   int64_t i = u - 1;
@@ -318,6 +331,14 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
 }
 
 // ---- one problem ---------------------------------------------------------------------------
+// Branchless count of the sorted midpoints (padded with +inf to P - 1 entries, P a power of
+// two) strictly below x: the nearest-center label, ties to the lower center.
+inline int label_pow2(const double* mids, int P, double x) {
+  int idx = 0;
+  for (int step = P >> 1; step > 0; step >>= 1) idx += (mids[idx + step - 1] < x) ? step : 0;
+  return idx;
+}
+
 template <DType DX>
 struct Solver {
   using E = Elem<DX>;
@@ -326,57 +347,7 @@ struct Solver {
   const Params& p;
   Work& w;
   int threads;
-
-  // Sorted distinct values (shifted) and weights -> w.v, w.W, prefix sums. Returns u.
-  template <DType DW>
-  int64_t reduce_sorted(const void* x, const void* wt, int64_t n) {
-    std::vector<Key>& keys = key_vec();
-    std::vector<Key>& tk = key_tmp();
-    keys.resize(n);
-    w.idx.resize(n);
-    for (int64_t i = 0; i < n; ++i) {
-      keys[i] = E::key(x, i);
-      w.idx[i] = (uint32_t)i;
-    }
-    radix_sort_pairs<Key>(keys, w.idx, tk, w.tidx, n, E::key_bits);
-    w.v.resize(n);
-    w.W.resize(n);
-    int64_t u = 0;
-    for (int64_t t = 0; t < n;) {
-      const Key kk = keys[t];
-      double ws = 0.0;
-      do {
-        ws += wt ? Elem<DW>::get(wt, w.idx[t]) : 1.0;
-        ++t;
-      } while (t < n && keys[t] == kk);
-      w.v[u] = E::value(kk);
-      w.W[u] = ws;
-      ++u;
-    }
-    return u;
-  }
-
-  template <DType DW>
-  int64_t reduce_hist(const void* x, const void* wt, int64_t n) {
-    w.hcnt.assign(65536, 0);
-    w.hw.assign(65536, 0.0);
-    const uint16_t* xb = static_cast<const uint16_t*>(x);
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t kk = half_key(xb[i]);
-      ++w.hcnt[kk];
-      w.hw[kk] += wt ? Elem<DW>::get(wt, i) : 1.0;
-    }
-    w.v.resize(65536);
-    w.W.resize(65536);
-    int64_t u = 0;
-    for (uint32_t kk = 0; kk < 65536; ++kk) {
-      if (!w.hcnt[kk]) continue;
-      w.v[u] = E::value(kk);
-      w.W[u] = w.hw[kk];
-      ++u;
-    }
-    return u;
-  }
+  int status = kOk;
 
   std::vector<Key>& key_vec() {
     if constexpr (std::is_same<Key, uint64_t>::value) return w.k64;
@@ -385,6 +356,90 @@ struct Solver {
   std::vector<Key>& key_tmp() {
     if constexpr (std::is_same<Key, uint64_t>::value) return w.t64;
     else return w.t32;
+  }
+
+  template <DType DW>
+  void check_weights(const void* wt, int64_t n) {
+    if (!wt) return;
+    bool nonfinite = false, negative = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = Elem<DW>::get(wt, i);
+      nonfinite |= !std::isfinite(v);
+      negative |= v < 0.0;
+    }
+    if (nonfinite) status = kNonFiniteW;
+    else if (negative) status = kNegativeW;
+  }
+
+  // Sorted distinct values and summed weights -> w.v, w.W; w.idx keeps the sort permutation
+  // and w.run the index of each sorted position's distinct value. Returns u.
+  template <DType DW>
+  int64_t reduce_sorted(const void* x, const void* wt, int64_t n) {
+    std::vector<Key>& keys = key_vec();
+    std::vector<Key>& tk = key_tmp();
+    keys.resize(n);
+    w.idx.resize(n);
+    bool nonfinite = false;
+    for (int64_t i = 0; i < n; ++i) {
+      nonfinite |= !std::isfinite(E::get(x, i));
+      keys[i] = E::key(x, i);
+      w.idx[i] = (uint32_t)i;
+    }
+    if (nonfinite) {
+      status = kNonFiniteX;
+      return 0;
+    }
+    check_weights<DW>(wt, n);
+    if (status != kOk) return 0;
+    radix_sort_pairs<Key>(keys, w.idx, tk, w.tidx, n, E::key_bits);
+    w.v.resize(n);
+    w.vo.resize(n);
+    w.W.resize(n);
+    w.run.resize(n);
+    int64_t u = 0;
+    for (int64_t t = 0; t < n;) {
+      const Key kk = keys[t];
+      double ws = 0.0;
+      do {
+        ws += wt ? Elem<DW>::get(wt, w.idx[t]) : 1.0;
+        w.run[t] = (uint32_t)u;
+        ++t;
+      } while (t < n && keys[t] == kk);
+      w.v[u] = w.vo[u] = E::value(kk);
+      w.W[u] = ws;
+      ++u;
+    }
+    return u;
+  }
+
+  template <DType DW>
+  int64_t reduce_hist(const void* x, const void* wt, int64_t n) {
+    check_weights<DW>(wt, n);
+    if (status != kOk) return 0;
+    w.hcnt.assign(65536, 0);
+    w.hw.assign(65536, 0.0);
+    const uint16_t* xb = static_cast<const uint16_t*>(x);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t kk = half_key(xb[i] == 0x8000u ? (uint16_t)0 : xb[i]);
+      ++w.hcnt[kk];
+      w.hw[kk] += wt ? Elem<DW>::get(wt, i) : 1.0;
+    }
+    w.v.resize(65536);
+    w.vo.resize(65536);
+    w.W.resize(65536);
+    int64_t u = 0;
+    for (uint32_t kk = 0; kk < 65536; ++kk) {
+      if (!w.hcnt[kk]) continue;
+      const double val = E::value(kk);
+      if (!std::isfinite(val)) {
+        status = kNonFiniteX;
+        return 0;
+      }
+      w.v[u] = w.vo[u] = val;
+      w.W[u] = w.hw[kk];
+      ++u;
+    }
+    return u;
   }
 
   template <DType DW>
@@ -397,6 +452,7 @@ struct Solver {
     const void* wt = b.w ? static_cast<const char*>(b.w) + (size_t)row * n * ws_ : nullptr;
     const bool hist = (DX == DType::f16 || DX == DType::bf16) && n >= kHistMin;
     const int64_t u = hist ? reduce_hist<DW>(x, wt, n) : reduce_sorted<DW>(x, wt, n);
+    if (status != kOk) return;
 
     const double shift = w.v[u / 2];
     w.s0.resize(u + 1);
@@ -409,6 +465,10 @@ struct Solver {
       w.s0[t + 1] = w.s0[t] + ww;
       w.s1[t + 1] = w.s1[t] + ww * vv;
       w.s2[t + 1] = w.s2[t] + ww * vv * vv;
+    }
+    if (!(w.s0[u] > 0.0)) {
+      status = kZeroW;
+      return;
     }
     const Prefix P{w.v.data(), w.s0.data(), w.s1.data(), w.s2.data(), u};
     const Scratch sc = w.scratch(k);
@@ -445,57 +505,51 @@ struct Solver {
     sort_small(c, k);
     double* out_c = b.centers + (size_t)row * k;
     for (int j = 0; j < k; ++j) out_c[j] = c[j] + shift;
-    w.mids.resize(k > 1 ? k - 1 : 1);
-    for (int j = 0; j + 1 < k; ++j) w.mids[j] = 0.5 * (out_c[j] + out_c[j + 1]);
     const double pen = diameter_penalty(out_c[k - 1] - out_c[0], p.beta, p.diameter);
-    int64_t* lab = b.labels + (size_t)row * n;
+    int32_t* lab = b.labels + (size_t)row * n;
+
+    // Label of every distinct value (nearest center in the original coordinates, ties to the
+    // lower center) by one merge pass, and the cost from the aggregated weights.
+    int Pw = 1;
+    while (Pw < k) Pw <<= 1;
+    w.mids.assign(Pw, kInf);
+    for (int j = 0; j + 1 < k; ++j) w.mids[j] = 0.5 * (out_c[j] + out_c[j + 1]);
+    w.ulab.resize(u);
     double cost = 0.0;
-    if (hist) {
-      // label of every present 16-bit pattern, then a table lookup per value
-      w.lut.assign(65536, 0);
-      double cacc = 0.0;
-      for (uint32_t kk = 0; kk < 65536; ++kk) {
-        if (!w.hcnt[kk]) continue;
-        const double xv = E::value(kk);
-        const int l = nearest_label(w.mids.data(), k - 1, xv);
-        w.lut[kk] = l;
-        const double d = xv - out_c[l];
-        cacc += w.hw[kk] * d * d;
+    {
+      int l = 0;
+      for (int64_t t = 0; t < u; ++t) {
+        const double xv = w.vo[t];
+        while (l < k - 1 && w.mids[l] < xv) ++l;
+        w.ulab[t] = l;
+        const double d = w.v[t] - c[l];
+        cost += w.W[t] * d * d;
       }
+    }
+    const int nt = threads;
+    if (hist) {
+      w.lut.assign(65536, 0);
+      for (uint32_t kk = 0, t = 0; kk < 65536; ++kk)
+        if (w.hcnt[kk]) w.lut[kk] = w.ulab[t++];
       const uint16_t* xb = static_cast<const uint16_t*>(x);
       const int32_t* lut = w.lut.data();
-      const int nt = threads;
 #if defined(POPCOMP_OPENMP)
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
 #endif
-      for (int64_t i = 0; i < n; ++i) lab[i] = lut[half_key(xb[i])];
-      (void)nt;
-      cost = cacc;
+      for (int64_t i = 0; i < n; ++i) lab[i] = lut[half_key(xb[i] == 0x8000u ? (uint16_t)0 : xb[i])];
+    } else if (n <= (int64_t(1) << 18) || nt == 1) {
+      const uint32_t* idx = w.idx.data();
+      const uint32_t* run = w.run.data();
+      const int32_t* ul = w.ulab.data();
+      for (int64_t t = 0; t < n; ++t) lab[idx[t]] = ul[run[t]];
     } else {
       const double* mids = w.mids.data();
-      const int km1 = k - 1;
-      constexpr int64_t chunk = 1 << 16;
-      const int64_t nchunks = (n + chunk - 1) / chunk;
-      std::vector<double> part(nchunks, 0.0);
-      const int nt = threads;
 #if defined(POPCOMP_OPENMP)
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && nchunks > 1)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
 #endif
-      for (int64_t ch = 0; ch < nchunks; ++ch) {
-        const int64_t i0 = ch * chunk, i1 = std::min(n, i0 + chunk);
-        double acc = 0.0;
-        for (int64_t i = i0; i < i1; ++i) {
-          const double xv = E::get(x, i);
-          const int l = nearest_label(mids, km1, xv);
-          lab[i] = l;
-          const double d = xv - out_c[l];
-          acc += (wt ? Elem<DW>::get(wt, i) : 1.0) * d * d;
-        }
-        part[ch] = acc;
-      }
-      (void)nt;
-      for (double a : part) cost += a;
+      for (int64_t i = 0; i < n; ++i) lab[i] = label_pow2(mids, Pw, E::get(x, i));
     }
+    (void)nt;
     b.cost[row] = cost + pen;
     b.n_iter[row] = iters;
   }
@@ -503,7 +557,7 @@ struct Solver {
 
 }  // namespace
 
-void run_cpu(const Params& p, const Buffers& b, int num_threads) {
+Result run_cpu(const Params& p, const Buffers& b, int num_threads) {
   if (p.k < 1) throw std::invalid_argument("kmeans1d: k must be >= 1");
   if (p.n < 1 || p.rows < 0) throw std::invalid_argument("kmeans1d: need n >= 1 and rows >= 0");
   if (p.n > (int64_t)0xffffffffll) throw std::invalid_argument("kmeans1d: n must be < 2^32");
@@ -516,6 +570,9 @@ void run_cpu(const Params& p, const Buffers& b, int num_threads) {
   const int T = std::max(1, num_threads);
   const bool outer = p.rows >= T && T > 1;
   const DType dw = b.w ? p.w_dtype : p.x_dtype;
+  Result res;
+  int64_t bad_row = p.rows;
+  int bad_status = kOk;
   dispatch(p.x_dtype, [&](auto dx) {
     dispatch(dw, [&](auto dwt) {
       constexpr DType DX = decltype(dx)::value;
@@ -530,15 +587,38 @@ void run_cpu(const Params& p, const Buffers& b, int num_threads) {
 #if defined(POPCOMP_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
-          for (int64_t r = 0; r < p.rows; ++r) s.template solve<DW>(r, b);
+          for (int64_t r = 0; r < p.rows; ++r) {
+            s.status = kOk;
+            s.template solve<DW>(r, b);
+            if (s.status != kOk) {
+#if defined(POPCOMP_OPENMP)
+#pragma omp critical(popcomp_kmeans_status)
+#endif
+              if (r < bad_row) {
+                bad_row = r;
+                bad_status = s.status;
+              }
+            }
+          }
         }
       } else {
         Work w;
         Solver<DX> s{p, w, T};
-        for (int64_t r = 0; r < p.rows; ++r) s.template solve<DW>(r, b);
+        for (int64_t r = 0; r < p.rows && bad_status == kOk; ++r) {
+          s.template solve<DW>(r, b);
+          if (s.status != kOk) {
+            bad_row = r;
+            bad_status = s.status;
+          }
+        }
       }
     });
   });
+  if (bad_status != kOk) {
+    res.status = bad_status;
+    res.row = bad_row;
+  }
+  return res;
 }
 
 }  // namespace kmeans

@@ -15,7 +15,7 @@ LIB = torch.library.Library("popcomp", "DEF")
 # ---- weighted 1-D K-means (HW / DRHW K-means) ---------------------------------------------
 # x: (rows, n) floating; weights: (rows, n) floating or None (all ones); init_centers:
 # (rows, k) float64 or None. Returns centers (rows, k) float64 ascending, labels (rows, n)
-# int64, cost (rows,) float64 (objective incl. the diameter term), n_iter (rows,) int64.
+# int32, cost (rows,) float64 (objective incl. the diameter term), n_iter (rows,) int64.
 LIB.define(
     "kmeans1d(Tensor x, Tensor? weights, int k, float beta, str method, str init, "
     "Tensor? init_centers, int max_iter, float tol, int seed, str diameter) "
@@ -28,7 +28,7 @@ def _kmeans1d_fake(x, weights, k, beta, method, init, init_centers, max_iter, to
     rows, n = x.shape
     return (
         x.new_empty((rows, k), dtype=torch.float64),
-        x.new_empty((rows, n), dtype=torch.int64),
+        x.new_empty((rows, n), dtype=torch.int32),
         x.new_empty((rows,), dtype=torch.float64),
         x.new_empty((rows,), dtype=torch.int64),
     )

@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from . import _validate as V
-from ._backend import FLOAT_DTYPES
+from ._backend import FLOAT_DTYPES, compiled
 
 _METHODS = ("lloyd", "exact")
 _INITS = ("kmeans++", "linear", "quantile")
@@ -28,7 +28,8 @@ class KMeansResult:
     centers: ascending centers, ``(k,)`` for 1-D input, ``(rows, k)`` for 2-D input; float64
         for float64 input, else float32 (16-bit centers would round the optimum away; cast
         with ``.to()`` for a 16-bit codebook).
-    labels: int64 center index of every value, shaped like ``x``.
+    labels: int32 center index of every value, shaped like ``x`` (int32 as scikit-learn's
+        labels; usable for indexing; ``.long()`` for ``torch.gather``).
     cost: float64 objective (including the diameter term), ``()`` or ``(rows,)``.
     n_iter: int64 Lloyd iterations run, ``()`` or ``(rows,)`` (0 for a pure ``exact`` solve).
     """
@@ -42,7 +43,7 @@ class KMeansResult:
         """The quantized values ``centers[labels]``, shaped like ``x``."""
         if self.centers.dim() == 1:
             return self.centers[self.labels]
-        return torch.gather(self.centers, 1, self.labels)
+        return torch.gather(self.centers, 1, self.labels.long())
 
 
 def kmeans1d(
@@ -100,7 +101,10 @@ def kmeans1d(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if diameter not in _DIAMETERS:
         raise ValueError(f"diameter must be one of {_DIAMETERS}, got {diameter!r}")
-    V.check_finite("x", x)
+    # The compiled CPU kernel checks values and weights in the pass that reads them.
+    scan = not (x.device.type == "cpu" and compiled() is not None)
+    if scan:
+        V.check_finite("x", x)
     squeeze = x.dim() == 1
     x2 = x.unsqueeze(0) if squeeze else x
     rows = x2.shape[0]
@@ -114,14 +118,15 @@ def kmeans1d(
             raise ValueError(
                 f"weights must have the shape of x {tuple(x.shape)}, got {tuple(weights.shape)}"
             )
-        V.check_finite("weights", weights)
-        V.check_nonnegative("weights", weights)
         w2 = weights.unsqueeze(0) if squeeze else weights
-        zero_rows = ~(w2 > 0).any(dim=1)
-        if bool(zero_rows.any()):
-            bad = int(torch.nonzero(zero_rows)[0])
-            where = "" if squeeze else f" (row {bad})"
-            raise ValueError(f"weights are all zero{where}: the objective has no minimizer")
+        if scan:
+            V.check_finite("weights", weights)
+            V.check_nonnegative("weights", weights)
+            zero_rows = ~(w2 > 0).any(dim=1)
+            if bool(zero_rows.any()):
+                bad = int(torch.nonzero(zero_rows)[0])
+                where = "" if squeeze else f" (row {bad})"
+                raise ValueError(f"weights are all zero{where}: the objective has no minimizer")
 
     init_name = init
     init_centers = None

@@ -11,6 +11,13 @@ METHODS = {"lloyd": 0, "exact": 1}
 INITS = {"kmeans++": 0, "linear": 1, "quantile": 2, "given": 3}
 DIAMETERS = {"squared": 0, "linear": 1}
 _U64 = (1 << 64) - 1
+# csrc/kmeans/kmeans.h, enum Status
+_STATUS = {
+    1: "x contains NaN or Inf",
+    2: "weights contains NaN or Inf",
+    3: "weights must be non-negative (found negative entries)",
+    4: "weights are all zero: the objective has no minimizer",
+}
 
 
 def _common(x, weights, k, init_centers):
@@ -20,7 +27,7 @@ def _common(x, weights, k, init_centers):
     ic = init_centers.to(torch.float64).contiguous() if init_centers is not None else None
     outs = (
         torch.empty((rows, k), dtype=torch.float64, device=x.device),
-        torch.empty((rows, n), dtype=torch.int64, device=x.device),
+        torch.empty((rows, n), dtype=torch.int32, device=x.device),
         torch.empty((rows,), dtype=torch.float64, device=x.device),
         torch.empty((rows,), dtype=torch.int64, device=x.device),
     )
@@ -45,11 +52,14 @@ def kmeans1d_cpu(x, weights, k, beta, method, init, init_centers, max_iter, tol,
     x, w, ic, outs, args = _common(x, weights, k, init_centers)
     if x.numel() == 0:
         return outs
-    C.kmeans1d_cpu(
+    status, row = C.kmeans1d_cpu(
         *args, float(beta), METHODS[method], INITS[init], DIAMETERS[diameter], int(max_iter),
         float(tol), int(seed) & _U64, ic.data_ptr() if ic is not None else 0,
         *(o.data_ptr() for o in outs), num_threads(),
     )
+    if status:
+        where = f" (row {row})" if x.shape[0] > 1 else ""
+        raise ValueError(_STATUS[status] + where)
     return outs
 
 

@@ -176,7 +176,7 @@ def kmeans1d_reference(x, weights, k, beta, method, init, init_centers, max_iter
     rows, n = x.shape
     dev = x.device
     centers = torch.empty((rows, k), dtype=torch.float64, device=dev)
-    labels = torch.empty((rows, n), dtype=torch.int64, device=dev)
+    labels = torch.empty((rows, n), dtype=torch.int32, device=dev)
     cost = torch.empty((rows,), dtype=torch.float64, device=dev)
     n_iter = torch.zeros((rows,), dtype=torch.int64, device=dev)
     gen = torch.Generator().manual_seed(int(seed))

@@ -1,0 +1,335 @@
+"""Tests of popcomp.kmeans1d against independent oracles: brute force over all contiguous
+partitions, the pure-torch float64 reference, ckwrap (Ckmeans.1d.dp) and closed forms."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import popcomp
+from popcomp._reference.kmeans import kmeans1d_reference
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def brute_force_cost(x, w, k):
+    """Minimum of sum_i w_i (x_i - c)^2 over all contiguous partitions of the sorted distinct
+    values (an optimal 1-D clustering is contiguous)."""
+    x = x.double()
+    w = w.double()
+    vals, inv = torch.unique(x, return_inverse=True)
+    W = torch.zeros_like(vals).index_add_(0, inv, w)
+    u = vals.numel()
+    if k >= u:
+        return 0.0
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, u), k - 1):
+        b = (0,) + cuts + (u,)
+        c = 0.0
+        for a, e in zip(b[:-1], b[1:]):
+            ww = W[a:e]
+            if ww.sum() > 0:
+                m = (ww * vals[a:e]).sum() / ww.sum()
+                c += float((ww * (vals[a:e] - m) ** 2).sum())
+        best = min(best, c)
+    return best
+
+
+def objective(x, w, centers, labels, beta=0.0, diameter="squared"):
+    x = x.double()
+    w = torch.ones_like(x) if w is None else w.double()
+    c = centers.double()
+    d = float(c.max() - c.min())
+    pen = beta * d * d if diameter == "squared" else beta * d
+    return float((w * (x - c[labels.long()]) ** 2).sum()) + pen
+
+
+@pytest.mark.parametrize("trial", range(60))
+def test_exact_is_globally_optimal_brute_force(trial):
+    g = torch.Generator().manual_seed(trial)
+    n = int(torch.randint(1, 10, (1,), generator=g))
+    k = int(torch.randint(1, 5, (1,), generator=g))
+    if trial % 3 == 0:  # many ties
+        x = torch.randint(-3, 4, (n,), generator=g).double()
+    else:
+        x = torch.randn(n, generator=g, dtype=torch.float64)
+    w = torch.rand(n, generator=g, dtype=torch.float64) + 0.05
+    if trial % 4 == 1 and n > 1:
+        w[0] = 0.0  # a zero-weight value
+    r = popcomp.kmeans1d(x, k, w, method="exact")
+    bf = brute_force_cost(x, w, k)
+    assert float(r.cost) == pytest.approx(bf, rel=1e-10, abs=1e-12)
+    # the reported cost is the objective of the returned centers and labels
+    assert float(r.cost) == pytest.approx(objective(x, w, r.centers, r.labels), rel=1e-12, abs=1e-12)
+    assert torch.all(r.centers[1:] >= r.centers[:-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["exact", "lloyd"])
+@pytest.mark.parametrize("beta,diameter", [(0.0, "squared"), (3.0, "squared"), (40.0, "linear")])
+def test_matches_float64_reference(dtype, method, beta, diameter):
+    x = torch.randn(3, 2000).to(dtype)
+    w = torch.rand(3, 2000, dtype=torch.float32)
+    r = popcomp.kmeans1d(x, 7, w, method=method, beta=beta, init="quantile", diameter=diameter)
+    c, lab, cost, it = kmeans1d_reference(
+        x, w, 7, beta, method, "quantile", None, 300, 0.0, 0, diameter
+    )
+    torch.testing.assert_close(r.centers.double(), c, rtol=1e-6 if dtype != torch.float64 else 1e-9, atol=1e-7)
+    assert torch.equal(r.labels, lab)
+    torch.testing.assert_close(r.cost, cost, rtol=1e-9, atol=1e-9)
+    assert torch.equal(r.n_iter, it)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_histogram_path_matches_reference(dtype):
+    x = (torch.randn(40000) * 3).to(dtype)  # n >= 32768: weighted 65536-bin histogram
+    w = torch.rand(40000, dtype=torch.float64)
+    for method in ["exact", "lloyd"]:
+        r = popcomp.kmeans1d(x, 16, w, method=method, init="linear")
+        c, lab, cost, it = kmeans1d_reference(
+            x[None], w[None], 16, 0.0, method, "linear", None, 300, 0.0, 0, "squared"
+        )
+        assert torch.equal(r.labels, lab[0])
+        torch.testing.assert_close(r.cost, cost[0], rtol=1e-9, atol=0)
+
+
+def test_exact_matches_ckwrap():
+    ckwrap = pytest.importorskip("ckwrap")
+    rng = np.random.default_rng(3)
+    for n, k in [(5000, 16), (20000, 5), (3000, 2)]:
+        x = rng.standard_normal(n)
+        w = rng.random(n) + 0.1
+        ref = ckwrap.ckmeans(x, k, weights=w)
+        ref_cost = objective(torch.from_numpy(x), torch.from_numpy(w),
+                             torch.from_numpy(np.asarray(ref.centers, dtype=np.float64)),
+                             torch.from_numpy(np.asarray(ref.labels)))
+        r = popcomp.kmeans1d(torch.from_numpy(x), k, torch.from_numpy(w), method="exact")
+        assert float(r.cost) == pytest.approx(ref_cost, rel=1e-8)
+        assert float(r.cost) <= ref_cost * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("beta,diameter", [(0.0, "squared"), (5.0, "squared"), (2.0, "linear")])
+def test_lloyd_objective_is_monotone(beta, diameter):
+    x = torch.randn(5000, dtype=torch.float64) ** 3
+    w = torch.rand(5000, dtype=torch.float64)
+    init = torch.linspace(-2, 2, 9, dtype=torch.float64)
+    costs = [
+        float(popcomp.kmeans1d(x, 9, w, beta=beta, init=init, max_iter=t, diameter=diameter).cost)
+        for t in range(0, 40)
+    ]
+    assert all(b <= a * (1 + 1e-12) + 1e-12 for a, b in zip(costs, costs[1:])), costs
+    assert costs[-1] < costs[0]
+
+
+def test_drhw_center_update_is_exact():
+    """One DRHW iteration from given centers equals the float64 reference whose center update
+    evaluates the true objective for every clamp interval; the update also beats a fine grid."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        n, k = 300, int(torch.randint(2, 7, (1,), generator=g))
+        x = torch.randn(n, generator=g, dtype=torch.float64) * (1 + trial)
+        w = torch.rand(n, generator=g, dtype=torch.float64)
+        init = torch.sort(x[torch.randperm(n, generator=g)[:k]]).values
+        beta = float(10 ** torch.empty(1).uniform_(-2, 3, generator=g))
+        for diameter in ["squared", "linear"]:
+            r = popcomp.kmeans1d(x, k, w, beta=beta, init=init, max_iter=1, diameter=diameter)
+            c, lab, cost, _ = kmeans1d_reference(
+                x[None], w[None], k, beta, "lloyd", "given", init[None], 1, 0.0, 0, diameter
+            )
+            torch.testing.assert_close(r.cost, cost[0], rtol=1e-9, atol=1e-9)
+            # no (a, b) clamp interval does better for the assignment of the first step
+            mids = 0.5 * (init[1:] + init[:-1])
+            lab0 = torch.searchsorted(mids, x)
+            H = torch.zeros(k, dtype=torch.float64).index_add_(0, lab0, w)
+            S = torch.zeros(k, dtype=torch.float64).index_add_(0, lab0, w * x)
+            m = (S / H)[H > 0]
+            Hs = H[H > 0]
+            grid = torch.linspace(float(m.min()), float(m.max()), 120, dtype=torch.float64)
+            A, B = torch.meshgrid(grid, grid, indexing="ij")
+            ok = A <= B
+            cc = torch.minimum(torch.maximum(m[None, None, :], A[..., None]), B[..., None])
+            d = cc.max(-1).values - cc.min(-1).values
+            pen = beta * d * d if diameter == "squared" else beta * d
+            f = (Hs * (cc - m) ** 2).sum(-1) + pen
+            best_grid = float(f[ok].min())
+            cu = torch.clamp(r.centers, float(r.centers.min()), float(r.centers.max()))
+            f_ours = float((Hs * (torch.clamp(m, float(cu.min()), float(cu.max())) - m) ** 2).sum())
+            dd = float(cu.max() - cu.min())
+            f_ours += beta * dd * dd if diameter == "squared" else beta * dd
+            assert f_ours <= best_grid * (1 + 1e-9) + 1e-9
+
+
+def test_large_beta_collapses_to_weighted_mean():
+    x = torch.randn(1000, dtype=torch.float64)
+    w = torch.rand(1000, dtype=torch.float64)
+    mean = float((w * x).sum() / w.sum())
+    r = popcomp.kmeans1d(x, 4, w, beta=1e6, diameter="linear", method="exact")
+    torch.testing.assert_close(r.centers, torch.full((4,), mean, dtype=torch.float64))
+    r2 = popcomp.kmeans1d(x, 4, w, beta=1e12, method="exact")
+    assert float(r2.centers.max() - r2.centers.min()) < 1e-6
+
+
+def test_batched_equals_loop():
+    x = torch.randn(6, 700)
+    w = torch.rand(6, 700)
+    for kwargs in [dict(method="exact", beta=0.5), dict(method="exact"), dict(init="quantile"),
+                   dict(init="linear", beta=2.0, diameter="linear")]:
+        rb = popcomp.kmeans1d(x, 5, w, **kwargs)
+        for i in range(6):
+            ri = popcomp.kmeans1d(x[i], 5, w[i], **kwargs)
+            torch.testing.assert_close(ri.centers, rb.centers[i])
+            assert torch.equal(ri.labels, rb.labels[i])
+            torch.testing.assert_close(ri.cost, rb.cost[i])
+            assert int(ri.n_iter) == int(rb.n_iter[i])
+
+
+def test_seed_reproducible():
+    x = torch.randn(3000)
+    a = popcomp.kmeans1d(x, 8, seed=5)
+    b = popcomp.kmeans1d(x, 8, seed=5)
+    assert torch.equal(a.centers, b.centers) and torch.equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("method", ["exact", "lloyd"])
+def test_k1_is_weighted_mean(method):
+    x = torch.randn(500, dtype=torch.float64)
+    w = torch.rand(500, dtype=torch.float64)
+    r = popcomp.kmeans1d(x, 1, w, method=method)
+    mean = (w * x).sum() / w.sum()
+    torch.testing.assert_close(r.centers, mean.reshape(1))
+    torch.testing.assert_close(r.cost, (w * (x - mean) ** 2).sum())
+    assert torch.all(r.labels == 0)
+
+
+@pytest.mark.parametrize("method", ["exact", "lloyd"])
+def test_k_at_least_distinct_values(method):
+    x = torch.tensor([3.0, 1.0, 2.0, 1.0, 3.0])
+    r = popcomp.kmeans1d(x, 5, method=method)
+    assert float(r.cost) == 0.0
+    torch.testing.assert_close(r.centers, torch.tensor([1.0, 2.0, 3.0, 3.0, 3.0]))
+    torch.testing.assert_close(r.dequantize(), x)
+
+
+def test_all_values_equal():
+    x = torch.full((100,), 0.25)
+    for method in ["exact", "lloyd"]:
+        r = popcomp.kmeans1d(x, 4, method=method, beta=1.0)
+        assert float(r.cost) == 0.0
+        assert torch.all(r.centers == 0.25)
+
+
+def test_zero_weight_values_get_labels_but_do_not_move_centers():
+    x = torch.randn(400, dtype=torch.float64)
+    w = torch.rand(400, dtype=torch.float64) + 0.1
+    extra = torch.tensor([10.0, -7.0, 0.3], dtype=torch.float64)
+    xa = torch.cat([x, extra])
+    wa = torch.cat([w, torch.zeros(3, dtype=torch.float64)])
+    r = popcomp.kmeans1d(x, 4, w, method="exact")
+    ra = popcomp.kmeans1d(xa, 4, wa, method="exact")
+    torch.testing.assert_close(ra.centers, r.centers)
+    torch.testing.assert_close(ra.cost, r.cost)
+    # each zero-weight value is labelled with its nearest center
+    for v, lab in zip(extra, ra.labels[-3:]):
+        assert int(lab) == int(torch.argmin((ra.centers - v).abs()))
+
+
+def test_inputs_not_modified_and_noncontiguous():
+    x = torch.randn(64, 50).t()  # non-contiguous (50, 64)
+    w = torch.rand(64, 50).t()
+    x0, w0 = x.clone(), w.clone()
+    r = popcomp.kmeans1d(x, 4, w, method="exact")
+    assert torch.equal(x, x0) and torch.equal(w, w0)
+    r2 = popcomp.kmeans1d(x.contiguous(), 4, w.contiguous(), method="exact")
+    assert torch.equal(r.labels, r2.labels)
+    assert r.centers.shape == (50, 4) and r.labels.shape == (50, 64) and r.cost.shape == (50,)
+
+
+def test_result_dtypes_and_shapes():
+    for dt in DTYPES:
+        r = popcomp.kmeans1d(torch.randn(100).to(dt), 3)
+        assert r.centers.dtype == (torch.float64 if dt == torch.float64 else torch.float32)
+        assert r.labels.dtype == torch.int32 and r.labels.shape == (100,)
+        assert r.cost.dtype == torch.float64 and r.cost.shape == ()
+        assert r.n_iter.shape == ()
+
+
+def test_opcheck():
+    x = torch.randn(3, 200)
+    w = torch.rand(3, 200)
+    for args in [
+        (x, w, 4, 0.0, "exact", "kmeans++", None, 50, 0.0, 1, "squared"),
+        (x, None, 4, 1.0, "lloyd", "linear", None, 50, 0.0, 1, "squared"),
+        (x.double(), w, 3, 2.0, "lloyd", "given", torch.randn(3, 3, dtype=torch.float64), 50, 0.0, 1, "linear"),
+    ]:
+        torch.library.opcheck(torch.ops.popcomp.kmeans1d.default, args)
+
+
+def test_torch_compile_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(5, 77)
+        c, lab, cost, it = torch.ops.popcomp.kmeans1d(x, None, 6, 0.0, "lloyd", "linear", None, 10, 0.0, 0, "squared")
+        assert c.shape == (5, 6) and lab.shape == (5, 77) and lab.dtype == torch.int32
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(x=torch.tensor([1.0, float("nan")]), k=1), ValueError, "x contains NaN"),
+        (dict(x=torch.tensor([1.0, float("inf")]), k=1), ValueError, "x contains NaN"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, weights=torch.tensor([1.0, float("nan")])), ValueError, "weights contains NaN"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, weights=torch.tensor([1.0, -1.0])), ValueError, "weights must be non-negative"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, weights=torch.zeros(2)), ValueError, "weights are all zero"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=0), ValueError, "k must be >= 1"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=2.5), TypeError, "k must be an int"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, weights=torch.ones(3)), ValueError, "weights must have the shape"),
+        (dict(x=torch.tensor([1, 2]), k=1), TypeError, "x must have a floating dtype"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, weights=torch.tensor([1, 2])), TypeError, "weights must have a floating dtype"),
+        (dict(x=torch.ones(2, 2, 2), k=1), ValueError, "x must be 1-D"),
+        (dict(x=torch.ones(2, 0), k=1), ValueError, "at least one value"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, weights=torch.ones(2, device="meta")), ValueError, "weights is on meta"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, method="kmeans"), ValueError, "method must be one of"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, init="random"), ValueError, "init must be one of"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=2, init=torch.ones(3)), ValueError, "init tensor must have shape"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, beta=-1.0), ValueError, "beta must be >= 0"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, beta=float("nan")), ValueError, "beta must be finite"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, max_iter=-1), ValueError, "max_iter must be >= 0"),
+        (dict(x=torch.tensor([1.0, 2.0]), k=1, diameter="cubic"), ValueError, "diameter must be one of"),
+        (dict(x=[1.0, 2.0], k=1), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs(kwargs, exc, match):
+    x = kwargs.pop("x")
+    k = kwargs.pop("k")
+    with pytest.raises(exc, match=match):
+        popcomp.kmeans1d(x, k, **kwargs)
+
+
+def test_bad_row_is_named():
+    x = torch.randn(3, 10)
+    w = torch.rand(3, 10)
+    w[2] = 0
+    with pytest.raises(ValueError, match=r"all zero.*row 2"):
+        popcomp.kmeans1d(x, 2, w)
+
+
+def test_numpy_input():
+    r = popcomp.kmeans1d(np.array([0.0, 0.1, 5.0, 5.1]), 2, method="exact")
+    torch.testing.assert_close(r.centers, torch.tensor([0.05, 5.05], dtype=torch.float64))
+
+
+def test_backends_report():
+    b = popcomp.backends()
+    assert b["cpu"]["built"] and b["cpu"]["usable"]
+    assert set(b) >= {"cpu", "cuda", "reference"}
+    if not torch.cuda.is_available():
+        assert not b["cuda"]["usable"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_negative_zero_is_zero(dtype):
+    x = torch.tensor([-0.0, 0.0, 1.0, 2.0] * 3).to(dtype)
+    r = popcomp.kmeans1d(x, 4, method="exact")
+    torch.testing.assert_close(r.centers, torch.tensor([0.0, 1.0, 2.0, 2.0], dtype=r.centers.dtype))
+    assert int(r.labels[0]) == int(r.labels[1]) == 0
