@@ -600,10 +600,13 @@ class HessianAccumulator:
                 gs.append(g.reshape(Rr, Bb, -1, m.out_features).permute(1, 0, 2, 3))
             x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
             g = gs[0] if len(gs) == 1 else torch.cat(gs, 2)
-            if acc_w is not None:
-                _sumsq(acc_w, g, x)
             if acc_b is not None:
                 acc_b.add_(_bias_sumsq(g))
+            if acc_w is not None:
+                if g.shape[2] == 1 and g.shape[1] > 1:
+                    # T = 1: only sum_r g^2 matters; hand the op sqrt(sum_r g^2) with R = 1
+                    g = torch.linalg.vector_norm(g.float(), dim=1, keepdim=True)
+                _sumsq(acc_w, g, x)
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             xs, gs = [], []
             for r, g in pairs:
