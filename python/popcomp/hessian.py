@@ -73,6 +73,14 @@ def _sumsq(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
     torch.ops.popcomp.sumsq_outer_acc(acc, _as_op_dtype(g), _as_op_dtype(x))
 
 
+def _bias_sumsq(g: torch.Tensor) -> torch.Tensor:
+    """sum_b sum_r (sum_t g[b,r,t,o])^2 for g (B, R, T, out), reduced in g's memory order."""
+    s = g.transpose(0, 1)  # (R, B, T, out): usually the contiguous order
+    s = s[:, :, 0] if s.shape[2] == 1 else s.sum(2)
+    s = s.reshape(-1, s.shape[-1]).float()
+    return torch.linalg.vector_norm(s, dim=0).square()
+
+
 def _module_device(model: nn.Module) -> Optional[torch.device]:
     for p in model.parameters():
         return p.device
@@ -592,10 +600,13 @@ class HessianAccumulator:
                 gs.append(g.reshape(Rr, Bb, -1, m.out_features).permute(1, 0, 2, 3))
             x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
             g = gs[0] if len(gs) == 1 else torch.cat(gs, 2)
-            if acc_w is not None:
-                _sumsq(acc_w, g, x)
             if acc_b is not None:
-                acc_b.add_(g.float().sum(2).square().sum((0, 1)))
+                acc_b.add_(_bias_sumsq(g))
+            if acc_w is not None:
+                if g.shape[2] == 1 and g.shape[1] > 1:
+                    # T = 1: only sum_r g^2 matters; hand the op sqrt(sum_r g^2) with R = 1
+                    g = torch.linalg.vector_norm(g.float(), dim=1, keepdim=True)
+                _sumsq(acc_w, g, x)
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             xs, gs = [], []
             for r, g in pairs:
@@ -611,7 +622,7 @@ class HessianAccumulator:
                 for gi in range(G):
                     _sumsq(aw[gi * cout_g : (gi + 1) * cout_g], g[..., gi, :], x[..., gi, :])
             if acc_b is not None:
-                acc_b.add_(g.float().sum(2).square().sum((0, 1)).reshape(-1))
+                acc_b.add_(_bias_sumsq(g.flatten(-2)))
         elif isinstance(m, nn.Embedding):
             idx_l, g_l = [], []
             for r, g in pairs:

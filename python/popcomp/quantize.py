@@ -371,6 +371,9 @@ def quantize_(
     if sens == "hessian" and hessian is None:
         raise ValueError("hessian: sensitivity='hessian' needs a hessian mapping")
     targets = _select(model, filter_fn)
+    if any(n == "" for n, _ in targets):
+        raise ValueError("model: the root module itself cannot be replaced in place; wrap it "
+                         "(e.g. nn.Sequential(model)) or exclude it with filter_fn")
     hmap = _check_hessian(hessian, targets) if sens == "hessian" else {}
     for n, m in targets:  # validate shapes before any work
         _rows_view(m.weight.detach(), config.granularity, config.group_size, n or "<root>")
@@ -380,8 +383,6 @@ def quantize_(
         packed, cb, meta = _palettize_tensor(m.weight, hmap.get(key), config, k, bits, n or "<root>")
         replacements.append((n, _to_palettized(m, packed, cb, meta)))
     for n, new in replacements:
-        if n == "":
-            raise ValueError("model: the root module itself cannot be replaced in place; wrap it")
         _set_submodule(model, n, new)
     return model
 
