@@ -258,8 +258,19 @@ struct Greedy {
     ybuf.assign((size_t)nt * m, 0.0);
   }
 
-  // y = A x for a symmetric A, reading one triangle.
-  void symv(const T* A, const double* x, double* y) {
+  // One parallel region for the whole selection; per step three barriers (five with M):
+  // every thread finds the argmax itself (identical result), then
+  //   B: v over element chunks | C: triangle rows of S u and the dots c_s = v_s . u |
+  //   E: y = sum of the per-thread partials, w = y - V^T c, updates of n and diag.
+  void run(const T* M, const double* tau, const double* n0, double L0, double rel_guard,
+           int64_t* idx, double* obj) {
+    const int64_t CH = 1024;  // element chunk of the vector loops
+    std::vector<T> Vt((size_t)k * m);
+    std::vector<double> n(n0, n0 + m), diag(m), sjj(m), v(m), u(m), c(k + 1);
+    std::vector<double> ubuf(M != nullptr ? (size_t)nt * m : 0);
+    std::vector<char> chosen(m, 0);
+    for (int64_t i = 0; i < m; ++i) sjj[i] = diag[i] = (double)S[i * m + i];
+    const int64_t nch = (m + CH - 1) / CH;
 #pragma omp parallel num_threads(nt)
     {
 #if defined(POPCOMP_OPENMP)
@@ -267,80 +278,82 @@ struct Greedy {
 #else
       const int team = 1;
 #endif
-      for (int q = thread_id(); q < nt; q += team) {
-        double* yl = ybuf.data() + (size_t)q * m;
-        std::fill(yl, yl + m, 0.0);
-        symv_rows(A, x, yl, m, bounds[q], bounds[q + 1]);
-      }
+      const int tid = thread_id();
+      std::vector<double> col(k + 1);
+      double L = L0;
+      for (int64_t t = 0; t < k; ++t) {
+        int64_t j = 0;
+        double best = -std::numeric_limits<double>::infinity();
+        for (int64_t i = 0; i < m; ++i) {
+          const double g = greedy_gain(n[i], diag[i], tau[i], sjj[i], rel_guard, chosen[i] != 0);
+          if (better(g, i, best, j)) {
+            best = g;
+            j = i;
+          }
+        }
+        const double d = diag[j] + tau[j];
+        const double inv = d > 0.0 ? 1.0 / std::sqrt(d) : 0.0;
+        for (int64_t s = 0; s < t; ++s) col[s] = (double)Vt[s * m + j];
+        T* vt = Vt.data() + t * m;
+        // B: v = (S[j, :] - V^T V[:, j]) / sqrt(d), rounded to T as stored
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < nch; ++q) {
+          const int64_t i0 = q * CH, i1 = std::min(m, i0 + CH);
+          for (int64_t i = i0; i < i1; ++i) v[i] = (double)S[j * m + i];
+          lincomb(Vt.data(), col.data(), t, m, v.data(), i0, i1);
+          for (int64_t i = i0; i < i1; ++i) {
+            vt[i] = (T)(v[i] * inv);
+            v[i] = (double)vt[i];
+          }
+        }
+        const double* up = v.data();
+        if (M != nullptr) {  // u = M v
+          for (int q = tid; q < nt; q += team) {
+            double* ul = ubuf.data() + (size_t)q * m;
+            std::fill(ul, ul + m, 0.0);
+            symv_rows(M, v.data(), ul, m, bounds[q], bounds[q + 1]);
+          }
 #pragma omp barrier
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < m; ++j) {
-        double s = 0.0;
-        for (int r = 0; r < nt; ++r) s += ybuf[(size_t)r * m + j];
-        y[j] = s;
-      }
-    }
-  }
-
-  void run(const T* M, const double* tau, const double* n0, double L0, double rel_guard,
-           int64_t* idx, double* obj) {
-    const int64_t CH = 1024;  // element chunk of the vector loops
-    std::vector<T> Vt((size_t)k * m);
-    std::vector<double> n(n0, n0 + m), diag(m), sjj(m), v(m), u(m), y(m), c(k + 1), col(k + 1);
-    std::vector<char> chosen(m, 0);
-    for (int64_t i = 0; i < m; ++i) sjj[i] = diag[i] = (double)S[i * m + i];
-    double L = L0;
-    const int64_t nch = (m + CH - 1) / CH;
-    for (int64_t t = 0; t < k; ++t) {
-      // pick
-      int64_t j = 0;
-      double best = -std::numeric_limits<double>::infinity();
-      for (int64_t i = 0; i < m; ++i) {
-        const double g = greedy_gain(n[i], diag[i], tau[i], sjj[i], rel_guard, chosen[i] != 0);
-        if (better(g, i, best, j)) {
-          best = g;
-          j = i;
+          for (int64_t i = 0; i < m; ++i) {
+            double s = 0.0;
+            for (int r = 0; r < nt; ++r) s += ubuf[(size_t)r * m + i];
+            u[i] = s;
+          }
+          up = u.data();
+        }
+        // C: S u over one triangle; c_s = v_s . u (s <= t)
+        if (tid == 0) {
+          idx[t] = j;
+          chosen[j] = 1;
+        }
+        for (int q = tid; q < nt; q += team) {
+          double* yl = ybuf.data() + (size_t)q * m;
+          std::fill(yl, yl + m, 0.0);
+          symv_rows(S, up, yl, m, bounds[q], bounds[q + 1]);
+        }
+#pragma omp for schedule(static) nowait
+        for (int64_t s = 0; s <= t; ++s) c[s] = dot(Vt.data() + s * m, up, m);
+#pragma omp barrier
+        const double g = c[t];  // v^T M v
+        L -= g;
+        if (tid == 0) obj[t] = L;
+        // E: w = R u = S u - V (V^T u); rank-one updates of the numerators and the diagonal
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < nch; ++q) {
+          const int64_t i0 = q * CH, i1 = std::min(m, i0 + CH);
+          double* w = ybuf.data();  // partial 0 becomes y, then w, in place
+          for (int r = 1; r < nt; ++r) {
+            const double* yr = ybuf.data() + (size_t)r * m;
+            for (int64_t i = i0; i < i1; ++i) w[i] += yr[i];
+          }
+          lincomb(Vt.data(), c.data(), t, m, w, i0, i1);
+          for (int64_t i = i0; i < i1; ++i) {
+            n[i] = update_numerator(n[i], v[i], w[i], g);
+            diag[i] -= v[i] * v[i];
+          }
         }
       }
-      idx[t] = j;
-      chosen[j] = 1;
-      const double d = diag[j] + tau[j];
-      const double inv = d > 0.0 ? 1.0 / std::sqrt(d) : 0.0;
-      for (int64_t s = 0; s < t; ++s) col[s] = (double)Vt[s * m + j];
-      T* vt = Vt.data() + t * m;
-      // v = (S[:, j] - V V[j, :]^T) / sqrt(d), rounded to T as stored
-#pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t q = 0; q < nch; ++q) {
-        const int64_t i0 = q * CH, i1 = std::min(m, i0 + CH);
-        for (int64_t i = i0; i < i1; ++i) v[i] = (double)S[j * m + i];
-        lincomb(Vt.data(), col.data(), t, m, v.data(), i0, i1);
-        for (int64_t i = i0; i < i1; ++i) {
-          vt[i] = (T)(v[i] * inv);
-          v[i] = (double)vt[i];
-        }
-      }
-      const double* up = v.data();
-      if (M != nullptr) {
-        symv(M, v.data(), u.data());
-        up = u.data();
-      }
-      symv(S, up, y.data());
-      // c_s = v_s . u  (s <= t); c_t = v^T M v
-#pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t s = 0; s <= t; ++s) c[s] = dot(Vt.data() + s * m, up, m);
-      const double g = c[t];
-      // w = R u = S u - V (V^T u); update numerators, residual diagonal
-#pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t q = 0; q < nch; ++q) {
-        const int64_t i0 = q * CH, i1 = std::min(m, i0 + CH);
-        lincomb(Vt.data(), c.data(), t, m, y.data(), i0, i1);
-        for (int64_t i = i0; i < i1; ++i) {
-          n[i] = update_numerator(n[i], v[i], y[i], g);
-          diag[i] -= v[i] * v[i];
-        }
-      }
-      L -= g;
-      obj[t] = L;
     }
   }
 };
