@@ -48,7 +48,7 @@ template <typename A> struct Vec;
 template <> struct Vec<float> {
   typedef v8f type;
   static constexpr int W = 8;
-  static constexpr int64_t KC = 512;
+  static constexpr int64_t KC = 384;
 };
 template <> struct Vec<double> {
   typedef v4d type;
@@ -81,28 +81,27 @@ PC_AI void micro_body(const A* __restrict a, const A* __restrict b, int64_t kc, 
   }
 }
 
-// All tiles of one NR-wide column panel jp that touch the upper triangle, added into acc.
+// All tiles of one NR-wide column panel jp that touch the upper triangle, added into the
+// scratch C (row-major m x m; the entries below the diagonal of diagonal tiles are junk).
 template <typename A>
-PC_AI void panel_body(const A* apack, const A* bpack, int64_t kc, int64_t m, int64_t jp, A* acc) {
+PC_AI void panel_body(const A* apack, const A* bpack, int64_t kc, int64_t m, int64_t jp, A* C) {
   constexpr int NR = 2 * Vec<A>::W;
   alignas(64) A c[MR * NR];
   const int64_t j0 = jp * NR;
+  const int64_t qn = std::min<int64_t>(NR, m - j0);
   const A* b = bpack + jp * kc * NR;
   for (int64_t ip = 0; ip * MR <= j0 + NR - 1 && ip * MR < m; ++ip) {
     const int64_t i0 = ip * MR;
     micro_body<A>(apack + ip * kc * MR, b, kc, c);
-    for (int r = 0; r < MR; ++r) {
-      const int64_t i = i0 + r;
-      if (i >= m) break;
-      for (int q = 0; q < NR; ++q) {
-        const int64_t j = j0 + q;
-        if (j >= m) break;
-        if (i < j) {
-          acc[i * m + j] += c[r * NR + q];
-          acc[j * m + i] += c[r * NR + q];
-        } else if (i == j) {
-          acc[i * m + i] += c[r * NR + q];
-        }
+    const int rn = (int)std::min<int64_t>(MR, m - i0);
+    for (int r = 0; r < rn; ++r) {
+      A* dst = C + (i0 + r) * m + j0;
+      const A* src = c + r * NR;
+      if (qn == NR) {
+#pragma omp simd
+        for (int q = 0; q < NR; ++q) dst[q] += src[q];
+      } else {
+        for (int q = 0; q < qn; ++q) dst[q] += src[q];
       }
     }
   }
@@ -147,11 +146,16 @@ void accumulate_impl(const AccumParams& p, const void* x, A* acc, int nt) {
   if (m == 0 || N == 0) return;
   const int64_t na = (m + MR - 1) / MR, nb = (m + NR - 1) / NR;
   std::vector<A> apack((size_t)(na * MR * KC)), bpack((size_t)(nb * NR * KC));
+  std::vector<A> C((size_t)(m * m));  // upper-triangular products of this call
   auto panel = use_avx2() ? &panel_avx2<A> : &panel_gen<A>;
-  for (int64_t n0 = 0; n0 < N; n0 += KC) {
-    const int64_t kc = std::min(KC, N - n0);
+  constexpr int64_t BB = 64;
+  const int64_t nbb = (m + BB - 1) / BB;
 #pragma omp parallel num_threads(nt)
-    {
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < m; ++i) std::fill(C.data() + i * m, C.data() + (i + 1) * m, A(0));
+    for (int64_t n0 = 0; n0 < N; n0 += KC) {
+      const int64_t kc = std::min(KC, N - n0);
 #pragma omp for schedule(static)
       for (int64_t q = 0; q < na + nb; ++q) {
         if (q < na)
@@ -162,7 +166,21 @@ void accumulate_impl(const AccumParams& p, const void* x, A* acc, int nt) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t r = 0; r < nb; ++r) {
         const int64_t jp = nb - 1 - r;  // largest panels first
-        panel(apack.data(), bpack.data(), kc, m, jp, acc);
+        panel(apack.data(), bpack.data(), kc, m, jp, C.data());
+      }
+    }
+    // acc += C on the upper triangle and C^T on the lower one, in 64 x 64 blocks
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bi = 0; bi < nbb; ++bi) {
+      for (int64_t bj = bi; bj < nbb; ++bj) {
+        const int64_t i1 = std::min(m, (bi + 1) * BB), j1 = std::min(m, (bj + 1) * BB);
+        for (int64_t i = bi * BB; i < i1; ++i) {
+          const int64_t js = std::max(i, bj * BB);
+          const A* ci = C.data() + i * m;
+          A* ai = acc + i * m;
+          for (int64_t j = js; j < j1; ++j) ai[j] += ci[j];
+          for (int64_t j = std::max(i + 1, js); j < j1; ++j) acc[j * m + i] += ci[j];
+        }
       }
     }
   }
