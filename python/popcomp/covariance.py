@@ -123,7 +123,7 @@ def all_reduce_covariance(acc: torch.Tensor, count: torch.Tensor):
     """Sums ``acc`` and ``count`` over ranks when torch.distributed is initialized (copies)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_available() and dist.is_initialized():
         acc = acc.clone()
         count = count.clone()
         dist.all_reduce(acc)
