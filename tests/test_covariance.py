@@ -79,6 +79,22 @@ def test_accumulate_streams_and_symmetric():
     torch.testing.assert_close(accu.covariance(), want / 1000)
 
 
+def test_accumulator_all_reduces_when_distributed(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        x = torch.randn(40, 5, dtype=torch.float64)
+        accu = popcomp.CovarianceAccumulator(dtype=torch.float64)
+        accu.update(x)
+        torch.testing.assert_close(accu.covariance(), x.T @ x / 40)
+        assert int(accu.count) == 40  # the running sums are not modified by the all-reduce
+    finally:
+        dist.destroy_process_group()
+
+
 def test_accumulate_empty_and_bad_inputs():
     acc, count = popcomp.covariance_accumulate(torch.zeros(0, 4))
     assert int(count) == 0 and float(acc.abs().sum()) == 0

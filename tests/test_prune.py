@@ -400,3 +400,24 @@ def test_generator_data_and_progress_bar():
                                     progress=False)
     with torch.no_grad():
         torch.testing.assert_close(pm(X), pm2(X))
+
+
+def test_pruned_model_runs_without_popcomp(tmp_path):
+    import subprocess
+    import sys
+
+    model = cnn(5)
+    X = torch.randn(20, 3, 8, 8, dtype=F64)
+    pm, _ = popcomp.spectral_prune(model, X, widths=0.5, progress=False)
+    pm.eval()
+    torch.save({"model": pm, "x": X}, tmp_path / "m.pt")
+    with torch.no_grad():
+        torch.save(pm(X), tmp_path / "y.pt")
+    code = (
+        "import sys, torch\n"
+        f"d = torch.load(r'{tmp_path / 'm.pt'}', weights_only=False)\n"
+        "with torch.no_grad(): y = d['model'](d['x'])\n"
+        f"assert torch.equal(y, torch.load(r'{tmp_path / 'y.pt'}'))\n"
+        "assert not any(k.startswith('popcomp') for k in sys.modules), 'popcomp was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

@@ -23,7 +23,7 @@ namespace {
 // ---- accumulation ----------------------------------------------------------------------------
 constexpr int BT = 128;  // tile edge
 constexpr int BK = 8;    // samples per shared-memory stage
-constexpr int TM = 8;    // 8 x 8 outputs per thread, 16 x 16 threads
+constexpr int TM = 8;    // 8 x 8 outputs per thread (rows ty + 16 r, columns tx + 16 c), 16 x 16 threads
 
 int64_t num_tiles(int64_t m) { return (m + BT - 1) / BT; }
 
@@ -95,9 +95,9 @@ __global__ void __launch_bounds__(256)
     for (int kk = 0; kk < BK; ++kk) {
       A a[TM], b[TM];
 #pragma unroll
-      for (int r = 0; r < TM; ++r) a[r] = As[kk][ty * TM + r];
+      for (int r = 0; r < TM; ++r) a[r] = As[kk][ty + 16 * r];
 #pragma unroll
-      for (int c = 0; c < TM; ++c) b[c] = Bs[kk][tx * TM + c];
+      for (int c = 0; c < TM; ++c) b[c] = Bs[kk][tx + 16 * c];
 #pragma unroll
       for (int r = 0; r < TM; ++r)
 #pragma unroll
@@ -108,11 +108,11 @@ __global__ void __launch_bounds__(256)
   A* dst = partial ? out + (int64_t)blockIdx.y * m * m : out;
 #pragma unroll
   for (int r = 0; r < TM; ++r) {
-    const int64_t i = i0 + ty * TM + r;
+    const int64_t i = i0 + ty + 16 * r;
     if (i >= m) continue;
 #pragma unroll
     for (int c = 0; c < TM; ++c) {
-      const int64_t j = j0 + tx * TM + c;
+      const int64_t j = j0 + tx + 16 * c;
       if (j >= m) continue;
       if (partial) {
         dst[i * m + j] = acc[r][c];

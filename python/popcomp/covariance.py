@@ -123,7 +123,7 @@ def all_reduce_covariance(acc: torch.Tensor, count: torch.Tensor):
     """Sums ``acc`` and ``count`` over ranks when torch.distributed is initialized (copies)."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_available() and dist.is_initialized():
         acc = acc.clone()
         count = count.clone()
         dist.all_reduce(acc)
@@ -219,6 +219,12 @@ def greedy_select(
         theta: weight of the input information loss, in [0, 1].
         Z: ``(p, m)`` output matrix of the output information loss; None stands for
             ``Z = I`` (then ``L = Tr`` of the residual for every theta).
+
+    Returns a :class:`GreedyResult`: the ``k`` distinct indices in the order chosen and the
+    objective after each step. A unit with ``tau_j = 0`` whose residual variance has fallen to
+    ``1e3 * eps(dtype) * Sigma_jj`` or below (already explained by the chosen units) scores 0:
+    its gain would be rounding noise over rounding noise. Once every remaining gain is 0 the
+    lowest remaining indices follow in order.
     """
     cov = check_covariance("cov", cov)
     m = cov.shape[0]
