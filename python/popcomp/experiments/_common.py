@@ -6,7 +6,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 

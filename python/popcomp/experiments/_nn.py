@@ -1,8 +1,7 @@
 """Small-network helpers shared by the nn/spectral/bounds/demo experiments."""
 from __future__ import annotations
 
-import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

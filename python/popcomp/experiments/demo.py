@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn

@@ -19,7 +19,6 @@ Monte-Carlo means with standard errors.
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Dict, List
 

@@ -15,9 +15,8 @@
 """
 from __future__ import annotations
 
-import math
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
