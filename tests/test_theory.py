@@ -234,3 +234,11 @@ def test_cushions_reject_non_mlp():
     cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 36, 3))
     with pytest.raises(ValueError, match="MLPs"):
         T.mlp_cushions(cnn, torch.randn(4, 1, 8, 8))
+
+
+def test_eq12_and_theorem2():
+    R = torch.tensor([0.0, 10.0], dtype=torch.float64)
+    b = T.theorem2_bound(R, 2.0, N_, lambda r: T.theorem4_distortion_upper(r, D_, N_))
+    exp = torch.sqrt(2 * 2.0 / N_ * R) + T.theorem4_distortion_upper(R, D_, N_)
+    assert torch.allclose(b, exp)
+    assert float(T.eq12_bound(1.0, 100, 2.0, 0.5)) == pytest.approx(math.sqrt(0.04) + 0.5)

@@ -3,7 +3,8 @@
 Equation numbers refer to the papers in ``shared/papers``:
 
 * **bu2020** — Bu, Gao, Zou, Veeravalli, *Information-theoretic understanding of population risk
-  improvement with model compression* (AAAI 2020): Theorem 1 (eq. 10), Lemma 3 (eq. 17),
+  improvement with model compression* (AAAI 2020): Theorem 1 (eq. 10), eq. (12)/(28),
+  Theorem 2 (eq. 13), Lemma 3 (eq. 17),
   Theorem 3 (eq. 19), Theorem 4 (eqs. 22-23), the Oracle compressor (eq. 25), Corollary 1 (eq. 26).
   All logarithms are natural: mutual informations and rates are in **nats**.
 * **zhang2020** — Zhang, *Compression-based generalization bounds* (survey of Arora et al. 2018):
@@ -29,7 +30,7 @@ Number = Union[float, int]
 
 __all__ = [
     # bu2020
-    "theorem1_bound", "lemma3_generalization_error", "sigma_ell_sq", "theorem3_bound",
+    "theorem1_bound", "eq12_bound", "theorem2_bound", "lemma3_generalization_error", "sigma_ell_sq", "theorem3_bound",
     "theorem4_rate_upper", "theorem4_distortion_upper", "corollary1_bound", "oracle_alpha",
     "oracle_compress", "linreg_sample", "linreg_erm", "linreg_population_risk",
     "linreg_empirical_risk", "label_entropy",
@@ -86,6 +87,20 @@ def theorem1_bound(sigma2: float, n: int, mi_compressed=float("inf"), mi_data=fl
     if bool((mi < 0).any()):
         raise ValueError("mutual informations must be >= 0")
     return torch.sqrt(2.0 * sigma2 / n * mi)
+
+
+def eq12_bound(sigma2: float, n: int, mi_compressed, distortion):
+    """bu2020 eq. (12) / (28): E[L_μ(Ŵ) − L_S(W)] ≤ √(2σ²/n · I(W;Ŵ)) + E[d_S(Ŵ, W)] =: 𝓛_{S,W},
+    the quantity DRHW K-means is designed to lower (I in nats)."""
+    return theorem1_bound(sigma2, n, mi_compressed) + _as_t(distortion)
+
+
+def theorem2_bound(R, sigma2: float, n: int, distortion_rate):
+    """bu2020 Theorem 2, eq. (13): min_{I(W;Ŵ)=R} E[L_μ(Ŵ) − L_S(W)] ≤ √(2σ²R/n) + D(R), with
+    D(R) given (a number, tensor, or a callable of R such as :func:`theorem4_distortion_upper`)."""
+    R = _as_t(R)
+    D = distortion_rate(R) if callable(distortion_rate) else _as_t(distortion_rate)
+    return theorem1_bound(sigma2, n, R) + D
 
 
 def lemma3_generalization_error(d: int, n: int, noise_var: float = 1.0) -> float:
