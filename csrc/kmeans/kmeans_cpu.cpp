@@ -193,6 +193,7 @@ struct Work {
 #endif
 
 constexpr int kBlock = 256;
+constexpr int64_t kLeafRows = 4;  // segments of <= this many rows are scanned flat
 
 PC_CLONES
 void eval_block(const double* __restrict s0, const double* __restrict s1,
@@ -238,10 +239,14 @@ struct DnC {
       for (int64_t lo = clo; lo <= chi; lo += kBlock) {
         const int n = (int)std::min<int64_t>(kBlock, chi - lo + 1);
         eval_block(s0, s1, s2, d, a0, a1, a2, lo, n, vals);
-        double mn = vals[0];
-        for (int t = 1; t < n; ++t) mn = vals[t] < mn ? vals[t] : mn;
+        double m4[4] = {kInf, kInf, kInf, kInf};  // independent chains
+        int t = 0;
+        for (; t + 4 <= n; t += 4)
+          for (int l = 0; l < 4; ++l) m4[l] = vals[t + l] < m4[l] ? vals[t + l] : m4[l];
+        for (; t < n; ++t) m4[0] = vals[t] < m4[0] ? vals[t] : m4[0];
+        const double mn = std::min(std::min(m4[0], m4[1]), std::min(m4[2], m4[3]));
         if (mn < best) {
-          int t = 0;
+          t = 0;
           while (vals[t] != mn) ++t;
           best = mn;
           bj = lo + t;
@@ -252,8 +257,18 @@ struct DnC {
     J[i] = (int32_t)bj;
   }
 
+  // A segment of few rows: every row scans the whole (valid) column range of the segment.
+  // More evaluations than the recursion, but independent ones, so the divisions pipeline.
+  void block(int64_t rlo, int64_t rhi, int64_t clo, int64_t chi) const {
+    for (int64_t i = rlo; i <= rhi; ++i) row(i, clo, chi);
+  }
+
   void solve(int64_t rlo, int64_t rhi, int64_t clo, int64_t chi) const {
     while (rlo <= rhi) {
+      if (rhi - rlo < kLeafRows) {
+        block(rlo, rhi, clo, chi);
+        return;
+      }
       const int64_t mid = (rlo + rhi) >> 1;
       row(mid, clo, chi);
       const int64_t jm = J[mid];
