@@ -454,8 +454,8 @@ class HessianAccumulator:
         if self.method == "fisher":
             loss = self.loss_fn(out, targets)
             scale = self._scale(out, targets, B)
-            grads = torch.autograd.grad(loss, layer_outs, allow_unused=True)
-            grads = [None if g is None else (g * scale).unsqueeze(0) for g in grads]
+            grads = torch.autograd.grad(loss * scale, layer_outs, allow_unused=True)
+            grads = [None if g is None else g.unsqueeze(0) for g in grads]
         else:
             if not isinstance(out, torch.Tensor):
                 raise ValueError("model: ggn needs the model to return a single tensor")
@@ -472,6 +472,9 @@ class HessianAccumulator:
                 self._accumulate_module(mn, m, pairs)
 
     def _backprop_columns(self, out, layer_outs, cols):
+        if cols.shape[0] == 1:  # one column (ggn_mc with one sample): no vmap needed
+            gs = torch.autograd.grad(out, layer_outs, cols[0], allow_unused=True)
+            return [None if g is None else g.unsqueeze(0) for g in gs]
         try:
             return list(torch.autograd.grad(out, layer_outs, cols, is_grads_batched=True,
                                             allow_unused=True))
