@@ -365,3 +365,15 @@ def test_distributed_gloo_two_processes(tmp_path):
     assert got["n"] == 12
     for k in one:
         torch.testing.assert_close(got["h"][k], one[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_ggn_mc_unbiased_for_mse_and_bce(loss):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    X = torch.randn(8, 4)
+    lf, Y = (nn.MSELoss(), torch.randn(8, 3)) if loss == "mse" else (nn.BCEWithLogitsLoss(), torch.rand(8, 3).round())
+    exact = H.diagonal(model, lf, [(X, Y)], method="ggn", progress=False)
+    mc = H.diagonal(model, lf, [(X, Y)] * 20, method="ggn_mc", mc_samples=64, seed=1, progress=False)
+    assert mc.num_samples == 160
+    assert rel_err({k: v / 20 for k, v in mc.items()}, {k: v.double() for k, v in exact.items()}) < 0.08

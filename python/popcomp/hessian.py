@@ -23,7 +23,7 @@ Methods
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -78,7 +78,7 @@ def _bias_sumsq(g: torch.Tensor) -> torch.Tensor:
     s = g.transpose(0, 1)  # (R, B, T, out): usually the contiguous order
     s = s[:, :, 0] if s.shape[2] == 1 else s.sum(2)
     s = s.reshape(-1, s.shape[-1]).float()
-    return torch.linalg.vector_norm(s, dim=0).square()
+    return (s.new_ones(1, s.shape[0]) @ (s * s))[0]  # a GEMV: much faster than a column sum
 
 
 def _module_device(model: nn.Module) -> Optional[torch.device]:
@@ -454,8 +454,8 @@ class HessianAccumulator:
         if self.method == "fisher":
             loss = self.loss_fn(out, targets)
             scale = self._scale(out, targets, B)
-            grads = torch.autograd.grad(loss, layer_outs, allow_unused=True)
-            grads = [None if g is None else (g * scale).unsqueeze(0) for g in grads]
+            grads = torch.autograd.grad(loss * scale, layer_outs, allow_unused=True)
+            grads = [None if g is None else g.unsqueeze(0) for g in grads]
         else:
             if not isinstance(out, torch.Tensor):
                 raise ValueError("model: ggn needs the model to return a single tensor")
@@ -472,6 +472,9 @@ class HessianAccumulator:
                 self._accumulate_module(mn, m, pairs)
 
     def _backprop_columns(self, out, layer_outs, cols):
+        if cols.shape[0] == 1:  # one column (ggn_mc with one sample): no vmap needed
+            gs = torch.autograd.grad(out, layer_outs, cols[0], allow_unused=True)
+            return [None if g is None else g.unsqueeze(0) for g in gs]
         try:
             return list(torch.autograd.grad(out, layer_outs, cols, is_grads_batched=True,
                                             allow_unused=True))
@@ -600,13 +603,10 @@ class HessianAccumulator:
                 gs.append(g.reshape(Rr, Bb, -1, m.out_features).permute(1, 0, 2, 3))
             x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
             g = gs[0] if len(gs) == 1 else torch.cat(gs, 2)
+            if acc_w is not None:
+                _sumsq(acc_w, g, x)
             if acc_b is not None:
                 acc_b.add_(_bias_sumsq(g))
-            if acc_w is not None:
-                if g.shape[2] == 1 and g.shape[1] > 1:
-                    # T = 1: only sum_r g^2 matters; hand the op sqrt(sum_r g^2) with R = 1
-                    g = torch.linalg.vector_norm(g.float(), dim=1, keepdim=True)
-                _sumsq(acc_w, g, x)
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             xs, gs = [], []
             for r, g in pairs:
