@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import popcomp
-from popcomp._reference.covariance import covariance_accumulate_reference, greedy_select_reference
+from popcomp._reference.covariance import greedy_select_reference
 
 CUDA = popcomp.backends()["cuda"]["usable"]
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA backend not usable")
@@ -36,6 +36,20 @@ def test_accumulate_matches_matmul(dtype, acc_dtype, m):
     scale = float(want.abs().max()) + 1
     assert float((acc.double() - acc0.double() - want).abs().max()) <= tol * scale
     assert int(count) == 5 + n
+
+
+@pytest.mark.parametrize("threads,N,m", [(2, 4000, 100), (3, 5000, 90), (4, 1000, 200), (2, 700, 300)])
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+def test_accumulate_parallel_schemes(monkeypatch, threads, N, m, acc_dtype):
+    """Both CPU schemes: per-thread sample ranges (N >= threads * chunk) and shared chunks."""
+    monkeypatch.setenv("POPCOMP_NUM_THREADS", str(threads))
+    x = torch.randn(N, m, generator=torch.Generator().manual_seed(N)).to(torch.bfloat16)
+    acc0 = torch.randn(m, m, dtype=acc_dtype)
+    acc, count = popcomp.covariance_accumulate(x, acc0.clone())
+    want, n = _ref_acc(x, torch.float64)
+    tol = 1e-5 if acc_dtype == torch.float32 else 1e-12
+    assert float((acc.double() - acc0.double() - want).abs().max()) <= tol * float(want.abs().max())
+    assert int(count) == N
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided", "transposed", "features_last"])
@@ -180,6 +194,22 @@ def test_greedy_equals_brute_force(theta, tau_kind, z_kind):
     torch.testing.assert_close(ro, res.objective, rtol=1e-9, atol=1e-9)
     assert res.initial_objective >= float(res.objective[0])
     assert bool((res.objective[1:] <= res.objective[:-1] + 1e-12).all())
+
+
+@pytest.mark.parametrize("theta,z", [(1.0, False), (0.4, True)])
+def test_greedy_multithreaded_matches_reference(monkeypatch, theta, z):
+    """m large enough for the threaded CPU path (triangle split, per-thread partials)."""
+    monkeypatch.setenv("POPCOMP_NUM_THREADS", "2")
+    m, k = 1536, 24
+    g = torch.Generator().manual_seed(21)
+    A = torch.randn(m // 2, m, generator=g, dtype=torch.float64) * torch.linspace(0.1, 1.0, m, dtype=torch.float64)
+    S = A.T @ A / A.shape[0]
+    tau = torch.full((m,), 1e-3, dtype=torch.float64)
+    Z = torch.randn(40, m, generator=g, dtype=torch.float64) if z else None
+    res = popcomp.greedy_select(S, k, tau=tau, theta=theta, Z=Z)
+    ri, ro = greedy_select_reference(S, k, tau, theta, Z)
+    assert res.indices.tolist() == ri.tolist()
+    torch.testing.assert_close(res.objective, ro, rtol=1e-9, atol=1e-9)
 
 
 def test_greedy_rank_deficient_and_full_k():

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -138,6 +139,10 @@ void pack_panel(const AccumParams& p, const void* x, int64_t n0, int64_t kc, int
   }
 }
 
+// Two parallel schemes. With room for one m x m scratch per thread (<= 256 MiB in all) every
+// thread takes a contiguous range of the samples and runs all tiles into its own scratch:
+// no synchronization until the final reduction. Otherwise the threads share each packed
+// chunk of samples and split its column panels (two barriers per chunk).
 template <typename A>
 void accumulate_impl(const AccumParams& p, const void* x, A* acc, int nt) {
   constexpr int NR = 2 * Vec<A>::W;
@@ -145,38 +150,70 @@ void accumulate_impl(const AccumParams& p, const void* x, A* acc, int nt) {
   const int64_t m = p.m, N = p.B * p.S;
   if (m == 0 || N == 0) return;
   const int64_t na = (m + MR - 1) / MR, nb = (m + NR - 1) / NR;
-  std::vector<A> apack((size_t)(na * MR * KC)), bpack((size_t)(nb * NR * KC));
-  std::vector<A> C((size_t)(m * m));  // upper-triangular products of this call
+  const bool by_samples = nt > 1 && (double)nt * m * m * sizeof(A) <= double(256 << 20) &&
+                          N >= (int64_t)nt * KC;
+  const int nbuf = by_samples ? nt : 1;
+  const size_t mm = (size_t)(m * m);
+  std::unique_ptr<A[]> C(new A[(size_t)nbuf * mm]);  // upper-triangular products of this call
   auto panel = use_avx2() ? &panel_avx2<A> : &panel_gen<A>;
+  std::vector<A> apack, bpack;
+  if (!by_samples) {
+    apack.resize((size_t)(na * MR * KC));
+    bpack.resize((size_t)(nb * NR * KC));
+  }
   constexpr int64_t BB = 64;
   const int64_t nbb = (m + BB - 1) / BB;
 #pragma omp parallel num_threads(nt)
   {
+#if defined(POPCOMP_OPENMP)
+    const int team = omp_get_num_threads();
+#else
+    const int team = 1;
+#endif
+    const int tid = thread_id();
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < m; ++i) std::fill(C.data() + i * m, C.data() + (i + 1) * m, A(0));
-    for (int64_t n0 = 0; n0 < N; n0 += KC) {
-      const int64_t kc = std::min(KC, N - n0);
-#pragma omp for schedule(static)
-      for (int64_t q = 0; q < na + nb; ++q) {
-        if (q < na)
-          pack_panel<A>(p, x, n0, kc, q, MR, apack.data() + q * kc * MR);
-        else
-          pack_panel<A>(p, x, n0, kc, q - na, NR, bpack.data() + (q - na) * kc * NR);
+    for (int64_t i = 0; i < (int64_t)nbuf * m; ++i) std::fill(C.get() + i * m, C.get() + (i + 1) * m, A(0));
+    if (by_samples) {
+      std::vector<A> ap((size_t)(na * MR * KC)), bp((size_t)(nb * NR * KC));
+      const int64_t lo = N * tid / team, hi = N * (tid + 1) / team;
+      A* Ct = C.get() + (size_t)tid * mm;
+      for (int64_t n0 = lo; n0 < hi; n0 += KC) {
+        const int64_t kc = std::min(KC, hi - n0);
+        for (int64_t q = 0; q < na; ++q) pack_panel<A>(p, x, n0, kc, q, MR, ap.data() + q * kc * MR);
+        for (int64_t q = 0; q < nb; ++q) pack_panel<A>(p, x, n0, kc, q, NR, bp.data() + q * kc * NR);
+        for (int64_t jp = 0; jp < nb; ++jp) panel(ap.data(), bp.data(), kc, m, jp, Ct);
       }
+    } else {
+      for (int64_t n0 = 0; n0 < N; n0 += KC) {
+        const int64_t kc = std::min(KC, N - n0);
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < na + nb; ++q) {
+          if (q < na)
+            pack_panel<A>(p, x, n0, kc, q, MR, apack.data() + q * kc * MR);
+          else
+            pack_panel<A>(p, x, n0, kc, q - na, NR, bpack.data() + (q - na) * kc * NR);
+        }
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t r = 0; r < nb; ++r) {
-        const int64_t jp = nb - 1 - r;  // largest panels first
-        panel(apack.data(), bpack.data(), kc, m, jp, C.data());
+        for (int64_t r = 0; r < nb; ++r) {
+          const int64_t jp = nb - 1 - r;  // largest panels first
+          panel(apack.data(), bpack.data(), kc, m, jp, C.get());
+        }
       }
     }
-    // acc += C on the upper triangle and C^T on the lower one, in 64 x 64 blocks
+#pragma omp barrier
+    // acc += C on the upper triangle and C^T on the lower one (C summed over the thread
+    // scratches in a fixed order), in 64 x 64 blocks
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bi = 0; bi < nbb; ++bi) {
       for (int64_t bj = bi; bj < nbb; ++bj) {
         const int64_t i1 = std::min(m, (bi + 1) * BB), j1 = std::min(m, (bj + 1) * BB);
         for (int64_t i = bi * BB; i < i1; ++i) {
           const int64_t js = std::max(i, bj * BB);
-          const A* ci = C.data() + i * m;
+          A* ci = C.get() + i * m;
+          for (int b2 = 1; b2 < nbuf; ++b2) {
+            const A* cb = C.get() + (size_t)b2 * mm + i * m;
+            for (int64_t j = js; j < j1; ++j) ci[j] += cb[j];
+          }
           A* ai = acc + i * m;
           for (int64_t j = js; j < j1; ++j) ai[j] += ci[j];
           for (int64_t j = std::max(i + 1, js); j < j1; ++j) acc[j * m + i] += ci[j];

@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -580,7 +580,7 @@ class PruneReport:
         return "\n".join(lines)
 
 
-def _per_layer(spec, name: str, index: int, what: str):
+def _per_layer(spec, name: str, index: int, what: str = ""):
     if isinstance(spec, dict):
         return spec.get(name)
     if isinstance(spec, (list, tuple)):
@@ -670,7 +670,7 @@ def spectral_prune(
     accs = {s.name: CovarianceAccumulator(dtype=dtype) for s in sites}
     hooks = []
 
-    def make_hook(acc: CovarianceAccumulator, cons_is_linear_flat: bool):
+    def make_hook(acc: CovarianceAccumulator):
         def pre(mod, args):
             x = args[0]
             if x.dim() >= 3 and isinstance(mod, nn.Linear):
@@ -681,7 +681,7 @@ def spectral_prune(
 
     for s in sites:
         cap = _get(work, s.capture)
-        hooks.append(cap.register_forward_pre_hook(make_hook(accs[s.name], False)))
+        hooks.append(cap.register_forward_pre_hook(make_hook(accs[s.name])))
     n_batches = 0
     try:
         with torch.no_grad():
