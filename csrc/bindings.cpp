@@ -11,6 +11,7 @@
 #include "common/parallel.h"
 #include "common/runtime.h"
 #include "kmeans/kmeans.h"
+#include "hessian/hessian.h"
 #include "covariance/covariance.h"
 
 namespace py = pybind11;
@@ -132,6 +133,40 @@ PYBIND11_MODULE(_C, m) {
                          ptr<void>(workspace), workspace_bytes, device, ptr<void>(stream));
       },
       py::call_guard<py::gil_scoped_release>());
+#endif
+
+  // ---- fused squared per-sample gradients (Fisher / GGN diagonal) -----------------------
+  // acc[o,i] += sum_b sum_r (sum_t g[b,r,t,o] x[b,t,i])^2; strides in elements.
+  auto sumsq_params = [](int64_t B, int64_t R, int64_t T, int64_t out, int64_t in,
+                         py::tuple gs, py::tuple xs, int g_dtype, int x_dtype) {
+    hessian::SumSqParams p;
+    p.B = B; p.R = R; p.T = T; p.out = out; p.in = in;
+    p.g_sb = gs[0].cast<int64_t>(); p.g_sr = gs[1].cast<int64_t>();
+    p.g_st = gs[2].cast<int64_t>(); p.g_so = gs[3].cast<int64_t>();
+    p.x_sb = xs[0].cast<int64_t>(); p.x_st = xs[1].cast<int64_t>(); p.x_si = xs[2].cast<int64_t>();
+    p.g_dtype = static_cast<DType>(g_dtype);
+    p.x_dtype = static_cast<DType>(x_dtype);
+    return p;
+  };
+  m.def("sumsq_outer_cpu",
+        [sumsq_params](uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R, int64_t T,
+                       int64_t out, int64_t in, py::tuple gs, py::tuple xs, int g_dtype,
+                       int x_dtype, int num_threads) {
+          auto p = sumsq_params(B, R, T, out, in, gs, xs, g_dtype, x_dtype);
+          py::gil_scoped_release release;
+          hessian::sumsq_outer_cpu(p, ptr<const void>(g), ptr<const void>(x), ptr<float>(acc),
+                                   num_threads);
+        });
+#if defined(POPCOMP_WITH_CUDA)
+  m.def("sumsq_outer_cuda",
+        [sumsq_params](uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R, int64_t T,
+                       int64_t out, int64_t in, py::tuple gs, py::tuple xs, int g_dtype,
+                       int x_dtype, int device, uintptr_t stream) {
+          auto p = sumsq_params(B, R, T, out, in, gs, xs, g_dtype, x_dtype);
+          py::gil_scoped_release release;
+          hessian::sumsq_outer_cuda(p, ptr<const void>(g), ptr<const void>(x), ptr<float>(acc),
+                                    device, ptr<void>(stream));
+        });
 #endif
 
   // ---- spectral pruning: covariance accumulation and greedy selection --------------------

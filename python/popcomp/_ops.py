@@ -34,6 +34,17 @@ def _kmeans1d_fake(x, weights, k, beta, method, init, init_centers, max_iter, to
     )
 
 
+# ---- fused squared per-sample gradients (Fisher / GGN diagonal) -------------------------
+# acc (out, in) float32 contiguous, mutated: acc[o,i] += sum_b sum_r (sum_t g[b,r,t,o] x[b,t,i])^2
+# g: (B, R, T, out), x: (B, T, in), float32/float16/bfloat16, any strides.
+LIB.define("sumsq_outer_acc(Tensor(a!) acc, Tensor g, Tensor x) -> ()")
+
+
+@torch.library.register_fake("popcomp::sumsq_outer_acc")
+def _sumsq_outer_acc_fake(acc, g, x):
+    return None
+
+
 # ---- spectral pruning: covariance accumulation and greedy selection ------------------------
 # covariance_accumulate: x (N, m) or (B, m, S) (channels second, every s a sample; strided
 # views are read in place), acc (m, m) float32/float64 += x^T x, count (int64, 0-d) += samples.
@@ -61,4 +72,5 @@ def _greedy_select_fake(cov, k, tau, theta, Z):
 
 # Device kernels and references register themselves on import.
 from ._impl import kmeans as _impl_kmeans  # noqa: E402,F401
+from ._impl import hessian as _impl_hessian  # noqa: E402,F401
 from ._impl import covariance as _impl_covariance  # noqa: E402,F401

@@ -1,0 +1,163 @@
+"""Speed of popcomp.hessian (fisher / ggn / ggn_mc) against a plain forward+backward and against
+BackPACK (backpack-for-pytorch, measured in the same run), and of popcomp.quantize_.
+
+    python bench/bench_hessian.py [--device cuda] [--reps 10] [--quick]
+
+Ratios are times over the plain forward+backward of the same model and batch (lower is better).
+Not a test: numbers depend on the machine; see bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+import popcomp
+import popcomp.hessian as H
+
+try:
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact, DiagGGNMC, SumGradSquared
+except ImportError:  # pragma: no cover
+    backpack = None
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timeit(fn, dev, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def mlp(sizes):
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def bench_case(name, model, loss_fn, X, Y, dev, reps, methods, slow_peer=False):
+    model = model.to(dev)
+    X, Y = X.to(dev), Y.to(dev)
+
+    def plain():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(X), Y).backward()
+
+    t_plain = timeit(plain, dev, reps)
+    print(f"\n== {name}  (device {dev}, plain forward+backward {t_plain * 1e3:.2f} ms)")
+    rows = []
+    for method, bp_ext in methods:
+        acc = H.HessianAccumulator(model, loss_fn, method, seed=0)
+        t_pc = timeit(lambda: acc.update(X, Y), dev, reps)
+        t_bp = None
+        if backpack is not None and bp_ext is not None:
+            bmodel, bloss = extend(model), extend(loss_fn)
+
+            def bp():
+                bmodel.zero_grad(set_to_none=True)
+                with backpack(bp_ext()):
+                    bloss(bmodel(X), Y).backward()
+
+            try:
+                # BackPACK is very slow on long sequences: time it once after one warm-up there
+                t_bp = timeit(bp, dev, 1 if slow_peer else reps, warmup=1 if slow_peer else 2)
+            except Exception as e:  # noqa: BLE001
+                print(f"   BackPACK {bp_ext.__name__} failed: {type(e).__name__}: {e}")
+        line = f"   {method:<8} popcomp {t_pc * 1e3:9.2f} ms  {t_pc / t_plain:6.2f}x plain"
+        if t_bp is not None:
+            line += (f" | BackPACK {bp_ext.__name__} {t_bp * 1e3:9.2f} ms {t_bp / t_plain:6.2f}x plain"
+                     f" | popcomp speed-up over BackPACK {t_bp / t_pc:5.2f}x")
+        print(line)
+        rows.append((method, t_pc / t_plain, None if t_bp is None else t_bp / t_plain))
+    return rows
+
+
+def bench_memory(dev):
+    """Peak extra memory of the fused op on sequences: independent of B and T (CUDA only)."""
+    if dev.type != "cuda":
+        print("   peak extra memory: measured on CUDA only (the CPU kernel uses two 64x256 and two "
+              "64x64 / 64x256 float tiles per thread by construction, whatever B and T)")
+        return
+    for B, T in [(8, 256), (32, 1024)]:
+        g = torch.randn(B, 1, T, 512, device=dev)
+        x = torch.randn(B, T, 512, device=dev)
+        acc = torch.zeros(512, 512, device=dev)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.ops.popcomp.sumsq_outer_acc(acc, g, x)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated(dev) - base
+        print(f"   fused op B={B} T={T}: peak extra memory {extra} bytes (acc itself {acc.numel() * 4})")
+
+
+def bench_quantize(reps):
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(4096, 4096))
+    h = {"0.weight": torch.rand(4096, 4096)}
+    cfg = popcomp.PalettizeConfig(bits=4, granularity="per_channel")
+    ts = []
+    for _ in range(reps):
+        m = nn.Sequential(nn.Linear(4096, 4096))
+        m[0].weight.data.copy_(lin[0].weight)
+        t = time.perf_counter()
+        popcomp.quantize_(m, cfg, hessian=h)
+        ts.append(time.perf_counter() - t)
+    print(f"\n== quantize_ Linear 4096x4096, per_channel, 4 bits, Hessian mapping (CPU, "
+          f"{torch.get_num_threads()} threads): median {statistics.median(ts):.3f} s, "
+          f"min {min(ts):.3f} s over {reps}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--skip-quantize", action="store_true")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    reps = 3 if args.quick else args.reps
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"popcomp {popcomp.__version__}, torch {torch.__version__}, backends {popcomp.backends()}")
+    if dev.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(dev)}")
+    if backpack is None:
+        print("BackPACK not installed (pip install backpack-for-pytorch): no peer numbers")
+    ce = nn.CrossEntropyLoss()
+    methods = [("fisher", SumGradSquared if backpack else None),
+               ("ggn", DiagGGNExact if backpack else None),
+               ("ggn_mc", DiagGGNMC if backpack else None)]
+    for sizes in ([784, 300, 100, 10], [1024, 1024, 1024, 10]):
+        X = torch.randn(256, sizes[0])
+        Y = torch.randint(0, 10, (256,))
+        bench_case(f"MLP {'-'.join(map(str, sizes))}, batch 256, CE", mlp(sizes), ce, X, Y, dev, reps,
+                   methods)
+    X = torch.randn(8, 256, 512)
+    Y = torch.randn(8, 256, 512)
+    bench_case("Linear 512->512 on sequences B=8 T=256, MSE", nn.Sequential(nn.Linear(512, 512)),
+               nn.MSELoss(), X, Y, dev, reps, [("fisher", SumGradSquared if backpack else None)],
+               slow_peer=True)
+    bench_memory(dev)
+    if not args.skip_quantize:
+        bench_quantize(3 if args.quick else 5)
+
+
+if __name__ == "__main__":
+    main()

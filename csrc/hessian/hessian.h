@@ -1,0 +1,39 @@
+// Fused accumulation of squared per-sample weight gradients (empirical Fisher / GGN diagonal)
+// for layers whose weight gradient is a sum of outer products: Linear, and Conv on unfolded
+// patches. Torch-free interface: raw pointers, sizes, element strides, dtype codes.
+//
+//   acc[o, i] += sum_b sum_r ( sum_t g[b, r, t, o] * x[b, t, i] )^2
+//
+// b: samples, r: "columns" per sample (1 for the Fisher; classes of the loss Hessian's
+// square-root factor for the GGN; Monte-Carlo draws for ggn_mc), t: positions inside a sample
+// (sequence tokens, conv output pixels). acc is float32, contiguous (out x in); g and x may be
+// float32, float16 or bfloat16 with arbitrary element strides (no copy, no upcast copy).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "common/hd.h"
+
+namespace popcomp {
+namespace hessian {
+
+struct SumSqParams {
+  int64_t B = 0, R = 1, T = 1, out = 0, in = 0;
+  // element strides of g (b, r, t, o) and x (b, t, i)
+  int64_t g_sb = 0, g_sr = 0, g_st = 0, g_so = 1;
+  int64_t x_sb = 0, x_st = 0, x_si = 1;
+  DType g_dtype = DType::f32;
+  DType x_dtype = DType::f32;
+};
+
+// CPU backend: output tiles distributed over OpenMP threads, loop over samples inside a tile.
+void sumsq_outer_cpu(const SumSqParams& p, const void* g, const void* x, float* acc,
+                     int num_threads);
+
+// CUDA backend: one thread block per 64x64 output tile, samples looped inside the block, the
+// per-sample product squared in registers. Enqueued on `stream` of `device`; no allocation.
+void sumsq_outer_cuda(const SumSqParams& p, const void* g, const void* x, float* acc, int device,
+                      void* stream);
+
+}  // namespace hessian
+}  // namespace popcomp

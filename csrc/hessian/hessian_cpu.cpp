@@ -1,0 +1,209 @@
+// CPU backend of the fused squared-gradient accumulation (see hessian.h).
+//
+// The output (out x in) is cut into TO x TI tiles handed to OpenMP threads. Inside a tile:
+//   T == 1: acc_tile += sum_b (sum_r g[b,r,o]^2) * x[b,i]^2, a GEMM over samples on squared,
+//           packed operands (chunks of KB samples);
+//   T  > 1: for each (b, r): M = sum_t g[b,r,t,:]^T x[b,t,:] on the tile (chunks of KT
+//           positions), then acc_tile += M * M.
+// Extra memory is a few tile-sized buffers per thread, whatever B, R and T are.
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#include "common/parallel.h"
+#include "hessian/hessian.h"
+#include "hessian/hessian_math.h"
+
+// Function multiversioning of the inner kernels (the build uses no -march flags). The clones
+// are chosen by CPU features at load time (x86-64-v4: AVX-512, v3: AVX2+FMA); "arch=<cpu>"
+// clones would be chosen by CPU model and never run on AMD parts.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(_WIN32) && \
+    __GNUC__ >= 12
+#define PC_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(_WIN32)
+#define PC_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PC_MULTIVERSION
+#endif
+
+namespace popcomp {
+namespace hessian {
+namespace {
+
+constexpr int TO = 64;  // output rows per tile
+constexpr int TI = 256;  // output columns per tile
+constexpr int KC = 64;  // samples (T == 1) or positions (T > 1) per packed chunk
+
+typedef float v16 __attribute__((vector_size(64)));
+
+// c[TO][TI] += sum_k a[k][o] * b[k][i]  (a: kc x TO, b: kc x TI, packed, zero padded,
+// 64-byte aligned). 8 x 16 register tiles: one zmm per row with AVX-512, two ymm with AVX2.
+PC_MULTIVERSION void rank_k_update(float* __restrict c, const float* __restrict a,
+                                   const float* __restrict b, int kc) {
+  for (int o = 0; o < TO; o += 8) {
+    for (int i = 0; i < TI; i += 16) {
+      v16 c0, c1, c2, c3, c4, c5, c6, c7;
+      std::memcpy(&c0, c + (o + 0) * TI + i, 64);
+      std::memcpy(&c1, c + (o + 1) * TI + i, 64);
+      std::memcpy(&c2, c + (o + 2) * TI + i, 64);
+      std::memcpy(&c3, c + (o + 3) * TI + i, 64);
+      std::memcpy(&c4, c + (o + 4) * TI + i, 64);
+      std::memcpy(&c5, c + (o + 5) * TI + i, 64);
+      std::memcpy(&c6, c + (o + 6) * TI + i, 64);
+      std::memcpy(&c7, c + (o + 7) * TI + i, 64);
+      for (int k = 0; k < kc; ++k) {
+        v16 bv;
+        std::memcpy(&bv, b + k * TI + i, 64);
+        const float* ak = a + k * TO + o;
+        c0 += ak[0] * bv;
+        c1 += ak[1] * bv;
+        c2 += ak[2] * bv;
+        c3 += ak[3] * bv;
+        c4 += ak[4] * bv;
+        c5 += ak[5] * bv;
+        c6 += ak[6] * bv;
+        c7 += ak[7] * bv;
+      }
+      std::memcpy(c + (o + 0) * TI + i, &c0, 64);
+      std::memcpy(c + (o + 1) * TI + i, &c1, 64);
+      std::memcpy(c + (o + 2) * TI + i, &c2, 64);
+      std::memcpy(c + (o + 3) * TI + i, &c3, 64);
+      std::memcpy(c + (o + 4) * TI + i, &c4, 64);
+      std::memcpy(c + (o + 5) * TI + i, &c5, 64);
+      std::memcpy(c + (o + 6) * TI + i, &c6, 64);
+      std::memcpy(c + (o + 7) * TI + i, &c7, 64);
+    }
+  }
+}
+
+PC_MULTIVERSION void add_squares(float* __restrict acc, const float* __restrict m) {
+#pragma omp simd
+  for (int j = 0; j < TO * TI; ++j) acc[j] += m[j] * m[j];
+}
+
+template <DType D>
+inline float ld(const void* p, int64_t i) {
+  if constexpr (D == DType::f32) return static_cast<const float*>(p)[i];
+  else if constexpr (D == DType::f16) return half_bits_to_float(static_cast<const uint16_t*>(p)[i]);
+  else return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
+}
+
+// dst[j] = src[base + j * stride], j < n (Square: the squares; Add: accumulate)
+template <DType D, bool Square, bool Add>
+inline void pack_row(float* __restrict dst, const void* src, int64_t base, int64_t stride, int n) {
+  if (stride == 1) {
+    for (int j = 0; j < n; ++j) {
+      float v = ld<D>(src, base + j);
+      if (Square) v *= v;
+      dst[j] = Add ? dst[j] + v : v;
+    }
+  } else {
+    for (int j = 0; j < n; ++j) {
+      float v = ld<D>(src, base + j * stride);
+      if (Square) v *= v;
+      dst[j] = Add ? dst[j] + v : v;
+    }
+  }
+}
+
+template <DType GD, DType XD>
+void tile(const SumSqParams& p, const void* g, const void* x, float* acc, int64_t o0,
+          int64_t i0, float* acc_t, float* m, float* pa, float* pb) {
+  const int no = (int)std::min<int64_t>(TO, p.out - o0);
+  const int ni = (int)std::min<int64_t>(TI, p.in - i0);
+  std::fill(acc_t, acc_t + TO * TI, 0.f);
+  if (p.T == 1) {
+    for (int64_t b0 = 0; b0 < p.B; b0 += KC) {
+      const int kc = (int)std::min<int64_t>(KC, p.B - b0);
+      if (kc < KC || no < TO) std::fill(pa, pa + KC * TO, 0.f);
+      if (kc < KC || ni < TI) std::fill(pb, pb + KC * TI, 0.f);
+      for (int k = 0; k < kc; ++k) {
+        const int64_t b = b0 + k;
+        pack_row<GD, true, false>(pa + k * TO, g, b * p.g_sb + o0 * p.g_so, p.g_so, no);
+        for (int64_t r = 1; r < p.R; ++r)
+          pack_row<GD, true, true>(pa + k * TO, g, b * p.g_sb + r * p.g_sr + o0 * p.g_so, p.g_so, no);
+        pack_row<XD, true, false>(pb + k * TI, x, b * p.x_sb + i0 * p.x_si, p.x_si, ni);
+      }
+      rank_k_update(acc_t, pa, pb, kc);
+    }
+  } else {
+    for (int64_t b = 0; b < p.B; ++b) {
+      for (int64_t r = 0; r < p.R; ++r) {
+        std::fill(m, m + TO * TI, 0.f);
+        for (int64_t t0 = 0; t0 < p.T; t0 += KC) {
+          const int kc = (int)std::min<int64_t>(KC, p.T - t0);
+          if (kc < KC || no < TO) std::fill(pa, pa + KC * TO, 0.f);
+          if (kc < KC || ni < TI) std::fill(pb, pb + KC * TI, 0.f);
+          for (int k = 0; k < kc; ++k) {
+            const int64_t t = t0 + k;
+            pack_row<GD, false, false>(pa + k * TO, g, b * p.g_sb + r * p.g_sr + t * p.g_st + o0 * p.g_so,
+                                       p.g_so, no);
+            pack_row<XD, false, false>(pb + k * TI, x, b * p.x_sb + t * p.x_st + i0 * p.x_si, p.x_si, ni);
+          }
+          rank_k_update(m, pa, pb, kc);
+        }
+        add_squares(acc_t, m);
+      }
+    }
+  }
+  for (int o = 0; o < no; ++o) {
+    float* dst = acc + (o0 + o) * p.in + i0;
+    const float* src = acc_t + o * TI;
+    for (int i = 0; i < ni; ++i) dst[i] += src[i];
+  }
+}
+
+using TileFn = void (*)(const SumSqParams&, const void*, const void*, float*, int64_t, int64_t,
+                        float*, float*, float*, float*);
+
+template <DType GD>
+TileFn pick_x(DType xd) {
+  switch (xd) {
+    case DType::f16: return &tile<GD, DType::f16>;
+    case DType::bf16: return &tile<GD, DType::bf16>;
+    default: return &tile<GD, DType::f32>;
+  }
+}
+
+TileFn pick(DType gd, DType xd) {
+  switch (gd) {
+    case DType::f16: return pick_x<DType::f16>(xd);
+    case DType::bf16: return pick_x<DType::bf16>(xd);
+    default: return pick_x<DType::f32>(xd);
+  }
+}
+
+}  // namespace
+
+void sumsq_outer_cpu(const SumSqParams& p, const void* g, const void* x, float* acc,
+                     int num_threads) {
+  if (p.B <= 0 || p.R <= 0 || p.T <= 0 || p.out <= 0 || p.in <= 0) return;
+  const int64_t to = ceil_div(p.out, TO), ti = ceil_div(p.in, TI);
+  const int64_t ntiles = to * ti;
+  int nt = std::max(1, (int)std::min<int64_t>(num_threads, ntiles));
+  if (p.g_dtype == DType::f64 || p.x_dtype == DType::f64)
+    throw std::invalid_argument("sumsq_outer_cpu: g and x must be float32, float16 or bfloat16");
+  const TileFn fn = pick(p.g_dtype, p.x_dtype);
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    struct alignas(64) Bufs {
+      float acc_t[TO * TI], m[TO * TI], pa[KC * TO], pb[KC * TI];
+    };
+    std::unique_ptr<Bufs> buf(new Bufs);
+#if defined(POPCOMP_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t t = 0; t < ntiles; ++t) {
+      fn(p, g, x, acc, (t / ti) * TO, (t % ti) * TI, buf->acc_t, buf->m, buf->pa, buf->pb);
+    }
+  }
+  (void)nt;
+}
+
+}  // namespace hessian
+}  // namespace popcomp

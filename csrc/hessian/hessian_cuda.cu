@@ -1,0 +1,169 @@
+// CUDA backend of the fused squared-gradient accumulation (see hessian.h).
+//
+// One 256-thread block owns a 64 x 64 tile of the output, each thread a 4 x 4 register tile.
+// The block loops over its range of samples:
+//   T == 1: acc += sum_b (sum_r g[b,r,o]^2) x[b,i]^2, staged in shared memory 16 samples at a
+//           time (a GEMM over samples on squared operands);
+//   T  > 1: for each (b, r) the 4 x 4 per-sample product M = sum_t g x^T is built in registers
+//           from 16-position shared-memory chunks, then squared into the accumulator registers.
+// When the output has too few tiles to fill the GPU, samples are split over gridDim.z and the
+// partial tiles are combined with atomicAdd. No scratch memory; every launch on `stream`.
+#include <algorithm>
+
+#include "common/cuda_utils.cuh"
+#include "hessian/hessian.h"
+#include "hessian/hessian_math.h"
+
+namespace popcomp {
+namespace hessian {
+namespace {
+
+constexpr int TILE = 64;
+constexpr int KC = 16;
+constexpr int THREADS = 256;
+
+// Stage a KC x TILE chunk: dst[k][j] = src(k, j) (zero outside the valid range). The element
+// order follows whichever of the two strides is 1, so that global loads coalesce.
+template <bool Square, bool SumR>
+__device__ __forceinline__ void stage(float (*dst)[TILE], const void* src, DType dt, int64_t base,
+                                      int64_t sk, int64_t sj, int kc, int nj, int64_t R,
+                                      int64_t sr) {
+  const int tid = threadIdx.x;
+  const bool j_fast = (sj == 1) || (sk != 1);
+#pragma unroll
+  for (int e0 = 0; e0 < KC * TILE; e0 += THREADS) {
+    const int e = e0 + tid;
+    const int k = j_fast ? e / TILE : e % KC;
+    const int j = j_fast ? e % TILE : e / KC;
+    float v = 0.f;
+    if (k < kc && j < nj) {
+      const int64_t off = base + k * sk + j * sj;
+      if (SumR) {
+        for (int64_t r = 0; r < R; ++r) {
+          const float u = load_f(src, dt, off + r * sr);
+          v += u * u;
+        }
+      } else {
+        v = load_f(src, dt, off);
+        if (Square) v = v * v;
+      }
+    }
+    dst[k][j] = v;
+  }
+}
+
+__global__ void __launch_bounds__(THREADS)
+sumsq_outer_kernel(SumSqParams p, const void* __restrict__ g, const void* __restrict__ x,
+                   float* __restrict__ acc, int64_t samples_per_split) {
+  __shared__ float sa[KC][TILE];
+  __shared__ float sb[KC][TILE];
+  const int64_t o0 = (int64_t)blockIdx.y * TILE, i0 = (int64_t)blockIdx.x * TILE;
+  const int no = (int)min((int64_t)TILE, p.out - o0), ni = (int)min((int64_t)TILE, p.in - i0);
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const int64_t b_begin = (int64_t)blockIdx.z * samples_per_split;
+  const int64_t b_end = min(p.B, b_begin + samples_per_split);
+  float a[4][4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u)
+#pragma unroll
+    for (int v = 0; v < 4; ++v) a[u][v] = 0.f;
+
+  if (p.T == 1) {
+    for (int64_t b0 = b_begin; b0 < b_end; b0 += KC) {
+      const int kc = (int)min((int64_t)KC, b_end - b0);
+      stage<false, true>(sa, g, p.g_dtype, b0 * p.g_sb + o0 * p.g_so, p.g_sb, p.g_so, kc, no, p.R,
+                         p.g_sr);
+      stage<true, false>(sb, x, p.x_dtype, b0 * p.x_sb + i0 * p.x_si, p.x_sb, p.x_si, kc, ni, 1, 0);
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < KC; ++k) {
+        float av[4], bv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) av[u] = sa[k][ty + 16 * u];
+#pragma unroll
+        for (int v = 0; v < 4; ++v) bv[v] = sb[k][tx + 16 * v];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) a[u][v] = fmaf(av[u], bv[v], a[u][v]);
+      }
+      __syncthreads();
+    }
+  } else {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      for (int64_t r = 0; r < p.R; ++r) {
+        float m[4][4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) m[u][v] = 0.f;
+        for (int64_t t0 = 0; t0 < p.T; t0 += KC) {
+          const int kc = (int)min((int64_t)KC, p.T - t0);
+          stage<false, false>(sa, g, p.g_dtype, b * p.g_sb + r * p.g_sr + t0 * p.g_st + o0 * p.g_so,
+                              p.g_st, p.g_so, kc, no, 1, 0);
+          stage<false, false>(sb, x, p.x_dtype, b * p.x_sb + t0 * p.x_st + i0 * p.x_si, p.x_st,
+                              p.x_si, kc, ni, 1, 0);
+          __syncthreads();
+#pragma unroll
+          for (int k = 0; k < KC; ++k) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) av[u] = sa[k][ty + 16 * u];
+#pragma unroll
+            for (int v = 0; v < 4; ++v) bv[v] = sb[k][tx + 16 * v];
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+#pragma unroll
+              for (int v = 0; v < 4; ++v) m[u][v] = fmaf(av[u], bv[v], m[u][v]);
+          }
+          __syncthreads();
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) a[u][v] = fmaf(m[u][v], m[u][v], a[u][v]);
+      }
+    }
+  }
+  const bool atomic = gridDim.z > 1;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int o = ty + 16 * u;
+    if (o >= no) continue;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int i = tx + 16 * v;
+      if (i >= ni) continue;
+      float* dst = acc + (o0 + o) * p.in + (i0 + i);
+      if (atomic) atomicAdd(dst, a[u][v]);
+      else *dst += a[u][v];
+    }
+  }
+}
+
+}  // namespace
+
+void sumsq_outer_cuda(const SumSqParams& p, const void* g, const void* x, float* acc, int device,
+                      void* stream) {
+  if (p.B <= 0 || p.R <= 0 || p.T <= 0 || p.out <= 0 || p.in <= 0) return;
+  DeviceGuard guard(device);
+  int sms = 0;
+  PC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t tiles_i = ceil_div(p.in, TILE), tiles_o = ceil_div(p.out, TILE);
+  if (tiles_o > 65535) throw std::runtime_error("sumsq_outer_cuda: output dimension too large");
+  const int64_t tiles = tiles_i * tiles_o;
+  // Split the samples when the tiles alone leave the GPU idle (target ~4 blocks per SM), but
+  // keep at least 16 samples' work (or one sample for T > 1) per split.
+  const int64_t min_per = p.T == 1 ? 64 : 1;
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>((4LL * sms + tiles - 1) / tiles,
+                                                          ceil_div(p.B, min_per)));
+  splits = std::min<int64_t>(splits, 65535);
+  const int64_t per = ceil_div(p.B, splits);
+  splits = ceil_div(p.B, per);
+  dim3 grid((unsigned)tiles_i, (unsigned)tiles_o, (unsigned)splits);
+  sumsq_outer_kernel<<<grid, THREADS, 0, as_stream(stream)>>>(p, g, x, acc, per);
+  PC_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace hessian
+}  // namespace popcomp

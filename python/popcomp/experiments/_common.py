@@ -1,0 +1,120 @@
+"""Output helpers shared by the experiments: tables (CSV + Markdown), figures, progress, device."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Sequence
+
+import torch
+
+
+class UserError(ValueError):
+    """A mistake in the user's options: the CLI prints the message and exits non-zero."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r}: {e}") from None
+
+
+def progress(it, **kw):
+    """tqdm progress bar on stderr (disabled when POPCOMP_NO_PROGRESS is set)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(it, disable=bool(os.environ.get("POPCOMP_NO_PROGRESS")), file=sys.stderr,
+                dynamic_ncols=True, leave=False, **kw)
+
+
+def ensure_out(path: str) -> str:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path!r}: cannot create the output folder ({e.strerror})") from None
+    return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.4g}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+def write_table(rows: List[Dict[str, object]], out: str, stem: str, title: str = "",
+                notes: Sequence[str] = ()) -> None:
+    """Write ``stem.csv`` and ``stem.md`` (a Markdown table with a title and notes)."""
+    if not rows:
+        return
+    cols = list(rows[0].keys())
+    for r in rows[1:]:
+        for c in r:
+            if c not in cols:
+                cols.append(c)
+    with open(os.path.join(out, stem + ".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in cols})
+    with open(os.path.join(out, stem + ".md"), "w") as f:
+        f.write(markdown_table(rows, cols, title, notes))
+
+
+def markdown_table(rows, cols=None, title: str = "", notes: Sequence[str] = ()) -> str:
+    cols = cols or list(rows[0].keys())
+    lines = []
+    if title:
+        lines += [f"## {title}", ""]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "|".join("---" for _ in cols) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    if notes:
+        lines.append("")
+        lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_json(obj, out: str, name: str = "results.json") -> None:
+    def conv(o):
+        if isinstance(o, torch.Tensor):
+            return o.tolist()
+        raise TypeError(type(o).__name__)
+
+    with open(os.path.join(out, name), "w") as f:
+        json.dump(obj, f, indent=2, default=conv)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def savefig(fig, out: str, name: str) -> str:
+    path = os.path.join(out, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def mean_se(x: torch.Tensor, dim: int = 0):
+    x = x.double()
+    m = x.mean(dim)
+    se = x.std(dim) / math.sqrt(x.shape[dim]) if x.shape[dim] > 1 else torch.zeros_like(m)
+    return m, se

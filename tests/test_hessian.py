@@ -1,0 +1,379 @@
+"""popcomp.hessian and the fused op popcomp::sumsq_outer_acc against independent oracles:
+float64 per-sample autograd loops (Fisher), torch.autograd.functional.hessian (GGN on
+piecewise-linear nets, Hutchinson), and a 2-process gloo run (all-reduce)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+import popcomp
+import popcomp.hessian as H
+from popcomp._reference.hessian import sumsq_outer_acc_reference
+
+CUDA = popcomp.backends()["cuda"]["usable"]
+
+
+# ---- oracles ---------------------------------------------------------------------------------
+def fisher_oracle(model, loss_fn, X, Y):
+    """sum_s (d l_s / d w)^2 with l_s = loss_fn on the batch holding sample s alone (float64)."""
+    m = _double(model)
+    res = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    for s in range(X.shape[0]):
+        xs = X[s : s + 1]
+        xs = xs.double() if xs.is_floating_point() else xs
+        ys = Y[s : s + 1]
+        ys = ys.double() if ys.is_floating_point() else ys
+        gs = torch.autograd.grad(loss_fn(m(xs), ys), list(m.parameters()))
+        for (n, _), g in zip(m.named_parameters(), gs):
+            res[n] += g**2
+    return res
+
+
+def hessian_diag_oracle(model, loss_fn, X, Y, scale):
+    """Exact diagonal of the Hessian of scale * loss_fn(model(X), Y) (float64)."""
+    m = _double(model)
+    names = [n for n, _ in m.named_parameters()]
+    ps = [p.detach() for _, p in m.named_parameters()]
+    Xd = X.double() if X.is_floating_point() else X
+    Yd = Y.double() if Y.is_floating_point() else Y
+    res = {}
+    for i, n in enumerate(names):
+        def f(pi, i=i):
+            d = dict(zip(names, ps))
+            d[names[i]] = pi
+            return loss_fn(functional_call(m, d, (Xd,)), Yd) * scale
+
+        Hm = torch.autograd.functional.hessian(f, ps[i])
+        k = ps[i].numel()
+        res[n] = Hm.reshape(k, k).diagonal().reshape(ps[i].shape)
+    return res
+
+
+def _double(model):
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def rel_err(h, ref):
+    assert set(h) == set(ref), (sorted(h), sorted(ref))
+    num = sum(((h[k].double() - ref[k]) ** 2).sum() for k in ref)
+    den = sum((ref[k] ** 2).sum() for k in ref)
+    return float((num / den).sqrt())
+
+
+def assert_close_maps(h, ref, tol=1e-5):
+    assert set(h) == set(ref)
+    for k in ref:
+        assert h[k].dtype == torch.float32 and h[k].shape == ref[k].shape
+        torch.testing.assert_close(h[k].double(), ref[k], rtol=tol, atol=tol * float(ref[k].abs().max()))
+
+
+# ---- the fused op ----------------------------------------------------------------------------
+@pytest.mark.parametrize("B,R,T,o,i", [(5, 1, 1, 70, 130), (3, 2, 7, 65, 3), (4, 3, 1, 10, 100), (2, 1, 9, 33, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sumsq_op_matches_reference(B, R, T, o, i, dtype):
+    torch.manual_seed(0)
+    g = torch.randn(B, R, T, o).to(dtype)
+    x = torch.randn(B, T, i).to(dtype)
+    a = torch.rand(o, i)
+    b = a.clone()
+    torch.ops.popcomp.sumsq_outer_acc(a, g, x)
+    sumsq_outer_acc_reference(b, g, x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    # float64 definition (the ops add to what acc held)
+    m = torch.einsum("brto,bti->broi", g.double(), x.double()).square().sum((0, 1))
+    c = torch.zeros(o, i)
+    torch.ops.popcomp.sumsq_outer_acc(c, g, x)
+    torch.testing.assert_close(c.double(), m, rtol=1e-4, atol=1e-5 * float(m.abs().max()))
+
+
+def test_sumsq_op_definition_and_strides():
+    torch.manual_seed(1)
+    g = torch.randn(3, 2, 5, 8).permute(0, 1, 3, 2)  # (3, 2, 8, 5), non-contiguous
+    x = torch.randn(3, 7, 8).transpose(1, 2)  # (3, 8, 7)
+    acc = torch.zeros(5, 7)
+    torch.ops.popcomp.sumsq_outer_acc(acc, g, x)
+    ref = torch.einsum("brto,bti->broi", g.double(), x.double()).square().sum((0, 1))
+    torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sumsq_op_opcheck_and_errors():
+    torch.library.opcheck(torch.ops.popcomp.sumsq_outer_acc.default,
+                          (torch.zeros(5, 7), torch.randn(3, 2, 4, 5), torch.randn(3, 4, 7)))
+    torch.library.opcheck(torch.ops.popcomp.sumsq_outer_acc.default,
+                          (torch.zeros(6, 3), torch.randn(4, 1, 1, 6), torch.randn(4, 1, 3)))
+    with pytest.raises(ValueError, match="acc"):
+        torch.ops.popcomp.sumsq_outer_acc(torch.zeros(5, 6), torch.randn(3, 1, 4, 5), torch.randn(3, 4, 7))
+    with pytest.raises(ValueError, match="B or T"):
+        torch.ops.popcomp.sumsq_outer_acc(torch.zeros(5, 7), torch.randn(3, 1, 4, 5), torch.randn(2, 4, 7))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA backend not usable")
+@pytest.mark.parametrize("B,R,T,o,i", [(300, 1, 1, 70, 130), (3, 2, 37, 65, 3), (1000, 3, 1, 10, 100), (5, 1, 300, 129, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sumsq_op_cpu_equals_cuda(B, R, T, o, i, dtype):
+    torch.manual_seed(0)
+    g = torch.randn(B, R, T, o).to(dtype)
+    x = torch.randn(B, T, i).to(dtype)
+    a = torch.rand(o, i)
+    c = a.cuda()
+    torch.ops.popcomp.sumsq_outer_acc(a, g, x)
+    torch.ops.popcomp.sumsq_outer_acc(c, g.cuda(), x.cuda())
+    torch.testing.assert_close(c.cpu(), a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    # strided (conv-like) operands
+    gt = g.transpose(2, 3).contiguous().transpose(2, 3)
+    c2 = torch.zeros(o, i, device="cuda")
+    a2 = torch.zeros(o, i)
+    torch.ops.popcomp.sumsq_outer_acc(c2, gt.cuda(), x.cuda())
+    torch.ops.popcomp.sumsq_outer_acc(a2, gt, x)
+    torch.testing.assert_close(c2.cpu(), a2, rtol=1e-4, atol=1e-5 * float(a2.abs().max()))
+    torch.library.opcheck(torch.ops.popcomp.sumsq_outer_acc.default,
+                          (torch.zeros(5, 7, device="cuda"), torch.randn(3, 2, 4, 5, device="cuda"),
+                           torch.randn(3, 4, 7, device="cuda")))
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA backend not usable")
+def test_diagonal_cpu_equals_cuda():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
+    X, Y = torch.randn(16, 3, 6, 6), torch.randint(0, 5, (16,))
+    for method in ("fisher", "ggn"):
+        hc = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method, progress=False)
+        hg = H.diagonal(model.cuda(), nn.CrossEntropyLoss(), [(X, Y)], method, progress=False)
+        model.cpu()
+        for k in hc:
+            torch.testing.assert_close(hg[k].cpu(), hc[k], rtol=1e-4, atol=1e-6 * float(hc[k].abs().max()))
+
+
+# ---- Fisher ----------------------------------------------------------------------------------
+def test_fisher_linear_T1_batches_and_mean():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 5))
+    X, Y = torch.randn(20, 7), torch.randint(0, 5, (20,))
+    data = [(X[:8], Y[:8]), (X[8:], Y[8:])]
+    h = H.diagonal(model, nn.CrossEntropyLoss(), data, progress=False)
+    assert h.num_samples == 20
+    ref = fisher_oracle(model, nn.CrossEntropyLoss(), X, Y)
+    assert_close_maps(h, ref)
+    hm = H.diagonal(model, nn.CrossEntropyLoss(), data, mean=True, progress=False)
+    assert_close_maps(hm, {k: v / 20 for k, v in ref.items()})
+    # the same with a sum-reduced loss and a plain callable (reduction probed)
+    h2 = H.diagonal(model, lambda o, y: nn.functional.cross_entropy(o, y, reduction="sum"), data,
+                    progress=False)
+    assert_close_maps(h2, ref)
+
+
+def test_fisher_linear_sequences_T_gt_1():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 4))
+    X, Y = torch.randn(10, 5, 6), torch.randn(10, 5, 4)
+    for red in ("mean", "sum"):
+        h = H.diagonal(model, nn.MSELoss(reduction=red), [(X[:4], Y[:4]), (X[4:], Y[4:])], progress=False)
+        assert_close_maps(h, fisher_oracle(model, nn.MSELoss(reduction=red), X, Y))
+
+
+def test_fisher_conv2d_stride_padding_groups_and_conv1d():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(6, 4, 2, dilation=2, padding=1, padding_mode="reflect"), nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+    )
+    X, Y = torch.randn(6, 4, 9, 9), torch.randint(0, 3, (6,))
+    h = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], progress=False)
+    assert_close_maps(h, fisher_oracle(model, nn.CrossEntropyLoss(), X, Y))
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, stride=2, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(28, 2))
+    X, Y = torch.randn(5, 3, 11), torch.randn(5, 2)
+    h = H.diagonal(model, nn.MSELoss(), [(X, Y)], progress=False)
+    assert_close_maps(h, fisher_oracle(model, nn.MSELoss(), X, Y))
+
+
+class _EmbNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e = nn.Embedding(11, 4, padding_idx=0)
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.l(self.e(x)).sum(1)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c1 = nn.Conv2d(c, c, 3, padding=1)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.c1(x))
+        out = self.c2(out)
+        out += x  # in-place on a tracked output
+        return self.relu(out)
+
+
+def test_fisher_embedding_resblock_and_reuse():
+    torch.manual_seed(0)
+    model = _EmbNet()
+    X, Y = torch.randint(0, 11, (7, 6)), torch.randint(0, 3, (7,))
+    h = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], progress=False)
+    assert_close_maps(h, fisher_oracle(model, nn.CrossEntropyLoss(), X, Y))
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), _ResBlock(3), nn.Flatten(), nn.Linear(3 * 16, 4))
+    X, Y = torch.randn(5, 2, 4, 4), torch.randint(0, 4, (5,))
+    h = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], progress=False)
+    assert_close_maps(h, fisher_oracle(model, nn.CrossEntropyLoss(), X, Y))
+    lin = nn.Linear(4, 4)  # one module called twice: per-sample gradients add up before squaring
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    X, Y = torch.randn(6, 4), torch.randn(6, 4)
+    h = H.diagonal(model, nn.MSELoss(), [(X, Y)], progress=False)
+    assert_close_maps(h, fisher_oracle(model, nn.MSELoss(), X, Y))
+
+
+def test_accumulator_streams():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    X, Y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    acc = H.HessianAccumulator(model, nn.CrossEntropyLoss())
+    acc.update(X[:5], Y[:5])
+    r1 = acc.result()
+    assert r1.num_samples == 5
+    acc.accumulate([(X[5:], Y[5:])], progress=False)
+    r2 = acc.result()
+    assert r2.num_samples == 12 and r1.num_samples == 5
+    assert_close_maps(r2, fisher_oracle(model, nn.CrossEntropyLoss(), X, Y))
+    assert_close_maps(r1, fisher_oracle(model, nn.CrossEntropyLoss(), X[:5], Y[:5]))
+
+
+# ---- GGN -------------------------------------------------------------------------------------
+def _relu_net():
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce_sum"])
+def test_ggn_equals_hessian_diag_on_relu_nets(loss):
+    torch.manual_seed(1)
+    model = _relu_net()
+    X = torch.randn(12, 5)
+    if loss == "ce":
+        lf, Y, scale = nn.CrossEntropyLoss(), torch.randint(0, 4, (12,)), 12
+    elif loss == "mse":
+        lf, Y, scale = nn.MSELoss(), torch.randn(12, 4), 12
+    else:
+        lf, Y, scale = nn.BCEWithLogitsLoss(reduction="sum"), torch.rand(12, 4).round(), 1
+    h = H.diagonal(model, lf, [(X[:7], Y[:7]), (X[7:], Y[7:])], method="ggn", progress=False)
+    assert_close_maps(h, hessian_diag_oracle(model, lf, X, Y, scale), tol=1e-4)
+
+
+def test_ggn_conv_and_sequence_ce():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 9, 4))
+    X, Y = torch.randn(6, 2, 5, 5), torch.randint(0, 4, (6,))
+    h = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method="ggn", progress=False)
+    assert_close_maps(h, hessian_diag_oracle(model, nn.CrossEntropyLoss(), X, Y, 6), tol=1e-4)
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))).transpose(1, 2)  # (B, C, T)
+
+    model = Seq()
+    X, Y = torch.randn(6, 7, 3), torch.randint(0, 4, (6, 7))
+    h = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method="ggn", progress=False)
+    assert_close_maps(h, hessian_diag_oracle(model, nn.CrossEntropyLoss(), X, Y, 6), tol=1e-4)
+    # ggn_mc: unbiased, converges to ggn
+    hm = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)] * 25, method="ggn_mc", mc_samples=32,
+                    seed=0, progress=False)
+    assert rel_err({k: v / 25 for k, v in hm.items()}, {k: v.double() for k, v in h.items()}) < 0.05
+
+
+# ---- Hutchinson ------------------------------------------------------------------------------
+def test_hutchinson_converges_to_exact_diagonal():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 3))
+    X, Y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    ex = hessian_diag_oracle(model, nn.CrossEntropyLoss(), X, Y, 10)
+    errs = []
+    for probes in (8, 2000):
+        hh = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method="hutchinson",
+                        num_probes=probes, seed=0, progress=False)
+        errs.append(rel_err(hh, ex))
+    assert errs[1] < 0.2 and errs[1] < errs[0] / 4, errs
+
+
+# ---- errors ----------------------------------------------------------------------------------
+def test_errors():
+    model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    X, Y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match=r"LayerNorm.*hutchinson"):
+        H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], progress=False)
+    with pytest.raises(ValueError, match="data"):
+        H.diagonal(_relu_net(), nn.CrossEntropyLoss(), [], progress=False)
+    with pytest.raises(ValueError, match="method"):
+        H.diagonal(_relu_net(), nn.CrossEntropyLoss(), [(X, Y)], method="newton", progress=False)
+    with pytest.raises(ValueError, match="loss_fn"):
+        H.diagonal(_relu_net(), nn.L1Loss(), [(torch.randn(4, 5), torch.randn(4, 4))], method="ggn",
+                   progress=False)
+    # frozen unsupported modules are fine
+    model[1].requires_grad_(False)
+    h = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], progress=False)
+    assert set(h) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+# ---- distributed -----------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank, world, port, path):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+        X, Y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+        part = [(X[i : i + 2], Y[i : i + 2]) for i in range(2 * rank, 12, 4)]  # rank-strided batches
+        h = H.diagonal(model, nn.CrossEntropyLoss(), part, method="fisher", progress=False)
+        if rank == 0:
+            torch.save({"h": dict(h), "n": h.num_samples}, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_gloo_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    path = str(tmp_path / "h.pt")
+    mp.spawn(_dist_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    got = torch.load(path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    X, Y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    one = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], progress=False)
+    assert got["n"] == 12
+    for k in one:
+        torch.testing.assert_close(got["h"][k], one[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_ggn_mc_unbiased_for_mse_and_bce(loss):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    X = torch.randn(8, 4)
+    lf, Y = (nn.MSELoss(), torch.randn(8, 3)) if loss == "mse" else (nn.BCEWithLogitsLoss(), torch.rand(8, 3).round())
+    exact = H.diagonal(model, lf, [(X, Y)], method="ggn", progress=False)
+    mc = H.diagonal(model, lf, [(X, Y)] * 20, method="ggn_mc", mc_samples=64, seed=1, progress=False)
+    assert mc.num_samples == 160
+    assert rel_err({k: v / 20 for k, v in mc.items()}, {k: v.double() for k, v in exact.items()}) < 0.08

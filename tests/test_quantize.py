@@ -1,0 +1,230 @@
+"""popcomp.quantize_ / PalettizeConfig / palettized modules / save-load / size report /
+dequantize_ / select_beta."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import popcomp
+from popcomp.quantize import (
+    PalettizedConv1d, PalettizedConv2d, PalettizedEmbedding, PalettizedLinear, pack_indices,
+    unpack_indices,
+)
+
+
+def _net():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)
+            self.c1 = nn.Conv1d(6, 8, 3, padding=1)
+            self.c2 = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+            self.fc = nn.Linear(8 * 5 + 4 * 9, 5)
+
+        def forward(self, tok, img):
+            a = self.c1(self.emb(tok).transpose(1, 2)).relu().flatten(1)
+            b = self.c2(img).relu().flatten(1)
+            return self.fc(torch.cat([a, b], 1))
+
+    return Net()
+
+
+def _data(n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, 20, (n, 5), generator=g)
+    img = torch.randn(n, 2, 6, 6, generator=g)
+    y = torch.randint(0, 5, (n,), generator=g)
+    return (tok, img), y
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_roundtrip(bits):
+    for n in (1, 7, 1001):
+        idx = torch.randint(0, 1 << bits, (n,))
+        p = pack_indices(idx, bits)
+        assert p.dtype == torch.uint8 and p.numel() == math.ceil(n * bits / 8)
+        assert torch.equal(unpack_indices(p, bits, n), idx)
+
+
+@pytest.mark.parametrize("gran,gs", [("per_tensor", None), ("per_channel", None), ("per_group", 2)])
+def test_quantize_modules_compute_the_dequantized_dense_module(gran, gs):
+    model = _net()
+    x, y = _data()
+    h = popcomp.hessian.diagonal(model, nn.CrossEntropyLoss(), [(x, y)], progress=False)
+    cfg = popcomp.PalettizeConfig(k=5, granularity=gran, group_size=gs, beta=0.1)
+    popcomp.quantize_(model, cfg, hessian=h)
+    assert isinstance(model.emb, PalettizedEmbedding) and isinstance(model.c1, PalettizedConv1d)
+    assert isinstance(model.c2, PalettizedConv2d) and isinstance(model.fc, PalettizedLinear)
+    assert "weight" not in dict(model.named_parameters()) and "fc.weight" not in model.state_dict()
+    for name, m in [("emb", model.emb), ("c1", model.c1), ("c2", model.c2), ("fc", model.fc)]:
+        w = m.weight
+        assert w.dtype == torch.float32
+        rows = {"per_tensor": 1, "per_channel": w.shape[0], "per_group": w.numel() // 2}[gran]
+        assert m.weight_codebook.shape == (rows, 5) and m.weight_codebook.dtype == torch.float16
+        assert m.weight_packed.numel() == math.ceil(w.numel() * 3 / 8)  # ceil(log2 5) = 3 bits
+        # at most k distinct values per codebook, all from the codebook
+        vals = w.reshape(rows, -1)
+        cb = m.weight_codebook.float()
+        assert bool((vals.unsqueeze(-1) == cb.unsqueeze(1)).any(-1).all())
+    # exactly what dense modules with the dequantized weights compute
+    tok, img = x
+    ref_fc = nn.Linear(76, 5)
+    ref_fc.weight.data, ref_fc.bias.data = model.fc.weight.clone(), model.fc.bias.clone()
+    inp = torch.randn(3, 76)
+    assert torch.equal(model.fc(inp), ref_fc(inp))
+    assert torch.equal(model.c2(img), F.conv2d(img, model.c2.weight, model.c2.bias, 2, 1))
+    e = model.emb(tok)
+    assert torch.equal(e, F.embedding(tok, model.emb.weight))
+    assert torch.equal(model.c1(e.transpose(1, 2)), F.conv1d(e.transpose(1, 2), model.c1.weight, model.c1.bias, padding=1))
+
+
+def test_hessian_weighting_matters_and_uniform():
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Linear(64, 4))
+    w = lin[0].weight.detach().clone()
+    h = torch.ones(4, 64)
+    h[:, :3] = 1e4  # three very sensitive weights per row: get (almost) their own centers
+    popcomp.quantize_(lin, popcomp.PalettizeConfig(bits=2, granularity="per_channel", method="exact",
+                                                   codebook_dtype=torch.float32),
+                      hessian={"0.weight": h})
+    err_hw = (lin[0].weight - w)[:, :3].abs().mean()
+    lin2 = nn.Sequential(nn.Linear(64, 4))
+    lin2[0].weight.data.copy_(w)
+    popcomp.quantize_(lin2, popcomp.PalettizeConfig(bits=2, method="exact", codebook_dtype=torch.float32))
+    err_u = (lin2[0].weight - w)[:, :3].abs().mean()
+    assert err_hw < err_u / 3
+    # the codebook is the K-means solution: matches popcomp.kmeans1d on the same rows
+    r = popcomp.kmeans1d(w, 4, h, method="exact")
+    torch.testing.assert_close(lin[0].weight_codebook, r.centers.float())
+
+
+def test_save_load_roundtrip_bit_exact(tmp_path):
+    pytest.importorskip("safetensors")
+    model = _net()
+    x, y = _data()
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=3, granularity="per_group", group_size=2,
+                                                     codebook_dtype=torch.float32))
+    out = model(*x)
+    path = tmp_path / "m.safetensors"
+    popcomp.save(model, path)
+    fresh = _net()  # dense, same architecture
+    popcomp.load(fresh, path)
+    assert isinstance(fresh.fc, PalettizedLinear)
+    sd1, sd2 = model.state_dict(), fresh.state_dict()
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:
+        assert sd1[k].dtype == sd2[k].dtype and torch.equal(sd1[k], sd2[k]), k
+    assert torch.equal(fresh(*x), out)
+    # the file holds the packed form, not dense weights
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert "fc.weight_packed" in keys and "fc.weight" not in keys
+    # loading into an already palettized model works too
+    popcomp.load(model, path)
+    assert torch.equal(model(*x), out)
+
+
+def test_dequantize_restores_dense_modules():
+    model = _net()
+    x, _ = _data()
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2), filter_fn=lambda m, n: n in ("fc", "c2"))
+    assert isinstance(model.fc, PalettizedLinear) and type(model.c1) is nn.Conv1d
+    out = model(*x)
+    w = model.fc.weight.clone()
+    popcomp.dequantize_(model)
+    assert type(model.fc) is nn.Linear and type(model.c2) is nn.Conv2d
+    assert isinstance(model.fc.weight, nn.Parameter) and torch.equal(model.fc.weight, w)
+    assert torch.equal(model(*x), out)
+    assert list(dict(model.fc.named_parameters())) == ["weight", "bias"]
+
+
+def test_size_report_arithmetic():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 6, bias=False), nn.ReLU(), nn.Linear(6, 3))
+    popcomp.quantize_(model, popcomp.PalettizeConfig(k=3, granularity="per_channel"))
+    rep = popcomp.size_report(model)
+    assert [r.name for r in rep.layers] == ["0", "2"]
+    r0 = rep.layers[0]
+    assert r0.numel == 60 and r0.index_bits == 2 and r0.codebooks == 6
+    assert r0.packed_bytes == math.ceil(60 * 2 / 8) + 6 * 3 * 2  # indices + fp16 codebooks
+    assert r0.bits_per_weight == pytest.approx(r0.packed_bytes * 8 / 60)
+    assert r0.original_bits == 60 * 32
+    assert r0.ratio_packed == pytest.approx(60 * 32 / (r0.packed_bytes * 8))
+    # entropy-coded size: sum over rows of n_row * H(labels_row) + 32 bits per center
+    lab = model[0].labels()
+    ent = 0.0
+    for row in lab:
+        p = torch.bincount(row, minlength=3).double() / row.numel()
+        p = p[p > 0]
+        ent += float(-(p * p.log2()).sum()) * row.numel()
+    assert r0.entropy_bits == pytest.approx(ent + 32 * 6 * 3)
+    assert r0.ratio_entropy == pytest.approx(60 * 32 / (ent + 32 * 18))
+    t = rep.total
+    assert t.numel == 60 + 18 and t.packed_bytes == r0.packed_bytes + rep.layers[1].packed_bytes
+    assert t.ratio_packed == pytest.approx((78 * 32) / (t.packed_bytes * 8))
+    assert rep.other_params_bytes == 3 * 4  # the second layer's bias
+    assert "total" in str(rep)
+
+
+def test_bad_input_leaves_model_unchanged():
+    model = _net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = _data()
+    h = popcomp.hessian.diagonal(model, nn.CrossEntropyLoss(), [(x, y)], progress=False)
+    cfg = popcomp.PalettizeConfig(bits=2)
+
+    def check(exc, match, **kw):
+        args = dict(config=cfg, hessian=None)
+        args.update(kw)
+        with pytest.raises(exc, match=match):
+            popcomp.quantize_(model, args["config"], hessian=args["hessian"], filter_fn=args.get("filter_fn"))
+        assert set(model.state_dict()) == set(before)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+    check(ValueError, "bits", config=popcomp.PalettizeConfig(bits=0))
+    check(ValueError, "bits", config=popcomp.PalettizeConfig(bits=9))
+    check(ValueError, "k", config=popcomp.PalettizeConfig(k=1))
+    check(ValueError, "group_size", config=popcomp.PalettizeConfig(bits=2, granularity="per_group", group_size=7))
+    check(ValueError, "group_size", config=popcomp.PalettizeConfig(bits=2, granularity="per_group"))
+    check(ValueError, "granularity", config=popcomp.PalettizeConfig(bits=2, granularity="per_row"))
+    missing = {k: v for k, v in h.items() if k != "fc.weight"}
+    check(ValueError, r"hessian.*fc\.weight", hessian=missing)
+    check(ValueError, r"hessian\['fc\.weight'\].*shape", hessian={**h, "fc.weight": h["fc.weight"].t()})
+    neg = {**h, "c1.weight": -h["c1.weight"] - 1}
+    check(ValueError, r"hessian\['c1\.weight'\].*negative", hessian=neg)
+    nan = {**h, "c2.weight": h["c2.weight"].clone().fill_(float("nan"))}
+    check(ValueError, r"hessian\['c2\.weight'\].*NaN", hessian=nan)
+    check(ValueError, "hessian", config=popcomp.PalettizeConfig(bits=2, sensitivity="hessian"))
+    model.ln = nn.LayerNorm(3)
+    before.update({"ln." + k: v.clone() for k, v in model.ln.state_dict().items()})
+    check(ValueError, "filter_fn.*LayerNorm", filter_fn=lambda m, n: n == "ln")
+
+
+def test_select_beta_cross_validation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    X, Y = torch.randn(60, 8), torch.randint(0, 3, (60,))
+    data = [(X[i : i + 10], Y[i : i + 10]) for i in range(0, 60, 10)]
+    cfg = popcomp.PalettizeConfig(bits=2)
+    sel = popcomp.select_beta(model, nn.CrossEntropyLoss(), data, [0.0, 0.01, 1.0], cfg, folds=3)
+    assert [r["beta"] for r in sel.table] == [0.0, 0.01, 1.0]
+    assert all(len(r["fold_losses"]) == 3 for r in sel.table)
+    assert sel.best_beta == min(sel.table, key=lambda r: r["val_loss"])["beta"]
+    assert type(model[0]) is nn.Linear  # the model itself is untouched
+    # with a held-out set: the losses are those of the quantized copies on it
+    h = popcomp.hessian.diagonal(model, nn.CrossEntropyLoss(), data[:4], progress=False)
+    sel = popcomp.select_beta(model, nn.CrossEntropyLoss(), data[:4], [0.0, 0.5], cfg,
+                              val_data=data[4:], hessian=h)
+    import copy
+
+    m = copy.deepcopy(model)
+    popcomp.quantize_(m, popcomp.PalettizeConfig(bits=2, beta=0.5), hessian=h)
+    with torch.no_grad():
+        ref = float(nn.functional.cross_entropy(m(X[40:]), Y[40:]))
+    assert sel.table[1]["val_loss"] == pytest.approx(ref, rel=1e-5)

@@ -1,0 +1,244 @@
+"""Tests of popcomp.theory against Monte Carlo and the papers' stated guarantees."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import popcomp
+from popcomp import theory as T
+
+D_, N_ = 50, 80  # bu2020 §5.3
+
+
+def _wstar(d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (d,), generator=g).double() * 2 - 1)
+
+
+def _sim(trials, seed=0, d=D_, n=N_):
+    g = torch.Generator().manual_seed(seed)
+    w = _wstar(d)
+    X, Y = T.linreg_sample(trials, d, n, w, generator=g)
+    W = T.linreg_erm(X, Y)
+    return g, w, X, Y, W
+
+
+def test_lemma3_matches_monte_carlo():
+    # 20000 trials; the formula must lie within 4 standard errors of the MC mean (the
+    # probability of a false failure is < 1e-4 under the CLT).
+    _, w, X, Y, W = _sim(20000, seed=1)
+    gen = T.linreg_population_risk(W, w) - T.linreg_empirical_risk(W, X, Y)
+    mean, se = float(gen.mean()), float(gen.std() / math.sqrt(gen.numel()))
+    exact = T.lemma3_generalization_error(D_, N_)
+    assert abs(mean - exact) < 4 * se, (mean, se, exact)
+    # another geometry, non-identity noise variance
+    g = torch.Generator().manual_seed(2)
+    w5 = torch.randn(5, generator=g, dtype=torch.float64)
+    X, Y = T.linreg_sample(40000, 5, 12, w5, noise_var=2.0, generator=g)
+    W = T.linreg_erm(X, Y)
+    gen = T.linreg_population_risk(W, w5, 2.0) - T.linreg_empirical_risk(W, X, Y)
+    mean, se = float(gen.mean()), float(gen.std() / math.sqrt(gen.numel()))
+    assert abs(mean - T.lemma3_generalization_error(5, 12, 2.0)) < 4 * se
+
+
+def test_lemma3_rejects_small_n():
+    with pytest.raises(ValueError, match="n > d"):
+        T.lemma3_generalization_error(50, 51)
+
+
+def test_theorem4_oracle_distortion_below_bound_and_rate_consistent():
+    g, w, X, Y, W = _sim(4000, seed=3)
+    for R in [0.0, 5.0, 20.0, 60.0]:
+        What = T.oracle_compress(W, w, rate=R, n=N_, generator=g)
+        dist = (T.linreg_empirical_risk(What, X, Y) - T.linreg_empirical_risk(W, X, Y))
+        mean, se = float(dist.mean()), float(dist.std() / math.sqrt(dist.numel()))
+        bound = float(T.theorem4_distortion_upper(R, D_, N_))
+        # eq. (23) bounds the expected distortion; predicted exactly D (1 - a (d+1)/n)
+        assert mean - 4 * se <= bound
+        a = math.exp(-2 * R / D_)
+        assert abs(mean - bound * (1 - a * (D_ + 1) / N_)) < 4 * se + 1e-12
+        # R(D) (eq. 22) inverts D(R) (eq. 23)
+        if R > 0:
+            assert abs(float(T.theorem4_rate_upper(bound, D_, N_)) - R) < 1e-9
+
+
+def test_theorem3_holds_for_oracle_and_kmeans():
+    g, w, X, Y, W = _sim(4000, seed=4)
+    for R in [2.0, 10.0, 40.0]:
+        What = T.oracle_compress(W, w, rate=R, n=N_, generator=g)
+        gen = T.linreg_population_risk(What, w) - T.linreg_empirical_risk(What, X, Y)
+        C = float(((What - w) ** 2).sum(-1).max())
+        assert float(gen.mean()) <= float(T.theorem3_bound(R, N_, C))
+    for K in [1, 2, 3, 4, 8]:
+        res = popcomp.kmeans1d(W, K, method="exact")
+        What = res.dequantize()
+        gen = T.linreg_population_risk(What, w) - T.linreg_empirical_risk(What, X, Y)
+        rate = float((D_ * T.label_entropy(res.labels, K)).mean())
+        C = float(((What - w) ** 2).sum(-1).max())
+        # K = 1 has rate 0: the bound is 0 and gen must be <= 0 up to MC error
+        se = float(gen.std()) / math.sqrt(gen.numel())
+        assert float(gen.mean()) <= float(T.theorem3_bound(rate, N_, C)) + 4 * se
+        # Theorem 4: no compressor beats the rate-distortion function; the measured K-means
+        # distortion stays above the eq. (23) curve at its rate (as in Fig. 3)
+        dist = (T.linreg_empirical_risk(What, X, Y) - T.linreg_empirical_risk(W, X, Y)).mean()
+        assert float(dist) >= float(T.theorem4_distortion_upper(rate, D_, N_))
+
+
+def test_theorem1_and_corollary1_shapes():
+    b = T.theorem1_bound(1.0, 100, mi_compressed=torch.tensor([0.0, 2.0]), mi_data=3.0)
+    assert torch.allclose(b, torch.tensor([0.0, math.sqrt(2 * 2.0 / 100)], dtype=b.dtype))
+    R = torch.linspace(0, 100, 11, dtype=torch.float64)
+    c = T.corollary1_bound(R, D_, N_, C=2.0)
+    assert torch.isfinite(c).all()
+    assert torch.allclose(c, T.theorem3_bound(R, N_, 2.0) + T.theorem4_distortion_upper(R, D_, N_))
+
+
+@pytest.mark.parametrize("shape", [(40, 30), (17, 64)])
+def test_lemma44_svd_truncation(shape):
+    g = torch.Generator().manual_seed(5)
+    # decaying spectrum
+    U, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=g, dtype=torch.float64))
+    r = min(shape)
+    s = torch.exp(-0.2 * torch.arange(r, dtype=torch.float64))
+    A = U[:, :r] @ torch.diag(s) @ V[:, :r].T
+    for delta in [0.05, 0.2, 0.5, 0.9]:
+        At, rank = T.svd_truncate(A, delta)
+        assert T.spectral_norm(At - A) <= delta * T.spectral_norm(A) + 1e-12
+        assert rank <= T.stable_rank(A) / delta ** 2 + 1e-9
+        assert rank == torch.linalg.matrix_rank(At).item()
+    assert 1 <= T.stable_rank(A) <= r
+
+
+def test_low_rank_linear_is_two_layers_and_matches_truncation():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24)
+    lr = T.low_rank_linear(lin, delta=0.5)
+    assert isinstance(lr.first, nn.Linear) and isinstance(lr.second, nn.Linear)
+    At, rank = T.svd_truncate(lin.weight.detach(), 0.5)
+    assert lr.rank == rank
+    x = torch.randn(5, 32)
+    assert torch.allclose(lr(x), x @ At.T + lin.bias, atol=1e-5)
+    assert sum(p.numel() for p in lr.parameters()) == rank * (32 + 24) + 24
+    full = T.low_rank_linear(lin, rank=24)
+    assert torch.allclose(full(x), lin(x), atol=1e-5)
+
+
+def test_lemma45_random_projection_guarantee():
+    # h1 x h2 = 12 x 10, m = 6 pairs (U: n x h1 with n = 4), eps = 0.5, delta = 0.1.
+    # Lemma 4.5: with probability >= 1 - delta over the helper string, every pair satisfies
+    # ||U (Ahat - A) x|| <= eps ||U||_F ||A||_F ||x||. Over 40 helper strings the failure
+    # count is Binomial(40, <= 0.1): P(>= 12 failures) < 1e-3.
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(12, 10, generator=g, dtype=torch.float64)
+    G = [(torch.randn(4, 12, generator=g, dtype=torch.float64),
+          torch.randn(10, generator=g, dtype=torch.float64)) for _ in range(6)]
+    eps, delta = 0.5, 0.1
+    fails = 0
+    for seed in range(40):
+        Ah, k = T.random_projection_compress(A, eps, delta=delta, m=6, n=4, seed=seed)
+        assert k == math.ceil(8 * math.log(1 / (delta / 24)) / eps ** 2)
+        ok = all(float((U @ (Ah - A) @ x).norm()) <= eps * float(U.norm() * A.norm() * x.norm())
+                 for U, x in G)
+        fails += not ok
+    assert fails < 12
+    # same helper string -> same compression; the estimator is unbiased-ish for large k
+    a1, _ = T.random_projection_compress(A, 0.5, k=50, seed=3)
+    a2, _ = T.random_projection_compress(A, 0.5, k=50, seed=3)
+    assert torch.equal(a1, a2)
+
+
+def test_noise_sensitivity_matches_prop53():
+    g = torch.Generator().manual_seed(8)
+    M = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    mc = T.noise_sensitivity(lambda v: v @ M.T, x, samples=4000, seed=1)
+    exact = T.noise_sensitivity_gaussian_matrix(M, x)
+    assert torch.allclose(mc, exact, rtol=0.1)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+
+
+def test_cushions_and_effective_params():
+    model = _mlp()
+    x = torch.randn(64, 8)
+    cu = T.mlp_cushions(model, x)
+    for mu in cu["layer_cushion"]:
+        assert 0 < mu <= 1 + 1e-9
+    # noise sensitivity at a layer input is 1/mu^2 per sample (Prop. 5.3)
+    cmin = T.mlp_cushions(model, x, reduce="min")
+    for ns, mu in zip(cmin["noise_sensitivity"], cmin["layer_cushion"]):
+        assert abs(ns - 1 / mu ** 2) < 1e-6 * ns
+    assert abs(cu["interlayer_cushion"][0][0] - 1 / 4) < 1e-12
+    assert 0 < cu["activation_contraction"] <= 1
+    # J^{i,j} x^i = x^j without biases: check interlayer cushion on a biasless net
+    nb = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False))
+    c2 = T.mlp_cushions(nb, x)
+    ins, outs = T._preacts(nb, x)
+    J = nb[2].weight.double().unsqueeze(0) * (outs[0] > 0).double().unsqueeze(1)
+    assert torch.allclose((J @ outs[0].double().unsqueeze(-1)).squeeze(-1), outs[1].double(), atol=1e-5)
+    e51 = T.effective_params_thm51(model, x, gamma=1.0)
+    e57 = T.effective_params_thm57(model, x, gamma=1.0)
+    assert e51 > 0 and e57 > 0 and math.isfinite(e51) and math.isfinite(e57)
+
+
+def test_suzuki_dof_lambda_width_and_delta2():
+    mu = torch.tensor([10.0, 1.0, 0.1, 0.01, 0.001], dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    cov = Q @ torch.diag(mu) @ Q.T
+    assert abs(float(T.degrees_of_freedom(cov, 0.1)) - float((mu / (mu + 0.1)).sum())) < 1e-9
+    big = torch.exp(-0.1 * torch.arange(300, dtype=torch.float64))
+    for w in [60, 150, 250]:
+        lam = T.lambda_for_width(big, w)
+        N = float(T.degrees_of_freedom(big, lam))
+        assert w >= 5 * N * math.log(80 * N) - 1e-6
+        N2 = float(T.degrees_of_freedom(big, lam * 0.99))
+        assert w < 5 * N2 * math.log(80 * N2)
+    d_small = T.suzuki_delta2([8, 4, 3], 100, R=2.0, R_b=1.0, D_x=3.0)
+    d_big = T.suzuki_delta2([8, 16, 3], 100, R=2.0, R_b=1.0, D_x=3.0)
+    assert 0 < d_small < d_big
+    assert T.suzuki_bias_proxy([0.04, 0.09]) == pytest.approx(0.5)
+
+
+def test_spectral_capacity_and_table1():
+    model = _mlp()
+    x = torch.randn(200, 8)
+    y = torch.randint(0, 3, (200,))
+    cap = T.spectral_capacity(model, x, ratio=0.5)
+    assert cap["widths_pruned"] == [8, 8, 6, 3]
+    assert cap["delta2"] < cap["delta2_original"]
+    rows = T.intrinsic_dimensionality_table(model, x, y)
+    assert len(rows) == 3 and all(r["spec_prun"] <= r["original"] + 1e-9 for r in rows)
+    assert all(math.isfinite(r["arora"]) for r in rows)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    rows = T.intrinsic_dimensionality_table(cnn, torch.randn(20, 1, 8, 8))
+    assert rows[0]["original"] == 36 and math.isnan(rows[0]["arora"])
+
+
+def test_oracle_printed_convention_gives_distortion_D():
+    # with α = nD/(dσ'²) as printed under eq. (25), E[d_S] = D exactly (for D ≤ dσ'²/n)
+    g, w, X, Y, W = _sim(4000, seed=9)
+    D = 0.3
+    What = T.oracle_compress(W, w, D=D, n=N_, convention="printed", generator=g)
+    dist = T.linreg_empirical_risk(What, X, Y) - T.linreg_empirical_risk(W, X, Y)
+    assert abs(float(dist.mean()) - D) < 4 * float(dist.std()) / math.sqrt(dist.numel())
+    with pytest.raises(ValueError, match="alpha"):
+        T.oracle_compress(W, w, D=1.0, n=N_, convention="printed")
+
+
+def test_cushions_reject_non_mlp():
+    cnn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 36, 3))
+    with pytest.raises(ValueError, match="MLPs"):
+        T.mlp_cushions(cnn, torch.randn(4, 1, 8, 8))
+
+
+def test_eq12_and_theorem2():
+    R = torch.tensor([0.0, 10.0], dtype=torch.float64)
+    b = T.theorem2_bound(R, 2.0, N_, lambda r: T.theorem4_distortion_upper(r, D_, N_))
+    exp = torch.sqrt(2 * 2.0 / N_ * R) + T.theorem4_distortion_upper(R, D_, N_)
+    assert torch.allclose(b, exp)
+    assert float(T.eq12_bound(1.0, 100, 2.0, 0.5)) == pytest.approx(math.sqrt(0.04) + 0.5)
