@@ -12,6 +12,7 @@
 #include "common/runtime.h"
 #include "kmeans/kmeans.h"
 #include "hessian/hessian.h"
+#include "covariance/covariance.h"
 
 namespace py = pybind11;
 using namespace popcomp;
@@ -53,6 +54,28 @@ kmeans::Buffers kmeans_buffers(uintptr_t x, uintptr_t w, uintptr_t init_centers,
   b.cost = ptr<double>(cost);
   b.n_iter = ptr<int64_t>(n_iter);
   return b;
+}
+covariance::AccumParams cov_accum_params(int64_t B, int64_t S, int64_t m, int64_t sB, int64_t sS,
+                                         int64_t sm, int x_dtype, int acc_dtype) {
+  covariance::AccumParams p;
+  p.B = B;
+  p.S = S;
+  p.m = m;
+  p.sB = sB;
+  p.sS = sS;
+  p.sm = sm;
+  p.x_dtype = static_cast<DType>(x_dtype);
+  p.acc_dtype = static_cast<DType>(acc_dtype);
+  return p;
+}
+
+covariance::GreedyParams greedy_params(int64_t m, int64_t k, int dtype, double rel_guard) {
+  covariance::GreedyParams p;
+  p.m = m;
+  p.k = k;
+  p.dtype = static_cast<DType>(dtype);
+  p.rel_guard = rel_guard;
+  return p;
 }
 }  // namespace
 
@@ -144,5 +167,58 @@ PYBIND11_MODULE(_C, m) {
           hessian::sumsq_outer_cuda(p, ptr<const void>(g), ptr<const void>(x), ptr<float>(acc),
                                     device, ptr<void>(stream));
         });
+#endif
+
+  // ---- spectral pruning: covariance accumulation and greedy selection --------------------
+  m.def(
+      "covariance_accumulate_cpu",
+      [](uintptr_t x, int x_dtype, int64_t B, int64_t S, int64_t mm, int64_t sB, int64_t sS,
+         int64_t sm, uintptr_t acc, int acc_dtype, int num_threads) {
+        covariance::accumulate_cpu(cov_accum_params(B, S, mm, sB, sS, sm, x_dtype, acc_dtype),
+                                   ptr<const void>(x), ptr<void>(acc), num_threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "greedy_select_cpu",
+      [](uintptr_t cov, uintptr_t M, int dtype, int64_t mm, int64_t k, uintptr_t tau,
+         uintptr_t n0, uintptr_t L0, double rel_guard, uintptr_t idx, uintptr_t obj,
+         int num_threads) {
+        covariance::greedy_cpu(greedy_params(mm, k, dtype, rel_guard), ptr<const void>(cov),
+                               ptr<const void>(M), ptr<const double>(tau),
+                               ptr<const double>(n0), ptr<const double>(L0), ptr<int64_t>(idx),
+                               ptr<double>(obj), num_threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+#if defined(POPCOMP_WITH_CUDA)
+  m.def("covariance_accumulate_cuda_workspace",
+        [](int x_dtype, int64_t B, int64_t S, int64_t mm, int acc_dtype, int device) {
+          return covariance::accumulate_cuda_workspace_bytes(
+              cov_accum_params(B, S, mm, 0, 0, 1, x_dtype, acc_dtype), device);
+        });
+  m.def(
+      "covariance_accumulate_cuda",
+      [](uintptr_t x, int x_dtype, int64_t B, int64_t S, int64_t mm, int64_t sB, int64_t sS,
+         int64_t sm, uintptr_t acc, int acc_dtype, uintptr_t workspace, size_t workspace_bytes,
+         int device, uintptr_t stream) {
+        covariance::accumulate_cuda(cov_accum_params(B, S, mm, sB, sS, sm, x_dtype, acc_dtype),
+                                    ptr<const void>(x), ptr<void>(acc), ptr<void>(workspace),
+                                    workspace_bytes, device, ptr<void>(stream));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("greedy_select_cuda_workspace", [](int dtype, int64_t mm, int64_t k) {
+    return covariance::greedy_cuda_workspace_bytes(greedy_params(mm, k, dtype, 0.0));
+  });
+  m.def(
+      "greedy_select_cuda",
+      [](uintptr_t cov, uintptr_t M, int dtype, int64_t mm, int64_t k, uintptr_t tau,
+         uintptr_t n0, uintptr_t L0, double rel_guard, uintptr_t idx, uintptr_t obj,
+         uintptr_t workspace, size_t workspace_bytes, int device, uintptr_t stream) {
+        covariance::greedy_cuda(greedy_params(mm, k, dtype, rel_guard), ptr<const void>(cov),
+                                ptr<const void>(M), ptr<const double>(tau),
+                                ptr<const double>(n0), ptr<const double>(L0), ptr<int64_t>(idx),
+                                ptr<double>(obj), ptr<void>(workspace), workspace_bytes, device,
+                                ptr<void>(stream));
+      },
+      py::call_guard<py::gil_scoped_release>());
 #endif
 }

@@ -24,6 +24,7 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kHistMin = 32768;  // 16-bit inputs at least this long use the histogram
+constexpr int64_t kScatterMax = int64_t(1) << 18;  // up to this n, labels by the sort permutation
 
 // ---- element access --------------------------------------------------------------------
 // 16-bit pattern with -0 folded into +0 (equal values share one key).
@@ -170,6 +171,16 @@ struct Work {
   std::vector<int32_t> lut, ulab;
   std::vector<uint32_t> run;
 
+  // Bytes held (to bound what a thread keeps between calls).
+  size_t bytes() const {
+    size_t b = 0;
+    auto add = [&b](const auto& v) { b += v.capacity() * sizeof(v[0]); };
+    add(k64); add(t64); add(k32); add(t32); add(idx); add(tidx); add(hcnt); add(hw);
+    add(v); add(vo); add(W); add(s0); add(s1); add(s2); add(D1); add(d); add(J); add(ulab);
+    add(run); add(lut);
+    return b;
+  }
+
   Scratch scratch(int k) {
     Bk.resize(k + 1);
     Bk2.resize(k + 1);
@@ -193,6 +204,7 @@ struct Work {
 #endif
 
 constexpr int kBlock = 256;
+constexpr int64_t kLeafRows = 4;  // segments of <= this many rows are scanned flat
 
 PC_CLONES
 void eval_block(const double* __restrict s0, const double* __restrict s1,
@@ -238,10 +250,14 @@ struct DnC {
       for (int64_t lo = clo; lo <= chi; lo += kBlock) {
         const int n = (int)std::min<int64_t>(kBlock, chi - lo + 1);
         eval_block(s0, s1, s2, d, a0, a1, a2, lo, n, vals);
-        double mn = vals[0];
-        for (int t = 1; t < n; ++t) mn = vals[t] < mn ? vals[t] : mn;
+        double m4[4] = {kInf, kInf, kInf, kInf};  // independent chains
+        int t = 0;
+        for (; t + 4 <= n; t += 4)
+          for (int l = 0; l < 4; ++l) m4[l] = vals[t + l] < m4[l] ? vals[t + l] : m4[l];
+        for (; t < n; ++t) m4[0] = vals[t] < m4[0] ? vals[t] : m4[0];
+        const double mn = std::min(std::min(m4[0], m4[1]), std::min(m4[2], m4[3]));
         if (mn < best) {
-          int t = 0;
+          t = 0;
           while (vals[t] != mn) ++t;
           best = mn;
           bj = lo + t;
@@ -252,8 +268,18 @@ struct DnC {
     J[i] = (int32_t)bj;
   }
 
+  // A segment of few rows: every row scans the whole (valid) column range of the segment.
+  // More evaluations than the recursion, but independent ones, so the divisions pipeline.
+  void block(int64_t rlo, int64_t rhi, int64_t clo, int64_t chi) const {
+    for (int64_t i = rlo; i <= rhi; ++i) row(i, clo, chi);
+  }
+
   void solve(int64_t rlo, int64_t rhi, int64_t clo, int64_t chi) const {
     while (rlo <= rhi) {
+      if (rhi - rlo < kLeafRows) {
+        block(rlo, rhi, clo, chi);
+        return;
+      }
       const int64_t mid = (rlo + rhi) >> 1;
       row(mid, clo, chi);
       const int64_t jm = J[mid];
@@ -379,11 +405,14 @@ struct Solver {
     std::vector<Key>& tk = key_tmp();
     keys.resize(n);
     w.idx.resize(n);
+    // Large problems carry the (<= 32-bit) weight itself through the sort instead of the
+    // index: gathering weights through a random permutation costs more than the sort.
+    const bool carry_w = wt && DW != DType::f64 && n > kScatterMax;
     bool nonfinite = false;
     for (int64_t i = 0; i < n; ++i) {
       nonfinite |= !std::isfinite(E::get(x, i));
       keys[i] = E::key(x, i);
-      w.idx[i] = (uint32_t)i;
+      w.idx[i] = carry_w ? float_to_bits((float)Elem<DW>::get(wt, i)) : (uint32_t)i;
     }
     if (nonfinite) {
       status = kNonFiniteX;
@@ -401,7 +430,7 @@ struct Solver {
       const Key kk = keys[t];
       double ws = 0.0;
       do {
-        ws += wt ? Elem<DW>::get(wt, w.idx[t]) : 1.0;
+        ws += carry_w ? (double)bits_to_float(w.idx[t]) : (wt ? Elem<DW>::get(wt, w.idx[t]) : 1.0);
         w.run[t] = (uint32_t)u;
         ++t;
       } while (t < n && keys[t] == kk);
@@ -537,7 +566,7 @@ struct Solver {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
 #endif
       for (int64_t i = 0; i < n; ++i) lab[i] = lut[half_key(xb[i] == 0x8000u ? (uint16_t)0 : xb[i])];
-    } else if (n <= (int64_t(1) << 18) || nt == 1) {
+    } else if (n <= kScatterMax) {
       const uint32_t* idx = w.idx.data();
       const uint32_t* run = w.run.data();
       const int32_t* ul = w.ulab.data();
@@ -554,6 +583,20 @@ struct Solver {
     b.n_iter[row] = iters;
   }
 };
+
+// Each thread keeps its workspace between calls: fresh pages are expensive (first-touch
+// faults cost more than the sort itself at n = 1e6), so repeated calls reuse them. A thread
+// keeps at most kKeepBytes; larger workspaces are released after the call.
+constexpr size_t kKeepBytes = size_t(256) << 20;
+
+Work& thread_work() {
+  static thread_local Work w;
+  return w;
+}
+
+void trim_work(Work& w) {
+  if (w.bytes() > kKeepBytes) w = Work();
+}
 
 }  // namespace
 
@@ -582,7 +625,7 @@ Result run_cpu(const Params& p, const Buffers& b, int num_threads) {
 #pragma omp parallel num_threads(T)
 #endif
         {
-          Work w;
+          Work& w = thread_work();
           Solver<DX> s{p, w, 1};
 #if defined(POPCOMP_OPENMP)
 #pragma omp for schedule(dynamic, 1)
@@ -600,9 +643,10 @@ Result run_cpu(const Params& p, const Buffers& b, int num_threads) {
               }
             }
           }
+          trim_work(w);
         }
       } else {
-        Work w;
+        Work& w = thread_work();
         Solver<DX> s{p, w, T};
         for (int64_t r = 0; r < p.rows && bad_status == kOk; ++r) {
           s.template solve<DW>(r, b);
@@ -611,6 +655,7 @@ Result run_cpu(const Params& p, const Buffers& b, int num_threads) {
             bad_status = s.status;
           }
         }
+        trim_work(w);
       }
     });
   });

@@ -11,11 +11,16 @@ __version__ = "0.1.0"
 from . import _ops  # noqa: F401  (registers the torch.library ops)
 from ._backend import backends
 from .kmeans import KMeansResult, kmeans1d
+from .covariance import CovarianceAccumulator, GreedyResult, covariance_accumulate, greedy_select
+from . import prune
+from .prune import spectral_prune
 from . import hessian  # noqa: E402
 from .quantize import (  # noqa: E402
     PalettizeConfig, dequantize_, load, quantize_, save, select_beta, size_report,
 )
 
 __all__ = ["backends", "kmeans1d", "KMeansResult", "__version__"]
+__all__ += ["covariance_accumulate", "CovarianceAccumulator", "greedy_select", "GreedyResult",
+            "prune", "spectral_prune"]
 __all__ += ["hessian", "PalettizeConfig", "quantize_", "dequantize_", "save", "load",
             "size_report", "select_beta"]

@@ -45,6 +45,32 @@ def _sumsq_outer_acc_fake(acc, g, x):
     return None
 
 
+# ---- spectral pruning: covariance accumulation and greedy selection ------------------------
+# covariance_accumulate: x (N, m) or (B, m, S) (channels second, every s a sample; strided
+# views are read in place), acc (m, m) float32/float64 += x^T x, count (int64, 0-d) += samples.
+LIB.define("covariance_accumulate(Tensor x, Tensor(a!) acc, Tensor(b!) count) -> ()")
+
+
+@torch.library.register_fake("popcomp::covariance_accumulate")
+def _covariance_accumulate_fake(x, acc, count):
+    return None
+
+
+# greedy_select: cov (m, m) float32/float64 symmetric, tau (m,) float64 >= 0, theta in [0, 1],
+# Z (p, m) or None (Z = I). Returns the k chosen indices in order (int64) and the objective
+# L_tau^theta after each step (float64).
+LIB.define("greedy_select(Tensor cov, int k, Tensor tau, float theta, Tensor? Z) -> (Tensor, Tensor)")
+
+
+@torch.library.register_fake("popcomp::greedy_select")
+def _greedy_select_fake(cov, k, tau, theta, Z):
+    return (
+        cov.new_empty((k,), dtype=torch.int64),
+        cov.new_empty((k,), dtype=torch.float64),
+    )
+
+
 # Device kernels and references register themselves on import.
 from ._impl import kmeans as _impl_kmeans  # noqa: E402,F401
+from ._impl import covariance as _impl_covariance  # noqa: E402,F401
 from ._impl import hessian as _impl_hessian  # noqa: E402,F401
