@@ -3,7 +3,8 @@ BackPACK (backpack-for-pytorch, measured in the same run), and of popcomp.quanti
 
     python bench/bench_hessian.py [--device cuda] [--reps 10] [--quick]
 
-Ratios are times over the plain forward+backward of the same model and batch (lower is better).
+Ratios are minimum times over the minimum time of a plain forward+backward of the same model
+and batch, measured alternately with it (lower is better).
 Not a test: numbers depend on the machine; see bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ def _sync(dev):
 
 
 def timeit(fn, dev, reps, warmup=2):
+    """Minimum wall time of fn over reps (the minimum is the most robust statistic on a
+    machine shared with other jobs)."""
     for _ in range(warmup):
         fn()
     _sync(dev)
@@ -41,7 +44,19 @@ def timeit(fn, dev, reps, warmup=2):
         fn()
         _sync(dev)
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return min(ts)
+
+
+def paired(fa, fb, dev, reps, warmup=2):
+    """Minimum times of fa and fb, measured alternately so that both see the same load."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    for _ in range(reps):
+        ta.append(timeit(fa, dev, 1, 0))
+        tb.append(timeit(fb, dev, 1, 0))
+    return min(ta), min(tb)
 
 
 def mlp(sizes):
@@ -64,7 +79,7 @@ def bench_case(name, model, loss_fn, X, Y, dev, reps, methods, slow_peer=False):
     rows = []
     for method, bp_ext in methods:
         acc = H.HessianAccumulator(model, loss_fn, method, seed=0)
-        t_pc = timeit(lambda: acc.update(X, Y), dev, reps)
+        t_plain, t_pc = paired(plain, lambda: acc.update(X, Y), dev, reps)
         t_bp = None
         if backpack is not None and bp_ext is not None:
             bmodel, bloss = extend(model), extend(loss_fn)
@@ -76,7 +91,11 @@ def bench_case(name, model, loss_fn, X, Y, dev, reps, methods, slow_peer=False):
 
             try:
                 # BackPACK is very slow on long sequences: time it once after one warm-up there
-                t_bp = timeit(bp, dev, 1 if slow_peer else reps, warmup=1 if slow_peer else 2)
+                if slow_peer:
+                    t_bp = timeit(bp, dev, 1, warmup=1)
+                else:
+                    t_plain2, t_bp = paired(plain, bp, dev, reps)
+                    t_bp *= t_plain / t_plain2  # express against the plain time of this row
             except Exception as e:  # noqa: BLE001
                 print(f"   BackPACK {bp_ext.__name__} failed: {type(e).__name__}: {e}")
         line = f"   {method:<8} popcomp {t_pc * 1e3:9.2f} ms  {t_pc / t_plain:6.2f}x plain"

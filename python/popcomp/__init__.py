@@ -11,17 +11,19 @@ __version__ = "0.1.0"
 from . import _ops  # noqa: F401  (registers the torch.library ops)
 from ._backend import backends
 from .kmeans import KMeansResult, kmeans1d
-from . import hessian  # noqa: E402
-from .quantize import (  # noqa: E402
+from . import hessian
+from .quantize import (
     PalettizeConfig, dequantize_, load, quantize_, save, select_beta, size_report,
 )
-from .covariance import CovarianceAccumulator, GreedyResult, covariance_accumulate, greedy_select  # noqa: E402
-from . import prune  # noqa: E402
-from .prune import spectral_prune  # noqa: E402
-from . import data, theory  # noqa: F401,E402  (bounds/diagnostics; bundled digits)
+from .covariance import CovarianceAccumulator, GreedyResult, covariance_accumulate, greedy_select
+from . import prune
+from .prune import spectral_prune
+from . import data, theory  # noqa: F401  (bounds/diagnostics; bundled digits)
 
-__all__ = ["backends", "kmeans1d", "KMeansResult", "__version__"]
-__all__ += ["hessian", "PalettizeConfig", "quantize_", "dequantize_", "save", "load",
-            "size_report", "select_beta"]
-__all__ += ["covariance_accumulate", "CovarianceAccumulator", "greedy_select", "GreedyResult",
-            "prune", "spectral_prune"]
+__all__ = [
+    "__version__", "backends", "kmeans1d", "KMeansResult",
+    "hessian", "PalettizeConfig", "quantize_", "dequantize_", "save", "load", "size_report",
+    "select_beta",
+    "covariance_accumulate", "CovarianceAccumulator", "greedy_select", "GreedyResult",
+    "prune", "spectral_prune", "theory", "data",
+]
