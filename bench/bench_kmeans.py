@@ -57,7 +57,7 @@ def report(name, ours, peer, peer_name, target, ok, note=""):
     ROWS.append((name, f"{ours * 1e3:.1f} ms", peer_name, f"{peer * 1e3:.1f} ms" if peer else "-",
                  f"{ratio:.2f}x" if peer else "-", target, "PASS" if ok else "FAIL", note))
     print(f"{name:<42} ours {ours * 1e3:9.1f} ms | {peer_name:<28} {peer * 1e3:9.1f} ms | "
-          f"speed ratio {ratio:7.2f}x | target {target:<26} {'PASS' if ok else 'FAIL'} {note}")
+          f"peer/ours {ratio:7.2f}x | target {target:<26} {'PASS' if ok else 'FAIL'} {note}")
 
 
 def bench_single(n, quick):
@@ -167,7 +167,7 @@ def main():
         bench_cuda(args.quick)
     if args.markdown:
         with open(args.markdown, "a") as f:
-            f.write("| case | ours | peer | peer time | ratio | target | result | note |\n|---|---|---|---|---|---|---|---|\n")
+            f.write("| case | ours | peer | peer time | peer time / ours | target | result | note |\n|---|---|---|---|---|---|---|---|\n")
             for r in ROWS:
                 f.write("| " + " | ".join(r) + " |\n")
 
