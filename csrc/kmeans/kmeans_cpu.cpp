@@ -206,19 +206,7 @@ struct Work {
 constexpr int kBlock = 256;
 constexpr int64_t kLeafRows = 4;  // segments of <= this many rows are scanned flat
 
-PC_CLONES
-void eval_block(const double* __restrict s0, const double* __restrict s1,
-                const double* __restrict s2, const double* __restrict d, double a0, double a1,
-                double a2, int64_t lo, int n, double* __restrict out) {
-  for (int t = 0; t < n; ++t) {
-    const int64_t j = lo + t;
-    const double w = a0 - s0[j];
-    const double s = a1 - s1[j];
-    double c = (a2 - s2[j]) - s * s / (w > 0.0 ? w : 1.0);
-    c = c > 0.0 ? c : 0.0;
-    out[t] = d[j] + c;
-  }
-}
+#define PC_INLINE inline __attribute__((always_inline))
 
 struct DnC {
   const double* s0;
@@ -228,73 +216,102 @@ struct DnC {
   const int32_t* Jlow;  // J_{m-1}: J_m(i) >= J_{m-1}(i) (Knuth), or nullptr for m = 1
   double* Dcur;
   int32_t* J;
-
-  void row(int64_t i, int64_t clo, int64_t chi) const {
-    if (chi > i) chi = i;
-    if (Jlow && Jlow[i] > clo) clo = Jlow[i] <= chi ? Jlow[i] : chi;
-    const double a0 = s0[i + 1], a1 = s1[i + 1], a2 = s2[i + 1];
-    double best = kInf;
-    int64_t bj = clo;
-    if (chi - clo < 16) {  // short ranges (most rows): inline scalar loop
-      for (int64_t j = clo; j <= chi; ++j) {
-        const double w = a0 - s0[j], s = a1 - s1[j];
-        double c = (a2 - s2[j]) - s * s / (w > 0.0 ? w : 1.0);
-        const double v = d[j] + (c > 0.0 ? c : 0.0);
-        if (v < best) {
-          best = v;
-          bj = j;
-        }
-      }
-    } else {
-      double vals[kBlock];
-      for (int64_t lo = clo; lo <= chi; lo += kBlock) {
-        const int n = (int)std::min<int64_t>(kBlock, chi - lo + 1);
-        eval_block(s0, s1, s2, d, a0, a1, a2, lo, n, vals);
-        double m4[4] = {kInf, kInf, kInf, kInf};  // independent chains
-        int t = 0;
-        for (; t + 4 <= n; t += 4)
-          for (int l = 0; l < 4; ++l) m4[l] = vals[t + l] < m4[l] ? vals[t + l] : m4[l];
-        for (; t < n; ++t) m4[0] = vals[t] < m4[0] ? vals[t] : m4[0];
-        const double mn = std::min(std::min(m4[0], m4[1]), std::min(m4[2], m4[3]));
-        if (mn < best) {
-          t = 0;
-          while (vals[t] != mn) ++t;
-          best = mn;
-          bj = lo + t;
-        }
-      }
-    }
-    Dcur[i] = best;
-    J[i] = (int32_t)bj;
-  }
-
-  // A segment of few rows: every row scans the whole (valid) column range of the segment.
-  // More evaluations than the recursion, but independent ones, so the divisions pipeline.
-  void block(int64_t rlo, int64_t rhi, int64_t clo, int64_t chi) const {
-    for (int64_t i = rlo; i <= rhi; ++i) row(i, clo, chi);
-  }
-
-  void solve(int64_t rlo, int64_t rhi, int64_t clo, int64_t chi) const {
-    while (rlo <= rhi) {
-      if (rhi - rlo < kLeafRows) {
-        block(rlo, rhi, clo, chi);
-        return;
-      }
-      const int64_t mid = (rlo + rhi) >> 1;
-      row(mid, clo, chi);
-      const int64_t jm = J[mid];
-      if (mid - rlo < rhi - mid) {
-        solve(rlo, mid - 1, clo, jm);
-        rlo = mid + 1;
-        clo = jm;
-      } else {
-        solve(mid + 1, rhi, jm, chi);
-        rhi = mid - 1;
-        chi = jm;
-      }
-    }
-  }
 };
+
+// Row i: D_m(i) and its leftmost argmin over columns [max(clo, J_{m-1}(i)), min(chi, i)].
+// Values of a block of columns first (a loop the compiler vectorizes), then their minimum
+// with independent chains, then the first column attaining it.
+PC_INLINE void dnc_row(const DnC& L, int64_t i, int64_t clo, int64_t chi) {
+  if (chi > i) chi = i;
+  if (L.Jlow && L.Jlow[i] > clo) clo = L.Jlow[i] <= chi ? L.Jlow[i] : chi;
+  const double* __restrict s0 = L.s0;
+  const double* __restrict s1 = L.s1;
+  const double* __restrict s2 = L.s2;
+  const double* __restrict d = L.d;
+  const double a0 = s0[i + 1], a1 = s1[i + 1], a2 = s2[i + 1];
+  double best = kInf;
+  int64_t bj = clo;
+  if (chi - clo < 32) {  // short ranges (most rows): scalar, independent evaluations
+    for (int64_t j = clo; j <= chi; ++j) {
+      const double w = a0 - s0[j], s = a1 - s1[j];
+      const double c = (a2 - s2[j]) - s * s / (w > 0.0 ? w : 1.0);
+      const double v = d[j] + (c > 0.0 ? c : 0.0);
+      const bool b = v < best;
+      best = b ? v : best;
+      bj = b ? j : bj;
+    }
+    L.Dcur[i] = best;
+    L.J[i] = (int32_t)bj;
+    return;
+  }
+  alignas(64) double vals[kBlock];
+  for (int64_t lo = clo; lo <= chi; lo += kBlock) {
+    const int n = (int)std::min<int64_t>(kBlock, chi - lo + 1);
+    for (int t = 0; t < n; ++t) {
+      const double w = a0 - s0[lo + t];
+      const double s = a1 - s1[lo + t];
+      double c = (a2 - s2[lo + t]) - s * s / (w > 0.0 ? w : 1.0);
+      c = c > 0.0 ? c : 0.0;
+      vals[t] = d[lo + t] + c;
+    }
+    double mn;
+    if (n >= 8) {
+      double m4[4] = {kInf, kInf, kInf, kInf};
+      int t = 0;
+      for (; t + 4 <= n; t += 4)
+        for (int l = 0; l < 4; ++l) m4[l] = vals[t + l] < m4[l] ? vals[t + l] : m4[l];
+      for (; t < n; ++t) m4[0] = vals[t] < m4[0] ? vals[t] : m4[0];
+      mn = std::min(std::min(m4[0], m4[1]), std::min(m4[2], m4[3]));
+    } else {
+      mn = vals[0];
+      for (int t = 1; t < n; ++t) mn = vals[t] < mn ? vals[t] : mn;
+    }
+    if (mn < best) {
+      int t = 0;
+      while (vals[t] != mn) ++t;
+      best = mn;
+      bj = lo + t;
+    }
+  }
+  L.Dcur[i] = best;
+  L.J[i] = (int32_t)bj;
+}
+
+// Rows [rlo, rhi] of one layer with columns within [clo, chi], by divide and conquer on the
+// monotone argmin (explicit stack, no recursion, so that the whole layer is one function
+// compiled per instruction set). Segments of few rows are scanned flat.
+PC_CLONES
+void dnc_solve(const DnC& L, int64_t rlo, int64_t rhi, int64_t clo, int64_t chi) {
+  struct Seg {
+    int64_t rlo, rhi, clo, chi;
+  };
+  Seg stack[72];
+  int top = 0;
+  stack[top++] = Seg{rlo, rhi, clo, chi};
+  while (top > 0) {
+    Seg g = stack[--top];
+    while (g.rlo <= g.rhi) {
+      if (g.rhi - g.rlo < kLeafRows) {
+        for (int64_t i = g.rlo; i <= g.rhi; ++i) dnc_row(L, i, g.clo, g.chi);
+        break;
+      }
+      const int64_t mid = (g.rlo + g.rhi) >> 1;
+      dnc_row(L, mid, g.clo, g.chi);
+      const int64_t jm = L.J[mid];
+      // continue with the smaller half, push the larger: the stack stays O(log u) deep
+      if (mid - g.rlo < g.rhi - mid) {
+        stack[top++] = Seg{mid + 1, g.rhi, jm, g.chi};
+        g = Seg{g.rlo, mid - 1, g.clo, jm};
+      } else {
+        stack[top++] = Seg{g.rlo, mid - 1, g.clo, jm};
+        g = Seg{mid + 1, g.rhi, jm, g.chi};
+      }
+    }
+  }
+}
+
+PC_CLONES
+void dnc_row_entry(const DnC& L, int64_t i, int64_t clo, int64_t chi) { dnc_row(L, i, clo, chi); }
 
 // Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
 void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
@@ -316,7 +333,7 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
     const DnC L{s0, s1, s2, d, m > 1 ? w.J.data() + (size_t)(m - 1) * u : nullptr, Dcur,
                 w.J.data() + (size_t)m * u};
     if (m == k - 1) {  // only the last row matters
-      L.row(u - 1, m, u - 1);
+      dnc_row_entry(L, u - 1, m, u - 1);
       break;
     }
     const int64_t rlo = m, rhi = u - 1 - (k - 1 - m);
@@ -330,17 +347,17 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
 #if defined(POPCOMP_OPENMP)
 #pragma omp parallel for num_threads(T) schedule(static)
 #endif
-      for (int t = 1; t < T; ++t) L.row(piv[t], m, piv[t]);
+      for (int t = 1; t < T; ++t) dnc_row_entry(L, piv[t], m, piv[t]);
 #if defined(POPCOMP_OPENMP)
 #pragma omp parallel for num_threads(T) schedule(static)
 #endif
       for (int t = 0; t < T; ++t) {
         const int64_t clo = t == 0 ? m : L.J[piv[t]];
         const int64_t chi = t == T - 1 ? rhi : L.J[piv[t + 1]];
-        L.solve(piv[t] + 1, piv[t + 1] - 1, clo, chi);
+        dnc_solve(L, piv[t] + 1, piv[t + 1] - 1, clo, chi);
       }
     } else {
-      L.solve(rlo, rhi, m, rhi);
+      dnc_solve(L, rlo, rhi, m, rhi);
     }
     // D_m becomes d of the next layer; rows outside [rlo, rhi] are never used there
     for (int64_t i = rlo; i <= rhi; ++i) d[i + 1] = Dcur[i];
