@@ -52,6 +52,23 @@ __device__ __forceinline__ void stage(float (*dst)[TILE], const void* src, DType
   }
 }
 
+// c[u][v] += sum_k sa[k][ty + 16u] * sb[k][tx + 16v]: the 4x4 register tile of a thread.
+__device__ __forceinline__ void tile_fma(const float (*sa)[TILE], const float (*sb)[TILE], int ty,
+                                         int tx, float (&c)[4][4]) {
+#pragma unroll
+  for (int k = 0; k < KC; ++k) {
+    float av[4], bv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) av[u] = sa[k][ty + 16 * u];
+#pragma unroll
+    for (int v = 0; v < 4; ++v) bv[v] = sb[k][tx + 16 * v];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) c[u][v] = fmaf(av[u], bv[v], c[u][v]);
+  }
+}
+
 __global__ void __launch_bounds__(THREADS)
 sumsq_outer_kernel(SumSqParams p, const void* __restrict__ g, const void* __restrict__ x,
                    float* __restrict__ acc, int64_t samples_per_split) {
@@ -75,18 +92,7 @@ sumsq_outer_kernel(SumSqParams p, const void* __restrict__ g, const void* __rest
                          p.g_sr);
       stage<true, false>(sb, x, p.x_dtype, b0 * p.x_sb + i0 * p.x_si, p.x_sb, p.x_si, kc, ni, 1, 0);
       __syncthreads();
-#pragma unroll
-      for (int k = 0; k < KC; ++k) {
-        float av[4], bv[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) av[u] = sa[k][ty + 16 * u];
-#pragma unroll
-        for (int v = 0; v < 4; ++v) bv[v] = sb[k][tx + 16 * v];
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-#pragma unroll
-          for (int v = 0; v < 4; ++v) a[u][v] = fmaf(av[u], bv[v], a[u][v]);
-      }
+      tile_fma(sa, sb, ty, tx, a);
       __syncthreads();
     }
   } else {
@@ -104,18 +110,7 @@ sumsq_outer_kernel(SumSqParams p, const void* __restrict__ g, const void* __rest
           stage<false, false>(sb, x, p.x_dtype, b * p.x_sb + t0 * p.x_st + i0 * p.x_si, p.x_st,
                               p.x_si, kc, ni, 1, 0);
           __syncthreads();
-#pragma unroll
-          for (int k = 0; k < KC; ++k) {
-            float av[4], bv[4];
-#pragma unroll
-            for (int u = 0; u < 4; ++u) av[u] = sa[k][ty + 16 * u];
-#pragma unroll
-            for (int v = 0; v < 4; ++v) bv[v] = sb[k][tx + 16 * v];
-#pragma unroll
-            for (int u = 0; u < 4; ++u)
-#pragma unroll
-              for (int v = 0; v < 4; ++v) m[u][v] = fmaf(av[u], bv[v], m[u][v]);
-          }
+          tile_fma(sa, sb, ty, tx, m);
           __syncthreads();
         }
 #pragma unroll
