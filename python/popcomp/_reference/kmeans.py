@@ -37,7 +37,6 @@ def _exact_partition(v, s0, s1, s2, k):
     """Boundaries (k+1,) of an optimal contiguous k-partition of the u sorted values."""
     u = v.numel()
     dev = v.device
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
     idx = torch.arange(u, device=dev)
     D = _seg_cost(s0, s1, s2, torch.zeros_like(idx), idx + 1)  # one cluster over [0, i]
     Js = []
@@ -75,7 +74,6 @@ def _exact_partition(v, s0, s1, s2, k):
             )
         D = Dn
         Js.append(J)
-    del inf
     B = [u]
     i = u - 1
     for m in range(k - 1, 0, -1):
@@ -132,8 +130,11 @@ def _objective(v, W, c, beta, diameter):
 
 def _lloyd(v, W, s0, s1, s2, c, beta, diameter, max_iter, tol):
     c = torch.sort(c).values
-    k = c.numel()
-    B = torch.cat([c.new_zeros(1, dtype=torch.long), torch.searchsorted(v, 0.5 * (c[1:] + c[:-1]), right=True), torch.tensor([v.numel()], device=v.device)])
+    B = torch.cat([
+        c.new_zeros(1, dtype=torch.long),
+        torch.searchsorted(v, 0.5 * (c[1:] + c[:-1]), right=True),
+        torch.tensor([v.numel()], device=v.device),
+    ])
     f = _objective(v, W, c, beta, diameter)
     it = 0
     while it < max_iter:

@@ -34,6 +34,17 @@ def progress(it, **kw):
                 dynamic_ncols=True, leave=False, **kw)
 
 
+def start(args):
+    """Common start of a training experiment: output folder, device (and CPU threads), clock."""
+    import time
+
+    out = ensure_out(args.out)
+    dev = resolve_device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(args.threads)
+    return out, dev, time.time()
+
+
 def ensure_out(path: str) -> str:
     try:
         os.makedirs(path, exist_ok=True)

@@ -17,8 +17,9 @@ from torch import nn
 
 from .. import theory as T
 from ..data import load_digits, subset
-from ._common import (UserError, ensure_out, progress, pyplot, resolve_device, savefig, write_json,
-                      write_table)
+from ._common import (
+    UserError, progress, pyplot, savefig, start, write_json, write_table
+)
 from ._nn import evaluate, make_mlp
 from .spectral import _train_adam
 
@@ -49,11 +50,7 @@ def run(args) -> Dict[str, object]:
     if args.quick:
         args.epochs = min(args.epochs, 15)
     validate(args)
-    out = ensure_out(args.out)
-    dev = resolve_device(args.device)
-    if dev.type == "cpu":
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
+    out, dev, t0 = start(args)
     data = load_digits(device=dev)
     x, y, _ = subset(data.x_train, data.y_train, args.fraction, seed=args.seed)
     torch.manual_seed(args.seed)

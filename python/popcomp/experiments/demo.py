@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from ..data import load_digits
-from ._common import (UserError, ensure_out, markdown_table, progress, pyplot, resolve_device, savefig,
-                      write_json, write_table)
+from ._common import (
+    UserError, markdown_table, progress, pyplot, savefig, start, write_json, write_table
+)
 from ._nn import evaluate, hessian_diagonal, make_mlp, n_params, train
 
 BETAS = (1e-4, 1e-3, 1e-2, 3e-2, 0.1)
@@ -102,11 +103,7 @@ def run(args) -> Dict[str, object]:
         if args.keep == "0.5,0.25":
             args.keep = "0.5"
     validate(args)
-    out = ensure_out(args.out)
-    dev = resolve_device(args.device)
-    if dev.type == "cpu":
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
+    out, dev, t0 = start(args)
     data = load_digits(device=dev)
     g = torch.Generator().manual_seed(args.seed)
     perm = torch.randperm(data.x_train.shape[0], generator=g).to(dev)

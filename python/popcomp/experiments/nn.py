@@ -34,8 +34,9 @@ from typing import Dict, List
 import torch
 
 from ..data import load_digits, subset
-from ._common import (UserError, ensure_out, mean_se, progress, pyplot, resolve_device, savefig,
-                      write_json, write_table)
+from ._common import (
+    UserError, mean_se, progress, pyplot, savefig, start, write_json, write_table
+)
 from ._nn import entropy_bits, evaluate, hessian_diagonal, make_mlp, train
 
 
@@ -99,11 +100,7 @@ def run(args) -> Dict[str, object]:
         if args.betas == "0,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1":
             args.betas = "0,1e-3,1e-2"
     validate(args)
-    out = ensure_out(args.out)
-    dev = resolve_device(args.device)
-    if dev.type == "cpu":
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
+    out, dev, t0 = start(args)
     import popcomp
 
     data = load_digits(device=dev)

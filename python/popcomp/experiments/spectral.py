@@ -22,8 +22,9 @@ import torch
 
 from .. import theory as T
 from ..data import load_digits
-from ._common import (UserError, ensure_out, progress, pyplot, resolve_device, savefig, write_json,
-                      write_table)
+from ._common import (
+    UserError, progress, pyplot, savefig, start, write_json, write_table
+)
 from ._nn import evaluate, make_cnn, make_mlp, n_params
 
 
@@ -78,11 +79,7 @@ def run(args) -> Dict[str, object]:
         if args.rates == "0.1,0.25,0.5":
             args.rates = "0.25,0.5"
     validate(args)
-    out = ensure_out(args.out)
-    dev = resolve_device(args.device)
-    if dev.type == "cpu":
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
+    out, dev, t0 = start(args)
     flat = load_digits(device=dev)
     img = load_digits(images=True, device=dev)
     torch.manual_seed(args.seed)
