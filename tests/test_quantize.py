@@ -228,3 +228,21 @@ def test_select_beta_cross_validation():
     with torch.no_grad():
         ref = float(nn.functional.cross_entropy(m(X[40:]), Y[40:]))
     assert sel.table[1]["val_loss"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_evaluate_loss_uses_eval_mode_and_restores_it():
+    # validation losses (select_beta) must not depend on dropout noise; the mode is restored
+    from popcomp.quantize import evaluate_loss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    model.train()
+    data = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(3)]
+    a = evaluate_loss(model, nn.CrossEntropyLoss(), data)
+    b = evaluate_loss(model, nn.CrossEntropyLoss(), data)
+    assert a == b
+    model.eval()
+    assert evaluate_loss(model, nn.CrossEntropyLoss(), data) == a
+    model.train()
+    evaluate_loss(model, nn.CrossEntropyLoss(), data)
+    assert model.training and model[2].training
