@@ -165,11 +165,7 @@ void accumulate_impl(const AccumParams& p, const void* x, A* acc, int nt) {
   const int64_t nbb = (m + BB - 1) / BB;
 #pragma omp parallel num_threads(nt)
   {
-#if defined(POPCOMP_OPENMP)
-    const int team = omp_get_num_threads();
-#else
-    const int team = 1;
-#endif
+    const int team = team_size();
     const int tid = thread_id();
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < (int64_t)nbuf * m; ++i) std::fill(C.get() + i * m, C.get() + (i + 1) * m, A(0));
@@ -328,11 +324,7 @@ struct Greedy {
     const int64_t nch = (m + CH - 1) / CH;
 #pragma omp parallel num_threads(nt)
     {
-#if defined(POPCOMP_OPENMP)
-      const int team = omp_get_num_threads();
-#else
-      const int team = 1;
-#endif
+      const int team = team_size();
       const int tid = thread_id();
       std::vector<double> col(k + 1);
       double L = L0;
