@@ -108,6 +108,34 @@ def test_exact_matches_ckwrap():
         assert float(r.cost) <= ref_cost * (1 + 1e-12)
 
 
+def test_exact_wide_rows_match_ckwrap():
+    """Problems large enough for the lower-bound blocks of wide DP rows (>= 2048 columns) and for
+    the split across threads: normal values, gapped clusters (where a row's values are far from
+    unimodal), heavy tails and repeated values."""
+    ckwrap = pytest.importorskip("ckwrap")
+    rng = np.random.default_rng(11)
+    n = 60000
+    gapped = np.concatenate([rng.normal(c, 0.05, n // 6) for c in (-9, -4, -3.5, 0, 6, 6.2)])
+    heavy = rng.standard_t(1.5, n)
+    repeats = np.round(rng.standard_normal(n) * 50) / 10  # about 600 distinct values
+    for x, k in [(rng.standard_normal(n), 12), (gapped, 12), (heavy, 16), (repeats, 9)]:
+        w = rng.random(x.size) + 0.01
+        w[rng.random(x.size) < 0.05] = 0.0
+        ref = ckwrap.ckmeans(x, k, weights=w)
+        ref_cost = objective(torch.from_numpy(x), torch.from_numpy(w),
+                             torch.from_numpy(np.asarray(ref.centers, dtype=np.float64)),
+                             torch.from_numpy(np.asarray(ref.labels)))
+        before = torch.get_num_threads()
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                r = popcomp.kmeans1d(torch.from_numpy(x), k, torch.from_numpy(w), method="exact")
+            finally:
+                torch.set_num_threads(before)
+            assert float(r.cost) == pytest.approx(ref_cost, rel=1e-9)
+            assert float(r.cost) <= ref_cost * (1 + 1e-12)
+
+
 @pytest.mark.parametrize("beta,diameter", [(0.0, "squared"), (5.0, "squared"), (2.0, "linear")])
 def test_lloyd_objective_is_monotone(beta, diameter):
     x = torch.randn(5000, dtype=torch.float64) ** 3

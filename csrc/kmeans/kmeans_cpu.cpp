@@ -2,8 +2,9 @@
 //
 // Per problem: radix sort (or, for large 16-bit inputs, a 65536-bin weighted histogram) to the
 // u sorted distinct values with summed weights, prefix sums, then
-//   exact : optimal k-partition by dynamic programming, each layer's row minima found with
-//           SMAWK (O(k u) time, O(n + k u) memory), split across threads at pivot rows;
+//   exact : optimal k-partition by dynamic programming, each layer's row minima found by
+//           divide and conquer on the monotone argmin (O(k u log u) evaluations, O(n + k u)
+//           memory), split across threads at pivot rows;
 //   lloyd : O(k log u) Lloyd iterations on the prefix sums (kmeans_math.h, shared with CUDA);
 // then one pass over the original values for labels and the cost.
 #include <algorithm>
@@ -13,6 +14,9 @@
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
 
 #include "common/parallel.h"
 #include "kmeans/kmeans.h"
@@ -162,7 +166,7 @@ struct Work {
   std::vector<uint32_t> hcnt;
   std::vector<double> hw;
   std::vector<double> v, vo, W, s0, s1, s2;
-  std::vector<double> D1, d;
+  std::vector<double> D1, d, blocks;
   std::vector<int32_t> J;
   std::vector<int64_t> Bk, Bk2;
   std::vector<double> dk[6];
@@ -176,7 +180,7 @@ struct Work {
     size_t b = 0;
     auto add = [&b](const auto& v) { b += v.capacity() * sizeof(v[0]); };
     add(k64); add(t64); add(k32); add(t32); add(idx); add(tidx); add(hcnt); add(hw);
-    add(v); add(vo); add(W); add(s0); add(s1); add(s2); add(D1); add(d); add(J); add(ulab);
+    add(v); add(vo); add(W); add(s0); add(s1); add(s2); add(D1); add(d); add(blocks); add(J); add(ulab);
     add(run); add(lut);
     return b;
   }
@@ -193,20 +197,12 @@ struct Work {
 
 // ---- exact DP ------------------------------------------------------------------------------
 // Layer m of the DP:  D_m(i) = min_{j in [m, i]}  D_{m-1}(j-1) + cost(j, i),  and the leftmost
-// argmin J_m(i) is non-decreasing in i (the cost is Monge). Rows are solved by divide and
-// conquer on that monotonicity; every row scans a contiguous column range, evaluated in
-// blocks by a loop the compiler vectorizes (AVX-512 / AVX2 clones chosen at run time), so
-// the O(u log u) evaluations per layer run at throughput rather than latency.
-#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define PC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PC_CLONES
-#endif
-
-constexpr int kBlock = 256;
-constexpr int64_t kLeafRows = 4;  // segments of <= this many rows are scanned flat
-
-#define PC_INLINE inline __attribute__((always_inline))
+// argmin J_m(i) is non-decreasing in i (the cost is Monge). Each layer is solved by divide and
+// conquer on that monotonicity down to cache-sized segments, then row strides within them
+// (dp_layer.inc); every row scans a contiguous column range at vector throughput.
+constexpr int64_t kPB = 64;           // columns per lower-bound block of a wide row
+constexpr int64_t kPruneMin = 2048;   // rows with at least this many columns use the blocks
+constexpr int64_t kCacheRows = 16384;  // segments of fewer rows are solved stride by stride
 
 struct DnC {
   const double* s0;
@@ -216,148 +212,183 @@ struct DnC {
   const int32_t* Jlow;  // J_{m-1}: J_m(i) >= J_{m-1}(i) (Knuth), or nullptr for m = 1
   double* Dcur;
   int32_t* J;
+  // Lower-bound blocks (nullptr when u < kPB): bd[b] = d[b kPB], the first column of block b;
+  // b0/b1/b2[b] = s0/s1/s2[b kPB + kPB - 1], its last column; lb: this thread's scratch.
+  const double* bd;
+  const double* b0;
+  const double* b1;
+  const double* b2;
+  double* lb;
+  double margin;  // rounding slack of a block's lower bound (absolute)
 };
 
-// Row i: D_m(i) and its leftmost argmin over columns [max(clo, J_{m-1}(i)), min(chi, i)].
+// Cost of one segment from its weight, first and second moments (the DP's form: zero weight
+// gives zero, rounding below zero is clamped).
+inline __attribute__((always_inline)) double seg_cost_dp(double w, double s, double q) {
+  const double c = q - s * s / (w > 0.0 ? w : 1.0);
+  return c > 0.0 ? c : 0.0;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define PC_X86_DISPATCH 1
+#endif
+
+namespace dp_portable {
+#if defined(PC_X86_DISPATCH)
+#define PC_LAYER_TARGET __attribute__((target_clones("avx2", "default")))
+#else
+#define PC_LAYER_TARGET
+#endif
+constexpr int kBlock = 256;
 // Values of a block of columns first (a loop the compiler vectorizes), then their minimum
 // with independent chains, then the first column attaining it.
-PC_INLINE void dnc_row(const DnC& L, int64_t i, int64_t clo, int64_t chi) {
-  if (chi > i) chi = i;
-  if (L.Jlow && L.Jlow[i] > clo) clo = L.Jlow[i] <= chi ? L.Jlow[i] : chi;
+inline __attribute__((always_inline)) void scan(const DnC& L, int64_t i, int64_t lo0, int64_t hi,
+                                                double& best, int64_t& bj) {
   const double* __restrict s0 = L.s0;
   const double* __restrict s1 = L.s1;
   const double* __restrict s2 = L.s2;
   const double* __restrict d = L.d;
   const double a0 = s0[i + 1], a1 = s1[i + 1], a2 = s2[i + 1];
-  double best = kInf;
-  int64_t bj = clo;
-  if (chi - clo < 32) {  // short ranges (most rows): scalar, independent evaluations
-    for (int64_t j = clo; j <= chi; ++j) {
-      const double w = a0 - s0[j], s = a1 - s1[j];
-      const double c = (a2 - s2[j]) - s * s / (w > 0.0 ? w : 1.0);
-      const double v = d[j] + (c > 0.0 ? c : 0.0);
-      const bool b = v < best;
-      best = b ? v : best;
-      bj = b ? j : bj;
-    }
-    L.Dcur[i] = best;
-    L.J[i] = (int32_t)bj;
-    return;
-  }
   alignas(64) double vals[kBlock];
-  for (int64_t lo = clo; lo <= chi; lo += kBlock) {
-    const int n = (int)std::min<int64_t>(kBlock, chi - lo + 1);
-    for (int t = 0; t < n; ++t) {
-      const double w = a0 - s0[lo + t];
-      const double s = a1 - s1[lo + t];
-      double c = (a2 - s2[lo + t]) - s * s / (w > 0.0 ? w : 1.0);
-      c = c > 0.0 ? c : 0.0;
-      vals[t] = d[lo + t] + c;
-    }
-    double mn;
-    if (n >= 8) {
-      double m4[4] = {kInf, kInf, kInf, kInf};
-      int t = 0;
-      for (; t + 4 <= n; t += 4)
-        for (int l = 0; l < 4; ++l) m4[l] = vals[t + l] < m4[l] ? vals[t + l] : m4[l];
-      for (; t < n; ++t) m4[0] = vals[t] < m4[0] ? vals[t] : m4[0];
-      mn = std::min(std::min(m4[0], m4[1]), std::min(m4[2], m4[3]));
-    } else {
-      mn = vals[0];
-      for (int t = 1; t < n; ++t) mn = vals[t] < mn ? vals[t] : mn;
-    }
-    if (mn < best) {
-      int t = 0;
-      while (vals[t] != mn) ++t;
+  for (int64_t lo = lo0; lo <= hi; lo += kBlock) {
+    const int n = (int)std::min<int64_t>(kBlock, hi - lo + 1);
+    for (int t = 0; t < n; ++t)
+      vals[t] = d[lo + t] + seg_cost_dp(a0 - s0[lo + t], a1 - s1[lo + t], a2 - s2[lo + t]);
+    double m4[4] = {kInf, kInf, kInf, kInf};
+    int t = 0;
+    for (; t + 4 <= n; t += 4)
+      for (int l = 0; l < 4; ++l) m4[l] = vals[t + l] < m4[l] ? vals[t + l] : m4[l];
+    for (; t < n; ++t) m4[0] = vals[t] < m4[0] ? vals[t] : m4[0];
+    const double mn = std::min(std::min(m4[0], m4[1]), std::min(m4[2], m4[3]));
+    if (mn < best || (mn == best && lo < bj)) {
+      int f = 0;
+      while (vals[f] != mn) ++f;
+      if (mn < best || lo + f < bj) bj = lo + f;
       best = mn;
-      bj = lo + t;
     }
   }
-  L.Dcur[i] = best;
-  L.J[i] = (int32_t)bj;
 }
+#include "kmeans/dp_layer.inc"
+#undef PC_LAYER_TARGET
+}  // namespace dp_portable
 
-// Rows [rlo, rhi] of one layer with columns within [clo, chi], by divide and conquer on the
-// monotone argmin (explicit stack, no recursion, so that the whole layer is one function
-// compiled per instruction set). Segments of few rows are scanned flat.
-PC_CLONES
-void dnc_solve(const DnC& L, int64_t rlo, int64_t rhi, int64_t clo, int64_t chi) {
-  struct Seg {
-    int64_t rlo, rhi, clo, chi;
+#if defined(PC_X86_DISPATCH)
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace dp_avx512 {
+#define PC_LAYER_TARGET
+// Eight columns a step in registers: running minimum and its column per lane (strict <
+// keeps the first), a masked final step, then the least column among the lanes at the
+// minimum. No stores and no second pass, so short rows cost one or two steps.
+inline __attribute__((always_inline)) void scan(const DnC& L, int64_t i, int64_t lo, int64_t hi,
+                                                double& best_out, int64_t& bj_out) {
+  if (hi < lo) return;
+  const __m512d a0 = _mm512_set1_pd(L.s0[i + 1]), a1 = _mm512_set1_pd(L.s1[i + 1]),
+                a2 = _mm512_set1_pd(L.s2[i + 1]);
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0),
+                inf = _mm512_set1_pd(kInf);
+  __m512d best = inf;
+  __m512i bidx = _mm512_setzero_si512();
+  __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(lo), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  auto step = [&](__mmask8 m, int64_t j) {
+    __m512d w = _mm512_sub_pd(a0, _mm512_mask_loadu_pd(one, m, L.s0 + j));
+    const __m512d s = _mm512_sub_pd(a1, _mm512_maskz_loadu_pd(m, L.s1 + j));
+    const __m512d q = _mm512_sub_pd(a2, _mm512_maskz_loadu_pd(m, L.s2 + j));
+    w = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(w, zero, _CMP_GT_OQ), one, w);
+    const __m512d c = _mm512_max_pd(_mm512_sub_pd(q, _mm512_div_pd(_mm512_mul_pd(s, s), w)), zero);
+    const __m512d v = _mm512_add_pd(_mm512_mask_loadu_pd(inf, m, L.d + j), c);
+    const __mmask8 lt = _mm512_mask_cmp_pd_mask(m, v, best, _CMP_LT_OQ);
+    best = _mm512_mask_blend_pd(lt, best, v);
+    bidx = _mm512_mask_blend_epi64(lt, bidx, idx);
+    idx = _mm512_add_epi64(idx, _mm512_set1_epi64(8));
   };
-  Seg stack[72];
-  int top = 0;
-  stack[top++] = Seg{rlo, rhi, clo, chi};
-  while (top > 0) {
-    Seg g = stack[--top];
-    while (g.rlo <= g.rhi) {
-      if (g.rhi - g.rlo < kLeafRows) {
-        for (int64_t i = g.rlo; i <= g.rhi; ++i) dnc_row(L, i, g.clo, g.chi);
-        break;
-      }
-      const int64_t mid = (g.rlo + g.rhi) >> 1;
-      dnc_row(L, mid, g.clo, g.chi);
-      const int64_t jm = L.J[mid];
-      // continue with the smaller half, push the larger: the stack stays O(log u) deep
-      if (mid - g.rlo < g.rhi - mid) {
-        stack[top++] = Seg{mid + 1, g.rhi, jm, g.chi};
-        g = Seg{g.rlo, mid - 1, g.clo, jm};
-      } else {
-        stack[top++] = Seg{g.rlo, mid - 1, g.clo, jm};
-        g = Seg{mid + 1, g.rhi, jm, g.chi};
-      }
-    }
+  int64_t j = lo;
+  for (; j + 8 <= hi + 1; j += 8) step((__mmask8)0xff, j);
+  if (j <= hi) step((__mmask8)((1u << (hi - j + 1)) - 1), j);
+  const double mn = _mm512_reduce_min_pd(best);
+  const __mmask8 at = _mm512_cmp_pd_mask(best, _mm512_set1_pd(mn), _CMP_EQ_OQ);
+  const int64_t col = _mm512_mask_reduce_min_epi64(at, bidx);
+  if (mn < best_out || (mn == best_out && col < bj_out)) {
+    best_out = mn;
+    bj_out = col;
   }
 }
+#include "kmeans/dp_layer.inc"
+#undef PC_LAYER_TARGET
+}  // namespace dp_avx512
+#pragma GCC pop_options
+#endif
 
-PC_CLONES
-void dnc_row_entry(const DnC& L, int64_t i, int64_t clo, int64_t chi) { dnc_row(L, i, clo, chi); }
+using LayerFn = void (*)(const DnC&, int64_t, int64_t, int64_t, int64_t);
+LayerFn layer_solver() {
+#if defined(PC_X86_DISPATCH)
+  static const LayerFn f = __builtin_cpu_supports("avx512f") ? &dp_avx512::solve : &dp_portable::solve;
+  return f;
+#else
+  return &dp_portable::solve;
+#endif
+}
 
 // Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
 void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
   const double* s0 = w.s0.data();
   const double* s1 = w.s1.data();
   const double* s2 = w.s2.data();
+  const LayerFn solve = layer_solver();
   w.d.resize(u + 1);
   w.D1.resize(u);
   w.J.resize((size_t)k * u);
   double* d = w.d.data();
   double* Dcur = w.D1.data();
   d[0] = kInf;
-  for (int64_t i = 0; i < u; ++i) {  // layer 0: one cluster over [0, i]
-    const double ww = s0[i + 1], s = s1[i + 1];
-    const double c = s2[i + 1] - s * s / (ww > 0.0 ? ww : 1.0);
-    d[i + 1] = c > 0.0 ? c : 0.0;
+  for (int64_t i = 0; i < u; ++i) d[i + 1] = seg_cost_dp(s0[i + 1], s1[i + 1], s2[i + 1]);
+  const int T = threads > 1 && u - k > 16384 ? threads : 1;
+  const int64_t nb = u / kPB;
+  w.blocks.resize(4 * (size_t)nb + (size_t)T * (nb + 1));
+  double* bd = w.blocks.data();
+  double* b0 = bd + nb;
+  double* b1 = b0 + nb;
+  double* b2 = b1 + nb;
+  for (int64_t b = 0; b < nb; ++b) {
+    b0[b] = s0[b * kPB + kPB - 1];
+    b1[b] = s1[b * kPB + kPB - 1];
+    b2[b] = s2[b * kPB + kPB - 1];
   }
+  // The prefix sums are in coordinates centred on the median; their rounding bounds that of
+  // any segment cost or DP value.
+  const double margin = 1e-12 * (std::fabs(s2[u]) + std::fabs(s1[u]) + 1e-300);
   for (int m = 1; m < k; ++m) {
-    const DnC L{s0, s1, s2, d, m > 1 ? w.J.data() + (size_t)(m - 1) * u : nullptr, Dcur,
-                w.J.data() + (size_t)m * u};
+    for (int64_t b = 0; b < nb; ++b) bd[b] = d[b * kPB];
+    DnC L{s0, s1, s2, d, m > 1 ? w.J.data() + (size_t)(m - 1) * u : nullptr, Dcur,
+          w.J.data() + (size_t)m * u, nb > 0 ? bd : nullptr, b0, b1, b2, b2 + nb, margin};
     if (m == k - 1) {  // only the last row matters
-      dnc_row_entry(L, u - 1, m, u - 1);
+      solve(L, u - 1, u - 1, m, u - 1);
       break;
     }
     const int64_t rlo = m, rhi = u - 1 - (k - 1 - m);
-    if (threads > 1 && rhi - rlo > 16384) {
-      // split the rows at pivots solved first; the halves are independent
-      const int T = threads;
+    if (T > 1) {
+      // split the rows at pivots solved first; the parts are independent
       std::vector<int64_t> piv(T + 1);
       piv[0] = rlo - 1;
       piv[T] = rhi + 1;
       for (int t = 1; t < T; ++t) piv[t] = rlo + (rhi - rlo + 1) * t / T;
 #if defined(POPCOMP_OPENMP)
-#pragma omp parallel for num_threads(T) schedule(static)
+#pragma omp parallel num_threads(T)
 #endif
-      for (int t = 1; t < T; ++t) dnc_row_entry(L, piv[t], m, piv[t]);
+      {
+        const int t = thread_id();
+        DnC Lt = L;
+        Lt.lb = L.lb + (size_t)t * (nb + 1);
+        if (t > 0) solve(Lt, piv[t], piv[t], m, piv[t]);
 #if defined(POPCOMP_OPENMP)
-#pragma omp parallel for num_threads(T) schedule(static)
+#pragma omp barrier
 #endif
-      for (int t = 0; t < T; ++t) {
         const int64_t clo = t == 0 ? m : L.J[piv[t]];
         const int64_t chi = t == T - 1 ? rhi : L.J[piv[t + 1]];
-        dnc_solve(L, piv[t] + 1, piv[t + 1] - 1, clo, chi);
+        solve(Lt, piv[t] + 1, piv[t + 1] - 1, clo, chi);
       }
     } else {
-      dnc_solve(L, rlo, rhi, m, rhi);
+      solve(L, rlo, rhi, m, rhi);
     }
     // D_m becomes d of the next layer; rows outside [rlo, rhi] are never used there
     for (int64_t i = rlo; i <= rhi; ++i) d[i + 1] = Dcur[i];
