@@ -421,3 +421,25 @@ def test_pruned_model_runs_without_popcomp(tmp_path):
         "assert not any(k.startswith('popcomp') for k in sys.modules), 'popcomp was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_train_mode_and_mixed_modes_are_kept():
+    # calibration runs in eval mode (BatchNorm running statistics, no dropout), the input model
+    # keeps its state and the mode of every submodule, and the pruned copy gets the same modes
+    model = cnn()
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a model in train mode
+    modes = [m.training for m in model.modules()]
+    before = _state(model)
+    X = torch.randn(24, 3, 8, 8, dtype=F64)
+    pm, rep = popcomp.spectral_prune(model, X, widths={"0": 12, "4": 16}, tau=0.0, progress=False)
+    assert [m.training for m in model.modules()] == modes
+    assert _same_state(before, _state(model))
+    assert [m.training for m in pm.modules()] == modes
+    # every unit kept with tau = 0: the eval-mode outputs agree, so the BatchNorm running
+    # statistics (not the batch statistics) were used for the covariances
+    model.eval()
+    pm.eval()
+    with torch.no_grad():
+        assert torch.allclose(pm(X), model(X), atol=1e-9)
+    assert rep.relative_error < 1e-9

@@ -580,6 +580,17 @@ class PruneReport:
         return "\n".join(lines)
 
 
+def _modes(model: nn.Module) -> Dict[str, bool]:
+    """The train/eval flag of every submodule, by name (modes may be mixed)."""
+    return {name: mod.training for name, mod in model.named_modules()}
+
+
+def _restore_modes(model: nn.Module, modes: Dict[str, bool]) -> None:
+    for name, mod in model.named_modules():
+        if name in modes:
+            mod.training = modes[name]
+
+
 def _per_layer(spec, name: str, index: int, what: str = ""):
     if isinstance(spec, dict):
         return spec.get(name)
@@ -663,7 +674,7 @@ def spectral_prune(
     batches = _batches(data)
 
     work = copy.deepcopy(model)
-    was_training = model.training
+    modes = _modes(model)  # per module: a model may mix train and eval submodules
     work.eval()
 
     # ---- one pass: covariances at every active layer (original network)
@@ -765,7 +776,6 @@ def spectral_prune(
 
     # ---- report
     first = next(iter(batches))
-    model_mode = model.training
     model.eval()
     try:
         flops_before = _count_flops(model, first, forward, device)
@@ -782,9 +792,9 @@ def spectral_prune(
                 if max_batches is not None and seen >= max_batches:
                     break
     finally:
-        model.train(model_mode)
+        _restore_modes(model, modes)
     rel = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else float("inf"))
-    work.train(was_training)
+    _restore_modes(work, modes)
     report = PruneReport(
         widths_before={s.name: s.m for s in active},
         widths_after={s.name: info[s.name]["width"] for s in active},
