@@ -443,3 +443,37 @@ def test_train_mode_and_mixed_modes_are_kept():
     with torch.no_grad():
         assert torch.allclose(pm(X), model(X), atol=1e-9)
     assert rep.relative_error < 1e-9
+
+
+def test_per_channel_prelu_is_pruned_with_its_channels():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 10), nn.PReLU(10), nn.Linear(10, 3)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.linspace(-0.5, 0.5, 10, dtype=F64))
+    X = torch.randn(200, 6, dtype=F64)
+    assert [s.norms for s in P.find_sites(model)] == [["1"]]
+    pm, rep = popcomp.spectral_prune(model, X, widths=[6], tau=0.0, progress=False)
+    J = rep.layers[0].indices
+    assert pm[1].num_parameters == 6 and torch.equal(pm[1].weight.detach(), model[1].weight.detach()[J])
+    # the kept activations are those of the original network
+    with torch.no_grad():
+        assert torch.allclose(pm[1](pm[0](X)), model[1](model[0](X))[:, J])
+        assert pm(X).shape == (200, 3)
+
+
+def test_layers_not_over_the_pruned_channels_are_not_sites():
+    # a BatchNorm1d over the flattened features (channels x positions), and a Linear applied to
+    # the last (spatial) axis of a Conv2d output: neither reads the conv channels as units
+    bn_flat = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(4 * 4 * 4),
+                            nn.Linear(64, 2))
+    conv_lin = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(16, 3, 6, 6)
+    for model in (bn_flat, conv_lin):
+        assert P.find_sites(model) == []
+        with pytest.raises(ValueError, match="no layer to prune"):
+            popcomp.spectral_prune(model, x, widths=0.5, progress=False)
+    # a BatchNorm1d(m) after a (no-op) Flatten of Linear outputs still is one
+    ok = nn.Sequential(nn.Linear(5, 8), nn.Flatten(), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    assert [s.norms for s in P.find_sites(ok)] == [["2"]]
+    pm, _ = popcomp.spectral_prune(ok, torch.randn(30, 5), widths=[4], progress=False)
+    assert pm(torch.randn(3, 5)).shape == (3, 2)

@@ -264,7 +264,7 @@ _CHANNELWISE = (
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
 )
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-_SUPPORTED = ("Linear, Conv2d (groups=1), BatchNorm1d/2d, element-wise activations, Dropout, "
+_SUPPORTED = ("Linear, Conv2d (groups=1), BatchNorm1d/2d, element-wise activations, PReLU, Dropout, "
               "pooling, Flatten and ResNet BasicBlock/Bottleneck blocks")
 
 
@@ -333,8 +333,8 @@ def find_sites(model: nn.Module) -> List["_Site"]:
     for path, mod in leaves:
         if _is_producer(mod):
             kinds.append("producer")
-        elif isinstance(mod, _NORMS):
-            kinds.append("norm")
+        elif isinstance(mod, _NORMS) or (isinstance(mod, nn.PReLU) and mod.num_parameters > 1):
+            kinds.append("norm")  # per-channel parameters: the kept channels are selected
         elif isinstance(mod, _CHANNELWISE):
             kinds.append("chan")
         elif isinstance(mod, nn.Flatten):
@@ -349,9 +349,12 @@ def find_sites(model: nn.Module) -> List["_Site"]:
     for a, (path, mod) in enumerate(leaves):
         if kinds[a] == "producer":
             norms, capture = [], None
+            m = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
             for b in range(a + 1, len(leaves)):
                 kb = kinds[b]
                 if kb == "norm":
+                    if _channel_count(leaves[b][1]) != m:  # not over the m produced units
+                        break
                     norms.append(leaves[b][0])
                 elif kb == "chan":
                     continue
@@ -361,9 +364,10 @@ def find_sites(model: nn.Module) -> List["_Site"]:
                     capture = leaves[b][0]
                 elif kb == "producer":
                     cons_path, cons = leaves[b]
-                    m = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
                     if capture is not None and not isinstance(cons, nn.Linear):
                         break
+                    if capture is None and isinstance(cons, nn.Linear) != isinstance(mod, nn.Linear):
+                        break  # Conv2d -> Linear without Flatten reads a spatial axis, not channels
                     in_units = cons.in_features if isinstance(cons, nn.Linear) else cons.in_channels
                     if in_units % m != 0 or (capture is None and in_units != m):
                         break
@@ -407,7 +411,17 @@ def _select_out(mod: nn.Module, J: torch.Tensor) -> nn.Module:
     return new
 
 
+def _channel_count(mod: nn.Module) -> int:
+    return mod.num_parameters if isinstance(mod, nn.PReLU) else mod.num_features
+
+
 def _select_bn(bn: nn.Module, J: torch.Tensor) -> nn.Module:
+    if isinstance(bn, nn.PReLU):  # one slope per channel
+        new = nn.PReLU(J.numel(), device=bn.weight.device, dtype=bn.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(bn.weight.detach()[J.to(bn.weight.device)])
+        new.train(bn.training)
+        return new
     J = J.to(bn.running_mean.device if bn.running_mean is not None else bn.weight.device)
     new = type(bn)(J.numel(), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                    track_running_stats=bn.track_running_stats)
