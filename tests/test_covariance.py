@@ -232,6 +232,30 @@ def test_greedy_ties_go_to_lowest_index():
     assert popcomp.greedy_select(S, 3, tau=0.0).indices.tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tau", [0.0, 1e-30, 1e-14])
+def test_greedy_duplicate_channels_with_tiny_tau(dtype, tau):
+    """Duplicates (and a zero channel) are explained once their twin is chosen: with a ridge at
+    the rounding level their rounding-noise residual must not outscore a genuine unit (here a
+    small independent channel, then the explained twins 4, 5 by the lowest-index rule)."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(400, 4, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.5, 1.0], dtype=torch.float64)
+    small = torch.randn(400, 1, generator=g, dtype=torch.float64) * 1e-2
+    X = torch.cat([X, X[:, :2], small, torch.zeros(400, 1, dtype=torch.float64)], 1)  # 4, 5 twins of 0, 1
+    S = (X.T @ X / 400).to(dtype)
+    for fn in ("kernel", "reference"):
+        if fn == "kernel":
+            res = popcomp.greedy_select(S, 7, tau=tau)
+            idx, obj = res.indices, res.objective
+        else:
+            idx, obj = greedy_select_reference(S, 7, torch.full((8,), tau, dtype=torch.float64), 1.0, None)
+        assert sorted(idx[:4].tolist()) == [0, 1, 2, 3], (fn, idx)
+        assert idx[4:].tolist() == [6, 4, 5], (fn, idx)
+        floor = 1e-3 * float(S.trace()) * (1e-12 if dtype == torch.float64 else 1e-5)
+        assert bool((obj >= -floor).all()), (fn, obj)
+        assert abs(float(obj[-1])) <= floor + 100 * tau, (fn, obj)  # + the ridge's own error
+
+
 def test_greedy_float32_close_to_float64():
     S = _cov(64, seed=5)
     Z = torch.randn(10, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -221,9 +221,10 @@ def greedy_select(
             ``Z = I`` (then ``L = Tr`` of the residual for every theta).
 
     Returns a :class:`GreedyResult`: the ``k`` distinct indices in the order chosen and the
-    objective after each step. A unit with ``tau_j = 0`` whose residual variance has fallen to
-    ``1e3 * eps(dtype) * Sigma_jj`` or below (already explained by the chosen units) scores 0:
-    its gain would be rounding noise over rounding noise. Once every remaining gain is 0 the
+    objective after each step. A unit whose residual variance has fallen to
+    ``1e3 * eps(dtype) * Sigma_jj`` or below (already explained by the chosen units) and whose
+    ``tau_j`` is that small too (``tau_j = 0`` included) scores 0: its gain would be rounding
+    noise over rounding noise. Once every remaining gain is 0 the
     lowest remaining indices follow in order.
     """
     cov = check_covariance("cov", cov)
