@@ -112,6 +112,10 @@ def test_accumulator_all_reduces_when_distributed(tmp_path):
 def test_accumulate_empty_and_bad_inputs():
     acc, count = popcomp.covariance_accumulate(torch.zeros(0, 4))
     assert int(count) == 0 and float(acc.abs().sum()) == 0
+    # an empty batch of conv activations (B = 0, or no spatial positions) adds nothing
+    for shape in [(0, 4, 3, 3), (0, 4, 5), (2, 4, 0, 3)]:
+        acc, count = popcomp.covariance_accumulate(torch.zeros(shape))
+        assert acc.shape == (4, 4) and int(count) == 0 and float(acc.abs().sum()) == 0
     with pytest.raises(TypeError, match="x"):
         popcomp.covariance_accumulate(torch.zeros(3, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="acc"):

@@ -477,3 +477,11 @@ def test_layers_not_over_the_pruned_channels_are_not_sites():
     assert [s.norms for s in P.find_sites(ok)] == [["2"]]
     pm, _ = popcomp.spectral_prune(ok, torch.randn(30, 5), widths=[4], progress=False)
     assert pm(torch.randn(3, 5)).shape == (3, 2)
+
+
+def test_empty_batch_in_the_data():
+    model = cnn()
+    X = torch.randn(24, 3, 8, 8, dtype=F64)
+    pm, rep = popcomp.spectral_prune(model, [X, X[:0]], widths=0.5, progress=False)
+    pm2, rep2 = popcomp.spectral_prune(model, X, widths=0.5, progress=False)
+    assert rep.relative_error == pytest.approx(rep2.relative_error, rel=1e-9)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -34,8 +35,8 @@ def _sample_view(x: torch.Tensor, channel_dim: Optional[int]) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])
     if cd != 1:
         raise ValueError(f"channel_dim must be 1 or the last dimension, got {channel_dim}")
-    # (B, C, *spatial): every spatial position is a sample
-    return x.reshape(x.shape[0], x.shape[1], -1)
+    # (B, C, *spatial): every spatial position is a sample (sizes spelled out: B = 0 is fine)
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
 def covariance_accumulate(

@@ -543,7 +543,7 @@ def _count_flops(model: nn.Module, sample, forward, device) -> int:
 
 def _flat_out(y) -> torch.Tensor:
     if isinstance(y, torch.Tensor):
-        return y.reshape(y.shape[0], -1) if y.dim() > 0 else y.reshape(1, 1)
+        return y.reshape(y.shape[0], math.prod(y.shape[1:])) if y.dim() > 0 else y.reshape(1, 1)
     if isinstance(y, (tuple, list)):
         return torch.cat([_flat_out(t) for t in y], dim=1)
     raise TypeError(f"model outputs must be tensors (or tuples of tensors), got {type(y).__name__}")
