@@ -485,3 +485,16 @@ def test_empty_batch_in_the_data():
     pm, rep = popcomp.spectral_prune(model, [X, X[:0]], widths=0.5, progress=False)
     pm2, rep2 = popcomp.spectral_prune(model, X, widths=0.5, progress=False)
     assert rep.relative_error == pytest.approx(rep2.relative_error, rel=1e-9)
+
+
+def test_per_layer_specs_are_checked():
+    model = mlp()
+    X = torch.randn(50, 10, dtype=F64)
+    for w in ([1.5], [-0.5], {"0": float("nan")}, {"0": 0.0}):
+        with pytest.raises(ValueError, match=r"widths\['0'\]"):
+            popcomp.spectral_prune(model, X, widths=w, progress=False)
+    with pytest.raises(ValueError, match=r"widths\['2'\]"):
+        popcomp.spectral_prune(model, X, widths={"2": "lamda"}, progress=False)
+    for what in ("lam", "tau"):
+        with pytest.raises(ValueError, match=what):
+            popcomp.spectral_prune(model, X, widths=0.5, progress=False, **{what: {"O": 0.1}})

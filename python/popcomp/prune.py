@@ -680,6 +680,12 @@ def spectral_prune(
         if unknown:
             raise ValueError(f"widths names layers that cannot be pruned or do not exist: {unknown}; "
                              f"prunable layers: {names}")
+    for what, spec in (("lam", lam), ("tau", tau)):
+        if isinstance(spec, dict):
+            unknown = [n for n in spec if n not in names]
+            if unknown:
+                raise ValueError(f"{what} names layers that cannot be pruned or do not exist: {unknown}; "
+                                 f"prunable layers: {names}")
     if isinstance(widths, (list, tuple)) and len(widths) > len(sites):
         raise ValueError(f"widths has {len(widths)} entries but the model has {len(sites)} prunable layers: {names}")
     active = [s for i, s in enumerate(sites) if _per_layer(widths, s.name, i, "widths") is not None]
@@ -738,8 +744,12 @@ def spectral_prune(
             info[s.name] = dict(lam=l, mu=mu, U=U, width=None)
             continue
         if isinstance(w, str):
+            if w != "lambda":
+                raise ValueError(f"widths['{s.name}'] must be a width, a ratio in (0, 1] or 'lambda', got {w!r}")
             k = _width_from_eigs(mu, l, EQ3_C1, EQ3_C2)
         elif isinstance(w, float):
+            if not 0.0 < w <= 1.0:
+                raise ValueError(f"widths['{s.name}']: a ratio must be in (0, 1], got {w}")
             k = max(1, min(s.m, int(round(w * s.m))))
         else:
             k = V.check_int(f"widths['{s.name}']", w, lo=1, hi=s.m)
