@@ -272,3 +272,14 @@ def test_bu2020_noise_variance_is_checked():
               lambda: T.linreg_sample(2, 5, 10, torch.zeros(5, dtype=torch.float64), noise_var=-1.0)):
         with pytest.raises(ValueError, match="noise_var|D must"):
             f()
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("inf")]),
+                                 torch.tensor([[1.0, 0.0], [0.0, float("nan")]])])
+def test_suzuki_non_finite_covariance_raises(bad):
+    # lambda_for_width bisected forever on NaN/Inf eigenvalues; eigvalsh of a NaN matrix
+    # returned numbers
+    for f in (lambda: T.lambda_for_width(bad, 1), lambda: T.width_for_lambda(bad, 0.1),
+              lambda: T.degrees_of_freedom(bad, 0.1)):
+        with pytest.raises(ValueError, match="cov_or_eigs"):
+            f()

@@ -631,6 +631,8 @@ def effective_params_thm57(model: nn.Module, x: torch.Tensor, gamma: float,
 
 def _eigs(cov_or_eigs) -> torch.Tensor:
     t = _as_t(cov_or_eigs).double()
+    if not bool(torch.isfinite(t).all()):  # NaN/Inf would stall the bisections of eq. (3)
+        raise ValueError("cov_or_eigs contains NaN or Inf")
     if t.dim() == 2:
         t = torch.linalg.eigvalsh(0.5 * (t + t.T))
     return torch.clamp(t, min=0.0)
