@@ -112,6 +112,10 @@ def test_accumulator_all_reduces_when_distributed(tmp_path):
 def test_accumulate_empty_and_bad_inputs():
     acc, count = popcomp.covariance_accumulate(torch.zeros(0, 4))
     assert int(count) == 0 and float(acc.abs().sum()) == 0
+    # an empty batch of conv activations (B = 0, or no spatial positions) adds nothing
+    for shape in [(0, 4, 3, 3), (0, 4, 5), (2, 4, 0, 3)]:
+        acc, count = popcomp.covariance_accumulate(torch.zeros(shape))
+        assert acc.shape == (4, 4) and int(count) == 0 and float(acc.abs().sum()) == 0
     with pytest.raises(TypeError, match="x"):
         popcomp.covariance_accumulate(torch.zeros(3, 4, dtype=torch.int32))
     with pytest.raises(ValueError, match="acc"):
@@ -230,6 +234,30 @@ def test_greedy_ties_go_to_lowest_index():
     assert popcomp.greedy_select(S, 4, tau=0.0).indices.tolist() == [0, 1, 2, 3]
     S = torch.ones(3, 3, dtype=torch.float64)  # identical units
     assert popcomp.greedy_select(S, 3, tau=0.0).indices.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tau", [0.0, 1e-30, 1e-14])
+def test_greedy_duplicate_channels_with_tiny_tau(dtype, tau):
+    """Duplicates (and a zero channel) are explained once their twin is chosen: with a ridge at
+    the rounding level their rounding-noise residual must not outscore a genuine unit (here a
+    small independent channel, then the explained twins 4, 5 by the lowest-index rule)."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(400, 4, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.5, 1.0], dtype=torch.float64)
+    small = torch.randn(400, 1, generator=g, dtype=torch.float64) * 1e-2
+    X = torch.cat([X, X[:, :2], small, torch.zeros(400, 1, dtype=torch.float64)], 1)  # 4, 5 twins of 0, 1
+    S = (X.T @ X / 400).to(dtype)
+    for fn in ("kernel", "reference"):
+        if fn == "kernel":
+            res = popcomp.greedy_select(S, 7, tau=tau)
+            idx, obj = res.indices, res.objective
+        else:
+            idx, obj = greedy_select_reference(S, 7, torch.full((8,), tau, dtype=torch.float64), 1.0, None)
+        assert sorted(idx[:4].tolist()) == [0, 1, 2, 3], (fn, idx)
+        assert idx[4:].tolist() == [6, 4, 5], (fn, idx)
+        floor = 1e-3 * float(S.trace()) * (1e-12 if dtype == torch.float64 else 1e-5)
+        assert bool((obj >= -floor).all()), (fn, obj)
+        assert abs(float(obj[-1])) <= floor + 100 * tau, (fn, obj)  # + the ridge's own error
 
 
 def test_greedy_float32_close_to_float64():

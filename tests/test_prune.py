@@ -421,3 +421,80 @@ def test_pruned_model_runs_without_popcomp(tmp_path):
         "assert not any(k.startswith('popcomp') for k in sys.modules), 'popcomp was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_train_mode_and_mixed_modes_are_kept():
+    # calibration runs in eval mode (BatchNorm running statistics, no dropout), the input model
+    # keeps its state and the mode of every submodule, and the pruned copy gets the same modes
+    model = cnn()
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a model in train mode
+    modes = [m.training for m in model.modules()]
+    before = _state(model)
+    X = torch.randn(24, 3, 8, 8, dtype=F64)
+    pm, rep = popcomp.spectral_prune(model, X, widths={"0": 12, "4": 16}, tau=0.0, progress=False)
+    assert [m.training for m in model.modules()] == modes
+    assert _same_state(before, _state(model))
+    assert [m.training for m in pm.modules()] == modes
+    # every unit kept with tau = 0: the eval-mode outputs agree, so the BatchNorm running
+    # statistics (not the batch statistics) were used for the covariances
+    model.eval()
+    pm.eval()
+    with torch.no_grad():
+        assert torch.allclose(pm(X), model(X), atol=1e-9)
+    assert rep.relative_error < 1e-9
+
+
+def test_per_channel_prelu_is_pruned_with_its_channels():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 10), nn.PReLU(10), nn.Linear(10, 3)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.linspace(-0.5, 0.5, 10, dtype=F64))
+    X = torch.randn(200, 6, dtype=F64)
+    assert [s.norms for s in P.find_sites(model)] == [["1"]]
+    pm, rep = popcomp.spectral_prune(model, X, widths=[6], tau=0.0, progress=False)
+    J = rep.layers[0].indices
+    assert pm[1].num_parameters == 6 and torch.equal(pm[1].weight.detach(), model[1].weight.detach()[J])
+    # the kept activations are those of the original network
+    with torch.no_grad():
+        assert torch.allclose(pm[1](pm[0](X)), model[1](model[0](X))[:, J])
+        assert pm(X).shape == (200, 3)
+
+
+def test_layers_not_over_the_pruned_channels_are_not_sites():
+    # a BatchNorm1d over the flattened features (channels x positions), and a Linear applied to
+    # the last (spatial) axis of a Conv2d output: neither reads the conv channels as units
+    bn_flat = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(4 * 4 * 4),
+                            nn.Linear(64, 2))
+    conv_lin = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(16, 3, 6, 6)
+    for model in (bn_flat, conv_lin):
+        assert P.find_sites(model) == []
+        with pytest.raises(ValueError, match="no layer to prune"):
+            popcomp.spectral_prune(model, x, widths=0.5, progress=False)
+    # a BatchNorm1d(m) after a (no-op) Flatten of Linear outputs still is one
+    ok = nn.Sequential(nn.Linear(5, 8), nn.Flatten(), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    assert [s.norms for s in P.find_sites(ok)] == [["2"]]
+    pm, _ = popcomp.spectral_prune(ok, torch.randn(30, 5), widths=[4], progress=False)
+    assert pm(torch.randn(3, 5)).shape == (3, 2)
+
+
+def test_empty_batch_in_the_data():
+    model = cnn()
+    X = torch.randn(24, 3, 8, 8, dtype=F64)
+    pm, rep = popcomp.spectral_prune(model, [X, X[:0]], widths=0.5, progress=False)
+    pm2, rep2 = popcomp.spectral_prune(model, X, widths=0.5, progress=False)
+    assert rep.relative_error == pytest.approx(rep2.relative_error, rel=1e-9)
+
+
+def test_per_layer_specs_are_checked():
+    model = mlp()
+    X = torch.randn(50, 10, dtype=F64)
+    for w in ([1.5], [-0.5], {"0": float("nan")}, {"0": 0.0}):
+        with pytest.raises(ValueError, match=r"widths\['0'\]"):
+            popcomp.spectral_prune(model, X, widths=w, progress=False)
+    with pytest.raises(ValueError, match=r"widths\['2'\]"):
+        popcomp.spectral_prune(model, X, widths={"2": "lamda"}, progress=False)
+    for what in ("lam", "tau"):
+        with pytest.raises(ValueError, match=what):
+            popcomp.spectral_prune(model, X, widths=0.5, progress=False, **{what: {"O": 0.1}})

@@ -242,3 +242,44 @@ def test_eq12_and_theorem2():
     exp = torch.sqrt(2 * 2.0 / N_ * R) + T.theorem4_distortion_upper(R, D_, N_)
     assert torch.allclose(b, exp)
     assert float(T.eq12_bound(1.0, 100, 2.0, 0.5)) == pytest.approx(math.sqrt(0.04) + 0.5)
+
+
+def test_bu2020_linear_regression_formulas_term_by_term():
+    # eqs. (17), (19), (22), (23), (26) written out by hand for d = 50, n = 80, σ'² = 2,
+    # C(w*) = 3, ‖Σ_X‖ = 1.5
+    d, n, s2, C, sx = 50, 80, 2.0, 3.0, 1.5
+    assert T.lemma3_generalization_error(d, n, s2) == pytest.approx(s2 * d / n * (2 + (d + 1) / (n - d - 1)))
+    assert T.lemma3_generalization_error(d, n, s2) == pytest.approx(2.0 * 50 / 80 * (2 + 51 / 29))
+    assert T.sigma_ell_sq(C, sx, s2) == pytest.approx(3.0 * 1.5 + 2.0)
+    assert float(T.theorem3_bound(10.0, n, C, sx, s2)) == pytest.approx(2 * 6.5 * math.sqrt(10 / 80))
+    assert float(T.theorem4_distortion_upper(10.0, d, n, s2)) == pytest.approx(100 / 29 * math.exp(-0.4))
+    assert float(T.theorem4_distortion_upper(0.0, d, n, s2)) == pytest.approx(100 / 29)
+    assert float(T.theorem4_rate_upper(0.5, d, n, s2)) == pytest.approx(25 * math.log(100 / (29 * 0.5)))
+    assert float(T.theorem4_rate_upper(10.0, d, n, s2)) == 0.0  # (x)^+ = max{0, x}
+    assert float(T.corollary1_bound(10.0, d, n, C, sx, s2)) == pytest.approx(
+        2 * 6.5 * math.sqrt(10 / 80) + 100 / 29 * math.exp(-0.4))
+    # the rate of the consistent Oracle equals the bound of eq. (22): α = e^{-2R/d}
+    assert float(T.oracle_alpha(T.theorem4_distortion_upper(10.0, d, n, s2), d, n, s2)) == pytest.approx(math.exp(-0.4))
+    assert float(T.oracle_alpha(0.5, d, n, s2, convention="printed")) == pytest.approx(80 * 0.5 / (50 * 2))
+
+
+def test_bu2020_noise_variance_is_checked():
+    for f in (lambda: T.theorem4_rate_upper(0.5, 50, 80, noise_var=-1.0),
+              lambda: T.theorem4_distortion_upper(1.0, 50, 80, noise_var=-1.0),
+              lambda: T.corollary1_bound(1.0, 50, 80, C=1.0, noise_var=float("nan")),
+              lambda: T.oracle_alpha(0.5, 50, 80, noise_var=0.0),
+              lambda: T.oracle_alpha(-0.5, 50, 80),
+              lambda: T.linreg_sample(2, 5, 10, torch.zeros(5, dtype=torch.float64), noise_var=-1.0)):
+        with pytest.raises(ValueError, match="noise_var|D must"):
+            f()
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1.0, float("nan")]), torch.tensor([1.0, float("inf")]),
+                                 torch.tensor([[1.0, 0.0], [0.0, float("nan")]])])
+def test_suzuki_non_finite_covariance_raises(bad):
+    # lambda_for_width bisected forever on NaN/Inf eigenvalues; eigvalsh of a NaN matrix
+    # returned numbers
+    for f in (lambda: T.lambda_for_width(bad, 1), lambda: T.width_for_lambda(bad, 0.1),
+              lambda: T.degrees_of_freedom(bad, 0.1)):
+        with pytest.raises(ValueError, match="cov_or_eigs"):
+            f()

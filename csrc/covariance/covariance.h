@@ -47,7 +47,7 @@ struct GreedyParams {
   int64_t m = 0;
   int64_t k = 0;
   DType dtype = DType::f32;  // of cov and M: f32 or f64
-  double rel_guard = 0.0;    // gain 0 when tau_j == 0 and R_jj <= rel_guard * S_jj
+  double rel_guard = 0.0;    // gain 0 when tau_j and R_jj are both <= rel_guard * S_jj
 };
 
 void greedy_cpu(const GreedyParams& p, const void* cov, const void* M, const double* tau,

@@ -338,7 +338,7 @@ struct Greedy {
             j = i;
           }
         }
-        const double d = diag[j] + tau[j];
+        const double d = greedy_pivot(diag[j], tau[j], sjj[j], rel_guard);
         const double inv = d > 0.0 ? 1.0 / std::sqrt(d) : 0.0;
         for (int64_t s = 0; s < t; ++s) col[s] = (double)Vt[s * m + j];
         T* vt = Vt.data() + t * m;

@@ -294,7 +294,7 @@ __global__ void greedy_init(const T* __restrict__ S, const double* __restrict__ 
   block_argmax_rows(g, gi, w.pval, w.pidx);
 }
 
-__global__ void greedy_pick(int64_t nblocks, int64_t t, const double* __restrict__ tau,
+__global__ void greedy_pick(int64_t nblocks, int64_t t, const double* __restrict__ tau, double rel,
                             int64_t* __restrict__ idx, GreedyWs w) {
   __shared__ double sv[PICK_THREADS / 32];
   __shared__ int64_t si[PICK_THREADS / 32];
@@ -331,7 +331,7 @@ __global__ void greedy_pick(int64_t nblocks, int64_t t, const double* __restrict
     idx[t] = bi;
     w.chosen[bi] = 1;
     *w.j = bi;
-    const double d = w.diag[bi] + tau[bi];
+    const double d = greedy_pivot(w.diag[bi], tau[bi], w.sjj[bi], rel);
     *w.inv = d > 0.0 ? rsqrt(d) : 0.0;
   }
 }
@@ -411,7 +411,7 @@ void launch_greedy(const GreedyParams& p, const T* S, const T* M, const double* 
   greedy_init<T><<<(unsigned)nb, threads, 0, st>>>(S, n0, tau, m, p.rel_guard, w);
   PC_CUDA_CHECK(cudaGetLastError());
   for (int64_t t = 0; t < k; ++t) {
-    greedy_pick<<<1, PICK_THREADS, 0, st>>>(nb, t, tau, idx, w);
+    greedy_pick<<<1, PICK_THREADS, 0, st>>>(nb, t, tau, p.rel_guard, idx, w);
     greedy_column<T><<<(unsigned)nb, threads, 0, st>>>(S, m, k, t, w);
     const double* u = w.v;
     if (M != nullptr) {

@@ -20,16 +20,29 @@ PC_HD A load_as(const void* p, DType t, int64_t i) {
 
 // Decrease of the objective when unit j joins J: n_j / (R_jj + tau_j), where
 // n_j = R[:,j]^T M R[:,j]. Units already chosen score -1 (never chosen again). A unit whose
-// residual variance vanishes (R_jj <= rel_guard * S_jj with tau_j = 0) scores 0: its
-// numerator is then pure rounding noise divided by rounding noise.
+// residual variance vanishes (R_jj <= rel_guard * S_jj) with a ridge at the same rounding
+// level or below (tau_j <= rel_guard * S_jj, tau_j = 0 included) scores 0: its numerator is
+// then pure rounding noise divided by rounding noise (with a tiny tau_j > 0 the quotient
+// could otherwise beat every genuine gain).
+PC_HD bool greedy_explained(double diag, double tau, double s_jj, double rel_guard) {
+  return tau <= rel_guard * s_jj && diag <= rel_guard * s_jj;
+}
 PC_HD double greedy_gain(double n, double diag, double tau, double s_jj, double rel_guard,
                          bool chosen) {
   if (chosen) return -1.0;
   const double d = diag + tau;
   if (!(d > 0.0)) return 0.0;
-  if (tau == 0.0 && diag <= rel_guard * s_jj) return 0.0;
+  if (greedy_explained(diag, tau, s_jj, rel_guard)) return 0.0;
   const double g = n / d;
   return g > 0.0 ? g : 0.0;
+}
+
+// Pivot R_jj + tau_j of the chosen unit j, or 0 (no rank-one update: R is left as it is) when
+// it is not positive or the unit is explained: its residual column is rounding noise, which
+// 1/sqrt(pivot) would amplify (without bound for a tiny tau_j > 0) into the residual.
+PC_HD double greedy_pivot(double diag, double tau, double s_jj, double rel_guard) {
+  const double d = diag + tau;
+  return d > 0.0 && !greedy_explained(diag, tau, s_jj, rel_guard) ? d : 0.0;
 }
 
 // Argmax with ties to the lowest index.

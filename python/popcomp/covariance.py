@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -34,8 +35,8 @@ def _sample_view(x: torch.Tensor, channel_dim: Optional[int]) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])
     if cd != 1:
         raise ValueError(f"channel_dim must be 1 or the last dimension, got {channel_dim}")
-    # (B, C, *spatial): every spatial position is a sample
-    return x.reshape(x.shape[0], x.shape[1], -1)
+    # (B, C, *spatial): every spatial position is a sample (sizes spelled out: B = 0 is fine)
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
 def covariance_accumulate(
@@ -221,9 +222,10 @@ def greedy_select(
             ``Z = I`` (then ``L = Tr`` of the residual for every theta).
 
     Returns a :class:`GreedyResult`: the ``k`` distinct indices in the order chosen and the
-    objective after each step. A unit with ``tau_j = 0`` whose residual variance has fallen to
-    ``1e3 * eps(dtype) * Sigma_jj`` or below (already explained by the chosen units) scores 0:
-    its gain would be rounding noise over rounding noise. Once every remaining gain is 0 the
+    objective after each step. A unit whose residual variance has fallen to
+    ``1e3 * eps(dtype) * Sigma_jj`` or below (already explained by the chosen units) and whose
+    ``tau_j`` is that small too (``tau_j = 0`` included) scores 0: its gain would be rounding
+    noise over rounding noise. Once every remaining gain is 0 the
     lowest remaining indices follow in order.
     """
     cov = check_covariance("cov", cov)

@@ -264,7 +264,7 @@ _CHANNELWISE = (
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
 )
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-_SUPPORTED = ("Linear, Conv2d (groups=1), BatchNorm1d/2d, element-wise activations, Dropout, "
+_SUPPORTED = ("Linear, Conv2d (groups=1), BatchNorm1d/2d, element-wise activations, PReLU, Dropout, "
               "pooling, Flatten and ResNet BasicBlock/Bottleneck blocks")
 
 
@@ -333,8 +333,8 @@ def find_sites(model: nn.Module) -> List["_Site"]:
     for path, mod in leaves:
         if _is_producer(mod):
             kinds.append("producer")
-        elif isinstance(mod, _NORMS):
-            kinds.append("norm")
+        elif isinstance(mod, _NORMS) or (isinstance(mod, nn.PReLU) and mod.num_parameters > 1):
+            kinds.append("norm")  # per-channel parameters: the kept channels are selected
         elif isinstance(mod, _CHANNELWISE):
             kinds.append("chan")
         elif isinstance(mod, nn.Flatten):
@@ -349,9 +349,12 @@ def find_sites(model: nn.Module) -> List["_Site"]:
     for a, (path, mod) in enumerate(leaves):
         if kinds[a] == "producer":
             norms, capture = [], None
+            m = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
             for b in range(a + 1, len(leaves)):
                 kb = kinds[b]
                 if kb == "norm":
+                    if _channel_count(leaves[b][1]) != m:  # not over the m produced units
+                        break
                     norms.append(leaves[b][0])
                 elif kb == "chan":
                     continue
@@ -361,9 +364,10 @@ def find_sites(model: nn.Module) -> List["_Site"]:
                     capture = leaves[b][0]
                 elif kb == "producer":
                     cons_path, cons = leaves[b]
-                    m = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
                     if capture is not None and not isinstance(cons, nn.Linear):
                         break
+                    if capture is None and isinstance(cons, nn.Linear) != isinstance(mod, nn.Linear):
+                        break  # Conv2d -> Linear without Flatten reads a spatial axis, not channels
                     in_units = cons.in_features if isinstance(cons, nn.Linear) else cons.in_channels
                     if in_units % m != 0 or (capture is None and in_units != m):
                         break
@@ -407,7 +411,17 @@ def _select_out(mod: nn.Module, J: torch.Tensor) -> nn.Module:
     return new
 
 
+def _channel_count(mod: nn.Module) -> int:
+    return mod.num_parameters if isinstance(mod, nn.PReLU) else mod.num_features
+
+
 def _select_bn(bn: nn.Module, J: torch.Tensor) -> nn.Module:
+    if isinstance(bn, nn.PReLU):  # one slope per channel
+        new = nn.PReLU(J.numel(), device=bn.weight.device, dtype=bn.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(bn.weight.detach()[J.to(bn.weight.device)])
+        new.train(bn.training)
+        return new
     J = J.to(bn.running_mean.device if bn.running_mean is not None else bn.weight.device)
     new = type(bn)(J.numel(), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
                    track_running_stats=bn.track_running_stats)
@@ -529,7 +543,7 @@ def _count_flops(model: nn.Module, sample, forward, device) -> int:
 
 def _flat_out(y) -> torch.Tensor:
     if isinstance(y, torch.Tensor):
-        return y.reshape(y.shape[0], -1) if y.dim() > 0 else y.reshape(1, 1)
+        return y.reshape(y.shape[0], math.prod(y.shape[1:])) if y.dim() > 0 else y.reshape(1, 1)
     if isinstance(y, (tuple, list)):
         return torch.cat([_flat_out(t) for t in y], dim=1)
     raise TypeError(f"model outputs must be tensors (or tuples of tensors), got {type(y).__name__}")
@@ -578,6 +592,17 @@ class PruneReport:
             lines.append(f"  {l.name}: {l.width_before} -> {l.width_after} (lambda={l.lam:.3g}, "
                          f"N(lambda)={l.dof:.1f}, L={l.objective:.4g} of {l.initial_objective:.4g})")
         return "\n".join(lines)
+
+
+def _modes(model: nn.Module) -> Dict[str, bool]:
+    """The train/eval flag of every submodule, by name (modes may be mixed)."""
+    return {name: mod.training for name, mod in model.named_modules()}
+
+
+def _restore_modes(model: nn.Module, modes: Dict[str, bool]) -> None:
+    for name, mod in model.named_modules():
+        if name in modes:
+            mod.training = modes[name]
 
 
 def _per_layer(spec, name: str, index: int, what: str = ""):
@@ -655,6 +680,12 @@ def spectral_prune(
         if unknown:
             raise ValueError(f"widths names layers that cannot be pruned or do not exist: {unknown}; "
                              f"prunable layers: {names}")
+    for what, spec in (("lam", lam), ("tau", tau)):
+        if isinstance(spec, dict):
+            unknown = [n for n in spec if n not in names]
+            if unknown:
+                raise ValueError(f"{what} names layers that cannot be pruned or do not exist: {unknown}; "
+                                 f"prunable layers: {names}")
     if isinstance(widths, (list, tuple)) and len(widths) > len(sites):
         raise ValueError(f"widths has {len(widths)} entries but the model has {len(sites)} prunable layers: {names}")
     active = [s for i, s in enumerate(sites) if _per_layer(widths, s.name, i, "widths") is not None]
@@ -663,7 +694,7 @@ def spectral_prune(
     batches = _batches(data)
 
     work = copy.deepcopy(model)
-    was_training = model.training
+    modes = _modes(model)  # per module: a model may mix train and eval submodules
     work.eval()
 
     # ---- one pass: covariances at every active layer (original network)
@@ -713,8 +744,12 @@ def spectral_prune(
             info[s.name] = dict(lam=l, mu=mu, U=U, width=None)
             continue
         if isinstance(w, str):
+            if w != "lambda":
+                raise ValueError(f"widths['{s.name}'] must be a width, a ratio in (0, 1] or 'lambda', got {w!r}")
             k = _width_from_eigs(mu, l, EQ3_C1, EQ3_C2)
         elif isinstance(w, float):
+            if not 0.0 < w <= 1.0:
+                raise ValueError(f"widths['{s.name}']: a ratio must be in (0, 1], got {w}")
             k = max(1, min(s.m, int(round(w * s.m))))
         else:
             k = V.check_int(f"widths['{s.name}']", w, lo=1, hi=s.m)
@@ -765,7 +800,6 @@ def spectral_prune(
 
     # ---- report
     first = next(iter(batches))
-    model_mode = model.training
     model.eval()
     try:
         flops_before = _count_flops(model, first, forward, device)
@@ -782,9 +816,9 @@ def spectral_prune(
                 if max_batches is not None and seen >= max_batches:
                     break
     finally:
-        model.train(model_mode)
+        _restore_modes(model, modes)
     rel = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else float("inf"))
-    work.train(was_training)
+    _restore_modes(work, modes)
     report = PruneReport(
         widths_before={s.name: s.m for s in active},
         widths_after={s.name: info[s.name]["width"] for s in active},

@@ -137,20 +137,22 @@ def theorem3_bound(rate, n: int, C: float, sigma_x_norm: float = 1.0, noise_var:
 def theorem4_rate_upper(D, d: int, n: int, noise_var: float = 1.0):
     """bu2020 Theorem 4, eq. (22): R(D) ≤ d/2 · (ln(d σ'² / ((n − d − 1) D)))⁺, D ≥ 0 (nats)."""
     _check_linreg_dims(d, n)
+    noise_var = _check_pos("noise_var", noise_var, strict=False)
     D = _as_t(D)
     if bool((D < 0).any()):
         raise ValueError("D must be >= 0")
-    v = d * float(noise_var) / (n - d - 1.0)
+    v = d * noise_var / (n - d - 1.0)
     return 0.5 * d * torch.clamp(torch.log(v / D), min=0.0)
 
 
 def theorem4_distortion_upper(R, d: int, n: int, noise_var: float = 1.0):
     """bu2020 Theorem 4, eq. (23): D(R) ≤ d σ'² / (n − d − 1) · exp(−2R/d), R ≥ 0 (nats)."""
     _check_linreg_dims(d, n)
+    noise_var = _check_pos("noise_var", noise_var, strict=False)
     R = _as_t(R)
     if bool((R < 0).any()):
         raise ValueError("R must be >= 0")
-    return d * float(noise_var) / (n - d - 1.0) * torch.exp(-2.0 * R / d)
+    return d * noise_var / (n - d - 1.0) * torch.exp(-2.0 * R / d)
 
 
 def corollary1_bound(R, d: int, n: int, C: float, sigma_x_norm: float = 1.0,
@@ -176,7 +178,10 @@ def oracle_alpha(D, d: int, n: int, noise_var: float = 1.0, convention: str = "c
     exactly D but α ≤ 1 only for D ≤ dσ'²/n < D(0), so small rates are out of reach.
     """
     _check_linreg_dims(d, n)
+    noise_var = _check_pos("noise_var", noise_var)
     D = _as_t(D)
+    if bool((D < 0).any()):
+        raise ValueError("D must be >= 0")
     if convention == "consistent":
         return (n - d - 1.0) * D / (d * float(noise_var))
     if convention == "printed":
@@ -230,6 +235,7 @@ def linreg_sample(trials: int, d: int, n: int, w_star: torch.Tensor, noise_var: 
     Returns X (trials, n, d) (rows are samples: the paper's X is our Xᵀ), Y (trials, n).
     """
     _check_linreg_dims(d, n)
+    noise_var = _check_pos("noise_var", noise_var, strict=False)
     gdev = generator.device if generator is not None else device
     X = torch.randn(trials, n, d, generator=generator, dtype=dtype, device=gdev).to(device)
     if sigma_x is not None:
@@ -625,6 +631,8 @@ def effective_params_thm57(model: nn.Module, x: torch.Tensor, gamma: float,
 
 def _eigs(cov_or_eigs) -> torch.Tensor:
     t = _as_t(cov_or_eigs).double()
+    if not bool(torch.isfinite(t).all()):  # NaN/Inf would stall the bisections of eq. (3)
+        raise ValueError("cov_or_eigs contains NaN or Inf")
     if t.dim() == 2:
         t = torch.linalg.eigvalsh(0.5 * (t + t.T))
     return torch.clamp(t, min=0.0)

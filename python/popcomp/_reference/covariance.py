@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 # Gain guard shared with the kernels (csrc/covariance/covariance_math.h, greedy_gain): a unit
-# with tau_j == 0 whose residual variance fell to rel_guard * Sigma_jj or below scores 0.
+# whose residual variance and ridge tau_j are both rel_guard * Sigma_jj or below scores 0.
 REL_GUARD = {torch.float64: 1e3 * torch.finfo(torch.float64).eps,
              torch.float32: 1e3 * torch.finfo(torch.float32).eps}
 
@@ -57,14 +57,15 @@ def greedy_select_reference(cov, k, tau, theta, Z):
         diag = R.diagonal()
         d = diag + tau
         gain = torch.where(d > 0, num / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
-        gain = torch.where((tau == 0) & (diag <= rel * s_diag), torch.zeros_like(gain), gain)
+        explained = (tau <= rel * s_diag) & (diag <= rel * s_diag)
+        gain = torch.where(explained, torch.zeros_like(gain), gain)
         gain = gain.clamp(min=0.0)
         gain = torch.where(chosen, torch.full_like(gain, -1.0), gain)
         j = int(torch.argmax(gain))  # first maximal index: ties go to the lowest index
         idx[t] = j
         chosen[j] = True
         dj = float(d[j])
-        if dj > 0:
+        if dj > 0 and not bool(explained[j]):  # an explained unit's column is rounding noise
             r = R[:, j].clone()
             pr = P[:, j].clone()
             R -= torch.outer(r, r) / dj
