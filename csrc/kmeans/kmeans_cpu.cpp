@@ -210,7 +210,7 @@ struct DnC {
   const double* s2;
   const double* d;      // d[j] = D_{m-1}(j - 1)
   const int32_t* Jlow;  // J_{m-1}: J_m(i) >= J_{m-1}(i) (Knuth), or nullptr for m = 1
-  double* Dcur;
+  double* dnext;        // dnext[i + 1] = D_m(i): the next layer's d
   int32_t* J;
   // Lower-bound blocks (nullptr when u < kPB): bd[b] = d[b kPB], the first column of block b;
   // b0/b1/b2[b] = s0/s1/s2[b kPB + kPB - 1], its last column; lb: this thread's scratch.
@@ -336,10 +336,10 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
   const double* s2 = w.s2.data();
   const LayerFn solve = layer_solver();
   w.d.resize(u + 1);
-  w.D1.resize(u);
+  w.D1.resize(u + 1);
   w.J.resize((size_t)k * u);
   double* d = w.d.data();
-  double* Dcur = w.D1.data();
+  double* dnext = w.D1.data();
   d[0] = kInf;
   for (int64_t i = 0; i < u; ++i) d[i + 1] = seg_cost_dp(s0[i + 1], s1[i + 1], s2[i + 1]);
   const int T = threads > 1 && u - k > 16384 ? threads : 1;
@@ -359,7 +359,7 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
   const double margin = 1e-12 * (std::fabs(s2[u]) + std::fabs(s1[u]) + 1e-300);
   for (int m = 1; m < k; ++m) {
     for (int64_t b = 0; b < nb; ++b) bd[b] = d[b * kPB];
-    DnC L{s0, s1, s2, d, m > 1 ? w.J.data() + (size_t)(m - 1) * u : nullptr, Dcur,
+    DnC L{s0, s1, s2, d, m > 1 ? w.J.data() + (size_t)(m - 1) * u : nullptr, dnext,
           w.J.data() + (size_t)m * u, nb > 0 ? bd : nullptr, b0, b1, b2, b2 + nb, margin};
     if (m == k - 1) {  // only the last row matters
       solve(L, u - 1, u - 1, m, u - 1);
@@ -390,9 +390,8 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
     } else {
       solve(L, rlo, rhi, m, rhi);
     }
-    // D_m becomes d of the next layer; rows outside [rlo, rhi] are never used there
-    for (int64_t i = rlo; i <= rhi; ++i) d[i + 1] = Dcur[i];
-    for (int64_t i = 0; i < rlo; ++i) d[i + 1] = kInf;
+    // D_m becomes d of the next layer, which reads it at rows [rlo, rhi] only
+    std::swap(d, dnext);
   }
   B[k] = u;
   int64_t i = u - 1;
