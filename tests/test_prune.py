@@ -498,3 +498,30 @@ def test_per_layer_specs_are_checked():
     for what in ("lam", "tau"):
         with pytest.raises(ValueError, match=what):
             popcomp.spectral_prune(model, X, widths=0.5, progress=False, **{what: {"O": 0.1}})
+
+
+def test_pruned_layers_keep_requires_grad_dtype_and_device():
+    # frozen parameters stay frozen (and trainable ones trainable) in every rewritten layer:
+    # producers, BatchNorm, per-channel PReLU, consumers, residual-block convolutions
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.PReLU(6),
+        nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        BasicBlock(8, 12), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 3 * 3, 6), nn.ReLU(), nn.Linear(6, 2),
+    ).double()
+    _randomize_bn(model, 5)
+    names = [n for n, _ in model.named_parameters()]
+    for i, (n, p) in enumerate(model.named_parameters()):
+        if i % 2 == 0 or n.startswith("6.conv"):  # weights frozen, biases not, block convs frozen
+            p.requires_grad_(False)
+    want = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(want.values()) and not all(want.values())
+    X = torch.randn(20, 3, 6, 6, dtype=F64)
+    pm, rep = popcomp.spectral_prune(model, X, widths=0.5, progress=False)
+    assert {l.name for l in rep.layers} == {"0", "6.conv1", "9"}
+    got = dict(pm.named_parameters())
+    assert list(got) == names
+    for n, p in got.items():
+        assert p.requires_grad == want[n], n
+        assert p.dtype == F64 and p.device == X.device, n
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == want  # input untouched

@@ -393,20 +393,25 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(_get(model, parent), name, new)
 
 
+def _param_like(data: torch.Tensor, old: nn.Parameter) -> nn.Parameter:
+    """A new parameter holding ``data`` with ``old``'s dtype, device and requires_grad."""
+    return nn.Parameter(data.detach().to(device=old.device, dtype=old.dtype).clone(),
+                        requires_grad=old.requires_grad)
+
+
 def _select_out(mod: nn.Module, J: torch.Tensor) -> nn.Module:
     J = J.to(mod.weight.device)
-    W = mod.weight.detach()[J].clone()
-    b = mod.bias.detach()[J].clone() if mod.bias is not None else None
+    W = mod.weight.detach()[J]
+    b = mod.bias.detach()[J] if mod.bias is not None else None
     if isinstance(mod, nn.Linear):
         new = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, device=W.device, dtype=W.dtype)
     else:
         new = nn.Conv2d(W.shape[1], W.shape[0], mod.kernel_size, stride=mod.stride, padding=mod.padding,
                         dilation=mod.dilation, groups=1, bias=b is not None, padding_mode=mod.padding_mode,
                         device=W.device, dtype=W.dtype)
-    with torch.no_grad():
-        new.weight.copy_(W)
-        if b is not None:
-            new.bias.copy_(b)
+    new.weight = _param_like(W, mod.weight)
+    if b is not None:
+        new.bias = _param_like(b, mod.bias)
     new.train(mod.training)
     return new
 
@@ -418,8 +423,7 @@ def _channel_count(mod: nn.Module) -> int:
 def _select_bn(bn: nn.Module, J: torch.Tensor) -> nn.Module:
     if isinstance(bn, nn.PReLU):  # one slope per channel
         new = nn.PReLU(J.numel(), device=bn.weight.device, dtype=bn.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(bn.weight.detach()[J.to(bn.weight.device)])
+        new.weight = _param_like(bn.weight.detach()[J.to(bn.weight.device)], bn.weight)
         new.train(bn.training)
         return new
     J = J.to(bn.running_mean.device if bn.running_mean is not None else bn.weight.device)
@@ -428,8 +432,8 @@ def _select_bn(bn: nn.Module, J: torch.Tensor) -> nn.Module:
     new = new.to(device=J.device)
     with torch.no_grad():
         if bn.affine:
-            new.weight = nn.Parameter(bn.weight.detach()[J].clone())
-            new.bias = nn.Parameter(bn.bias.detach()[J].clone())
+            new.weight = _param_like(bn.weight.detach()[J], bn.weight)
+            new.bias = _param_like(bn.bias.detach()[J], bn.bias)
         if bn.track_running_stats and bn.running_mean is not None:
             new.running_mean = bn.running_mean[J].clone()
             new.running_var = bn.running_var[J].clone()
@@ -454,7 +458,7 @@ def _reconstruct_in(mod: nn.Module, A: torch.Tensor, m: int) -> nn.Module:
     W3 = _consumer_weight(mod, m)
     Wn = pruned_next_weight(W3, A.to(W3.device))
     k = A.shape[1]
-    b = mod.bias.detach().clone() if mod.bias is not None else None
+    b = mod.bias.detach() if mod.bias is not None else None
     if isinstance(mod, nn.Linear):
         Wn = Wn.reshape(Wn.shape[0], -1)
         new = nn.Linear(Wn.shape[1], Wn.shape[0], bias=b is not None, device=Wn.device, dtype=Wn.dtype)
@@ -462,10 +466,9 @@ def _reconstruct_in(mod: nn.Module, A: torch.Tensor, m: int) -> nn.Module:
         new = nn.Conv2d(k, Wn.shape[0], mod.kernel_size, stride=mod.stride, padding=mod.padding,
                         dilation=mod.dilation, groups=1, bias=b is not None, padding_mode=mod.padding_mode,
                         device=Wn.device, dtype=Wn.dtype)
-    with torch.no_grad():
-        new.weight.copy_(Wn)
-        if b is not None:
-            new.bias.copy_(b)
+    new.weight = _param_like(Wn, mod.weight)
+    if b is not None:
+        new.bias = _param_like(b, mod.bias)
     new.train(mod.training)
     return new
 
