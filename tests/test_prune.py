@@ -525,3 +525,30 @@ def test_pruned_layers_keep_requires_grad_dtype_and_device():
         assert p.requires_grad == want[n], n
         assert p.dtype == F64 and p.device == X.device, n
     assert {n: p.requires_grad for n, p in model.named_parameters()} == want  # input untouched
+
+
+def test_non_finite_calibration_data_or_activations_name_the_data_or_layer():
+    model = mlp(7)
+    X = torch.randn(50, 10, dtype=F64)
+    # NaN in the calibration data (second batch of three): the error names the data
+    bad = X.clone()
+    bad[30, 4] = float("nan")
+    batches = [bad[:20], bad[20:40], bad[40:]]
+    with pytest.raises(ValueError, match=r"data.*batch 1.*NaN or Inf"):
+        popcomp.spectral_prune(model, batches, widths=0.5, progress=False)
+    assert not torch.isfinite(bad).all()  # the input is not modified
+    # finite data, but the model produces Inf after its second Linear: the error names that layer
+    broken = mlp(7)
+    with torch.no_grad():
+        broken[2].bias[3] = float("inf")
+    with pytest.raises(ValueError, match=r"layer '4'.*NaN or Inf.*model") as e:
+        popcomp.spectral_prune(broken, X, widths=0.5, progress=False)
+    assert "'2'" in str(e.value) and "cov" not in str(e.value).split(":")[0]
+    # custom forward: the data cannot be checked, so the layer is named with both possible causes
+    with pytest.raises(ValueError, match=r"layer '2'.*NaN or Inf.*calibration data or the model"):
+        popcomp.spectral_prune(model, [(bad,)], widths=0.5, progress=False,
+                               forward=lambda mod, b: mod(b[0]))
+    # finite but huge activations overflow a float32 accumulator: said so, with the way out
+    with pytest.raises(ValueError, match=r"layer '2'.*NaN or Inf.*float32 accumulator.*float64"):
+        popcomp.spectral_prune(model, X * 1e22, widths=0.5, dtype=torch.float32, progress=False)
+    popcomp.spectral_prune(model, X * 1e22, widths=0.5, dtype=F64, progress=False)

@@ -521,6 +521,20 @@ def _progress(it, enabled: bool, desc: str, total=None):
     return tqdm(it, desc=desc, total=total, leave=False)
 
 
+def _check_calibration(sites, covs, inputs_checked: bool, dtype: torch.dtype) -> None:
+    """Raises on the first layer (forward order) whose accumulated covariance is not finite
+    (covariance_accumulate does not check the activations; this is the one cheap check)."""
+    for s in sites:
+        if bool(torch.isfinite(covs[s.name]).all()):
+            continue
+        cause = ("the model produced NaN/Inf from finite calibration data" if inputs_checked
+                 else "the calibration data or the model produced NaN/Inf")
+        if dtype == torch.float32:
+            cause += " (or the squares of huge activations overflowed the float32 accumulator: try dtype=torch.float64)"
+        raise ValueError(f"the activations at the input of layer '{s.capture}' (the units of layer "
+                         f"'{s.name}') contain NaN or Inf after calibration: {cause}")
+
+
 def _count_flops(model: nn.Module, sample, forward, device) -> int:
     """2 x multiply-adds of the Linear and Conv2d layers for one sample of ``sample``'s batch."""
     total = [0]
@@ -645,6 +659,8 @@ def spectral_prune(
             The model is never modified; a copy is rewritten.
         data: an input tensor or a re-iterable of batches (tensors, or tuples/lists whose first
             element is the input). Used for the covariances and for the reported error.
+            Input tensors with NaN/Inf raise ValueError naming the batch; so do non-finite
+            activations (checked once per layer on its covariance), naming the layer.
         widths: units to keep: a dict ``{layer name: width}`` (names as in
             ``model.named_modules()``; layers not listed are left alone), a list in forward
             order (``None`` entries left alone), a float ratio in (0, 1] for every layer, or
@@ -717,9 +733,17 @@ def spectral_prune(
         cap = _get(work, s.capture)
         hooks.append(cap.register_forward_pre_hook(make_hook(accs[s.name])))
     n_batches = 0
+    inputs_checked = forward is None  # with a custom forward the input is not known
     try:
         with torch.no_grad():
             for batch in _progress(batches, progress, "spectral_prune: covariances"):
+                if forward is None:
+                    x = _input_of(batch)
+                    if not isinstance(x, torch.Tensor):
+                        inputs_checked = False
+                    elif x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+                        raise ValueError(f"data: batch {n_batches} contains NaN or Inf; "
+                                         "the calibration inputs must be finite")
                 _run(work, batch, forward, device)
                 n_batches += 1
                 if max_batches is not None and n_batches >= max_batches:
@@ -730,6 +754,7 @@ def spectral_prune(
     if n_batches == 0:
         raise ValueError("data holds no batches")
     covs = {s.name: accs[s.name].covariance() for s in sites}
+    _check_calibration(sites, covs, inputs_checked, dtype)
 
     # ---- per-layer lambda, width, leverage
     by_name = {s.name: s for s in sites}
