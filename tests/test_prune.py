@@ -552,3 +552,45 @@ def test_non_finite_calibration_data_or_activations_name_the_data_or_layer():
     with pytest.raises(ValueError, match=r"layer '2'.*NaN or Inf.*float32 accumulator.*float64"):
         popcomp.spectral_prune(model, X * 1e22, widths=0.5, dtype=torch.float32, progress=False)
     popcomp.spectral_prune(model, X * 1e22, widths=0.5, dtype=F64, progress=False)
+
+
+def _consumer_formula(model, prod, cons, J, X, tau=0.0):
+    """Output of a model ending in ``cons`` pruned at ``prod`` by the paper's formula: the
+    consumer applied to ``A_J phi_J``, phi = its input in the original model, read as
+    (samples, m channels, positions), A_J from the covariance of exactly that phi."""
+    store = []
+    h = model[cons].register_forward_pre_hook(lambda mod, a: store.append(a[0].detach()))
+    with torch.no_grad():
+        model(X)
+    h.remove()
+    m = model[prod].out_features if isinstance(model[prod], nn.Linear) else model[prod].out_channels
+    phi = store[0].reshape(X.shape[0], m, -1)  # channel-major, as Flatten lays them out
+    S = torch.einsum("bcp,bdp->cd", phi, phi) / (phi.shape[0] * phi.shape[2])
+    A = P.reconstruction(S, J, tau)
+    W = model[cons].weight.detach().reshape(model[cons].out_features, m, -1)
+    Wn = torch.einsum("ocp,cj->ojp", W, A).reshape(W.shape[0], -1)
+    return phi[:, J].reshape(X.shape[0], -1) @ Wn.T + model[cons].bias.detach()
+
+
+@pytest.mark.parametrize("case", ["linear-flatten-tanh", "conv-flatten-relu", "linear-flatten-bn-relu",
+                                  "conv-relu-adaptivepool-flatten"])
+def test_layers_after_flatten_enter_the_covariance(case):
+    # Flatten commutes with element-wise layers (and BatchNorm1d(m) when positions = 1): the
+    # covariance must be that of the consumer's input, after them, not the Flatten's input
+    torch.manual_seed(11)
+    lin = case.startswith("linear")
+    X = torch.randn(300, 5, dtype=F64) if lin else torch.randn(40, 3, 6, 6, dtype=F64)
+    layers = {
+        "linear-flatten-tanh": [nn.Linear(5, 8), nn.Flatten(), nn.Tanh(), nn.Linear(8, 2)],
+        "conv-flatten-relu": [nn.Conv2d(3, 6, 3), nn.Flatten(), nn.ReLU(), nn.Linear(6 * 16, 2)],
+        "linear-flatten-bn-relu": [nn.Linear(5, 8), nn.Flatten(), nn.BatchNorm1d(8), nn.ReLU(),
+                                   nn.Linear(8, 2)],
+        "conv-relu-adaptivepool-flatten": [nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                           nn.Flatten(), nn.Linear(6, 2)],
+    }[case]
+    model = _randomize_bn(nn.Sequential(*layers).double().eval(), 2)
+    cons = len(model) - 1
+    assert [(s.name, s.consumer) for s in P.find_sites(model)] == [("0", str(cons))]
+    pm, rep = popcomp.spectral_prune(model, X, widths=[4], tau=0.0, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(X), _consumer_formula(model, 0, cons, rep.layers[0].indices, X))

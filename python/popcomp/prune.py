@@ -348,7 +348,7 @@ def find_sites(model: nn.Module) -> List["_Site"]:
     sites: List[_Site] = []
     for a, (path, mod) in enumerate(leaves):
         if kinds[a] == "producer":
-            norms, capture = [], None
+            norms, flat = [], False
             m = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
             for b in range(a + 1, len(leaves)):
                 kb = kinds[b]
@@ -359,19 +359,21 @@ def find_sites(model: nn.Module) -> List["_Site"]:
                 elif kb == "chan":
                     continue
                 elif kb == "flatten":
-                    if capture is not None:
+                    if flat:
                         break
-                    capture = leaves[b][0]
+                    flat = True
                 elif kb == "producer":
                     cons_path, cons = leaves[b]
-                    if capture is not None and not isinstance(cons, nn.Linear):
+                    if flat and not isinstance(cons, nn.Linear):
                         break
-                    if capture is None and isinstance(cons, nn.Linear) != isinstance(mod, nn.Linear):
+                    if not flat and isinstance(cons, nn.Linear) != isinstance(mod, nn.Linear):
                         break  # Conv2d -> Linear without Flatten reads a spatial axis, not channels
                     in_units = cons.in_features if isinstance(cons, nn.Linear) else cons.in_channels
-                    if in_units % m != 0 or (capture is None and in_units != m):
+                    if in_units % m != 0 or (not flat and in_units != m):
                         break
-                    sites.append(_Site(path, path, norms, cons_path, capture or cons_path, m))
+                    # phi is the consumer's input, after every layer in between (a Linear after
+                    # Flatten reads it as (B, m, positions))
+                    sites.append(_Site(path, path, norms, cons_path, cons_path, m))
                     break
                 else:  # block or end
                     break
@@ -653,9 +655,10 @@ def spectral_prune(
         model: an ``nn.Sequential`` (nested Sequentials allowed) of Linear / Conv2d /
             BatchNorm / activation / Dropout / pooling / Flatten layers and ResNet blocks, or a
             single residual block. The pruned units are the outputs of every Linear/Conv2d
-            whose output reaches the next Linear/Conv2d through element-wise layers only
-            (plus a Flatten before a Linear head), and the inner channels of residual blocks
-            (outputs of conv1, and of conv2 in a Bottleneck). Residual channels are untouched.
+            whose output reaches the next Linear/Conv2d through element-wise layers,
+            BatchNorm/PReLU over those units, pooling and at most one Flatten before a Linear
+            head; the covariance is that of the consumer's input. Also the inner channels of
+            residual blocks (outputs of conv1, and of conv2 in a Bottleneck). Residual channels are untouched.
             The model is never modified; a copy is rewritten.
         data: an input tensor or a re-iterable of batches (tensors, or tuples/lists whose first
             element is the input). Used for the covariances and for the reported error.
@@ -720,18 +723,21 @@ def spectral_prune(
     accs = {s.name: CovarianceAccumulator(dtype=dtype) for s in sites}
     hooks = []
 
-    def make_hook(acc: CovarianceAccumulator):
+    def make_hook(acc: CovarianceAccumulator, m: int):
         def pre(mod, args):
             x = args[0]
-            if x.dim() >= 3 and isinstance(mod, nn.Linear):
-                acc.update(x.reshape(-1, x.shape[-1]))
+            if isinstance(mod, nn.Linear):
+                if x.shape[-1] == m:
+                    acc.update(x.reshape(-1, m))
+                else:  # after Flatten: (B, m * positions), channel-major
+                    acc.update(x.reshape(x.shape[0], m, x.shape[-1] // m))
             else:
                 acc.update(x)
         return pre
 
     for s in sites:
         cap = _get(work, s.capture)
-        hooks.append(cap.register_forward_pre_hook(make_hook(accs[s.name])))
+        hooks.append(cap.register_forward_pre_hook(make_hook(accs[s.name], s.m)))
     n_batches = 0
     inputs_checked = forward is None  # with a custom forward the input is not known
     try:
