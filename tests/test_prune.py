@@ -594,3 +594,23 @@ def test_layers_after_flatten_enter_the_covariance(case):
     pm, rep = popcomp.spectral_prune(model, X, widths=[4], tau=0.0, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(pm(X), _consumer_formula(model, 0, cons, rep.layers[0].indices, X))
+
+
+def test_pooling_over_units_or_flattened_features_is_not_a_site():
+    # pooling reads neighbouring *units* when they lie on the pooled axis: after a Flatten
+    # (windows cross channel boundaries) or after a Linear (units on the last axis). The pruned
+    # model then pools other neighbours: a silently wrong result, so no site there
+    conv_flat_pool = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                                   nn.AvgPool1d(3, stride=1, padding=1), nn.Linear(4 * 16, 2))
+    lin_pool = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.MaxPool1d(3, stride=1, padding=1), nn.Linear(8, 2))
+    lin_flat_pool = nn.Sequential(nn.Linear(5, 8), nn.Flatten(), nn.AdaptiveAvgPool1d(8), nn.Linear(8, 2))
+    # a Linear over the last axis of a 3-D input, flattened: (B, T, m) -> t * m + c, not channel-major
+    lin3d_flat = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4, 2))
+    for model, x in ((conv_flat_pool, torch.randn(16, 3, 6, 6)), (lin_pool, torch.randn(30, 5)),
+                     (lin_flat_pool, torch.randn(30, 5)), (lin3d_flat, torch.randn(30, 4, 5))):
+        assert P.find_sites(model) == [], model
+        with pytest.raises(ValueError, match="no layer to prune"):
+            popcomp.spectral_prune(model, x, widths=0.5, progress=False)
+    # pooling over the spatial axes of Conv2d channels, before the Flatten, still is fine
+    ok = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 2))
+    assert [s.name for s in P.find_sites(ok)] == ["0"]

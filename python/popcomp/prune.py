@@ -256,10 +256,16 @@ def output_matrix(W_next: torch.Tensor, m: int, keep_next: Optional[torch.Tensor
 
 # ---- model structure -------------------------------------------------------------------------
 
-_CHANNELWISE = (
+# element-wise (or per-sample random, as dropout in training) layers: they commute with Flatten
+# and with the selection of units
+_ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.PReLU,
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
+)
+# pooling over the trailing (spatial) axes: per channel only for Conv2d outputs before a Flatten;
+# after a Linear (units on the last axis) or a Flatten (features on it) it mixes neighbouring units
+_POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
 )
@@ -335,8 +341,10 @@ def find_sites(model: nn.Module) -> List["_Site"]:
             kinds.append("producer")
         elif isinstance(mod, _NORMS) or (isinstance(mod, nn.PReLU) and mod.num_parameters > 1):
             kinds.append("norm")  # per-channel parameters: the kept channels are selected
-        elif isinstance(mod, _CHANNELWISE):
+        elif isinstance(mod, _ELEMENTWISE):
             kinds.append("chan")
+        elif isinstance(mod, _POOLS):
+            kinds.append("pool")
         elif isinstance(mod, nn.Flatten):
             if mod.start_dim != 1 or mod.end_dim != -1:
                 raise _unsupported(path, mod, "only Flatten(start_dim=1, end_dim=-1)")
@@ -358,6 +366,9 @@ def find_sites(model: nn.Module) -> List["_Site"]:
                     norms.append(leaves[b][0])
                 elif kb == "chan":
                     continue
+                elif kb == "pool":
+                    if flat or isinstance(mod, nn.Linear):
+                        break  # pools over the units themselves: the pruned model would pool others
                 elif kb == "flatten":
                     if flat:
                         break
@@ -369,7 +380,9 @@ def find_sites(model: nn.Module) -> List["_Site"]:
                     if not flat and isinstance(cons, nn.Linear) != isinstance(mod, nn.Linear):
                         break  # Conv2d -> Linear without Flatten reads a spatial axis, not channels
                     in_units = cons.in_features if isinstance(cons, nn.Linear) else cons.in_channels
-                    if in_units % m != 0 or (not flat and in_units != m):
+                    if in_units % m != 0 or (in_units != m and (not flat or isinstance(mod, nn.Linear))):
+                        # only a flattened (B, m, *spatial) Conv2d output is channel-major; a
+                        # flattened (B, T, m) Linear output interleaves the units
                         break
                     # phi is the consumer's input, after every layer in between (a Linear after
                     # Flatten reads it as (B, m, positions))
@@ -656,9 +669,12 @@ def spectral_prune(
             BatchNorm / activation / Dropout / pooling / Flatten layers and ResNet blocks, or a
             single residual block. The pruned units are the outputs of every Linear/Conv2d
             whose output reaches the next Linear/Conv2d through element-wise layers,
-            BatchNorm/PReLU over those units, pooling and at most one Flatten before a Linear
-            head; the covariance is that of the consumer's input. Also the inner channels of
-            residual blocks (outputs of conv1, and of conv2 in a Bottleneck). Residual channels are untouched.
+            BatchNorm/PReLU over those units, pooling over the spatial axes of Conv2d outputs
+            and at most one Flatten before a Linear head (of a Conv2d output, or of a 2-D Linear
+            output); the covariance is that of the consumer's input. Not prunable (left alone):
+            pooling after a Flatten or a Linear (it pools neighbouring units), a flattened 3-D
+            Linear output (units interleaved). Also the inner channels of residual blocks
+            (outputs of conv1, and of conv2 in a Bottleneck). Residual channels are untouched.
             The model is never modified; a copy is rewritten.
         data: an input tensor or a re-iterable of batches (tensors, or tuples/lists whose first
             element is the input). Used for the covariances and for the reported error.
