@@ -361,3 +361,20 @@ def test_cuda_opcheck():
         torch.ops.popcomp.covariance_accumulate.default,
         (x, torch.zeros(6, 6, device="cuda"), torch.zeros((), dtype=torch.int64, device="cuda")),
     )
+
+
+def test_accumulate_does_not_check_finiteness_non_finite_values_propagate():
+    # documented contract: no NaN/Inf check on x (a second pass); the caller checks acc once
+    x = torch.randn(20, 5, dtype=torch.float64)
+    x[7, 2] = float("nan")
+    acc, count = popcomp.covariance_accumulate(x, dtype=torch.float64)
+    assert int(count) == 20 and torch.isnan(acc[2, 2]) and not torch.isfinite(acc).all()
+    good = torch.cat([x[:, :2], x[:, 3:]], 1)
+    keep = [0, 1, 3, 4]
+    torch.testing.assert_close(acc[keep][:, keep], good.T @ good)  # other units unaffected
+    # the squares of finite float32 activations beyond ~1.8e19 overflow a float32 accumulator
+    acc, _ = popcomp.covariance_accumulate(torch.full((3, 2), 1e20), dtype=torch.float32)
+    assert torch.isinf(acc).all()
+    acc = popcomp.CovarianceAccumulator(dtype=torch.float64)
+    acc.update(x)
+    assert not torch.isfinite(acc.covariance()).all()

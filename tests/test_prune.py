@@ -498,3 +498,119 @@ def test_per_layer_specs_are_checked():
     for what in ("lam", "tau"):
         with pytest.raises(ValueError, match=what):
             popcomp.spectral_prune(model, X, widths=0.5, progress=False, **{what: {"O": 0.1}})
+
+
+def test_pruned_layers_keep_requires_grad_dtype_and_device():
+    # frozen parameters stay frozen (and trainable ones trainable) in every rewritten layer:
+    # producers, BatchNorm, per-channel PReLU, consumers, residual-block convolutions
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.PReLU(6),
+        nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        BasicBlock(8, 12), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 3 * 3, 6), nn.ReLU(), nn.Linear(6, 2),
+    ).double()
+    _randomize_bn(model, 5)
+    names = [n for n, _ in model.named_parameters()]
+    for i, (n, p) in enumerate(model.named_parameters()):
+        if i % 2 == 0 or n.startswith("6.conv"):  # weights frozen, biases not, block convs frozen
+            p.requires_grad_(False)
+    want = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any(want.values()) and not all(want.values())
+    X = torch.randn(20, 3, 6, 6, dtype=F64)
+    pm, rep = popcomp.spectral_prune(model, X, widths=0.5, progress=False)
+    assert {l.name for l in rep.layers} == {"0", "6.conv1", "9"}
+    got = dict(pm.named_parameters())
+    assert list(got) == names
+    for n, p in got.items():
+        assert p.requires_grad == want[n], n
+        assert p.dtype == F64 and p.device == X.device, n
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == want  # input untouched
+
+
+def test_non_finite_calibration_data_or_activations_name_the_data_or_layer():
+    model = mlp(7)
+    X = torch.randn(50, 10, dtype=F64)
+    # NaN in the calibration data (second batch of three): the error names the data
+    bad = X.clone()
+    bad[30, 4] = float("nan")
+    batches = [bad[:20], bad[20:40], bad[40:]]
+    with pytest.raises(ValueError, match=r"data.*batch 1.*NaN or Inf"):
+        popcomp.spectral_prune(model, batches, widths=0.5, progress=False)
+    assert not torch.isfinite(bad).all()  # the input is not modified
+    # finite data, but the model produces Inf after its second Linear: the error names that layer
+    broken = mlp(7)
+    with torch.no_grad():
+        broken[2].bias[3] = float("inf")
+    with pytest.raises(ValueError, match=r"layer '4'.*NaN or Inf.*model") as e:
+        popcomp.spectral_prune(broken, X, widths=0.5, progress=False)
+    assert "'2'" in str(e.value) and "cov" not in str(e.value).split(":")[0]
+    # custom forward: the data cannot be checked, so the layer is named with both possible causes
+    with pytest.raises(ValueError, match=r"layer '2'.*NaN or Inf.*calibration data or the model"):
+        popcomp.spectral_prune(model, [(bad,)], widths=0.5, progress=False,
+                               forward=lambda mod, b: mod(b[0]))
+    # finite but huge activations overflow a float32 accumulator: said so, with the way out
+    with pytest.raises(ValueError, match=r"layer '2'.*NaN or Inf.*float32 accumulator.*float64"):
+        popcomp.spectral_prune(model, X * 1e22, widths=0.5, dtype=torch.float32, progress=False)
+    popcomp.spectral_prune(model, X * 1e22, widths=0.5, dtype=F64, progress=False)
+
+
+def _consumer_formula(model, prod, cons, J, X, tau=0.0):
+    """Output of a model ending in ``cons`` pruned at ``prod`` by the paper's formula: the
+    consumer applied to ``A_J phi_J``, phi = its input in the original model, read as
+    (samples, m channels, positions), A_J from the covariance of exactly that phi."""
+    store = []
+    h = model[cons].register_forward_pre_hook(lambda mod, a: store.append(a[0].detach()))
+    with torch.no_grad():
+        model(X)
+    h.remove()
+    m = model[prod].out_features if isinstance(model[prod], nn.Linear) else model[prod].out_channels
+    phi = store[0].reshape(X.shape[0], m, -1)  # channel-major, as Flatten lays them out
+    S = torch.einsum("bcp,bdp->cd", phi, phi) / (phi.shape[0] * phi.shape[2])
+    A = P.reconstruction(S, J, tau)
+    W = model[cons].weight.detach().reshape(model[cons].out_features, m, -1)
+    Wn = torch.einsum("ocp,cj->ojp", W, A).reshape(W.shape[0], -1)
+    return phi[:, J].reshape(X.shape[0], -1) @ Wn.T + model[cons].bias.detach()
+
+
+@pytest.mark.parametrize("case", ["linear-flatten-tanh", "conv-flatten-relu", "linear-flatten-bn-relu",
+                                  "conv-relu-adaptivepool-flatten"])
+def test_layers_after_flatten_enter_the_covariance(case):
+    # Flatten commutes with element-wise layers (and BatchNorm1d(m) when positions = 1): the
+    # covariance must be that of the consumer's input, after them, not the Flatten's input
+    torch.manual_seed(11)
+    lin = case.startswith("linear")
+    X = torch.randn(300, 5, dtype=F64) if lin else torch.randn(40, 3, 6, 6, dtype=F64)
+    layers = {
+        "linear-flatten-tanh": [nn.Linear(5, 8), nn.Flatten(), nn.Tanh(), nn.Linear(8, 2)],
+        "conv-flatten-relu": [nn.Conv2d(3, 6, 3), nn.Flatten(), nn.ReLU(), nn.Linear(6 * 16, 2)],
+        "linear-flatten-bn-relu": [nn.Linear(5, 8), nn.Flatten(), nn.BatchNorm1d(8), nn.ReLU(),
+                                   nn.Linear(8, 2)],
+        "conv-relu-adaptivepool-flatten": [nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                           nn.Flatten(), nn.Linear(6, 2)],
+    }[case]
+    model = _randomize_bn(nn.Sequential(*layers).double().eval(), 2)
+    cons = len(model) - 1
+    assert [(s.name, s.consumer) for s in P.find_sites(model)] == [("0", str(cons))]
+    pm, rep = popcomp.spectral_prune(model, X, widths=[4], tau=0.0, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(X), _consumer_formula(model, 0, cons, rep.layers[0].indices, X))
+
+
+def test_pooling_over_units_or_flattened_features_is_not_a_site():
+    # pooling reads neighbouring *units* when they lie on the pooled axis: after a Flatten
+    # (windows cross channel boundaries) or after a Linear (units on the last axis). The pruned
+    # model then pools other neighbours: a silently wrong result, so no site there
+    conv_flat_pool = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                                   nn.AvgPool1d(3, stride=1, padding=1), nn.Linear(4 * 16, 2))
+    lin_pool = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.MaxPool1d(3, stride=1, padding=1), nn.Linear(8, 2))
+    lin_flat_pool = nn.Sequential(nn.Linear(5, 8), nn.Flatten(), nn.AdaptiveAvgPool1d(8), nn.Linear(8, 2))
+    # a Linear over the last axis of a 3-D input, flattened: (B, T, m) -> t * m + c, not channel-major
+    lin3d_flat = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4, 2))
+    for model, x in ((conv_flat_pool, torch.randn(16, 3, 6, 6)), (lin_pool, torch.randn(30, 5)),
+                     (lin_flat_pool, torch.randn(30, 5)), (lin3d_flat, torch.randn(30, 4, 5))):
+        assert P.find_sites(model) == [], model
+        with pytest.raises(ValueError, match="no layer to prune"):
+            popcomp.spectral_prune(model, x, widths=0.5, progress=False)
+    # pooling over the spatial axes of Conv2d channels, before the Flatten, still is fine
+    ok = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 2))
+    assert [s.name for s in P.find_sites(ok)] == ["0"]

@@ -63,6 +63,12 @@ def covariance_accumulate(
 
     Returns:
         ``(acc, count)``. ``acc / count`` is the non-centered covariance.
+
+    ``x`` is not checked for NaN/Inf (that would cost a second pass over the activations):
+    non-finite values propagate into ``acc`` (the rows and columns of their units), and the
+    squares of activations beyond ~1.8e19 overflow a float32 ``acc`` to Inf. Check the
+    accumulated matrix once at the end, e.g. ``torch.isfinite(acc).all()``, as
+    :func:`popcomp.spectral_prune` does for every layer after calibration.
     """
     x = V.as_tensor("x", x)
     V.check_float("x", x)
@@ -93,6 +99,8 @@ def covariance_accumulate(
 class CovarianceAccumulator:
     """Streams :func:`covariance_accumulate` over batches; ``covariance()`` gives
     ``Sigma = acc / n`` after an all-reduce over ranks (when torch.distributed is initialized).
+    Like :func:`covariance_accumulate`, neither checks for NaN/Inf: a non-finite activation
+    gives a non-finite ``Sigma``.
     """
 
     def __init__(self, dtype: torch.dtype = torch.float32, channel_dim: Optional[int] = None):

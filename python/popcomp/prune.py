@@ -256,10 +256,16 @@ def output_matrix(W_next: torch.Tensor, m: int, keep_next: Optional[torch.Tensor
 
 # ---- model structure -------------------------------------------------------------------------
 
-_CHANNELWISE = (
+# element-wise (or per-sample random, as dropout in training) layers: they commute with Flatten
+# and with the selection of units
+_ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.PReLU,
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
+)
+# pooling over the trailing (spatial) axes: per channel only for Conv2d outputs before a Flatten;
+# after a Linear (units on the last axis) or a Flatten (features on it) it mixes neighbouring units
+_POOLS = (
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
 )
@@ -335,8 +341,10 @@ def find_sites(model: nn.Module) -> List["_Site"]:
             kinds.append("producer")
         elif isinstance(mod, _NORMS) or (isinstance(mod, nn.PReLU) and mod.num_parameters > 1):
             kinds.append("norm")  # per-channel parameters: the kept channels are selected
-        elif isinstance(mod, _CHANNELWISE):
+        elif isinstance(mod, _ELEMENTWISE):
             kinds.append("chan")
+        elif isinstance(mod, _POOLS):
+            kinds.append("pool")
         elif isinstance(mod, nn.Flatten):
             if mod.start_dim != 1 or mod.end_dim != -1:
                 raise _unsupported(path, mod, "only Flatten(start_dim=1, end_dim=-1)")
@@ -348,7 +356,7 @@ def find_sites(model: nn.Module) -> List["_Site"]:
     sites: List[_Site] = []
     for a, (path, mod) in enumerate(leaves):
         if kinds[a] == "producer":
-            norms, capture = [], None
+            norms, flat = [], False
             m = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
             for b in range(a + 1, len(leaves)):
                 kb = kinds[b]
@@ -358,20 +366,27 @@ def find_sites(model: nn.Module) -> List["_Site"]:
                     norms.append(leaves[b][0])
                 elif kb == "chan":
                     continue
+                elif kb == "pool":
+                    if flat or isinstance(mod, nn.Linear):
+                        break  # pools over the units themselves: the pruned model would pool others
                 elif kb == "flatten":
-                    if capture is not None:
+                    if flat:
                         break
-                    capture = leaves[b][0]
+                    flat = True
                 elif kb == "producer":
                     cons_path, cons = leaves[b]
-                    if capture is not None and not isinstance(cons, nn.Linear):
+                    if flat and not isinstance(cons, nn.Linear):
                         break
-                    if capture is None and isinstance(cons, nn.Linear) != isinstance(mod, nn.Linear):
+                    if not flat and isinstance(cons, nn.Linear) != isinstance(mod, nn.Linear):
                         break  # Conv2d -> Linear without Flatten reads a spatial axis, not channels
                     in_units = cons.in_features if isinstance(cons, nn.Linear) else cons.in_channels
-                    if in_units % m != 0 or (capture is None and in_units != m):
+                    if in_units % m != 0 or (in_units != m and (not flat or isinstance(mod, nn.Linear))):
+                        # only a flattened (B, m, *spatial) Conv2d output is channel-major; a
+                        # flattened (B, T, m) Linear output interleaves the units
                         break
-                    sites.append(_Site(path, path, norms, cons_path, capture or cons_path, m))
+                    # phi is the consumer's input, after every layer in between (a Linear after
+                    # Flatten reads it as (B, m, positions))
+                    sites.append(_Site(path, path, norms, cons_path, cons_path, m))
                     break
                 else:  # block or end
                     break
@@ -393,20 +408,25 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(_get(model, parent), name, new)
 
 
+def _param_like(data: torch.Tensor, old: nn.Parameter) -> nn.Parameter:
+    """A new parameter holding ``data`` with ``old``'s dtype, device and requires_grad."""
+    return nn.Parameter(data.detach().to(device=old.device, dtype=old.dtype).clone(),
+                        requires_grad=old.requires_grad)
+
+
 def _select_out(mod: nn.Module, J: torch.Tensor) -> nn.Module:
     J = J.to(mod.weight.device)
-    W = mod.weight.detach()[J].clone()
-    b = mod.bias.detach()[J].clone() if mod.bias is not None else None
+    W = mod.weight.detach()[J]
+    b = mod.bias.detach()[J] if mod.bias is not None else None
     if isinstance(mod, nn.Linear):
         new = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, device=W.device, dtype=W.dtype)
     else:
         new = nn.Conv2d(W.shape[1], W.shape[0], mod.kernel_size, stride=mod.stride, padding=mod.padding,
                         dilation=mod.dilation, groups=1, bias=b is not None, padding_mode=mod.padding_mode,
                         device=W.device, dtype=W.dtype)
-    with torch.no_grad():
-        new.weight.copy_(W)
-        if b is not None:
-            new.bias.copy_(b)
+    new.weight = _param_like(W, mod.weight)
+    if b is not None:
+        new.bias = _param_like(b, mod.bias)
     new.train(mod.training)
     return new
 
@@ -418,8 +438,7 @@ def _channel_count(mod: nn.Module) -> int:
 def _select_bn(bn: nn.Module, J: torch.Tensor) -> nn.Module:
     if isinstance(bn, nn.PReLU):  # one slope per channel
         new = nn.PReLU(J.numel(), device=bn.weight.device, dtype=bn.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(bn.weight.detach()[J.to(bn.weight.device)])
+        new.weight = _param_like(bn.weight.detach()[J.to(bn.weight.device)], bn.weight)
         new.train(bn.training)
         return new
     J = J.to(bn.running_mean.device if bn.running_mean is not None else bn.weight.device)
@@ -428,8 +447,8 @@ def _select_bn(bn: nn.Module, J: torch.Tensor) -> nn.Module:
     new = new.to(device=J.device)
     with torch.no_grad():
         if bn.affine:
-            new.weight = nn.Parameter(bn.weight.detach()[J].clone())
-            new.bias = nn.Parameter(bn.bias.detach()[J].clone())
+            new.weight = _param_like(bn.weight.detach()[J], bn.weight)
+            new.bias = _param_like(bn.bias.detach()[J], bn.bias)
         if bn.track_running_stats and bn.running_mean is not None:
             new.running_mean = bn.running_mean[J].clone()
             new.running_var = bn.running_var[J].clone()
@@ -454,7 +473,7 @@ def _reconstruct_in(mod: nn.Module, A: torch.Tensor, m: int) -> nn.Module:
     W3 = _consumer_weight(mod, m)
     Wn = pruned_next_weight(W3, A.to(W3.device))
     k = A.shape[1]
-    b = mod.bias.detach().clone() if mod.bias is not None else None
+    b = mod.bias.detach() if mod.bias is not None else None
     if isinstance(mod, nn.Linear):
         Wn = Wn.reshape(Wn.shape[0], -1)
         new = nn.Linear(Wn.shape[1], Wn.shape[0], bias=b is not None, device=Wn.device, dtype=Wn.dtype)
@@ -462,10 +481,9 @@ def _reconstruct_in(mod: nn.Module, A: torch.Tensor, m: int) -> nn.Module:
         new = nn.Conv2d(k, Wn.shape[0], mod.kernel_size, stride=mod.stride, padding=mod.padding,
                         dilation=mod.dilation, groups=1, bias=b is not None, padding_mode=mod.padding_mode,
                         device=Wn.device, dtype=Wn.dtype)
-    with torch.no_grad():
-        new.weight.copy_(Wn)
-        if b is not None:
-            new.bias.copy_(b)
+    new.weight = _param_like(Wn, mod.weight)
+    if b is not None:
+        new.bias = _param_like(b, mod.bias)
     new.train(mod.training)
     return new
 
@@ -516,6 +534,20 @@ def _progress(it, enabled: bool, desc: str, total=None):
         except TypeError:
             total = None
     return tqdm(it, desc=desc, total=total, leave=False)
+
+
+def _check_calibration(sites, covs, inputs_checked: bool, dtype: torch.dtype) -> None:
+    """Raises on the first layer (forward order) whose accumulated covariance is not finite
+    (covariance_accumulate does not check the activations; this is the one cheap check)."""
+    for s in sites:
+        if bool(torch.isfinite(covs[s.name]).all()):
+            continue
+        cause = ("the model produced NaN/Inf from finite calibration data" if inputs_checked
+                 else "the calibration data or the model produced NaN/Inf")
+        if dtype == torch.float32:
+            cause += " (or the squares of huge activations overflowed the float32 accumulator: try dtype=torch.float64)"
+        raise ValueError(f"the activations at the input of layer '{s.capture}' (the units of layer "
+                         f"'{s.name}') contain NaN or Inf after calibration: {cause}")
 
 
 def _count_flops(model: nn.Module, sample, forward, device) -> int:
@@ -636,12 +668,18 @@ def spectral_prune(
         model: an ``nn.Sequential`` (nested Sequentials allowed) of Linear / Conv2d /
             BatchNorm / activation / Dropout / pooling / Flatten layers and ResNet blocks, or a
             single residual block. The pruned units are the outputs of every Linear/Conv2d
-            whose output reaches the next Linear/Conv2d through element-wise layers only
-            (plus a Flatten before a Linear head), and the inner channels of residual blocks
+            whose output reaches the next Linear/Conv2d through element-wise layers,
+            BatchNorm/PReLU over those units, pooling over the spatial axes of Conv2d outputs
+            and at most one Flatten before a Linear head (of a Conv2d output, or of a 2-D Linear
+            output); the covariance is that of the consumer's input. Not prunable (left alone):
+            pooling after a Flatten or a Linear (it pools neighbouring units), a flattened 3-D
+            Linear output (units interleaved). Also the inner channels of residual blocks
             (outputs of conv1, and of conv2 in a Bottleneck). Residual channels are untouched.
             The model is never modified; a copy is rewritten.
         data: an input tensor or a re-iterable of batches (tensors, or tuples/lists whose first
             element is the input). Used for the covariances and for the reported error.
+            Input tensors with NaN/Inf raise ValueError naming the batch; so do non-finite
+            activations (checked once per layer on its covariance), naming the layer.
         widths: units to keep: a dict ``{layer name: width}`` (names as in
             ``model.named_modules()``; layers not listed are left alone), a list in forward
             order (``None`` entries left alone), a float ratio in (0, 1] for every layer, or
@@ -701,22 +739,33 @@ def spectral_prune(
     accs = {s.name: CovarianceAccumulator(dtype=dtype) for s in sites}
     hooks = []
 
-    def make_hook(acc: CovarianceAccumulator):
+    def make_hook(acc: CovarianceAccumulator, m: int):
         def pre(mod, args):
             x = args[0]
-            if x.dim() >= 3 and isinstance(mod, nn.Linear):
-                acc.update(x.reshape(-1, x.shape[-1]))
+            if isinstance(mod, nn.Linear):
+                if x.shape[-1] == m:
+                    acc.update(x.reshape(-1, m))
+                else:  # after Flatten: (B, m * positions), channel-major
+                    acc.update(x.reshape(x.shape[0], m, x.shape[-1] // m))
             else:
                 acc.update(x)
         return pre
 
     for s in sites:
         cap = _get(work, s.capture)
-        hooks.append(cap.register_forward_pre_hook(make_hook(accs[s.name])))
+        hooks.append(cap.register_forward_pre_hook(make_hook(accs[s.name], s.m)))
     n_batches = 0
+    inputs_checked = forward is None  # with a custom forward the input is not known
     try:
         with torch.no_grad():
             for batch in _progress(batches, progress, "spectral_prune: covariances"):
+                if forward is None:
+                    x = _input_of(batch)
+                    if not isinstance(x, torch.Tensor):
+                        inputs_checked = False
+                    elif x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+                        raise ValueError(f"data: batch {n_batches} contains NaN or Inf; "
+                                         "the calibration inputs must be finite")
                 _run(work, batch, forward, device)
                 n_batches += 1
                 if max_batches is not None and n_batches >= max_batches:
@@ -727,6 +776,7 @@ def spectral_prune(
     if n_batches == 0:
         raise ValueError("data holds no batches")
     covs = {s.name: accs[s.name].covariance() for s in sites}
+    _check_calibration(sites, covs, inputs_checked, dtype)
 
     # ---- per-layer lambda, width, leverage
     by_name = {s.name: s for s in sites}
