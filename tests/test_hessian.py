@@ -18,16 +18,18 @@ CUDA = popcomp.backends()["cuda"]["usable"]
 
 # ---- oracles ---------------------------------------------------------------------------------
 def fisher_oracle(model, loss_fn, X, Y):
-    """sum_s (d l_s / d w)^2 with l_s = loss_fn on the batch holding sample s alone (float64)."""
+    """sum_s (d l_s / d w)^2 with l_s = loss_fn on the batch holding sample s alone (float64),
+    for the trainable parameters."""
     m = _double(model)
-    res = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    res = {n: torch.zeros_like(p) for n, p in named}
     for s in range(X.shape[0]):
         xs = X[s : s + 1]
         xs = xs.double() if xs.is_floating_point() else xs
         ys = Y[s : s + 1]
         ys = ys.double() if ys.is_floating_point() else ys
-        gs = torch.autograd.grad(loss_fn(m(xs), ys), list(m.parameters()))
-        for (n, _), g in zip(m.named_parameters(), gs):
+        gs = torch.autograd.grad(loss_fn(m(xs), ys), [p for _, p in named])
+        for (n, _), g in zip(named, gs):
             res[n] += g**2
     return res
 
@@ -377,3 +379,48 @@ def test_ggn_mc_unbiased_for_mse_and_bce(loss):
     mc = H.diagonal(model, lf, [(X, Y)] * 20, method="ggn_mc", mc_samples=64, seed=1, progress=False)
     assert mc.num_samples == 160
     assert rel_err({k: v / 20 for k, v in mc.items()}, {k: v.double() for k, v in exact.items()}) < 0.08
+
+
+# ---- eval mode -------------------------------------------------------------------------------
+def _dropout_bn_net():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+    model[1].requires_grad_(False)  # frozen: fisher/ggn accumulate the Linear layers only
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_diagonal_evaluates_in_eval_mode_and_restores_modes(method):
+    # dropout noise and BatchNorm batch statistics would pollute the estimate (and train-mode
+    # BatchNorm would update its running statistics); the oracle is the model in eval mode
+    model = _dropout_bn_net()
+    model.train()
+    model[4].eval()  # a module in its own mode keeps it
+    X, Y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    stats = model[1].running_mean.clone()
+    h = H.diagonal(model, nn.CrossEntropyLoss(), [(X[:6], Y[:6]), (X[6:], Y[6:])], method=method,
+                   progress=False)
+    assert [m.training for m in model.modules()] == [True, True, True, True, True, False]
+    assert torch.equal(model[1].running_mean, stats)
+    ref_model = _double(model).eval()
+    if method == "fisher":
+        ref = fisher_oracle(ref_model, nn.CrossEntropyLoss(), X, Y)
+    else:
+        ref = hessian_diag_oracle(ref_model, nn.CrossEntropyLoss(), X, Y, 10)
+    assert_close_maps(h, {k: ref[k] for k in h}, tol=1e-4)
+
+
+def test_diagonal_eval_mode_false_keeps_train_mode():
+    model = _dropout_bn_net()
+    model.train()
+    X, Y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    stats = model[1].running_mean.clone()
+    H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method="ggn", eval_mode=False, progress=False)
+    assert not torch.equal(model[1].running_mean, stats)  # train-mode BatchNorm ran
+    assert all(m.training for m in model.modules())
+    with pytest.raises(TypeError, match="eval_mode"):
+        H.HessianAccumulator(model, nn.CrossEntropyLoss(), eval_mode="yes")

@@ -6,7 +6,9 @@
 
 A sample's loss l_s is what ``loss_fn`` returns for a batch holding that sample alone; with a
 "mean" reduction the batch loss is (1/B) sum_s l_s and the per-sample quantities are rescaled
-accordingly (detected from ``loss_fn.reduction``, or by probing the first batch).
+accordingly (detected from ``loss_fn.reduction``, or by probing the first batch). The model is
+evaluated in eval mode (no dropout noise, BatchNorm on its running statistics; each module's
+mode is restored after every batch) unless ``eval_mode=False``.
 
 Methods
   fisher      sum_s (d l_s / d w)^2, exact, without materializing per-sample gradients: the
@@ -22,6 +24,7 @@ Methods
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -112,6 +115,22 @@ def _batch_size(inputs, targets) -> int:
     raise ValueError("data: cannot find the batch size (no tensor with a leading batch dimension)")
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module, enabled: bool = True):
+    """Run the block with every module of ``model`` in eval mode (no dropout noise, BatchNorm on
+    its running statistics and not updating them); each module's own mode is restored after."""
+    if not enabled:
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
 def _call(model, inputs):
     if isinstance(inputs, (list, tuple)):
         return model(*inputs)
@@ -169,6 +188,9 @@ class HessianAccumulator:
       mc_samples: sampled columns per sample (ggn_mc).
       seed: seed of the probes / sampled labels.
       max_columns: limit on the columns of the loss-Hessian factor per sample (ggn).
+      eval_mode: evaluate the model in eval mode (default; dropout off, BatchNorm on its running
+        statistics), each module's mode restored after every batch; False keeps the modules'
+        current modes (e.g. to include dropout noise).
     """
 
     def __init__(
@@ -183,6 +205,7 @@ class HessianAccumulator:
         mc_samples: int = 1,
         seed: Optional[int] = None,
         max_columns: int = 4096,
+        eval_mode: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -192,12 +215,15 @@ class HessianAccumulator:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if reduction not in (None, "mean", "sum"):
             raise ValueError(f"reduction must be None, 'mean' or 'sum', got {reduction!r}")
+        if not isinstance(eval_mode, bool):
+            raise TypeError(f"eval_mode must be a bool, got {type(eval_mode).__name__}")
         from ._validate import check_int
 
         self.num_probes = check_int("num_probes", num_probes, lo=1)
         self.mc_samples = check_int("mc_samples", mc_samples, lo=1)
         self.max_columns = check_int("max_columns", max_columns, lo=1)
         self.model, self.loss_fn, self.method = model, loss_fn, method
+        self.eval_mode = eval_mode
         self._reduction = reduction
         self._seed = seed
         self._gen: Dict[torch.device, torch.Generator] = {}
@@ -340,7 +366,7 @@ class HessianAccumulator:
         try:
             for p in self._params:
                 p.requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), _eval_mode(self.model, self.eval_mode):
                 if self.method == "hutchinson":
                     self._update_hutchinson(inputs, targets, B)
                 else:
@@ -681,15 +707,18 @@ def diagonal(
     mc_samples: int = 1,
     seed: Optional[int] = None,
     max_columns: int = 4096,
+    eval_mode: bool = True,
 ) -> HessianDiagonal:
     """Diagonal of the loss Hessian of ``model`` over ``data`` (an iterable / DataLoader of
     (input, target) batches), as a mapping parameter name -> float32 tensor shaped like the
     parameter, holding the sum over samples (``mean=True``: divided by ``num_samples``).
 
-    See the module docstring for the methods; keyword arguments go to HessianAccumulator."""
+    The model is evaluated in eval mode unless ``eval_mode=False`` (each module's mode is
+    restored). See the module docstring for the methods; keyword arguments go to
+    HessianAccumulator."""
     acc = HessianAccumulator(model, loss_fn, method, params=params, reduction=reduction,
                              num_probes=num_probes, mc_samples=mc_samples, seed=seed,
-                             max_columns=max_columns)
+                             max_columns=max_columns, eval_mode=eval_mode)
     acc.accumulate(data, progress=progress)
     res = acc.result()
     if res.num_samples == 0:
