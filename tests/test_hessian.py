@@ -424,3 +424,21 @@ def test_diagonal_eval_mode_false_keeps_train_mode():
     assert all(m.training for m in model.modules())
     with pytest.raises(TypeError, match="eval_mode"):
         H.HessianAccumulator(model, nn.CrossEntropyLoss(), eval_mode="yes")
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_ce_loss_factor_has_rank_c_minus_1_and_squares_to_the_softmax_hessian(scale):
+    # C - 1 columns per position whose outer products sum to diag(p) - p p^T (the CE Hessian
+    # in the logits), also when the softmax saturates (scale 40) on any class, the last included
+    torch.manual_seed(5)
+    B, C, P = 6, 5, 3
+    logits = torch.randn(B, C, P, dtype=torch.float64) * scale
+    logits[0, -1] += 100.0
+    acc = H.HessianAccumulator(_relu_net(), nn.CrossEntropyLoss(reduction="sum"), "ggn")
+    A = acc._loss_factor(logits.float(), torch.zeros(B, P, dtype=torch.long))
+    assert A.shape == ((C - 1) * P, B, C, P)
+    got = torch.einsum("rbip,rbjq->bpiqj", A.double(), A.double())
+    p = torch.softmax(logits, 1).permute(0, 2, 1)  # (B, P, C)
+    hess = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)  # (B, P, C, C)
+    ref = torch.einsum("bpij,pq->bpiqj", hess, torch.eye(P, dtype=torch.float64))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)

@@ -486,6 +486,8 @@ class HessianAccumulator:
             if not isinstance(out, torch.Tensor):
                 raise ValueError("model: ggn needs the model to return a single tensor")
             cols = self._loss_factor(out.detach(), targets)  # (R, *out.shape)
+            if cols.shape[0] == 0:  # a constant loss Hessian of zero (CrossEntropy of one class)
+                return
             grads = self._backprop_columns(out, layer_outs, cols)
         k = 0
         for mn, m in mods:
@@ -577,12 +579,17 @@ class HessianAccumulator:
                 onehot = F.one_hot(idx.t().reshape(M, B, P), C).permute(0, 1, 3, 2).to(p.dtype)
                 cols = (p.unsqueeze(0) - onehot) * sw.view(1, B, 1, P) / math.sqrt(M)
                 return cols.reshape(M, *out.shape).to(out.dtype)
-            R = C * P
+            # The Hessian diag(p) - p p^T = D (I - q q^T) D with q = sqrt(p), D = diag(q), has rank
+            # C - 1: its factor is D U, U = the first C - 1 columns of the Householder reflection
+            # I - v v^T / (1 + q_C), v = q + e_C, which maps q to -e_C (so U U^T = I - q q^T):
+            # A[j, b, i, p] = q_i (delta_ij - q_j v_i / (1 + q_C)), j < C - 1.
+            R = (C - 1) * P
             self._check_columns(R)
-            eye = torch.eye(C, dtype=p.dtype, device=p.device)
-            # A[c, b, c', p] = sqrt(p_c) (delta_cc' - p_c')
-            sp = p.sqrt()
-            A = sp.permute(1, 0, 2).unsqueeze(2) * (eye.view(C, 1, C, 1) - p.unsqueeze(0))
+            q = p.sqrt()
+            v = torch.cat([q[:, :-1], q[:, -1:] + 1], 1)
+            coef = (q[:, :-1] / v[:, -1:]).permute(1, 0, 2).unsqueeze(2)  # (C-1, B, 1, P)
+            eye = torch.eye(C - 1, C, dtype=p.dtype, device=p.device).view(C - 1, 1, C, 1)
+            A = q.unsqueeze(0) * (eye - coef * v.unsqueeze(0))
             A = A * sw.view(1, B, 1, P)
             cols = torch.einsum("cbkp,pq->cpbkq", A, torch.eye(P, dtype=p.dtype, device=p.device))
             return cols.reshape(R, *out.shape).to(out.dtype)
