@@ -442,3 +442,85 @@ def test_ce_loss_factor_has_rank_c_minus_1_and_squares_to_the_softmax_hessian(sc
     hess = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)  # (B, P, C, C)
     ref = torch.einsum("bpij,pq->bpiqj", hess, torch.eye(P, dtype=torch.float64))
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+# ---- the chain fast path (Sequential of Linear / elementwise layers, no autograd) ---------------
+def _generic(model, lf, data, method, **kw):
+    """The same accumulation forced onto the generic autograd path (a container hook)."""
+    h = model.register_forward_hook(lambda *a: None)
+    try:
+        acc = H.HessianAccumulator(model, lf, method, **kw)
+        with H._eval_mode(model):
+            assert not acc._chain.ready(data[0][0])
+        return acc.accumulate(data, progress=False).result()
+    finally:
+        h.remove()
+
+
+def _chain_net():
+    torch.manual_seed(6)
+    inner = nn.Sequential(nn.Linear(6, 7), nn.GELU(), nn.Dropout(0.3))
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 6), nn.Tanh(), inner, nn.Identity(),
+                         nn.Linear(7, 5), nn.LeakyReLU(0.1), nn.ReLU(inplace=True), nn.Linear(5, 4))
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn", "ggn_mc"])
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+def test_chain_equals_generic_path(method, loss):
+    model = _chain_net()
+    model.train()  # dropout off through eval mode
+    X = torch.randn(9, 2, 3)
+    lf, Y = {"ce": (nn.CrossEntropyLoss(), torch.randint(0, 4, (9,))),
+             "mse": (nn.MSELoss(reduction="sum"), torch.randn(9, 4)),
+             "bce": (nn.BCEWithLogitsLoss(), torch.rand(9, 4).round())}[loss]
+    data = [(X[:4], Y[:4]), (X[4:], Y[4:])]
+    acc = H.HessianAccumulator(model, lf, method, seed=3, mc_samples=2)
+    with H._eval_mode(model):
+        assert acc._chain.ready(X)
+    fast = acc.accumulate(data, progress=False).result()
+    ref = _generic(model, lf, data, method, seed=3, mc_samples=2)
+    assert not any(v.requires_grad for v in list(fast.values()) + list(ref.values()))
+    assert set(fast) == {f"{i}.{p}" for i in ("1", "3.0", "5", "8") for p in ("weight", "bias")}
+    assert_close_maps(fast, {k: v.double() for k, v in ref.items()}, tol=1e-5)
+    if method == "fisher":
+        assert_close_maps(fast, fisher_oracle(model.eval(), lf, X, Y), tol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_chain_ggn_equals_hessian_on_relu_sequences_and_subsets(loss):
+    # inputs (B, T, in): the per-sample Jacobian sums over positions; a params subset stops the
+    # backprop at the lowest selected layer and passes through unselected ones
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    X = torch.randn(5, 3, 3)
+    if loss == "ce":  # CE on (B, T, C) logits is per position: flatten positions into samples
+        X = X.reshape(15, 3)
+        lf, Y, scale = nn.CrossEntropyLoss(), torch.randint(0, 4, (15,)), 15
+    else:
+        lf, Y, scale = nn.MSELoss(), torch.randn(5, 3, 4), 5
+    acc = H.HessianAccumulator(model, lf, "ggn")
+    assert acc._chain.ready(X)
+    h = acc.accumulate([(X, Y)], progress=False).result()
+    assert_close_maps(h, hessian_diag_oracle(model, lf, X, Y, scale), tol=1e-4)
+    sub = H.diagonal(model, lf, [(X, Y)], method="ggn", params=["2.weight"], progress=False)
+    assert set(sub) == {"2.weight"}
+    torch.testing.assert_close(sub["2.weight"], h["2.weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_models_outside_the_chain_take_the_generic_path():
+    lin = nn.Linear(4, 4)
+    for model in (nn.Sequential(nn.Conv2d(2, 3, 1), _ResBlock(3), nn.Flatten(), nn.Linear(3 * 16, 4)),
+                  nn.Sequential(lin, nn.Tanh(), lin),  # a layer used twice
+                  nn.Sequential(nn.Linear(4, 4), nn.Softmax(1)),  # not elementwise
+                  nn.Sequential(nn.Flatten(0), nn.Linear(4, 4))):
+        assert H.HessianAccumulator(model, nn.MSELoss(), "ggn")._chain is None
+    # a chain in train mode with active dropout takes the generic path (and is right there)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Dropout(0.0), nn.Linear(6, 3))
+    X, Y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    acc = H.HessianAccumulator(model, nn.CrossEntropyLoss(), "ggn", eval_mode=False)
+    model[2].p = 0.5
+    assert not acc._chain.ready(X)
+    model[2].p = 0.0
+    assert acc._chain.ready(X)
+    h = acc.accumulate([(X, Y)], progress=False).result()
+    assert_close_maps(h, hessian_diag_oracle(model, nn.CrossEntropyLoss(), X, Y, 8), tol=1e-4)

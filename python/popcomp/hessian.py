@@ -170,6 +170,121 @@ class _Record:
 
 
 # ---------------------------------------------------------------------------------------------
+# Elementwise layers of a chain: the columns are multiplied by the derivative, which autograd
+# gives for all units at once (BatchNorm1d is elementwise in eval mode only).
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
+                nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.Sigmoid, nn.LogSigmoid,
+                nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.BatchNorm1d)
+_PASS = (nn.Identity, nn.Dropout, nn.Flatten)  # Dropout: in eval mode (or p = 0) only
+
+
+def _own_forward(m: nn.Module, classes) -> bool:
+    return any(isinstance(m, c) and type(m).forward is c.forward for c in classes)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
+class _Chain:
+    """An nn.Sequential (nested ones flattened) of Linear layers, elementwise activations,
+    Flatten, Identity and inactive Dropout, run without autograd for fisher/ggn/ggn_mc.
+
+    The forward pass keeps each accumulated Linear's input and each elementwise layer's
+    derivative; the columns at the output are then backpropagated by hand (one GEMM per Linear,
+    one product per activation) down to the output of the lowest accumulated layer and never
+    further: no parameter gradients, no autograd graph, no vmap. Anything else (skip
+    connections, convolutions, hooks, active dropout, ...) takes the generic autograd path."""
+
+    def __init__(self, layers, containers, accumulated, stop):
+        self.layers = layers  # [(name, module)], input to output
+        self.containers = containers
+        self.accumulated = accumulated  # names of the Linear layers whose parameters are summed
+        self.stop = stop  # index of the lowest accumulated layer
+
+    @classmethod
+    def build(cls, model: nn.Module, modules) -> Optional["_Chain"]:
+        layers: List[Tuple[str, nn.Module]] = []
+        containers: List[nn.Module] = []
+
+        def walk(prefix, mod) -> bool:
+            if isinstance(mod, nn.Sequential):
+                if type(mod).forward is not nn.Sequential.forward:
+                    return False
+                containers.append(mod)
+                # what Sequential.forward runs (named_children would skip a repeated module)
+                return all(c is not None and walk(f"{prefix}.{n}" if prefix else n, c)
+                           for n, c in mod._modules.items())
+            layers.append((prefix, mod))
+            return _own_forward(mod, (nn.Linear,) + _ELEMENTWISE + _PASS)
+
+        if not walk("", model):
+            return None
+        mods = [m for _, m in layers]
+        if len({id(m) for m in mods}) != len(mods):  # a layer used twice: parameters shared
+            return None
+        if any(isinstance(m, nn.Flatten) and m.start_dim < 1 for m in mods):
+            return None  # may flatten into the batch dimension
+        accumulated = {mn for mn, _ in modules}
+        idx = [i for i, (n, m) in enumerate(layers) if n in accumulated]
+        if not idx or any(not isinstance(layers[i][1], nn.Linear) for i in idx):
+            return None
+        return cls(layers, containers, accumulated, idx[0])
+
+    def ready(self, inputs) -> bool:
+        """Whether this batch can take the chain (else the generic path)."""
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+            return False
+        from torch.nn.modules import module as _m
+
+        if (_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                or _m._global_backward_pre_hooks):
+            return False
+        if any(_has_hooks(c) for c in self.containers) or any(_has_hooks(m) for _, m in self.layers):
+            return False
+        return not any(m.training and ((isinstance(m, nn.Dropout) and m.p > 0)
+                                       or isinstance(m, nn.BatchNorm1d))
+                       for _, m in self.layers)
+
+    def forward(self, x: torch.Tensor):
+        """The output, and per layer what its backprop needs (accumulated Linear: its input,
+        elementwise: the derivative, Flatten: the input shape)."""
+        saved: List[Any] = [None] * len(self.layers)
+        with torch.no_grad():
+            for i, (name, m) in enumerate(self.layers):
+                if i > self.stop and isinstance(m, _ELEMENTWISE):
+                    with torch.enable_grad():
+                        xi = x.detach().requires_grad_()
+                        y = m(xi.clone() if getattr(m, "inplace", False) else xi)
+                        saved[i] = torch.autograd.grad(y, xi, torch.ones_like(y))[0]
+                    x = y.detach()
+                    continue
+                if isinstance(m, nn.Flatten):
+                    saved[i] = x.shape
+                elif name in self.accumulated:
+                    saved[i] = x
+                x = m(x)
+        return x, saved
+
+    def backprop(self, saved, cols: torch.Tensor):
+        """Yields (name, module, input, columns at its output (R, B, ..., out)) for each
+        accumulated Linear, from the output down."""
+        z = cols
+        for i in range(len(self.layers) - 1, self.stop - 1, -1):
+            name, m = self.layers[i]
+            if isinstance(m, nn.Linear):
+                if name in self.accumulated:
+                    yield name, m, saved[i], z
+                if i > self.stop:
+                    z = z @ m.weight.detach()
+            elif isinstance(m, _ELEMENTWISE):
+                z = z * saved[i]
+            elif isinstance(m, nn.Flatten):
+                z = z.reshape(z.shape[0], *saved[i])
+
+
+# ---------------------------------------------------------------------------------------------
 class HessianAccumulator:
     """Streaming accumulator of the Hessian diagonal of ``loss_fn(model(input), target)``.
 
@@ -246,6 +361,7 @@ class HessianAccumulator:
         if not self._names:
             raise ValueError("params: nothing to accumulate (the model has no selected parameters)")
         self._params = [named[n] for n in self._names]
+        self._chain = None if method == "hutchinson" else _Chain.build(model, self._modules)
         self._acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                      for n, p in zip(self._names, self._params)}
         if method in ("ggn", "ggn_mc"):
@@ -469,6 +585,13 @@ class HessianAccumulator:
 
     # -- fisher / ggn / ggn_mc -----------------------------------------------------------------
     def _update_exact(self, inputs, targets, B):
+        if self._chain is not None and self._chain.ready(inputs):
+            out, saved = self._chain.forward(inputs)
+            cols = self._output_columns(out, targets, B)
+            if cols is not None:
+                for mn, m, inp, g in self._chain.backprop(saved, cols):
+                    self._accumulate_module(mn, m, [(inp, g)])
+            return
         records = self._forward(inputs, targets, safe=False)
         if records is None:  # an output/input was modified in place: rerun with copies
             records = self._forward(inputs, targets, safe=True)
@@ -477,27 +600,39 @@ class HessianAccumulator:
         layer_outs = [r.out for mn, _ in mods for r in recs[mn]]
         if not layer_outs:
             return
-        if self.method == "fisher":
+        if self.method == "fisher":  # from the loss itself: the output need not be one tensor
             loss = self.loss_fn(out, targets)
             scale = self._scale(out, targets, B)
             grads = torch.autograd.grad(loss * scale, layer_outs, allow_unused=True)
             grads = [None if g is None else g.unsqueeze(0) for g in grads]
         else:
-            if not isinstance(out, torch.Tensor):
-                raise ValueError("model: ggn needs the model to return a single tensor")
-            cols = self._loss_factor(out.detach(), targets)  # (R, *out.shape)
-            if cols.shape[0] == 0:  # a constant loss Hessian of zero (CrossEntropy of one class)
+            cols = self._output_columns(out, targets, B)
+            if cols is None:
                 return
             grads = self._backprop_columns(out, layer_outs, cols)
         k = 0
         for mn, m in mods:
             pairs = []
             for r in recs[mn]:
-                pairs.append((r, grads[k]))
+                pairs.append((r.inp, grads[k]))
                 k += 1
-            pairs = [(r, g) for r, g in pairs if g is not None]
+            pairs = [(x, g) for x, g in pairs if g is not None]
             if pairs:
                 self._accumulate_module(mn, m, pairs)
+
+    def _output_columns(self, out, targets, B) -> Optional[torch.Tensor]:
+        """The columns (R, *out.shape) to backpropagate from the model output: the gradient of
+        the per-sample losses (fisher), or a square-root factor of the per-sample loss Hessians
+        (ggn, ggn_mc); None when there is nothing to backpropagate."""
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"model: method {self.method!r} needs the model to return a single tensor")
+        if self.method == "fisher":
+            with torch.enable_grad():
+                o = out.detach().requires_grad_()
+                loss = self.loss_fn(o, targets) * self._scale(o, targets, B)
+                return torch.autograd.grad(loss, o)[0].unsqueeze(0)
+        cols = self._loss_factor(out.detach(), targets)
+        return cols if cols.shape[0] > 0 else None  # none: CrossEntropy of one class (zero Hessian)
 
     def _backprop_columns(self, out, layer_outs, cols):
         if cols.shape[0] == 1:  # one column (ggn_mc with one sample): no vmap needed
@@ -623,16 +758,19 @@ class HessianAccumulator:
             )
 
     # -- per-module reduction with the fused op ------------------------------------------------
+    @torch.no_grad()  # recorded inputs may require grad: the accumulators must not
     def _accumulate_module(self, mn: str, m: nn.Module, pairs):
+        """Add the module's parameters' terms for (input, columns at its output) pairs, one per
+        call of the module in the batch; columns are shaped (R, B, ..., out)."""
         pre = f"{mn}." if mn else ""
         wname, bname = pre + "weight", pre + "bias"
         acc_w = self._acc.get(wname)
         acc_b = self._acc.get(bname)
         if isinstance(m, nn.Linear):
             xs, gs = [], []
-            for r, g in pairs:  # g: (R, B, ..., out)
+            for inp, g in pairs:  # g: (R, B, ..., out)
                 Rr, Bb = g.shape[0], g.shape[1]
-                xs.append(r.inp.reshape(Bb, -1, m.in_features))
+                xs.append(inp.reshape(Bb, -1, m.in_features))
                 gs.append(g.reshape(Rr, Bb, -1, m.out_features).permute(1, 0, 2, 3))
             x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
             g = gs[0] if len(gs) == 1 else torch.cat(gs, 2)
@@ -642,8 +780,8 @@ class HessianAccumulator:
                 acc_b.add_(_bias_sumsq(g))
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             xs, gs = [], []
-            for r, g in pairs:
-                xu, gu = self._unfold_conv(m, r.inp, g)
+            for inp, g in pairs:
+                xu, gu = self._unfold_conv(m, inp, g)
                 xs.append(xu)
                 gs.append(gu)
             x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)  # (B, L, groups, cin_g*kk)
@@ -658,9 +796,9 @@ class HessianAccumulator:
                 acc_b.add_(_bias_sumsq(g.flatten(-2)))
         elif isinstance(m, nn.Embedding):
             idx_l, g_l = [], []
-            for r, g in pairs:
+            for inp, g in pairs:
                 Rr, Bb = g.shape[0], g.shape[1]
-                idx_l.append(r.inp.reshape(Bb, -1))
+                idx_l.append(inp.reshape(Bb, -1))
                 g_l.append(g.reshape(Rr, Bb, -1, m.embedding_dim))
             idx = idx_l[0] if len(idx_l) == 1 else torch.cat(idx_l, 1)
             g = g_l[0] if len(g_l) == 1 else torch.cat(g_l, 2)
