@@ -254,11 +254,7 @@ class _Chain:
         with torch.no_grad():
             for i, (name, m) in enumerate(self.layers):
                 if i > self.stop and isinstance(m, _ELEMENTWISE):
-                    with torch.enable_grad():
-                        xi = x.detach().requires_grad_()
-                        y = m(xi.clone() if getattr(m, "inplace", False) else xi)
-                        saved[i] = torch.autograd.grad(y, xi, torch.ones_like(y))[0]
-                    x = y.detach()
+                    x, saved[i] = self._derivative(m, x)
                     continue
                 if isinstance(m, nn.Flatten):
                     saved[i] = x.shape
@@ -266,6 +262,17 @@ class _Chain:
                     saved[i] = x
                 x = m(x)
         return x, saved
+
+    @staticmethod
+    def _derivative(m: nn.Module, x: torch.Tensor):
+        """The output of the elementwise layer m and its derivative at x (ReLU: a mask)."""
+        if type(m) is nn.ReLU:
+            y = m(x)
+            return y, y > 0
+        with torch.enable_grad():
+            xi = x.detach().requires_grad_()
+            y = m(xi.clone() if getattr(m, "inplace", False) else xi)
+            return y.detach(), torch.autograd.grad(y, xi, torch.ones_like(y))[0]
 
     def backprop(self, saved, cols: torch.Tensor):
         """Yields (name, module, input, columns at its output (R, B, ..., out)) for each
@@ -279,7 +286,7 @@ class _Chain:
                 if i > self.stop:
                     z = z @ m.weight.detach()
             elif isinstance(m, _ELEMENTWISE):
-                z = z * saved[i]
+                z = z.mul_(saved[i])  # z is ours: the loss factor or a fresh product
             elif isinstance(m, nn.Flatten):
                 z = z.reshape(z.shape[0], *saved[i])
 
@@ -726,8 +733,9 @@ class HessianAccumulator:
             eye = torch.eye(C - 1, C, dtype=p.dtype, device=p.device).view(C - 1, 1, C, 1)
             A = q.unsqueeze(0) * (eye - coef * v.unsqueeze(0))
             A = A * sw.view(1, B, 1, P)
-            cols = torch.einsum("cbkp,pq->cpbkq", A, torch.eye(P, dtype=p.dtype, device=p.device))
-            return cols.reshape(R, *out.shape).to(out.dtype)
+            if P > 1:  # the columns of position p are zero at the other positions
+                A = torch.einsum("cbkp,pq->cpbkq", A, torch.eye(P, dtype=p.dtype, device=p.device))
+            return A.reshape(R, *out.shape).to(out.dtype)
         n = int(math.prod(f.shape[1:]))
         w = 1.0 / n if mean else 1.0
         if isinstance(lf, nn.MSELoss):
