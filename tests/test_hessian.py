@@ -103,6 +103,20 @@ def test_sumsq_op_definition_and_strides():
     torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_sumsq_op_t1_in_chunks_of_samples(monkeypatch):
+    # T == 1 on CPU is a GEMM over bounded chunks of samples: several chunks, strided g
+    from popcomp._impl import hessian as impl
+
+    monkeypatch.setattr(impl, "_GEMM_CHUNK_FLOATS", 3 * (3 * 6 + 7))  # 3 samples per chunk
+    torch.manual_seed(2)
+    g = torch.randn(3, 10, 1, 6).transpose(0, 1)  # (B=10, R=3, 1, 6), R-major in memory
+    x = torch.randn(10, 1, 7)
+    acc = torch.ones(6, 7)
+    torch.ops.popcomp.sumsq_outer_acc(acc, g, x)
+    ref = 1 + torch.einsum("brto,bti->broi", g.double(), x.double()).square().sum((0, 1))
+    torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_sumsq_op_opcheck_and_errors():
     torch.library.opcheck(torch.ops.popcomp.sumsq_outer_acc.default,
                           (torch.zeros(5, 7), torch.randn(3, 2, 4, 5), torch.randn(3, 4, 7)))
