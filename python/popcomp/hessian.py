@@ -16,11 +16,16 @@ Methods
               ``popcomp::sumsq_outer_acc`` (Linear, Conv1d/Conv2d on unfolded patches, Embedding).
   ggn         exact diagonal of the generalized Gauss-Newton matrix sum_s J_s^T H_s J_s for
               nn.MSELoss, nn.CrossEntropyLoss and nn.BCEWithLogitsLoss: the columns of a square
-              root of H_s are backpropagated (vmapped) and reduced by the same op.
+              root of H_s (C - 1 per position for CrossEntropy) are backpropagated and reduced
+              by the same op.
   ggn_mc      Monte-Carlo GGN: ``mc_samples`` columns per sample drawn from the model's
               predictive distribution (sampled labels), an unbiased estimate of ``ggn``.
   hutchinson  E[z * (H z)] with Rademacher probes z, for any differentiable model and any
               parameter (the Hessian of sum_s l_s).
+
+fisher/ggn/ggn_mc backpropagate their columns by hand, without autograd, through Sequentials
+of Linear layers and elementwise layers (``_Chain``), and with (vmapped) autograd through any
+other model.
 """
 from __future__ import annotations
 
