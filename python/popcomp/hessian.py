@@ -243,8 +243,8 @@ class _Chain:
             return False
         from torch.nn.modules import module as _m
 
-        if (_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
-                or _m._global_backward_pre_hooks):
+        if any(getattr(_m, f"_global_{k}_hooks", None) for k in ("forward", "forward_pre",
+                                                                 "backward", "backward_pre")):
             return False
         if any(_has_hooks(c) for c in self.containers) or any(_has_hooks(m) for _, m in self.layers):
             return False
