@@ -526,7 +526,9 @@ def test_models_outside_the_chain_take_the_generic_path():
     for model in (nn.Sequential(nn.Conv2d(2, 3, 1), _ResBlock(3), nn.Flatten(), nn.Linear(3 * 16, 4)),
                   nn.Sequential(lin, nn.Tanh(), lin),  # a layer used twice
                   nn.Sequential(nn.Linear(4, 4), nn.Softmax(1)),  # not elementwise
-                  nn.Sequential(nn.Flatten(0), nn.Linear(4, 4))):
+                  nn.Sequential(nn.Flatten(0), nn.Linear(4, 4)),
+                  nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
+                  nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2), nn.Flatten())):
         assert H.HessianAccumulator(model, nn.MSELoss(), "ggn")._chain is None
     # a chain in train mode with active dropout takes the generic path (and is right there)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Dropout(0.0), nn.Linear(6, 3))
@@ -538,3 +540,22 @@ def test_models_outside_the_chain_take_the_generic_path():
     assert acc._chain.ready(X)
     h = acc.accumulate([(X, Y)], progress=False).result()
     assert_close_maps(h, hessian_diag_oracle(model, nn.CrossEntropyLoss(), X, Y, 8), tol=1e-4)
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_chain_convolutions_equal_the_hessian_and_the_generic_path(dim):
+    # stride with a dropped border (input size 9, kernel 2, stride 2), groups, dilation, padding
+    torch.manual_seed(8)
+    Conv = nn.Conv1d if dim == 1 else nn.Conv2d
+    model = nn.Sequential(Conv(4, 6, 2, stride=2, groups=2), nn.ReLU(),
+                          Conv(6, 4, 3, dilation=2, padding=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4**dim, 3))
+    X, Y = torch.randn(5, 4, *([9] * dim)), torch.randint(0, 3, (5,))
+    acc = H.HessianAccumulator(model, nn.CrossEntropyLoss(), "ggn")
+    assert acc._chain.ready(X)
+    h = acc.accumulate([(X, Y)], progress=False).result()
+    assert_close_maps(h, hessian_diag_oracle(model, nn.CrossEntropyLoss(), X, Y, 5), tol=1e-4)
+    ref = _generic(model, nn.CrossEntropyLoss(), [(X, Y)], "ggn")
+    assert_close_maps(h, {k: v.double() for k, v in ref.items()}, tol=1e-5)
+    f = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], progress=False)
+    assert_close_maps(f, fisher_oracle(model, nn.CrossEntropyLoss(), X, Y), tol=1e-4)

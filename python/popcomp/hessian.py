@@ -24,8 +24,8 @@ Methods
               parameter (the Hessian of sum_s l_s).
 
 fisher/ggn/ggn_mc backpropagate their columns by hand, without autograd, through Sequentials
-of Linear layers and elementwise layers (``_Chain``), and with (vmapped) autograd through any
-other model.
+of Linear/Conv layers and elementwise layers (``_Chain``), and with (vmapped) autograd through
+any other model.
 """
 from __future__ import annotations
 
@@ -193,19 +193,21 @@ def _has_hooks(m: nn.Module) -> bool:
 
 
 class _Chain:
-    """An nn.Sequential (nested ones flattened) of Linear layers, elementwise activations,
-    Flatten, Identity and inactive Dropout, run without autograd for fisher/ggn/ggn_mc.
+    """An nn.Sequential (nested ones flattened) of Linear and Conv1d/Conv2d layers, elementwise
+    activations, Flatten, Identity and inactive Dropout, run without autograd for
+    fisher/ggn/ggn_mc.
 
-    The forward pass keeps each accumulated Linear's input and each elementwise layer's
-    derivative; the columns at the output are then backpropagated by hand (one GEMM per Linear,
-    one product per activation) down to the output of the lowest accumulated layer and never
-    further: no parameter gradients, no autograd graph, no vmap. Anything else (skip
-    connections, convolutions, hooks, active dropout, ...) takes the generic autograd path."""
+    The forward pass keeps each Linear/Conv layer's input and each elementwise layer's
+    derivative; the columns at the output are then backpropagated by hand (one GEMM or input
+    gradient of a convolution per layer, one product per activation) down to the output of the
+    lowest accumulated layer and never further: no parameter gradients, no autograd graph, no
+    vmap. Anything else (skip connections, pooling, hooks, active dropout, ...) takes the
+    generic autograd path."""
 
     def __init__(self, layers, containers, accumulated, stop):
         self.layers = layers  # [(name, module)], input to output
         self.containers = containers
-        self.accumulated = accumulated  # names of the Linear layers whose parameters are summed
+        self.accumulated = accumulated  # names of the layers whose parameters are summed
         self.stop = stop  # index of the lowest accumulated layer
 
     @classmethod
@@ -222,7 +224,11 @@ class _Chain:
                 return all(c is not None and walk(f"{prefix}.{n}" if prefix else n, c)
                            for n, c in mod._modules.items())
             layers.append((prefix, mod))
-            return _own_forward(mod, (nn.Linear,) + _ELEMENTWISE + _PASS)
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and (
+                mod.padding_mode != "zeros" or isinstance(mod.padding, str)
+            ):
+                return False
+            return _own_forward(mod, (nn.Linear, nn.Conv1d, nn.Conv2d) + _ELEMENTWISE + _PASS)
 
         if not walk("", model):
             return None
@@ -233,7 +239,8 @@ class _Chain:
             return None  # may flatten into the batch dimension
         accumulated = {mn for mn, _ in modules}
         idx = [i for i, (n, m) in enumerate(layers) if n in accumulated]
-        if not idx or any(not isinstance(layers[i][1], nn.Linear) for i in idx):
+        if not idx or any(not isinstance(layers[i][1], (nn.Linear, nn.Conv1d, nn.Conv2d))
+                          for i in idx):
             return None
         return cls(layers, containers, accumulated, idx[0])
 
@@ -253,8 +260,8 @@ class _Chain:
                        for _, m in self.layers)
 
     def forward(self, x: torch.Tensor):
-        """The output, and per layer what its backprop needs (accumulated Linear: its input,
-        elementwise: the derivative, Flatten: the input shape)."""
+        """The output, and per layer what its backprop needs (Conv and accumulated Linear: its
+        input, elementwise: the derivative, Flatten: the input shape)."""
         saved: List[Any] = [None] * len(self.layers)
         with torch.no_grad():
             for i, (name, m) in enumerate(self.layers):
@@ -263,7 +270,7 @@ class _Chain:
                     continue
                 if isinstance(m, nn.Flatten):
                     saved[i] = x.shape
-                elif name in self.accumulated:
+                elif name in self.accumulated or isinstance(m, (nn.Conv1d, nn.Conv2d)):
                     saved[i] = x
                 x = m(x)
         return x, saved
@@ -280,16 +287,26 @@ class _Chain:
             return y.detach(), torch.autograd.grad(y, xi, torch.ones_like(y))[0]
 
     def backprop(self, saved, cols: torch.Tensor):
-        """Yields (name, module, input, columns at its output (R, B, ..., out)) for each
-        accumulated Linear, from the output down."""
+        """Yields (name, module, input, columns at its output (R, B, ...)) for each accumulated
+        layer, from the output down."""
         z = cols
         for i in range(len(self.layers) - 1, self.stop - 1, -1):
             name, m = self.layers[i]
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
                 if name in self.accumulated:
                     yield name, m, saved[i], z
-                if i > self.stop:
+                if i == self.stop:
+                    break
+                if isinstance(m, nn.Linear):
                     z = z @ m.weight.detach()
+                else:  # the R columns of the B samples as one batch of R * B inputs
+                    x = saved[i]
+                    zz = z.reshape(-1, *z.shape[2:])
+                    grad = (torch.nn.grad.conv1d_input if isinstance(m, nn.Conv1d)
+                            else torch.nn.grad.conv2d_input)
+                    zz = grad((zz.shape[0], *x.shape[1:]), m.weight.detach(), zz, m.stride,
+                              m.padding, m.dilation, m.groups)
+                    z = zz.reshape(z.shape[0], *x.shape)
             elif isinstance(m, _ELEMENTWISE):
                 z = z.mul_(saved[i])  # z is ours: the loss factor or a fresh product
             elif isinstance(m, nn.Flatten):
