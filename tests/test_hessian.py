@@ -559,3 +559,13 @@ def test_chain_convolutions_equal_the_hessian_and_the_generic_path(dim):
     assert_close_maps(h, {k: v.double() for k, v in ref.items()}, tol=1e-5)
     f = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], progress=False)
     assert_close_maps(f, fisher_oracle(model, nn.CrossEntropyLoss(), X, Y), tol=1e-4)
+
+
+def test_chain_does_not_scale_the_loss_gradient_in_place():
+    # d/do (o - y).sum() is an expanded (stride 0) tensor of ones: no in-place product on it
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    X, Y = torch.randn(6, 4), torch.randn(6, 3)
+    loss = lambda o, y: (o - y).sum()  # noqa: E731
+    h = H.diagonal(model, loss, [(X, Y)], reduction="sum", progress=False)
+    assert_close_maps(h, fisher_oracle(model, loss, X, Y))

@@ -289,7 +289,7 @@ class _Chain:
     def backprop(self, saved, cols: torch.Tensor):
         """Yields (name, module, input, columns at its output (R, B, ...)) for each accumulated
         layer, from the output down."""
-        z = cols
+        z, fresh = cols, False  # cols may alias a caller's tensor (a loss gradient): no in place
         for i in range(len(self.layers) - 1, self.stop - 1, -1):
             name, m = self.layers[i]
             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
@@ -297,6 +297,7 @@ class _Chain:
                     yield name, m, saved[i], z
                 if i == self.stop:
                     break
+                fresh = True
                 if isinstance(m, nn.Linear):
                     z = z @ m.weight.detach()
                 else:  # the R columns of the B samples as one batch of R * B inputs
@@ -308,7 +309,7 @@ class _Chain:
                               m.padding, m.dilation, m.groups)
                     z = zz.reshape(z.shape[0], *x.shape)
             elif isinstance(m, _ELEMENTWISE):
-                z = z.mul_(saved[i])  # z is ours: the loss factor or a fresh product
+                z, fresh = (z.mul_(saved[i]) if fresh else z * saved[i]), True
             elif isinstance(m, nn.Flatten):
                 z = z.reshape(z.shape[0], *saved[i])
 
