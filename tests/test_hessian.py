@@ -538,6 +538,9 @@ def test_models_outside_the_chain_take_the_generic_path():
     assert not acc._chain.ready(X)
     model[2].p = 0.0
     assert acc._chain.ready(X)
+    bn = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, track_running_stats=False).eval(),
+                       nn.Linear(6, 3))  # batch statistics even in eval mode
+    assert not H.HessianAccumulator(bn, nn.CrossEntropyLoss(), "ggn", params=["0.weight"])._chain.ready(X)
     h = acc.accumulate([(X, Y)], progress=False).result()
     assert_close_maps(h, hessian_diag_oracle(model, nn.CrossEntropyLoss(), X, Y, 8), tol=1e-4)
 

@@ -176,7 +176,7 @@ class _Record:
 
 # ---------------------------------------------------------------------------------------------
 # Elementwise layers of a chain: the columns are multiplied by the derivative, which autograd
-# gives for all units at once (BatchNorm1d is elementwise in eval mode only).
+# gives for all units at once (BatchNorm1d is elementwise on running statistics in eval mode).
 _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
                 nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.Sigmoid, nn.LogSigmoid,
                 nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.BatchNorm1d)
@@ -255,9 +255,9 @@ class _Chain:
             return False
         if any(_has_hooks(c) for c in self.containers) or any(_has_hooks(m) for _, m in self.layers):
             return False
-        return not any(m.training and ((isinstance(m, nn.Dropout) and m.p > 0)
-                                       or isinstance(m, nn.BatchNorm1d))
-                       for _, m in self.layers)
+        return not any((isinstance(m, nn.Dropout) and m.training and m.p > 0) or (
+            isinstance(m, nn.BatchNorm1d) and (m.training or m.running_mean is None))
+            for _, m in self.layers)  # BatchNorm on batch statistics is not elementwise
 
     def forward(self, x: torch.Tensor):
         """The output, and per layer what its backprop needs (Conv and accumulated Linear: its
