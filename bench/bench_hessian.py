@@ -10,6 +10,7 @@ Not a test: numbers depend on the machine; see bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -82,7 +83,8 @@ def bench_case(name, model, loss_fn, X, Y, dev, reps, methods, slow_peer=False):
         t_plain, t_pc = paired(plain, lambda: acc.update(X, Y), dev, reps)
         t_bp = None
         if backpack is not None and bp_ext is not None:
-            bmodel, bloss = extend(model), extend(loss_fn)
+            # extended copies: BackPACK's hooks must not slow the plain step or popcomp's
+            bmodel, bloss = extend(copy.deepcopy(model)), extend(copy.deepcopy(loss_fn))
 
             def bp():
                 bmodel.zero_grad(set_to_none=True)

@@ -18,16 +18,18 @@ CUDA = popcomp.backends()["cuda"]["usable"]
 
 # ---- oracles ---------------------------------------------------------------------------------
 def fisher_oracle(model, loss_fn, X, Y):
-    """sum_s (d l_s / d w)^2 with l_s = loss_fn on the batch holding sample s alone (float64)."""
+    """sum_s (d l_s / d w)^2 with l_s = loss_fn on the batch holding sample s alone (float64),
+    for the trainable parameters."""
     m = _double(model)
-    res = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    res = {n: torch.zeros_like(p) for n, p in named}
     for s in range(X.shape[0]):
         xs = X[s : s + 1]
         xs = xs.double() if xs.is_floating_point() else xs
         ys = Y[s : s + 1]
         ys = ys.double() if ys.is_floating_point() else ys
-        gs = torch.autograd.grad(loss_fn(m(xs), ys), list(m.parameters()))
-        for (n, _), g in zip(m.named_parameters(), gs):
+        gs = torch.autograd.grad(loss_fn(m(xs), ys), [p for _, p in named])
+        for (n, _), g in zip(named, gs):
             res[n] += g**2
     return res
 
@@ -98,6 +100,20 @@ def test_sumsq_op_definition_and_strides():
     acc = torch.zeros(5, 7)
     torch.ops.popcomp.sumsq_outer_acc(acc, g, x)
     ref = torch.einsum("brto,bti->broi", g.double(), x.double()).square().sum((0, 1))
+    torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sumsq_op_t1_in_chunks_of_samples(monkeypatch):
+    # T == 1 on CPU is a GEMM over bounded chunks of samples: several chunks, strided g
+    from popcomp._impl import hessian as impl
+
+    monkeypatch.setattr(impl, "_GEMM_CHUNK_FLOATS", 3 * (3 * 6 + 7))  # 3 samples per chunk
+    torch.manual_seed(2)
+    g = torch.randn(3, 10, 1, 6).transpose(0, 1)  # (B=10, R=3, 1, 6), R-major in memory
+    x = torch.randn(10, 1, 7)
+    acc = torch.ones(6, 7)
+    torch.ops.popcomp.sumsq_outer_acc(acc, g, x)
+    ref = 1 + torch.einsum("brto,bti->broi", g.double(), x.double()).square().sum((0, 1))
     torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -377,3 +393,182 @@ def test_ggn_mc_unbiased_for_mse_and_bce(loss):
     mc = H.diagonal(model, lf, [(X, Y)] * 20, method="ggn_mc", mc_samples=64, seed=1, progress=False)
     assert mc.num_samples == 160
     assert rel_err({k: v / 20 for k, v in mc.items()}, {k: v.double() for k, v in exact.items()}) < 0.08
+
+
+# ---- eval mode -------------------------------------------------------------------------------
+def _dropout_bn_net():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+    model[1].requires_grad_(False)  # frozen: fisher/ggn accumulate the Linear layers only
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn"])
+def test_diagonal_evaluates_in_eval_mode_and_restores_modes(method):
+    # dropout noise and BatchNorm batch statistics would pollute the estimate (and train-mode
+    # BatchNorm would update its running statistics); the oracle is the model in eval mode
+    model = _dropout_bn_net()
+    model.train()
+    model[4].eval()  # a module in its own mode keeps it
+    X, Y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    stats = model[1].running_mean.clone()
+    h = H.diagonal(model, nn.CrossEntropyLoss(), [(X[:6], Y[:6]), (X[6:], Y[6:])], method=method,
+                   progress=False)
+    assert [m.training for m in model.modules()] == [True, True, True, True, True, False]
+    assert torch.equal(model[1].running_mean, stats)
+    ref_model = _double(model).eval()
+    if method == "fisher":
+        ref = fisher_oracle(ref_model, nn.CrossEntropyLoss(), X, Y)
+    else:
+        ref = hessian_diag_oracle(ref_model, nn.CrossEntropyLoss(), X, Y, 10)
+    assert_close_maps(h, {k: ref[k] for k in h}, tol=1e-4)
+
+
+def test_diagonal_eval_mode_false_keeps_train_mode():
+    model = _dropout_bn_net()
+    model.train()
+    X, Y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    stats = model[1].running_mean.clone()
+    H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method="ggn", eval_mode=False, progress=False)
+    assert not torch.equal(model[1].running_mean, stats)  # train-mode BatchNorm ran
+    assert all(m.training for m in model.modules())
+    with pytest.raises(TypeError, match="eval_mode"):
+        H.HessianAccumulator(model, nn.CrossEntropyLoss(), eval_mode="yes")
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_ce_loss_factor_has_rank_c_minus_1_and_squares_to_the_softmax_hessian(scale):
+    # C - 1 columns per position whose outer products sum to diag(p) - p p^T (the CE Hessian
+    # in the logits), also when the softmax saturates (scale 40) on any class, the last included
+    torch.manual_seed(5)
+    B, C, P = 6, 5, 3
+    logits = torch.randn(B, C, P, dtype=torch.float64) * scale
+    logits[0, -1] += 100.0
+    acc = H.HessianAccumulator(_relu_net(), nn.CrossEntropyLoss(reduction="sum"), "ggn")
+    A = acc._loss_factor(logits.float(), torch.zeros(B, P, dtype=torch.long))
+    assert A.shape == ((C - 1) * P, B, C, P)
+    got = torch.einsum("rbip,rbjq->bpiqj", A.double(), A.double())
+    p = torch.softmax(logits, 1).permute(0, 2, 1)  # (B, P, C)
+    hess = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)  # (B, P, C, C)
+    ref = torch.einsum("bpij,pq->bpiqj", hess, torch.eye(P, dtype=torch.float64))
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+# ---- the chain fast path (Sequential of Linear / elementwise layers, no autograd) ---------------
+def _generic(model, lf, data, method, **kw):
+    """The same accumulation forced onto the generic autograd path (a container hook)."""
+    h = model.register_forward_hook(lambda *a: None)
+    try:
+        acc = H.HessianAccumulator(model, lf, method, **kw)
+        with H._eval_mode(model):
+            assert not acc._chain.ready(data[0][0])
+        return acc.accumulate(data, progress=False).result()
+    finally:
+        h.remove()
+
+
+def _chain_net():
+    torch.manual_seed(6)
+    inner = nn.Sequential(nn.Linear(6, 7), nn.GELU(), nn.Dropout(0.3))
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 6), nn.Tanh(), inner, nn.Identity(),
+                         nn.Linear(7, 5), nn.LeakyReLU(0.1), nn.ReLU(inplace=True), nn.Linear(5, 4))
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn", "ggn_mc"])
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+def test_chain_equals_generic_path(method, loss):
+    model = _chain_net()
+    model.train()  # dropout off through eval mode
+    X = torch.randn(9, 2, 3)
+    lf, Y = {"ce": (nn.CrossEntropyLoss(), torch.randint(0, 4, (9,))),
+             "mse": (nn.MSELoss(reduction="sum"), torch.randn(9, 4)),
+             "bce": (nn.BCEWithLogitsLoss(), torch.rand(9, 4).round())}[loss]
+    data = [(X[:4], Y[:4]), (X[4:], Y[4:])]
+    acc = H.HessianAccumulator(model, lf, method, seed=3, mc_samples=2)
+    with H._eval_mode(model):
+        assert acc._chain.ready(X)
+    fast = acc.accumulate(data, progress=False).result()
+    ref = _generic(model, lf, data, method, seed=3, mc_samples=2)
+    assert not any(v.requires_grad for v in list(fast.values()) + list(ref.values()))
+    assert set(fast) == {f"{i}.{p}" for i in ("1", "3.0", "5", "8") for p in ("weight", "bias")}
+    assert_close_maps(fast, {k: v.double() for k, v in ref.items()}, tol=1e-5)
+    if method == "fisher":
+        assert_close_maps(fast, fisher_oracle(model.eval(), lf, X, Y), tol=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse"])
+def test_chain_ggn_equals_hessian_on_relu_sequences_and_subsets(loss):
+    # inputs (B, T, in): the per-sample Jacobian sums over positions; a params subset stops the
+    # backprop at the lowest selected layer and passes through unselected ones
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    X = torch.randn(5, 3, 3)
+    if loss == "ce":  # CE on (B, T, C) logits is per position: flatten positions into samples
+        X = X.reshape(15, 3)
+        lf, Y, scale = nn.CrossEntropyLoss(), torch.randint(0, 4, (15,)), 15
+    else:
+        lf, Y, scale = nn.MSELoss(), torch.randn(5, 3, 4), 5
+    acc = H.HessianAccumulator(model, lf, "ggn")
+    assert acc._chain.ready(X)
+    h = acc.accumulate([(X, Y)], progress=False).result()
+    assert_close_maps(h, hessian_diag_oracle(model, lf, X, Y, scale), tol=1e-4)
+    sub = H.diagonal(model, lf, [(X, Y)], method="ggn", params=["2.weight"], progress=False)
+    assert set(sub) == {"2.weight"}
+    torch.testing.assert_close(sub["2.weight"], h["2.weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_models_outside_the_chain_take_the_generic_path():
+    lin = nn.Linear(4, 4)
+    for model in (nn.Sequential(nn.Conv2d(2, 3, 1), _ResBlock(3), nn.Flatten(), nn.Linear(3 * 16, 4)),
+                  nn.Sequential(lin, nn.Tanh(), lin),  # a layer used twice
+                  nn.Sequential(nn.Linear(4, 4), nn.Softmax(1)),  # not elementwise
+                  nn.Sequential(nn.Flatten(0), nn.Linear(4, 4)),
+                  nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
+                  nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2), nn.Flatten())):
+        assert H.HessianAccumulator(model, nn.MSELoss(), "ggn")._chain is None
+    # a chain in train mode with active dropout takes the generic path (and is right there)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Dropout(0.0), nn.Linear(6, 3))
+    X, Y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    acc = H.HessianAccumulator(model, nn.CrossEntropyLoss(), "ggn", eval_mode=False)
+    model[2].p = 0.5
+    assert not acc._chain.ready(X)
+    model[2].p = 0.0
+    assert acc._chain.ready(X)
+    bn = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, track_running_stats=False).eval(),
+                       nn.Linear(6, 3))  # batch statistics even in eval mode
+    assert not H.HessianAccumulator(bn, nn.CrossEntropyLoss(), "ggn", params=["0.weight"])._chain.ready(X)
+    h = acc.accumulate([(X, Y)], progress=False).result()
+    assert_close_maps(h, hessian_diag_oracle(model, nn.CrossEntropyLoss(), X, Y, 8), tol=1e-4)
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_chain_convolutions_equal_the_hessian_and_the_generic_path(dim):
+    # stride with a dropped border (input size 9, kernel 2, stride 2), groups, dilation, padding
+    torch.manual_seed(8)
+    Conv = nn.Conv1d if dim == 1 else nn.Conv2d
+    model = nn.Sequential(Conv(4, 6, 2, stride=2, groups=2), nn.ReLU(),
+                          Conv(6, 4, 3, dilation=2, padding=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4**dim, 3))
+    X, Y = torch.randn(5, 4, *([9] * dim)), torch.randint(0, 3, (5,))
+    acc = H.HessianAccumulator(model, nn.CrossEntropyLoss(), "ggn")
+    assert acc._chain.ready(X)
+    h = acc.accumulate([(X, Y)], progress=False).result()
+    assert_close_maps(h, hessian_diag_oracle(model, nn.CrossEntropyLoss(), X, Y, 5), tol=1e-4)
+    ref = _generic(model, nn.CrossEntropyLoss(), [(X, Y)], "ggn")
+    assert_close_maps(h, {k: v.double() for k, v in ref.items()}, tol=1e-5)
+    f = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], progress=False)
+    assert_close_maps(f, fisher_oracle(model, nn.CrossEntropyLoss(), X, Y), tol=1e-4)
+
+
+def test_chain_does_not_scale_the_loss_gradient_in_place():
+    # d/do (o - y).sum() is an expanded (stride 0) tensor of ones: no in-place product on it
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    X, Y = torch.randn(6, 4), torch.randn(6, 3)
+    loss = lambda o, y: (o - y).sum()  # noqa: E731
+    h = H.diagonal(model, loss, [(X, Y)], reduction="sum", progress=False)
+    assert_close_maps(h, fisher_oracle(model, loss, X, Y))

@@ -26,7 +26,8 @@ struct SumSqParams {
   DType x_dtype = DType::f32;
 };
 
-// CPU backend: output tiles distributed over OpenMP threads, loop over samples inside a tile.
+// CPU backend: output tiles distributed over OpenMP threads, loop over samples inside a tile
+// (the op sends T == 1 to torch's BLAS instead: a GEMM on squared operands).
 void sumsq_outer_cpu(const SumSqParams& p, const void* g, const void* x, float* acc,
                      int num_threads);
 

@@ -1,10 +1,9 @@
 // CPU backend of the fused squared-gradient accumulation (see hessian.h).
 //
-// The output (out x in) is cut into TO x TI tiles handed to OpenMP threads. Inside a tile:
-//   T == 1: acc_tile += sum_b (sum_r g[b,r,o]^2) * x[b,i]^2, a GEMM over samples on squared,
-//           packed operands (chunks of KB samples);
-//   T  > 1: for each (b, r): M = sum_t g[b,r,t,:]^T x[b,t,:] on the tile (chunks of KT
-//           positions), then acc_tile += M * M.
+// The output (out x in) is cut into TO x TI tiles handed to OpenMP threads. Inside a tile, for
+// each (b, r): M = sum_t g[b,r,t,:]^T x[b,t,:] on the tile (chunks of KC positions), then
+// acc_tile += M * M. (T == 1, where the sum is an ordinary GEMM on squared operands, is done by
+// torch's BLAS in python/popcomp/_impl/hessian.py; this loop is also right for T == 1.)
 // Extra memory is a few tile-sized buffers per thread, whatever B, R and T are.
 #include <algorithm>
 #include <cstring>
@@ -35,7 +34,7 @@ namespace {
 
 constexpr int TO = 64;  // output rows per tile
 constexpr int TI = 256;  // output columns per tile
-constexpr int KC = 64;  // samples (T == 1) or positions (T > 1) per packed chunk
+constexpr int KC = 64;  // positions per packed chunk
 
 typedef float v16 __attribute__((vector_size(64)));
 
@@ -91,21 +90,13 @@ inline float ld(const void* p, int64_t i) {
   else return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
 }
 
-// dst[j] = src[base + j * stride], j < n (Square: the squares; Add: accumulate)
-template <DType D, bool Square, bool Add>
+// dst[j] = src[base + j * stride], j < n
+template <DType D>
 inline void pack_row(float* __restrict dst, const void* src, int64_t base, int64_t stride, int n) {
   if (stride == 1) {
-    for (int j = 0; j < n; ++j) {
-      float v = ld<D>(src, base + j);
-      if (Square) v *= v;
-      dst[j] = Add ? dst[j] + v : v;
-    }
+    for (int j = 0; j < n; ++j) dst[j] = ld<D>(src, base + j);
   } else {
-    for (int j = 0; j < n; ++j) {
-      float v = ld<D>(src, base + j * stride);
-      if (Square) v *= v;
-      dst[j] = Add ? dst[j] + v : v;
-    }
+    for (int j = 0; j < n; ++j) dst[j] = ld<D>(src, base + j * stride);
   }
 }
 
@@ -115,38 +106,21 @@ void tile(const SumSqParams& p, const void* g, const void* x, float* acc, int64_
   const int no = (int)std::min<int64_t>(TO, p.out - o0);
   const int ni = (int)std::min<int64_t>(TI, p.in - i0);
   std::fill(acc_t, acc_t + TO * TI, 0.f);
-  if (p.T == 1) {
-    for (int64_t b0 = 0; b0 < p.B; b0 += KC) {
-      const int kc = (int)std::min<int64_t>(KC, p.B - b0);
-      if (kc < KC || no < TO) std::fill(pa, pa + KC * TO, 0.f);
-      if (kc < KC || ni < TI) std::fill(pb, pb + KC * TI, 0.f);
-      for (int k = 0; k < kc; ++k) {
-        const int64_t b = b0 + k;
-        pack_row<GD, true, false>(pa + k * TO, g, b * p.g_sb + o0 * p.g_so, p.g_so, no);
-        for (int64_t r = 1; r < p.R; ++r)
-          pack_row<GD, true, true>(pa + k * TO, g, b * p.g_sb + r * p.g_sr + o0 * p.g_so, p.g_so, no);
-        pack_row<XD, true, false>(pb + k * TI, x, b * p.x_sb + i0 * p.x_si, p.x_si, ni);
-      }
-      rank_k_update(acc_t, pa, pb, kc);
-    }
-  } else {
-    for (int64_t b = 0; b < p.B; ++b) {
-      for (int64_t r = 0; r < p.R; ++r) {
-        std::fill(m, m + TO * TI, 0.f);
-        for (int64_t t0 = 0; t0 < p.T; t0 += KC) {
-          const int kc = (int)std::min<int64_t>(KC, p.T - t0);
-          if (kc < KC || no < TO) std::fill(pa, pa + KC * TO, 0.f);
-          if (kc < KC || ni < TI) std::fill(pb, pb + KC * TI, 0.f);
-          for (int k = 0; k < kc; ++k) {
-            const int64_t t = t0 + k;
-            pack_row<GD, false, false>(pa + k * TO, g, b * p.g_sb + r * p.g_sr + t * p.g_st + o0 * p.g_so,
-                                       p.g_so, no);
-            pack_row<XD, false, false>(pb + k * TI, x, b * p.x_sb + t * p.x_st + i0 * p.x_si, p.x_si, ni);
-          }
-          rank_k_update(m, pa, pb, kc);
+  for (int64_t b = 0; b < p.B; ++b) {
+    for (int64_t r = 0; r < p.R; ++r) {
+      std::fill(m, m + TO * TI, 0.f);
+      for (int64_t t0 = 0; t0 < p.T; t0 += KC) {
+        const int kc = (int)std::min<int64_t>(KC, p.T - t0);
+        if (kc < KC || no < TO) std::fill(pa, pa + KC * TO, 0.f);
+        if (kc < KC || ni < TI) std::fill(pb, pb + KC * TI, 0.f);
+        for (int k = 0; k < kc; ++k) {
+          const int64_t t = t0 + k;
+          pack_row<GD>(pa + k * TO, g, b * p.g_sb + r * p.g_sr + t * p.g_st + o0 * p.g_so, p.g_so, no);
+          pack_row<XD>(pb + k * TI, x, b * p.x_sb + t * p.x_st + i0 * p.x_si, p.x_si, ni);
         }
-        add_squares(acc_t, m);
+        rank_k_update(m, pa, pb, kc);
       }
+      add_squares(acc_t, m);
     }
   }
   for (int o = 0; o < no; ++o) {

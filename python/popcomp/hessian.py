@@ -6,7 +6,9 @@
 
 A sample's loss l_s is what ``loss_fn`` returns for a batch holding that sample alone; with a
 "mean" reduction the batch loss is (1/B) sum_s l_s and the per-sample quantities are rescaled
-accordingly (detected from ``loss_fn.reduction``, or by probing the first batch).
+accordingly (detected from ``loss_fn.reduction``, or by probing the first batch). The model is
+evaluated in eval mode (no dropout noise, BatchNorm on its running statistics; each module's
+mode is restored after every batch) unless ``eval_mode=False``.
 
 Methods
   fisher      sum_s (d l_s / d w)^2, exact, without materializing per-sample gradients: the
@@ -14,14 +16,20 @@ Methods
               ``popcomp::sumsq_outer_acc`` (Linear, Conv1d/Conv2d on unfolded patches, Embedding).
   ggn         exact diagonal of the generalized Gauss-Newton matrix sum_s J_s^T H_s J_s for
               nn.MSELoss, nn.CrossEntropyLoss and nn.BCEWithLogitsLoss: the columns of a square
-              root of H_s are backpropagated (vmapped) and reduced by the same op.
+              root of H_s (C - 1 per position for CrossEntropy) are backpropagated and reduced
+              by the same op.
   ggn_mc      Monte-Carlo GGN: ``mc_samples`` columns per sample drawn from the model's
               predictive distribution (sampled labels), an unbiased estimate of ``ggn``.
   hutchinson  E[z * (H z)] with Rademacher probes z, for any differentiable model and any
               parameter (the Hessian of sum_s l_s).
+
+fisher/ggn/ggn_mc backpropagate their columns by hand, without autograd, through Sequentials
+of Linear/Conv layers and elementwise layers (``_Chain``), and with (vmapped) autograd through
+any other model.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -112,6 +120,22 @@ def _batch_size(inputs, targets) -> int:
     raise ValueError("data: cannot find the batch size (no tensor with a leading batch dimension)")
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module, enabled: bool = True):
+    """Run the block with every module of ``model`` in eval mode (no dropout noise, BatchNorm on
+    its running statistics and not updating them); each module's own mode is restored after."""
+    if not enabled:
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
 def _call(model, inputs):
     if isinstance(inputs, (list, tuple)):
         return model(*inputs)
@@ -151,6 +175,146 @@ class _Record:
 
 
 # ---------------------------------------------------------------------------------------------
+# Elementwise layers of a chain: the columns are multiplied by the derivative, which autograd
+# gives for all units at once (BatchNorm1d is elementwise on running statistics in eval mode).
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
+                nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Tanh, nn.Sigmoid, nn.LogSigmoid,
+                nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.BatchNorm1d)
+_PASS = (nn.Identity, nn.Dropout, nn.Flatten)  # Dropout: in eval mode (or p = 0) only
+
+
+def _own_forward(m: nn.Module, classes) -> bool:
+    return any(isinstance(m, c) and type(m).forward is c.forward for c in classes)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
+class _Chain:
+    """An nn.Sequential (nested ones flattened) of Linear and Conv1d/Conv2d layers, elementwise
+    activations, Flatten, Identity and inactive Dropout, run without autograd for
+    fisher/ggn/ggn_mc.
+
+    The forward pass keeps each Linear/Conv layer's input and each elementwise layer's
+    derivative; the columns at the output are then backpropagated by hand (one GEMM or input
+    gradient of a convolution per layer, one product per activation) down to the output of the
+    lowest accumulated layer and never further: no parameter gradients, no autograd graph, no
+    vmap. Anything else (skip connections, pooling, hooks, active dropout, ...) takes the
+    generic autograd path."""
+
+    def __init__(self, layers, containers, accumulated, stop):
+        self.layers = layers  # [(name, module)], input to output
+        self.containers = containers
+        self.accumulated = accumulated  # names of the layers whose parameters are summed
+        self.stop = stop  # index of the lowest accumulated layer
+
+    @classmethod
+    def build(cls, model: nn.Module, modules) -> Optional["_Chain"]:
+        layers: List[Tuple[str, nn.Module]] = []
+        containers: List[nn.Module] = []
+
+        def walk(prefix, mod) -> bool:
+            if isinstance(mod, nn.Sequential):
+                if type(mod).forward is not nn.Sequential.forward:
+                    return False
+                containers.append(mod)
+                # what Sequential.forward runs (named_children would skip a repeated module)
+                return all(c is not None and walk(f"{prefix}.{n}" if prefix else n, c)
+                           for n, c in mod._modules.items())
+            layers.append((prefix, mod))
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and (
+                mod.padding_mode != "zeros" or isinstance(mod.padding, str)
+            ):
+                return False
+            return _own_forward(mod, (nn.Linear, nn.Conv1d, nn.Conv2d) + _ELEMENTWISE + _PASS)
+
+        if not walk("", model):
+            return None
+        mods = [m for _, m in layers]
+        if len({id(m) for m in mods}) != len(mods):  # a layer used twice: parameters shared
+            return None
+        if any(isinstance(m, nn.Flatten) and m.start_dim < 1 for m in mods):
+            return None  # may flatten into the batch dimension
+        accumulated = {mn for mn, _ in modules}
+        idx = [i for i, (n, m) in enumerate(layers) if n in accumulated]
+        if not idx or any(not isinstance(layers[i][1], (nn.Linear, nn.Conv1d, nn.Conv2d))
+                          for i in idx):
+            return None
+        return cls(layers, containers, accumulated, idx[0])
+
+    def ready(self, inputs) -> bool:
+        """Whether this batch can take the chain (else the generic path)."""
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+            return False
+        from torch.nn.modules import module as _m
+
+        if any(getattr(_m, f"_global_{k}_hooks", None) for k in ("forward", "forward_pre",
+                                                                 "backward", "backward_pre")):
+            return False
+        if any(_has_hooks(c) for c in self.containers) or any(_has_hooks(m) for _, m in self.layers):
+            return False
+        return not any((isinstance(m, nn.Dropout) and m.training and m.p > 0) or (
+            isinstance(m, nn.BatchNorm1d) and (m.training or m.running_mean is None))
+            for _, m in self.layers)  # BatchNorm on batch statistics is not elementwise
+
+    def forward(self, x: torch.Tensor):
+        """The output, and per layer what its backprop needs (Conv and accumulated Linear: its
+        input, elementwise: the derivative, Flatten: the input shape)."""
+        saved: List[Any] = [None] * len(self.layers)
+        with torch.no_grad():
+            for i, (name, m) in enumerate(self.layers):
+                if i > self.stop and isinstance(m, _ELEMENTWISE):
+                    x, saved[i] = self._derivative(m, x)
+                    continue
+                if isinstance(m, nn.Flatten):
+                    saved[i] = x.shape
+                elif name in self.accumulated or isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                    saved[i] = x
+                x = m(x)
+        return x, saved
+
+    @staticmethod
+    def _derivative(m: nn.Module, x: torch.Tensor):
+        """The output of the elementwise layer m and its derivative at x (ReLU: a mask)."""
+        if type(m) is nn.ReLU:
+            y = m(x)
+            return y, y > 0
+        with torch.enable_grad():
+            xi = x.detach().requires_grad_()
+            y = m(xi.clone() if getattr(m, "inplace", False) else xi)
+            return y.detach(), torch.autograd.grad(y, xi, torch.ones_like(y))[0]
+
+    def backprop(self, saved, cols: torch.Tensor):
+        """Yields (name, module, input, columns at its output (R, B, ...)) for each accumulated
+        layer, from the output down."""
+        z, fresh = cols, False  # cols may alias a caller's tensor (a loss gradient): no in place
+        for i in range(len(self.layers) - 1, self.stop - 1, -1):
+            name, m = self.layers[i]
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                if name in self.accumulated:
+                    yield name, m, saved[i], z
+                if i == self.stop:
+                    break
+                fresh = True
+                if isinstance(m, nn.Linear):
+                    z = z @ m.weight.detach()
+                else:  # the R columns of the B samples as one batch of R * B inputs
+                    x = saved[i]
+                    zz = z.reshape(-1, *z.shape[2:])
+                    grad = (torch.nn.grad.conv1d_input if isinstance(m, nn.Conv1d)
+                            else torch.nn.grad.conv2d_input)
+                    zz = grad((zz.shape[0], *x.shape[1:]), m.weight.detach(), zz, m.stride,
+                              m.padding, m.dilation, m.groups)
+                    z = zz.reshape(z.shape[0], *x.shape)
+            elif isinstance(m, _ELEMENTWISE):
+                z, fresh = (z.mul_(saved[i]) if fresh else z * saved[i]), True
+            elif isinstance(m, nn.Flatten):
+                z = z.reshape(z.shape[0], *saved[i])
+
+
+# ---------------------------------------------------------------------------------------------
 class HessianAccumulator:
     """Streaming accumulator of the Hessian diagonal of ``loss_fn(model(input), target)``.
 
@@ -169,6 +333,9 @@ class HessianAccumulator:
       mc_samples: sampled columns per sample (ggn_mc).
       seed: seed of the probes / sampled labels.
       max_columns: limit on the columns of the loss-Hessian factor per sample (ggn).
+      eval_mode: evaluate the model in eval mode (default; dropout off, BatchNorm on its running
+        statistics), each module's mode restored after every batch; False keeps the modules'
+        current modes (e.g. to include dropout noise).
     """
 
     def __init__(
@@ -183,6 +350,7 @@ class HessianAccumulator:
         mc_samples: int = 1,
         seed: Optional[int] = None,
         max_columns: int = 4096,
+        eval_mode: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -192,12 +360,15 @@ class HessianAccumulator:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if reduction not in (None, "mean", "sum"):
             raise ValueError(f"reduction must be None, 'mean' or 'sum', got {reduction!r}")
+        if not isinstance(eval_mode, bool):
+            raise TypeError(f"eval_mode must be a bool, got {type(eval_mode).__name__}")
         from ._validate import check_int
 
         self.num_probes = check_int("num_probes", num_probes, lo=1)
         self.mc_samples = check_int("mc_samples", mc_samples, lo=1)
         self.max_columns = check_int("max_columns", max_columns, lo=1)
         self.model, self.loss_fn, self.method = model, loss_fn, method
+        self.eval_mode = eval_mode
         self._reduction = reduction
         self._seed = seed
         self._gen: Dict[torch.device, torch.Generator] = {}
@@ -220,6 +391,7 @@ class HessianAccumulator:
         if not self._names:
             raise ValueError("params: nothing to accumulate (the model has no selected parameters)")
         self._params = [named[n] for n in self._names]
+        self._chain = None if method == "hutchinson" else _Chain.build(model, self._modules)
         self._acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                      for n, p in zip(self._names, self._params)}
         if method in ("ggn", "ggn_mc"):
@@ -340,7 +512,7 @@ class HessianAccumulator:
         try:
             for p in self._params:
                 p.requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), _eval_mode(self.model, self.eval_mode):
                 if self.method == "hutchinson":
                     self._update_hutchinson(inputs, targets, B)
                 else:
@@ -443,6 +615,13 @@ class HessianAccumulator:
 
     # -- fisher / ggn / ggn_mc -----------------------------------------------------------------
     def _update_exact(self, inputs, targets, B):
+        if self._chain is not None and self._chain.ready(inputs):
+            out, saved = self._chain.forward(inputs)
+            cols = self._output_columns(out, targets, B)
+            if cols is not None:
+                for mn, m, inp, g in self._chain.backprop(saved, cols):
+                    self._accumulate_module(mn, m, [(inp, g)])
+            return
         records = self._forward(inputs, targets, safe=False)
         if records is None:  # an output/input was modified in place: rerun with copies
             records = self._forward(inputs, targets, safe=True)
@@ -451,25 +630,39 @@ class HessianAccumulator:
         layer_outs = [r.out for mn, _ in mods for r in recs[mn]]
         if not layer_outs:
             return
-        if self.method == "fisher":
+        if self.method == "fisher":  # from the loss itself: the output need not be one tensor
             loss = self.loss_fn(out, targets)
             scale = self._scale(out, targets, B)
             grads = torch.autograd.grad(loss * scale, layer_outs, allow_unused=True)
             grads = [None if g is None else g.unsqueeze(0) for g in grads]
         else:
-            if not isinstance(out, torch.Tensor):
-                raise ValueError("model: ggn needs the model to return a single tensor")
-            cols = self._loss_factor(out.detach(), targets)  # (R, *out.shape)
+            cols = self._output_columns(out, targets, B)
+            if cols is None:
+                return
             grads = self._backprop_columns(out, layer_outs, cols)
         k = 0
         for mn, m in mods:
             pairs = []
             for r in recs[mn]:
-                pairs.append((r, grads[k]))
+                pairs.append((r.inp, grads[k]))
                 k += 1
-            pairs = [(r, g) for r, g in pairs if g is not None]
+            pairs = [(x, g) for x, g in pairs if g is not None]
             if pairs:
                 self._accumulate_module(mn, m, pairs)
+
+    def _output_columns(self, out, targets, B) -> Optional[torch.Tensor]:
+        """The columns (R, *out.shape) to backpropagate from the model output: the gradient of
+        the per-sample losses (fisher), or a square-root factor of the per-sample loss Hessians
+        (ggn, ggn_mc); None when there is nothing to backpropagate."""
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"model: method {self.method!r} needs the model to return a single tensor")
+        if self.method == "fisher":
+            with torch.enable_grad():
+                o = out.detach().requires_grad_()
+                loss = self.loss_fn(o, targets) * self._scale(o, targets, B)
+                return torch.autograd.grad(loss, o)[0].unsqueeze(0)
+        cols = self._loss_factor(out.detach(), targets)
+        return cols if cols.shape[0] > 0 else None  # none: CrossEntropy of one class (zero Hessian)
 
     def _backprop_columns(self, out, layer_outs, cols):
         if cols.shape[0] == 1:  # one column (ggn_mc with one sample): no vmap needed
@@ -551,15 +744,21 @@ class HessianAccumulator:
                 onehot = F.one_hot(idx.t().reshape(M, B, P), C).permute(0, 1, 3, 2).to(p.dtype)
                 cols = (p.unsqueeze(0) - onehot) * sw.view(1, B, 1, P) / math.sqrt(M)
                 return cols.reshape(M, *out.shape).to(out.dtype)
-            R = C * P
+            # The Hessian diag(p) - p p^T = D (I - q q^T) D with q = sqrt(p), D = diag(q), has rank
+            # C - 1: its factor is D U, U = the first C - 1 columns of the Householder reflection
+            # I - v v^T / (1 + q_C), v = q + e_C, which maps q to -e_C (so U U^T = I - q q^T):
+            # A[j, b, i, p] = q_i (delta_ij - q_j v_i / (1 + q_C)), j < C - 1.
+            R = (C - 1) * P
             self._check_columns(R)
-            eye = torch.eye(C, dtype=p.dtype, device=p.device)
-            # A[c, b, c', p] = sqrt(p_c) (delta_cc' - p_c')
-            sp = p.sqrt()
-            A = sp.permute(1, 0, 2).unsqueeze(2) * (eye.view(C, 1, C, 1) - p.unsqueeze(0))
+            q = p.sqrt()
+            v = torch.cat([q[:, :-1], q[:, -1:] + 1], 1)
+            coef = (q[:, :-1] / v[:, -1:]).permute(1, 0, 2).unsqueeze(2)  # (C-1, B, 1, P)
+            eye = torch.eye(C - 1, C, dtype=p.dtype, device=p.device).view(C - 1, 1, C, 1)
+            A = q.unsqueeze(0) * (eye - coef * v.unsqueeze(0))
             A = A * sw.view(1, B, 1, P)
-            cols = torch.einsum("cbkp,pq->cpbkq", A, torch.eye(P, dtype=p.dtype, device=p.device))
-            return cols.reshape(R, *out.shape).to(out.dtype)
+            if P > 1:  # the columns of position p are zero at the other positions
+                A = torch.einsum("cbkp,pq->cpbkq", A, torch.eye(P, dtype=p.dtype, device=p.device))
+            return A.reshape(R, *out.shape).to(out.dtype)
         n = int(math.prod(f.shape[1:]))
         w = 1.0 / n if mean else 1.0
         if isinstance(lf, nn.MSELoss):
@@ -590,16 +789,19 @@ class HessianAccumulator:
             )
 
     # -- per-module reduction with the fused op ------------------------------------------------
+    @torch.no_grad()  # recorded inputs may require grad: the accumulators must not
     def _accumulate_module(self, mn: str, m: nn.Module, pairs):
+        """Add the module's parameters' terms for (input, columns at its output) pairs, one per
+        call of the module in the batch; columns are shaped (R, B, ..., out)."""
         pre = f"{mn}." if mn else ""
         wname, bname = pre + "weight", pre + "bias"
         acc_w = self._acc.get(wname)
         acc_b = self._acc.get(bname)
         if isinstance(m, nn.Linear):
             xs, gs = [], []
-            for r, g in pairs:  # g: (R, B, ..., out)
+            for inp, g in pairs:  # g: (R, B, ..., out)
                 Rr, Bb = g.shape[0], g.shape[1]
-                xs.append(r.inp.reshape(Bb, -1, m.in_features))
+                xs.append(inp.reshape(Bb, -1, m.in_features))
                 gs.append(g.reshape(Rr, Bb, -1, m.out_features).permute(1, 0, 2, 3))
             x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
             g = gs[0] if len(gs) == 1 else torch.cat(gs, 2)
@@ -609,8 +811,8 @@ class HessianAccumulator:
                 acc_b.add_(_bias_sumsq(g))
         elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
             xs, gs = [], []
-            for r, g in pairs:
-                xu, gu = self._unfold_conv(m, r.inp, g)
+            for inp, g in pairs:
+                xu, gu = self._unfold_conv(m, inp, g)
                 xs.append(xu)
                 gs.append(gu)
             x = xs[0] if len(xs) == 1 else torch.cat(xs, 1)  # (B, L, groups, cin_g*kk)
@@ -625,9 +827,9 @@ class HessianAccumulator:
                 acc_b.add_(_bias_sumsq(g.flatten(-2)))
         elif isinstance(m, nn.Embedding):
             idx_l, g_l = [], []
-            for r, g in pairs:
+            for inp, g in pairs:
                 Rr, Bb = g.shape[0], g.shape[1]
-                idx_l.append(r.inp.reshape(Bb, -1))
+                idx_l.append(inp.reshape(Bb, -1))
                 g_l.append(g.reshape(Rr, Bb, -1, m.embedding_dim))
             idx = idx_l[0] if len(idx_l) == 1 else torch.cat(idx_l, 1)
             g = g_l[0] if len(g_l) == 1 else torch.cat(g_l, 2)
@@ -681,15 +883,18 @@ def diagonal(
     mc_samples: int = 1,
     seed: Optional[int] = None,
     max_columns: int = 4096,
+    eval_mode: bool = True,
 ) -> HessianDiagonal:
     """Diagonal of the loss Hessian of ``model`` over ``data`` (an iterable / DataLoader of
     (input, target) batches), as a mapping parameter name -> float32 tensor shaped like the
     parameter, holding the sum over samples (``mean=True``: divided by ``num_samples``).
 
-    See the module docstring for the methods; keyword arguments go to HessianAccumulator."""
+    The model is evaluated in eval mode unless ``eval_mode=False`` (each module's mode is
+    restored). See the module docstring for the methods; keyword arguments go to
+    HessianAccumulator."""
     acc = HessianAccumulator(model, loss_fn, method, params=params, reduction=reduction,
                              num_probes=num_probes, mc_samples=mc_samples, seed=seed,
-                             max_columns=max_columns)
+                             max_columns=max_columns, eval_mode=eval_mode)
     acc.accumulate(data, progress=progress)
     res = acc.result()
     if res.num_samples == 0:

@@ -567,22 +567,17 @@ class BetaSelection:
 def evaluate_loss(model: nn.Module, loss_fn: Callable, data: Iterable) -> float:
     """Average per-sample loss over ``data`` (batch losses weighted by batch size), with the
     model in eval mode (each module's mode is restored afterwards)."""
-    from .hessian import _batch_size, _call, _module_device, _split_batch, _to
+    from .hessian import _batch_size, _call, _eval_mode, _module_device, _split_batch, _to
 
     dev = _module_device(model)
     tot, cnt = 0.0, 0
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # validation: no dropout noise, BatchNorm on its running statistics
-    try:
+    with _eval_mode(model):  # validation: no dropout noise, BatchNorm on its running statistics
         for batch in data:
             x, y = _split_batch(batch)
             x, y = _to(x, dev), _to(y, dev)
             B = _batch_size(x, y)
             tot += float(loss_fn(_call(model, x), y)) * B
             cnt += B
-    finally:
-        for m, t in modes:
-            m.training = t
     if cnt == 0:
         raise ValueError("data: no samples to evaluate")
     return tot / cnt
