@@ -334,6 +334,32 @@ def test_bad_inputs(kwargs, exc, match):
         popcomp.kmeans1d(x, k, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [40, 40000])  # sort path, and the 16-bit histogram path
+def test_non_finite_and_negative_found_in_every_dtype(dtype, n):
+    """The kernel's own checks (16-bit ones read the bits): NaN/+-Inf anywhere in x or the
+    weights, a negative weight, in each dtype; -0.0 weights are allowed."""
+    x = torch.randn(n).to(dtype)
+    w = torch.rand(n).to(dtype)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        xb = x.clone()
+        xb[n // 3] = bad
+        with pytest.raises(ValueError, match="x contains NaN or Inf"):
+            popcomp.kmeans1d(xb, 2, w, method="exact")
+        wb = w.clone()
+        wb[n - 1] = bad
+        with pytest.raises(ValueError, match="weights contains NaN or Inf"):  # -inf too
+            popcomp.kmeans1d(x, 2, wb)
+    wb = w.clone()
+    wb[1] = -0.5
+    with pytest.raises(ValueError, match="weights must be non-negative"):
+        popcomp.kmeans1d(x, 2, wb)
+    wz = w.clone()
+    wz[::2] = -0.0
+    r = popcomp.kmeans1d(x, 2, wz, method="exact")
+    assert torch.isfinite(r.cost)
+
+
 def test_bad_row_is_named():
     x = torch.randn(3, 10)
     w = torch.rand(3, 10)

@@ -43,6 +43,8 @@ struct Elem<DType::f64> {
   using Key = uint64_t;
   static constexpr int key_bits = 64;
   static double get(const void* p, int64_t i) { return static_cast<const double*>(p)[i]; }
+  static bool finite(const void* p, int64_t i) { return std::isfinite(get(p, i)); }
+  static bool negative(const void* p, int64_t i) { return get(p, i) < 0.0; }
   static Key key(const void* p, int64_t i) { return double_key(get(p, i) + 0.0); }  // -0 -> +0
   static double value(Key k) {
     uint64_t b = (k & 0x8000000000000000ull) ? (k & 0x7fffffffffffffffull) : ~k;
@@ -56,13 +58,27 @@ struct Elem<DType::f32> {
   using Key = uint32_t;
   static constexpr int key_bits = 32;
   static double get(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+  static bool finite(const void* p, int64_t i) { return std::isfinite(static_cast<const float*>(p)[i]); }
+  static bool negative(const void* p, int64_t i) { return static_cast<const float*>(p)[i] < 0.0f; }
   static Key key(const void* p, int64_t i) {
     return float_key(static_cast<const float*>(p)[i] + 0.0f);  // -0 -> +0
   }
   static double value(Key k) { return key_to_float(k); }
 };
+// 16-bit checks read the bits: an all-ones exponent is Inf/NaN; a set sign bit on a nonzero
+// magnitude is negative (-0 is not).
+template <uint16_t ExpMask>
+struct Bits16 {
+  static bool finite(const void* p, int64_t i) {
+    return (static_cast<const uint16_t*>(p)[i] & ExpMask) != ExpMask;
+  }
+  static bool negative(const void* p, int64_t i) {
+    const uint16_t h = static_cast<const uint16_t*>(p)[i];
+    return (h & 0x8000u) && (h & 0x7fffu);
+  }
+};
 template <>
-struct Elem<DType::f16> {
+struct Elem<DType::f16> : Bits16<0x7c00u> {
   using Key = uint32_t;
   static constexpr int key_bits = 16;
   static double get(const void* p, int64_t i) {
@@ -72,7 +88,7 @@ struct Elem<DType::f16> {
   static double value(Key k) { return half_bits_to_float(half_key_to_bits(k)); }
 };
 template <>
-struct Elem<DType::bf16> {
+struct Elem<DType::bf16> : Bits16<0x7f80u> {
   using Key = uint32_t;
   static constexpr int key_bits = 16;
   static double get(const void* p, int64_t i) {
@@ -436,9 +452,8 @@ struct Solver {
     if (!wt) return;
     bool nonfinite = false, negative = false;
     for (int64_t i = 0; i < n; ++i) {
-      const double v = Elem<DW>::get(wt, i);
-      nonfinite |= !std::isfinite(v);
-      negative |= v < 0.0;
+      nonfinite |= !Elem<DW>::finite(wt, i);
+      negative |= Elem<DW>::negative(wt, i);
     }
     if (nonfinite) status = kNonFiniteW;
     else if (negative) status = kNegativeW;
@@ -457,7 +472,7 @@ struct Solver {
     const bool carry_w = wt && DW != DType::f64 && n > kScatterMax;
     bool nonfinite = false;
     for (int64_t i = 0; i < n; ++i) {
-      nonfinite |= !std::isfinite(E::get(x, i));
+      nonfinite |= !E::finite(x, i);
       keys[i] = E::key(x, i);
       w.idx[i] = carry_w ? float_to_bits((float)Elem<DW>::get(wt, i)) : (uint32_t)i;
     }
