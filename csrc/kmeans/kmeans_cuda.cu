@@ -848,7 +848,13 @@ void phase_sort(const Plan& pl, const Params& p, const Buffers& b, unsigned char
 
 }  // namespace
 
-size_t cuda_workspace_bytes(const Params& p) { return make_plan(p).total; }
+size_t cuda_workspace_bytes(const Params& p, int device) {
+  // The CUB scratch sizes depend on the device (SM count, PTX version): query them on the one
+  // run_cuda() will use, which recomputes the plan under the same guard.
+  if (device < 0) return make_plan(p).total;
+  DeviceGuard guard(device);
+  return make_plan(p).total;
+}
 
 void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspace_bytes,
               int device, void* stream) {
