@@ -690,6 +690,13 @@ Plan make_plan(const Params& p) {
     pl.sort_bits = pl.keybits;
     pl.sort_bytes = pl.keybits / 8;
   }
+#if CUB_VERSION < 300000
+  // Before CCCL 3 (CUDA 13) several of the CUB entry points used here (DeviceSegmentedSort in
+  // particular) take an int item count: larger inputs would be silently truncated.
+  if (pl.N > (int64_t)INT32_MAX || pl.U + pl.rows > (int64_t)INT32_MAX)
+    throw std::invalid_argument(
+        "kmeans1d cuda: more than 2^31 - 1 values in all needs a build with CUDA 13 (CCCL 3)");
+#endif
   pl.need_dp = p.method == Method::exact && (int64_t)p.k < pl.ucap && p.k > 1;
   {
     int64_t cnt = std::max<int64_t>(pl.ucap - 1, 1);
