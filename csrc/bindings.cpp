@@ -116,10 +116,12 @@ PYBIND11_MODULE(_C, m) {
       py::call_guard<py::gil_scoped_release>());
 #if defined(POPCOMP_WITH_CUDA)
   m.def("kmeans1d_cuda_workspace",
-        [](int64_t rows, int64_t n, int k, int method, int x_dtype) {
+        [](int64_t rows, int64_t n, int k, int method, int x_dtype, int device) {
           auto p = kmeans_params(rows, n, k, 0.0, method, 0, 0, 1, 0.0, 0, x_dtype, x_dtype);
-          return kmeans::cuda_workspace_bytes(p);
-        });
+          return kmeans::cuda_workspace_bytes(p, device);
+        },
+        py::arg("rows"), py::arg("n"), py::arg("k"), py::arg("method"), py::arg("x_dtype"),
+        py::arg("device") = -1);
   m.def(
       "kmeans1d_cuda",
       [](uintptr_t x, uintptr_t w, int x_dtype, int w_dtype, int64_t rows, int64_t n, int k,

@@ -332,7 +332,7 @@ __global__ void greedy_pick(int64_t nblocks, int64_t t, const double* __restrict
     w.chosen[bi] = 1;
     *w.j = bi;
     const double d = greedy_pivot(w.diag[bi], tau[bi], w.sjj[bi], rel);
-    *w.inv = d > 0.0 ? rsqrt(d) : 0.0;
+    *w.inv = d > 0.0 ? 1.0 / sqrt(d) : 0.0;  // as the CPU kernel (rsqrt is not correctly rounded)
   }
 }
 

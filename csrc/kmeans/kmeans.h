@@ -50,9 +50,10 @@ struct Result {
 // (finite, w >= 0, not all zero per row) in the same pass that reads them.
 Result run_cpu(const Params& p, const Buffers& b, int num_threads);
 
-// CUDA backend. `workspace` must hold cuda_workspace_bytes(p) bytes of device memory.
+// CUDA backend. `workspace` must hold cuda_workspace_bytes(p, device) bytes of device memory
+// (the CUB scratch sizes are queried on `device`; -1: the current device).
 // All work is enqueued on `stream` (a cudaStream_t) of `device`; nothing synchronizes the host.
-size_t cuda_workspace_bytes(const Params& p);
+size_t cuda_workspace_bytes(const Params& p, int device = -1);
 void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspace_bytes,
               int device, void* stream);
 

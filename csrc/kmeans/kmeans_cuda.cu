@@ -32,6 +32,7 @@
 #include "common/hd.h"
 #include "kmeans/kmeans.h"
 #include "kmeans/kmeans_math.h"
+#include "kmeans/dp_levels.h"
 
 namespace popcomp {
 namespace kmeans {
@@ -250,26 +251,6 @@ __global__ void prefix_scatter_kernel(const int64_t* nruns, const int32_t* runro
 // ---------------------------------------------------------------------------------------
 // Exact DP
 
-struct RowData {
-  const int64_t* ustart;
-  const double* vs;
-  const double* S0;
-  const double* S1;
-  const double* S2;
-};
-
-__device__ __forceinline__ Prefix row_prefix(const RowData& d, int64_t r, int64_t* base) {
-  const int64_t b = d.ustart[r];
-  *base = b;
-  Prefix P;
-  P.v = d.vs + b;
-  P.s0 = d.S0 + b + r;
-  P.s1 = d.S1 + b + r;
-  P.s2 = d.S2 + b + r;
-  P.u = d.ustart[r + 1] - b;
-  return P;
-}
-
 __global__ void dp_init_kernel(RowData d, const int64_t* nruns, const int32_t* runrow, int k,
                                double* D) {
   const int64_t R = *nruns;
@@ -283,51 +264,11 @@ __global__ void dp_init_kernel(RowData d, const int64_t* nruns, const int32_t* r
   }
 }
 
-struct Node {
-  Prefix P;
-  int64_t base, mid, clo, hc;
-};
-
-// Node t of recursion level L of row r in layer m (rows [m, u-1] of the layer). Mirrors the
-// reference: mid = (lo + hi) / 2; left child [lo, mid-1] with columns [clo, J(mid)], right
-// child [mid+1, hi] with columns [J(mid), chi]; so clo = J(lo-1), chi = J(hi+1) (layer bounds
-// at the ends), and the evaluated columns are [clo, min(chi, mid)].
-__device__ __forceinline__ bool dp_node(const RowData& d, const int32_t* Jm, int k, int m, int L,
-                                        int64_t id, Node& nd) {
-  const int64_t r = id >> L;
-  const int64_t t = id & (((int64_t)1 << L) - 1);
-  nd.P = row_prefix(d, r, &nd.base);
-  const int64_t u = nd.P.u;
-  if ((int64_t)k >= u) return false;
-  int64_t lo = m, hi = u - 1;
-  for (int b = L - 1; b >= 0; --b) {
-    if (lo > hi) return false;
-    const int64_t mid = (lo + hi) >> 1;
-    if ((t >> b) & 1) lo = mid + 1;
-    else hi = mid - 1;
-  }
-  if (lo > hi) return false;
-  nd.mid = (lo + hi) >> 1;
-  nd.clo = lo > m ? (int64_t)Jm[nd.base + lo - 1] : (int64_t)m;
-  const int64_t chi = hi < u - 1 ? (int64_t)Jm[nd.base + hi + 1] : u - 1;
-  nd.hc = chi < nd.mid ? chi : nd.mid;
-  return true;
-}
-
-__device__ __forceinline__ double dp_val(const Node& nd, const double* Dp, int64_t j) {
-  return Dp[nd.base + j - 1] + seg_cost(nd.P, j, nd.mid + 1);
-}
-
-// (val, j) lexicographic: smaller value, ties to the smaller column.
-__device__ __forceinline__ bool better(double v1, int64_t j1, double v2, int64_t j2) {
-  return v1 < v2 || (v1 == v2 && j1 < j2);
-}
-
 __device__ __forceinline__ void warp_argmin(double& v, int64_t& j) {
   for (int off = 16; off > 0; off >>= 1) {
     double ov = __shfl_down_sync(0xffffffffu, v, off);
     long long oj = __shfl_down_sync(0xffffffffu, (long long)j, off);
-    if (better(ov, (int64_t)oj, v, j)) {
+    if (dp_better(ov, (int64_t)oj, v, j)) {
       v = ov;
       j = (int64_t)oj;
     }
@@ -342,7 +283,7 @@ __global__ void dp_level_thread_kernel(RowData d, const double* Dp, double* Dc, 
                                        int k, int m, int L, int64_t nodes) {
   for (int64_t id = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; id < nodes;
        id += (int64_t)gridDim.x * blockDim.x) {
-    Node nd;
+    DpNode nd;
     if (!dp_node(d, Jm, k, m, L, id, nd)) continue;
     double best = dp_val(nd, Dp, nd.clo);
     int64_t bj = nd.clo;
@@ -368,7 +309,7 @@ __global__ void dp_level_warp_kernel(RowData d, const double* Dp, double* Dc, in
        wid += warps) {
     const int64_t id = wid / G;
     const int g = (int)(wid - id * G);
-    Node nd;
+    DpNode nd;
     if (!dp_node(d, Jm, k, m, L, id, nd)) continue;  // uniform across the warp
     double best = kInf;
     int64_t bj = kNoJ;
@@ -397,14 +338,14 @@ __global__ void dp_level_reduce_kernel(RowData d, double* Dc, int32_t* Jm, int k
                                        const int64_t* part_j) {
   for (int64_t id = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; id < nodes;
        id += (int64_t)gridDim.x * blockDim.x) {
-    Node nd;
+    DpNode nd;
     if (!dp_node(d, Jm, k, m, L, id, nd)) continue;
     double best = kInf;
     int64_t bj = kNoJ;
     for (int g = 0; g < G; ++g) {
       const double v = part_v[id * G + g];
       const int64_t j = part_j[id * G + g];
-      if (better(v, j, best, bj)) {
+      if (dp_better(v, j, best, bj)) {
         best = v;
         bj = j;
       }
@@ -690,11 +631,15 @@ Plan make_plan(const Params& p) {
     pl.sort_bits = pl.keybits;
     pl.sort_bytes = pl.keybits / 8;
   }
+#if CUB_VERSION < 300000
+  // Before CCCL 3 (CUDA 13) several of the CUB entry points used here (DeviceSegmentedSort in
+  // particular) take an int item count: larger inputs would be silently truncated.
+  if (pl.N > (int64_t)INT32_MAX || pl.U + pl.rows > (int64_t)INT32_MAX)
+    throw std::invalid_argument(
+        "kmeans1d cuda: more than 2^31 - 1 values in all needs a build with CUDA 13 (CCCL 3)");
+#endif
   pl.need_dp = p.method == Method::exact && (int64_t)p.k < pl.ucap && p.k > 1;
-  {
-    int64_t cnt = std::max<int64_t>(pl.ucap - 1, 1);
-    pl.Lmax = bits_for((uint64_t)cnt);  // floor(log2(cnt)) + 1
-  }
+  pl.Lmax = dp_levels(pl.ucap);
 
   // CUB temporary storage: the largest of all calls.
   size_t cub = std::max(sort_temp_any(pl, true), sort_temp_any(pl, false));
@@ -848,7 +793,13 @@ void phase_sort(const Plan& pl, const Params& p, const Buffers& b, unsigned char
 
 }  // namespace
 
-size_t cuda_workspace_bytes(const Params& p) { return make_plan(p).total; }
+size_t cuda_workspace_bytes(const Params& p, int device) {
+  // The CUB scratch sizes depend on the device (SM count, PTX version): query them on the one
+  // run_cuda() will use, which recomputes the plan under the same guard.
+  if (device < 0) return make_plan(p).total;
+  DeviceGuard guard(device);
+  return make_plan(p).total;
+}
 
 void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspace_bytes,
               int device, void* stream) {

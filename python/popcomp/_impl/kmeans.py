@@ -73,9 +73,9 @@ def kmeans1d_cuda(x, weights, k, beta, method, init, init_centers, max_iter, tol
     if x.numel() == 0:
         return outs
     rows, n = x.shape
-    nbytes = C.kmeans1d_cuda_workspace(rows, n, k, METHODS[method], DTYPE_CODES[x.dtype])
-    ws = cuda_workspace(nbytes, x.device)
     dev, stream = cuda_stream_args(x)
+    nbytes = C.kmeans1d_cuda_workspace(rows, n, k, METHODS[method], DTYPE_CODES[x.dtype], dev)
+    ws = cuda_workspace(nbytes, x.device)
     C.kmeans1d_cuda(
         *args, float(beta), METHODS[method], INITS[init], DIAMETERS[diameter], int(max_iter),
         float(tol), int(seed) & _U64, ic.data_ptr() if ic is not None else 0,
