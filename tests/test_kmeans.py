@@ -360,6 +360,39 @@ def test_non_finite_and_negative_found_in_every_dtype(dtype, n):
     assert torch.isfinite(r.cost)
 
 
+@pytest.mark.parametrize("case", ["x_nan", "w_inf", "w_neg", "w_zero", "x_and_w", "ok"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_checks_match_the_cpu_kernel(case, dtype):
+    """check_values (run by the op on CUDA and on the reference fallback) raises what the CPU
+    kernel raises, for the same first bad row."""
+    from popcomp._impl.kmeans import check_values
+
+    x = torch.randn(5, 50).to(dtype)
+    w = torch.rand(5, 50).to(dtype) + 0.1
+    if case in ("x_nan", "x_and_w"):
+        x[3, 7] = float("nan")
+    if case == "w_inf":
+        w[2, 0] = float("inf")
+    if case in ("w_neg", "x_and_w"):
+        w[3, 1] = -1.0
+        w[4, 1] = -1.0
+    if case == "w_zero":
+        w[1] = 0.0
+    try:
+        torch.ops.popcomp.kmeans1d(x, w, 3, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")
+        expected = None
+    except ValueError as e:
+        expected = str(e)
+    if expected is None:
+        check_values(x, w)
+        assert case == "ok"
+    else:
+        with pytest.raises(ValueError) as info:
+            check_values(x, w)
+        assert str(info.value) == expected
+        assert "(row " in expected
+
+
 def test_bad_row_is_named():
     x = torch.randn(3, 10)
     w = torch.rand(3, 10)

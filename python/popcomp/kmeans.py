@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 
 from . import _validate as V
-from ._backend import FLOAT_DTYPES, compiled
+from ._backend import FLOAT_DTYPES
 
 _METHODS = ("lloyd", "exact")
 _INITS = ("kmeans++", "linear", "quantile")
@@ -101,10 +101,8 @@ def kmeans1d(
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if diameter not in _DIAMETERS:
         raise ValueError(f"diameter must be one of {_DIAMETERS}, got {diameter!r}")
-    # The compiled CPU kernel checks values and weights in the pass that reads them.
-    scan = not (x.device.type == "cpu" and compiled() is not None)
-    if scan:
-        V.check_finite("x", x)
+    # Values and weights (NaN/Inf, negative or all-zero weights) are checked by the op itself:
+    # in the pass that reads them on CPU, with torch ops on other devices.
     squeeze = x.dim() == 1
     x2 = x.unsqueeze(0) if squeeze else x
     rows = x2.shape[0]
@@ -119,14 +117,6 @@ def kmeans1d(
                 f"weights must have the shape of x {tuple(x.shape)}, got {tuple(weights.shape)}"
             )
         w2 = weights.unsqueeze(0) if squeeze else weights
-        if scan:
-            V.check_finite("weights", weights)
-            V.check_nonnegative("weights", weights)
-            zero_rows = ~(w2 > 0).any(dim=1)
-            if bool(zero_rows.any()):
-                bad = int(torch.nonzero(zero_rows)[0])
-                where = "" if squeeze else f" (row {bad})"
-                raise ValueError(f"weights are all zero{where}: the objective has no minimizer")
 
     init_name = init
     init_centers = None

@@ -20,6 +20,34 @@ _STATUS = {
 }
 
 
+def check_values(x, weights):
+    """The checks of the CPU kernel, with torch ops, for the paths that do not run it (CUDA,
+    the reference fallback): per problem (row) the first of NaN/Inf in x, NaN/Inf in weights,
+    a negative weight, all weights zero; raises ValueError for the first bad row, as the CPU
+    kernel does. One transfer to the host."""
+    checks = [(1, ~torch.isfinite(x).all(dim=1))]
+    if weights is not None:
+        checks += [(2, ~torch.isfinite(weights).all(dim=1)), (3, (weights < 0).any(dim=1)),
+                   (4, ~(weights > 0).any(dim=1))]
+    status = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    for code, bad in reversed(checks):  # the first failing check of a row wins
+        status = torch.where(bad, code, status)
+    st = status.cpu()
+    bad = torch.nonzero(st)
+    if bad.numel():
+        row = int(bad[0, 0])
+        where = f" (row {row})" if x.shape[0] > 1 else ""
+        raise ValueError(_STATUS[int(st[row])] + where)
+
+
+def kmeans1d_default(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed,
+                     diameter):
+    check_values(x, weights)
+    return kmeans1d_reference(
+        x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter
+    )
+
+
 def _common(x, weights, k, init_centers):
     rows, n = x.shape
     x = x.contiguous()
@@ -46,7 +74,7 @@ def _common(x, weights, k, init_centers):
 def kmeans1d_cpu(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter):
     C = compiled()
     if C is None:
-        return kmeans1d_reference(
+        return kmeans1d_default(
             x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter
         )
     x, w, ic, outs, args = _common(x, weights, k, init_centers)
@@ -66,9 +94,10 @@ def kmeans1d_cpu(x, weights, k, beta, method, init, init_centers, max_iter, tol,
 def kmeans1d_cuda(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter):
     C = compiled()
     if C is None or not C.has_cuda:
-        return kmeans1d_reference(
+        return kmeans1d_default(
             x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter
         )
+    check_values(x, weights)
     x, w, ic, outs, args = _common(x, weights, k, init_centers)
     if x.numel() == 0:
         return outs
@@ -84,6 +113,6 @@ def kmeans1d_cuda(x, weights, k, beta, method, init, init_centers, max_iter, tol
     return outs
 
 
-LIB.impl("kmeans1d", kmeans1d_reference, "CompositeExplicitAutograd")
+LIB.impl("kmeans1d", kmeans1d_default, "CompositeExplicitAutograd")
 LIB.impl("kmeans1d", kmeans1d_cpu, "CPU")
 LIB.impl("kmeans1d", kmeans1d_cuda, "CUDA")
