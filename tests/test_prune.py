@@ -614,3 +614,40 @@ def test_pooling_over_units_or_flattened_features_is_not_a_site():
     # pooling over the spatial axes of Conv2d channels, before the Flatten, still is fine
     ok = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 2 * 2, 2))
     assert [s.name for s in P.find_sites(ok)] == ["0"]
+
+
+@pytest.mark.parametrize("norm", [lambda m: nn.BatchNorm1d(m), lambda m: nn.PReLU(m)])
+def test_norm_over_the_time_axis_of_a_3d_linear_output_is_not_a_site(norm):
+    # BatchNorm1d(m) / PReLU(m) act on dim 1. After a Linear on a (B, T, m) input that is T (here
+    # T == m, so the original model runs), not the m units on the last axis: cutting them by unit
+    # index permutes or breaks the per-position parameters (silently wrong with every unit kept,
+    # a RuntimeError otherwise), so the site is not prunable for such data
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 6), norm(6), nn.ReLU(), nn.Linear(6, 2)).double()
+    if isinstance(model[1], nn.BatchNorm1d):
+        _randomize_bn(model[1], 1)
+    else:
+        with torch.no_grad():
+            model[1].weight.copy_(torch.linspace(-0.5, 0.5, 6, dtype=F64))
+    model.eval()
+    x3 = torch.randn(40, 6, 5, dtype=F64)
+    assert [s.name for s in P.find_sites(model)] == ["0"]  # structure alone cannot tell
+    assert P.find_sites(model, x3) == []
+    for widths in (0.5, 1.0):
+        with pytest.raises(ValueError, match="no layer to prune"):
+            popcomp.spectral_prune(model, x3, widths=widths, progress=False)
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        popcomp.spectral_prune(model, [x3], widths={"0": 3}, progress=False)
+    # a (B, m) input: the norm is over the units, pruned with them as before
+    x2 = torch.randn(200, 5, dtype=F64)
+    assert [s.norms for s in P.find_sites(model, x2)] == [["1"]]
+    pm, rep = popcomp.spectral_prune(model, x2, widths=[4], tau=0.0, progress=False)
+    J = rep.layers[0].indices
+    with torch.no_grad():
+        torch.testing.assert_close(pm[1](pm[0](x2)), model[1](model[0](x2))[:, J])
+        torch.testing.assert_close(pm(x2), _consumer_formula(model, 0, 3, J, x2))
+    # a Linear on a 3-D input without a norm still is a site (units on the last axis)
+    plain = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    assert [s.name for s in P.find_sites(plain, x3)] == ["0"]
+    pm, _ = popcomp.spectral_prune(plain, x3, widths=[3], progress=False)
+    assert pm(x3).shape == (40, 6, 2)

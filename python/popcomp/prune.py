@@ -292,6 +292,9 @@ class _Site:
     capture: str        # module whose input is phi
     m: int
     next_site: Optional[str] = None
+    # per norm: the rank of its input when dim 1 holds the produced units (a Linear's units are
+    # on the last axis, so its BatchNorm1d/PReLU must see (B, m); a Conv2d's, (B, m, H, W))
+    norm_dims: List[int] = dataclasses.field(default_factory=list)
 
 
 def _leaves(mod: nn.Module, prefix: str, out: List[Tuple[str, nn.Module]]):
@@ -318,15 +321,37 @@ def _block_sites(path: str, blk: nn.Module) -> List[_Site]:
     for a in ("bn1", "bn2") + (("bn3",) if hasattr(blk, "bn3") else ()):
         if not isinstance(getattr(blk, a), nn.BatchNorm2d):
             raise _unsupported(p + a, getattr(blk, a), "expected BatchNorm2d")
-    sites = [_Site(p + "conv1", p + "conv1", [p + "bn1"], p + "conv2", p + "conv2", blk.conv1.out_channels)]
+    sites = [_Site(p + "conv1", p + "conv1", [p + "bn1"], p + "conv2", p + "conv2", blk.conv1.out_channels,
+                   norm_dims=[4])]
     if hasattr(blk, "conv3"):
-        sites.append(_Site(p + "conv2", p + "conv2", [p + "bn2"], p + "conv3", p + "conv3", blk.conv2.out_channels))
+        sites.append(_Site(p + "conv2", p + "conv2", [p + "bn2"], p + "conv3", p + "conv3", blk.conv2.out_channels,
+                           norm_dims=[4]))
         sites[0].next_site = sites[1].name
     return sites
 
 
-def find_sites(model: nn.Module) -> List["_Site"]:
-    """Prunable layers of a model, in forward order (raises on layers it cannot rewrite)."""
+def find_sites(model: nn.Module, sample=None, *, forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+               device: Optional[Union[str, torch.device]] = None) -> List["_Site"]:
+    """Prunable layers of a model, in forward order (raises on layers it cannot rewrite).
+
+    Without ``sample`` the answer is from the structure alone. BatchNorm1d and PReLU act on
+    dim 1, which holds a Linear's units only for a 2-D input: a Linear applied to (B, T, n)
+    puts T there. With ``sample`` (one batch, as in ``spectral_prune``'s data; ``forward`` and
+    ``device`` as there) the model is run on it once (eval mode, no grad, modes restored) and
+    the sites whose BatchNorm/PReLU layers do not see the produced units on dim 1 are dropped.
+    """
+    sites = _structural_sites(model)
+    if sample is None:
+        return sites
+    modes = _modes(model)
+    model.eval()
+    try:
+        return _units_on_dim1(model, sites, sample, forward, device)
+    finally:
+        _restore_modes(model, modes)
+
+
+def _structural_sites(model: nn.Module) -> List["_Site"]:
     if _is_block(model):
         return _block_sites("", model)
     if not isinstance(model, nn.Sequential):
@@ -356,7 +381,7 @@ def find_sites(model: nn.Module) -> List["_Site"]:
     sites: List[_Site] = []
     for a, (path, mod) in enumerate(leaves):
         if kinds[a] == "producer":
-            norms, flat = [], False
+            norms, norm_dims, flat = [], [], False
             m = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
             for b in range(a + 1, len(leaves)):
                 kb = kinds[b]
@@ -364,6 +389,7 @@ def find_sites(model: nn.Module) -> List["_Site"]:
                     if _channel_count(leaves[b][1]) != m:  # not over the m produced units
                         break
                     norms.append(leaves[b][0])
+                    norm_dims.append(2 if flat or isinstance(mod, nn.Linear) else 4)
                 elif kb == "chan":
                     continue
                 elif kb == "pool":
@@ -386,7 +412,7 @@ def find_sites(model: nn.Module) -> List["_Site"]:
                         break
                     # phi is the consumer's input, after every layer in between (a Linear after
                     # Flatten reads it as (B, m, positions))
-                    sites.append(_Site(path, path, norms, cons_path, cons_path, m))
+                    sites.append(_Site(path, path, norms, cons_path, cons_path, m, norm_dims=norm_dims))
                     break
                 else:  # block or end
                     break
@@ -397,6 +423,38 @@ def find_sites(model: nn.Module) -> List["_Site"]:
         if s.next_site is None and s.consumer in by_producer:
             s.next_site = by_producer[s.consumer].name
     return sites
+
+
+def _units_on_dim1(model: nn.Module, sites: List["_Site"], sample, forward, device) -> List["_Site"]:
+    """``sites`` less those with a BatchNorm/PReLU whose input, when ``model`` runs on ``sample``,
+    does not have the rank that puts the produced units on dim 1 (e.g. BatchNorm1d(m) after a
+    Linear on (B, T, m) normalizes the T positions: cutting it by unit index is wrong)."""
+    # BatchNorm2d only takes 4-D inputs, so it is over a Conv2d's channels whenever it runs
+    checks = [(s.name, nb, d) for s in sites for nb, d in zip(s.norms, s.norm_dims)
+              if not isinstance(_get(model, nb), nn.BatchNorm2d)]
+    if not checks:
+        return sites
+    seen: Dict[str, set] = {}
+
+    def make_hook(path: str):
+        def pre(mod, args):
+            x = args[0]
+            seen.setdefault(path, set()).add(x.dim() if isinstance(x, torch.Tensor) else -1)
+        return pre
+
+    hooks = [_get(model, nb).register_forward_pre_hook(make_hook(nb)) for nb in {c[1] for c in checks}]
+    try:
+        with torch.no_grad():
+            _run(model, sample, forward, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    bad = {name for name, nb, d in checks if seen.get(nb, {d}) != {d}}
+    kept = [s for s in sites if s.name not in bad]
+    for s in kept:
+        if s.next_site in bad:
+            s.next_site = None
+    return kept
 
 
 def _get(model: nn.Module, path: str) -> nn.Module:
@@ -673,7 +731,9 @@ def spectral_prune(
             and at most one Flatten before a Linear head (of a Conv2d output, or of a 2-D Linear
             output); the covariance is that of the consumer's input. Not prunable (left alone):
             pooling after a Flatten or a Linear (it pools neighbouring units), a flattened 3-D
-            Linear output (units interleaved). Also the inner channels of residual blocks
+            Linear output (units interleaved), a BatchNorm1d/PReLU after a Linear whose input in
+            the data is not 2-D (it acts on dim 1, e.g. T of (B, T, m), not on the units; checked
+            on the first batch). Also the inner channels of residual blocks
             (outputs of conv1, and of conv2 in a Bottleneck). Residual channels are untouched.
             The model is never modified; a copy is rewritten.
         data: an input tensor or a re-iterable of batches (tensors, or tuples/lists whose first
@@ -711,7 +771,14 @@ def spectral_prune(
         raise ValueError(f"a widths ratio must be in (0, 1], got {widths}")
     if max_batches is not None:
         max_batches = V.check_int("max_batches", max_batches, lo=1)
-    sites = find_sites(model)  # raises on layers it cannot rewrite
+    sites = _structural_sites(model)  # raises on layers it cannot rewrite
+    batches = _batches(data)
+    work = copy.deepcopy(model)
+    modes = _modes(model)  # per module: a model may mix train and eval submodules
+    work.eval()
+    first = next(iter(batches), None)
+    if first is not None:  # drop the sites whose norms are not over the units for this data
+        sites = _units_on_dim1(work, sites, first, forward, device)
     names = [s.name for s in sites]
     if isinstance(widths, dict):
         unknown = [n for n in widths if n not in names]
@@ -729,11 +796,6 @@ def spectral_prune(
     active = [s for i, s in enumerate(sites) if _per_layer(widths, s.name, i, "widths") is not None]
     if not active:
         raise ValueError(f"no layer to prune (prunable layers: {names})")
-    batches = _batches(data)
-
-    work = copy.deepcopy(model)
-    modes = _modes(model)  # per module: a model may mix train and eval submodules
-    work.eval()
 
     # ---- one pass: covariances at every active layer (original network)
     accs = {s.name: CovarianceAccumulator(dtype=dtype) for s in sites}
