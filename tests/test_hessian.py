@@ -153,6 +153,21 @@ def test_sumsq_op_cpu_equals_cuda(B, R, T, o, i, dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA backend not usable")
+@pytest.mark.parametrize("T", [1, 2])
+def test_sumsq_op_cuda_more_than_65535_row_tiles(T):
+    # 65535 * 64 + 70 output rows: 65537 tiles of 64 rows, past the gridDim.y limit (it raised)
+    o, i, B = 65535 * 64 + 70, 3, 2
+    torch.manual_seed(0)
+    g = torch.randn(B, 1, T, o, device="cuda")
+    x = torch.randn(B, T, i, device="cuda")
+    c = torch.zeros(o, i, device="cuda")
+    torch.ops.popcomp.sumsq_outer_acc(c, g, x)
+    want = (torch.einsum("brto,bti->broi", g.double(), x.double()) ** 2).sum((0, 1))
+    torch.testing.assert_close(c.double(), want, rtol=1e-4, atol=1e-4)
+    assert bool((c[-70:] > 0).all())  # the rows of the last tiles were written
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA backend not usable")
 def test_diagonal_cpu_equals_cuda():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))

@@ -1,7 +1,7 @@
 """CPU checks of the pure index arithmetic of the CUDA kernels (tests/cpp/cuda_logic_test.cpp):
 the level-synchronous exact DP of kmeans_cuda.cu (csrc/kmeans/dp_levels.h) against the
 recursive divide and conquer and a brute-force DP, the warp Lloyd's unchained boundary search,
-and covariance_cuda.cu's tile-pair enumeration. Built with the host C++ compiler; no GPU."""
+covariance_cuda.cu's tile-pair enumeration and hessian_cuda.cu's output tiles over gridDim.x. Built with the host C++ compiler; no GPU."""
 import os
 import shutil
 import subprocess

@@ -1,7 +1,9 @@
 // CUDA backend of the fused squared-gradient accumulation (see hessian.h).
 //
 // One 256-thread block owns a 64 x 64 tile of the output, each thread a 4 x 4 register tile.
-// The block loops over its range of samples:
+// Tiles are numbered over gridDim.x (output_tile() in hessian_math.h; a block loops over tiles
+// blockIdx.x + k gridDim.x, so any output size fits the grid). The block loops over its range
+// of samples:
 //   T == 1: acc += sum_b (sum_r g[b,r,o]^2) x[b,i]^2, staged in shared memory 16 samples at a
 //           time (a GEMM over samples on squared operands);
 //   T  > 1: for each (b, r) the 4 x 4 per-sample product M = sum_t g x^T is built in registers
@@ -69,16 +71,12 @@ __device__ __forceinline__ void tile_fma(const float (*sa)[TILE], const float (*
   }
 }
 
-__global__ void __launch_bounds__(THREADS)
-sumsq_outer_kernel(SumSqParams p, const void* __restrict__ g, const void* __restrict__ x,
-                   float* __restrict__ acc, int64_t samples_per_split) {
-  __shared__ float sa[KC][TILE];
-  __shared__ float sb[KC][TILE];
-  const int64_t o0 = (int64_t)blockIdx.y * TILE, i0 = (int64_t)blockIdx.x * TILE;
-  const int no = (int)min((int64_t)TILE, p.out - o0), ni = (int)min((int64_t)TILE, p.in - i0);
-  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-  const int64_t b_begin = (int64_t)blockIdx.z * samples_per_split;
-  const int64_t b_end = min(p.B, b_begin + samples_per_split);
+// One output tile (rows o0.., columns i0..) over samples [b_begin, b_end), added into acc.
+__device__ __forceinline__ void tile_sumsq(const SumSqParams& p, const void* __restrict__ g,
+                                           const void* __restrict__ x, float* __restrict__ acc,
+                                           float (*sa)[TILE], float (*sb)[TILE], int64_t o0,
+                                           int64_t i0, int no, int ni, int ty, int tx,
+                                           int64_t b_begin, int64_t b_end) {
   float a[4][4];
 #pragma unroll
   for (int u = 0; u < 4; ++u)
@@ -136,6 +134,22 @@ sumsq_outer_kernel(SumSqParams p, const void* __restrict__ g, const void* __rest
   }
 }
 
+__global__ void __launch_bounds__(THREADS)
+sumsq_outer_kernel(SumSqParams p, const void* __restrict__ g, const void* __restrict__ x,
+                   float* __restrict__ acc, int64_t samples_per_split) {
+  __shared__ float sa[KC][TILE];
+  __shared__ float sb[KC][TILE];
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  const int64_t b_begin = (int64_t)blockIdx.z * samples_per_split;
+  const int64_t b_end = min(p.B, b_begin + samples_per_split);
+  const int64_t tiles = output_tiles(p.out, p.in, TILE);
+  // t is uniform over the block: the __syncthreads() below are reached by every thread
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const OutputTile ot = output_tile(t, p.out, p.in, TILE);
+    tile_sumsq(p, g, x, acc, sa, sb, ot.o0, ot.i0, ot.no, ot.ni, ty, tx, b_begin, b_end);
+  }
+}
+
 }  // namespace
 
 void sumsq_outer_cuda(const SumSqParams& p, const void* g, const void* x, float* acc, int device,
@@ -144,9 +158,7 @@ void sumsq_outer_cuda(const SumSqParams& p, const void* g, const void* x, float*
   DeviceGuard guard(device);
   int sms = 0;
   PC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t tiles_i = ceil_div(p.in, TILE), tiles_o = ceil_div(p.out, TILE);
-  if (tiles_o > 65535) throw std::runtime_error("sumsq_outer_cuda: output dimension too large");
-  const int64_t tiles = tiles_i * tiles_o;
+  const int64_t tiles = output_tiles(p.out, p.in, TILE);
   // Split the samples when the tiles alone leave the GPU idle (target ~4 blocks per SM), but
   // keep at least 16 samples' work (or one sample for T > 1) per split.
   const int64_t min_per = p.T == 1 ? 64 : 1;
@@ -155,7 +167,7 @@ void sumsq_outer_cuda(const SumSqParams& p, const void* g, const void* x, float*
   splits = std::min<int64_t>(splits, 65535);
   const int64_t per = ceil_div(p.B, splits);
   splits = ceil_div(p.B, per);
-  dim3 grid((unsigned)tiles_i, (unsigned)tiles_o, (unsigned)splits);
+  dim3 grid((unsigned)output_tile_blocks(tiles), 1u, (unsigned)splits);
   sumsq_outer_kernel<<<grid, THREADS, 0, as_stream(stream)>>>(p, g, x, acc, per);
   PC_CUDA_CHECK(cudaGetLastError());
 }

@@ -7,6 +7,8 @@
 //   2. kmeans_cuda.cu's warp Lloyd: one unchained binary search per boundary equals the chained
 //      assign_boundaries() of kmeans_math.h for sorted centers.
 //   3. covariance_cuda.cu: tri_index() enumerates the upper-triangular tile pairs once each.
+//   4. hessian_cuda.cu: the output tiles (output_tile() over gridDim.x, looped by stride) cover
+//      every accumulator element exactly once, for any grid size, also past 65535 x 64 rows.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -16,6 +18,7 @@
 #include <vector>
 
 #include "covariance/covariance_math.h"
+#include "hessian/hessian_math.h"
 #include "kmeans/dp_levels.h"
 
 using namespace popcomp;
@@ -302,10 +305,72 @@ static void test_tri_index() {
   }
 }
 
+// Emulates sumsq_outer_cuda's launch: blocks 0..output_tile_blocks(tiles, cap) - 1, each
+// looping t = blockIdx.x, += gridDim.x, and checks each element of out x in is written once.
+static void check_tile_cover(int64_t out, int64_t in, int64_t cap) {
+  const int64_t TILE = 64;
+  const int64_t tiles = hessian::output_tiles(out, in, TILE);
+  const int64_t blocks = hessian::output_tile_blocks(tiles, cap);
+  CHECK(blocks >= 1 && blocks <= cap && blocks <= tiles, "out %lld in %lld cap %lld: %lld blocks",
+        (long long)out, (long long)in, (long long)cap, (long long)blocks);
+  std::vector<int> seen((size_t)(out * in), 0);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t t = b; t < tiles; t += blocks) {
+      const hessian::OutputTile ot = hessian::output_tile(t, out, in, TILE);
+      const bool ok = ot.o0 % TILE == 0 && ot.i0 % TILE == 0 && ot.no >= 1 && ot.no <= TILE &&
+                      ot.ni >= 1 && ot.ni <= TILE && ot.o0 + ot.no <= out && ot.i0 + ot.ni <= in;
+      CHECK(ok, "out %lld in %lld tile %lld: rows %lld+%d, columns %lld+%d", (long long)out,
+            (long long)in, (long long)t, (long long)ot.o0, ot.no, (long long)ot.i0, ot.ni);
+      if (!ok) continue;
+      for (int o = 0; o < ot.no; ++o)
+        for (int i = 0; i < ot.ni; ++i) ++seen[(size_t)((ot.o0 + o) * in + ot.i0 + i)];
+    }
+  for (int64_t e = 0; e < out * in; ++e)
+    if (seen[e] != 1) {
+      CHECK(seen[e] == 1, "out %lld in %lld cap %lld: element (%lld, %lld) written %d times",
+            (long long)out, (long long)in, (long long)cap, (long long)(e / in), (long long)(e % in),
+            seen[e]);
+      break;
+    }
+}
+
+static void test_hessian_tiles() {
+  const int64_t sizes[] = {1, 2, 63, 64, 65, 127, 128, 129, 200, 333};
+  const int64_t caps[] = {1, 2, 3, 7, 64, hessian::kMaxGridX};
+  for (int64_t out : sizes)
+    for (int64_t in : sizes)
+      for (int64_t cap : caps) check_tile_cover(out, in, cap);
+  check_tile_cover(65535 * 64 + 1, 1, hessian::kMaxGridX);  // 65536 row tiles: past gridDim.y
+  check_tile_cover(65535 * 64 + 1, 3, 1000);
+  // sizes too large to enumerate: the grid fits gridDim.x, and tile numbers map one to one onto
+  // tile origins (o0 / 64) * tiles_i + i0 / 64, the last one ending at the last row and column
+  const int64_t big[][2] = {{65535LL * 64 + 1, 1}, {1LL << 31, 64}, {1LL << 40, (1LL << 20) + 5},
+                            {(1LL << 36) + 3, 1LL << 26}};
+  std::mt19937_64 rng(99);
+  for (const auto& sz : big) {
+    const int64_t out = sz[0], in = sz[1], TILE = 64;
+    const int64_t tiles = hessian::output_tiles(out, in, TILE), ti = hessian::ceil_div(in, TILE);
+    CHECK(tiles == hessian::ceil_div(out, TILE) * ti, "tiles of %lld x %lld", (long long)out, (long long)in);
+    const int64_t blocks = hessian::output_tile_blocks(tiles);
+    CHECK(blocks >= 1 && blocks <= hessian::kMaxGridX && blocks <= tiles, "%lld blocks", (long long)blocks);
+    for (int k = 0; k < 10000; ++k) {
+      const int64_t t = k == 0 ? tiles - 1 : k == 1 ? 0 : (int64_t)(rng() % (uint64_t)tiles);
+      const hessian::OutputTile ot = hessian::output_tile(t, out, in, TILE);
+      CHECK((ot.o0 / TILE) * ti + ot.i0 / TILE == t && ot.o0 % TILE == 0 && ot.i0 % TILE == 0 &&
+                ot.no >= 1 && ot.no <= TILE && ot.ni >= 1 && ot.ni <= TILE,
+            "%lld x %lld tile %lld", (long long)out, (long long)in, (long long)t);
+      if (t == tiles - 1)
+        CHECK(ot.o0 + ot.no == out && ot.i0 + ot.ni == in, "last tile of %lld x %lld", (long long)out,
+              (long long)in);
+    }
+  }
+}
+
 int main() {
   test_dp_levels();
   test_unchained_boundaries();
   test_tri_index();
+  test_hessian_tiles();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;
