@@ -420,3 +420,15 @@ def test_negative_zero_is_zero(dtype):
     r = popcomp.kmeans1d(x, 4, method="exact")
     torch.testing.assert_close(r.centers, torch.tensor([0.0, 1.0, 2.0, 2.0], dtype=r.centers.dtype))
     assert int(r.labels[0]) == int(r.labels[1]) == 0
+
+
+def test_exact_does_not_read_an_earlier_problems_dp_table():
+    # The CPU kernel keeps its workspace between calls; the Knuth bound of the last DP row
+    # must not come from the argmin table a previous problem left there.
+    xv = torch.tensor([0, 0.1, 10, 10.1, 20, 20.1, 20.2, 20.3], dtype=torch.float64)
+    fresh = brute_force_cost(xv, torch.ones_like(xv), 3)
+    xp = torch.tensor([0, 0.01, 0.02, 0.03, 0.04, 0.05, 10, 20, 30], dtype=torch.float64)
+    popcomp.kmeans1d(xp, 3, method="exact")
+    r = popcomp.kmeans1d(xv, 3, method="exact")
+    assert float(r.cost) == pytest.approx(fresh, rel=1e-10)
+    torch.testing.assert_close(r.centers, torch.tensor([0.05, 10.05, 20.15], dtype=torch.float64))

@@ -429,6 +429,10 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
     } else {
       solve(L, rlo, rhi, m, rhi);
     }
+    // The next layer reads J_m as its Knuth lower bound at rows up to rhi + 1, one row past
+    // those solved here: give that row the trivial bound m, not what an earlier problem left
+    // in the reused workspace.
+    if (rhi + 1 < u) L.J[rhi + 1] = (int32_t)m;
     // D_m becomes d of the next layer, which reads it at rows [rlo, rhi] only
     std::swap(d, dnext);
   }
