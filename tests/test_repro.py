@@ -136,3 +136,23 @@ def test_info():
     r = subprocess.run([sys.executable, "-m", "popcomp", "info"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
     assert '"cpu"' in r.stdout and "usable" in r.stdout
+
+
+def _unwritable_folder(tmp_path):
+    if os.geteuid() != 0:
+        d = tmp_path / "ro"
+        d.mkdir()
+        d.chmod(0o555)
+        return str(d)
+    return "/proc/self"  # an existing folder that not even root can write into
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or not os.path.isdir("/proc/self"),
+                    reason="needs POSIX and /proc")
+@pytest.mark.parametrize("cmd", [["repro", "linreg"], ["demo"]])
+def test_existing_unwritable_out_folder_is_a_clear_error(cmd, tmp_path, capsys):
+    out = _unwritable_folder(tmp_path)
+    rc = main([*cmd, "--quick", "--out", out, "--device", "cpu"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "not writable" in err, err

@@ -50,6 +50,15 @@ def ensure_out(path: str) -> str:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {path!r}: cannot create the output folder ({e.strerror})") from None
+    # An existing folder may still refuse files (permissions, read-only or virtual file
+    # systems, where even root cannot write): find out now, not after the run.
+    try:
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"--out {path!r}: the output folder is not writable ({e.strerror})") from None
     return path
 
 
