@@ -106,6 +106,7 @@ def test_demo_quick(tmp_path, capsys):
     (["repro", "nn", "--models", "0"], "--models must be >= 2"),
     (["repro", "nn", "--clusters", "2,x"], "comma-separated"),
     (["repro", "nn", "--fraction", "1.5"], "--fraction"),
+    (["repro", "nn", "--clusters", "2,4", "--fig7-k", "3"], "--fig7-k must be one of"),
     (["demo", "--bits", "9"], "--bits must lie in 1..8"),
     (["demo", "--device", "cuda:7"] if not __import__("torch").cuda.is_available() else
      ["demo", "--bits", "0"], "error"),

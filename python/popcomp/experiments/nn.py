@@ -91,6 +91,8 @@ def validate(args) -> None:
         raise UserError("--betas must contain at least one β > 0 for DRHW")
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
+    if args.fig7_k is not None and args.fig7_k not in args.K:
+        raise UserError(f"--fig7-k must be one of the --clusters {args.K}, got {args.fig7_k}")
 
 
 def run(args) -> Dict[str, object]:
