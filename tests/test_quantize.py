@@ -246,3 +246,20 @@ def test_evaluate_loss_uses_eval_mode_and_restores_it():
     model.train()
     evaluate_loss(model, nn.CrossEntropyLoss(), data)
     assert model.training and model[2].training
+
+
+def test_module_shared_at_two_names_is_replaced_everywhere():
+    # one module object reachable under two names (weight sharing by reuse): both names get the
+    # same palettized module, and dequantize_ restores both
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    x = torch.randn(3, 4)
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    assert isinstance(model[0], PalettizedLinear) and model[2] is model[0]
+    ref = F.linear(F.linear(x, model[0].weight, model[0].bias).relu(), model[0].weight, model[0].bias)
+    assert torch.equal(model(x), ref)
+    assert len(popcomp.size_report(model).layers) == 1
+    popcomp.dequantize_(model)
+    assert type(model[0]) is nn.Linear and model[2] is model[0]
+    assert torch.equal(model(x), ref)

@@ -266,6 +266,24 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _all_names(model: nn.Module) -> Dict[int, List[str]]:
+    """id(module) -> every name it is reachable under (a module reused at several places of the
+    model is one object: it must be replaced at all of them)."""
+    names: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        lst = names.setdefault(id(m), [])
+        if n not in lst:
+            lst.append(n)
+    return names
+
+
+def _replace_module(model: nn.Module, names: Dict[int, List[str]], old: nn.Module,
+                    new: nn.Module) -> None:
+    for n in names.get(id(old), []):
+        if n:
+            _set_submodule(model, n, new)
+
+
 def _rows_view(w: torch.Tensor, granularity: str, group_size: Optional[int], name: str) -> torch.Tensor:
     if granularity == "per_tensor":
         return w.reshape(1, -1)
@@ -381,18 +399,20 @@ def quantize_(
     for n, m in targets:
         key = f"{n}.weight" if n else "weight"
         packed, cb, meta = _palettize_tensor(m.weight, hmap.get(key), config, k, bits, n or "<root>")
-        replacements.append((n, _to_palettized(m, packed, cb, meta)))
-    for n, new in replacements:
-        _set_submodule(model, n, new)
+        replacements.append((m, _to_palettized(m, packed, cb, meta)))
+    names = _all_names(model)
+    for old, new in replacements:
+        _replace_module(model, names, old, new)
     return model
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
     """Replace every palettized module of ``model`` by the dense module with its dequantized
     weight (in place); returns the model."""
+    names = _all_names(model)
     for n, m in list(model.named_modules()):
         if isinstance(m, _Palettized) and n:
-            _set_submodule(model, n, _to_dense(m))
+            _replace_module(model, names, m, _to_dense(m))
     return model
 
 
