@@ -263,3 +263,21 @@ def test_module_shared_at_two_names_is_replaced_everywhere():
     popcomp.dequantize_(model)
     assert type(model[0]) is nn.Linear and model[2] is model[0]
     assert torch.equal(model(x), ref)
+
+
+def test_fp16_codebook_overflow_is_a_clear_error_and_model_unchanged():
+    # a center outside the fp16 range would be stored as inf: refuse (naming the layer and the
+    # way out) before any module is replaced
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[1].weight[0, 0] = 1e6
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"codebook_dtype.*1|1.*codebook_dtype"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    # with fp32 codebooks it is representable
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2, codebook_dtype=torch.float32))
+    assert bool(torch.isfinite(model[1].weight).all()) and float(model[1].weight.max()) == 1e6
+

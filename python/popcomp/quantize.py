@@ -360,6 +360,12 @@ def _palettize_tensor(w: torch.Tensor, h: Optional[torch.Tensor], cfg: Palettize
     res = kmeans1d(x, k, wt, beta=float(cfg.beta), method=cfg.method, init=cfg.init,
                    max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed, diameter=cfg.diameter)
     centers = res.centers.reshape(x.shape[0], k).to(cfg.codebook_dtype)
+    if not bool(torch.isfinite(centers).all()):
+        big = float(res.centers.abs().max())
+        raise ValueError(
+            f"codebook_dtype={cfg.codebook_dtype}: a center of {name} ({big:.6g}) is outside its "
+            f"range (max {torch.finfo(cfg.codebook_dtype).max:.6g}); use codebook_dtype=torch.float32"
+        )
     packed = pack_indices(res.labels, bits)
     meta = PaletteMeta(tuple(w.shape), w.dtype, k, bits, cfg.granularity,
                        cfg.group_size if cfg.granularity == "per_group" else None, x.shape[0])
