@@ -281,3 +281,10 @@ def test_fp16_codebook_overflow_is_a_clear_error_and_model_unchanged():
     popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2, codebook_dtype=torch.float32))
     assert bool(torch.isfinite(model[1].weight).all()) and float(model[1].weight.max()) == 1e6
 
+
+def test_meta_weights_are_a_clear_error():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"meta"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    assert type(model[0]) is nn.Linear

@@ -399,7 +399,10 @@ def quantize_(
         raise ValueError("model: the root module itself cannot be replaced in place; wrap it "
                          "(e.g. nn.Sequential(model)) or exclude it with filter_fn")
     hmap = _check_hessian(hessian, targets) if sens == "hessian" else {}
-    for n, m in targets:  # validate shapes before any work
+    for n, m in targets:  # validate devices and shapes before any work
+        if m.weight.is_meta:
+            raise ValueError(f"model: {n or '<root>'}.weight is on the 'meta' device (no values to "
+                             "quantize); materialize the model first (e.g. load its weights)")
         _rows_view(m.weight.detach(), config.granularity, config.group_size, n or "<root>")
     replacements = []
     for n, m in targets:
