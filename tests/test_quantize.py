@@ -288,3 +288,33 @@ def test_meta_weights_are_a_clear_error():
     with pytest.raises(ValueError, match=r"meta"):
         popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
     assert type(model[0]) is nn.Linear
+
+
+def test_load_failure_leaves_the_model_unchanged(tmp_path):
+    # a file that does not fit the model: no module is left palettized with uninitialized
+    # buffers, and an already palettized module keeps its own packed form
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    popcomp.quantize_(src, popcomp.PalettizeConfig(bits=2))
+    path = tmp_path / "m.safetensors"
+    popcomp.save(src, path)
+
+    def snapshot(m):
+        return {k: v.clone() for k, v in m.state_dict().items()}, [type(c) for c in m]
+
+    for bad in (nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 5)),       # shape of the 2nd layer
+                nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(2, 2))):  # missing keys
+        sd, types = snapshot(bad)
+        with pytest.raises((ValueError, RuntimeError)):
+            popcomp.load(bad, path)
+        assert [type(c) for c in bad] == types
+        assert all(torch.equal(bad.state_dict()[k], v) for k, v in sd.items())
+    other = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(2, 2))
+    popcomp.quantize_(other, popcomp.PalettizeConfig(bits=3, seed=1))
+    sd, types = snapshot(other)
+    meta = other[0].palette
+    with pytest.raises(RuntimeError):
+        popcomp.load(other, path)
+    assert [type(c) for c in other] == types and other[0].palette == meta
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())

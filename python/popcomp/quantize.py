@@ -554,26 +554,48 @@ def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
         md = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     info = json.loads(md.get("popcomp", '{"palettized": {}}'))
-    for n, d in info.get("palettized", {}).items():
-        meta = PaletteMeta.from_json(d)
-        mod = model.get_submodule(n)
-        pre = f"{n}."
-        packed = tensors[pre + "weight_packed"]
-        cb = tensors[pre + "weight_codebook"]
-        if isinstance(mod, _Palettized):
-            mod.weight_packed = packed.to(mod.weight_packed.device).clone()
-            mod.weight_codebook = cb.to(mod.weight_codebook.device).clone()
-            mod.palette = meta
-            continue
-        if _dense_base(mod) is None:
-            raise ValueError(f"model: {n} ({type(mod).__name__}) cannot hold a palettized weight")
-        if tuple(mod.weight.shape) != meta.weight_shape:
-            raise ValueError(f"model: {n}.weight has shape {tuple(mod.weight.shape)}, the file "
-                             f"holds {meta.weight_shape}")
-        dev = mod.weight.device
-        _set_submodule(model, n, _to_palettized(mod, torch.empty_like(packed, device=dev),
-                                                torch.empty_like(cb, device=dev), meta))
-    model.load_state_dict(tensors, strict=strict)
+    names = _all_names(model)
+    undo: List[Callable[[], None]] = []  # on any error the model is put back as it was
+    try:
+        for n, d in info.get("palettized", {}).items():
+            meta = PaletteMeta.from_json(d)
+            mod = model.get_submodule(n)
+            pre = f"{n}."
+            packed = tensors[pre + "weight_packed"]
+            cb = tensors[pre + "weight_codebook"]
+            if isinstance(mod, _Palettized):
+                def restore(mod=mod, p=mod.weight_packed, c=mod.weight_codebook, m=mod.palette):
+                    mod.weight_packed, mod.weight_codebook, mod.palette = p, c, m
+                undo.append(restore)
+                mod.weight_packed = packed.to(mod.weight_packed.device).clone()
+                mod.weight_codebook = cb.to(mod.weight_codebook.device).clone()
+                mod.palette = meta
+                continue
+            if _dense_base(mod) is None:
+                raise ValueError(f"model: {n} ({type(mod).__name__}) cannot hold a palettized weight")
+            if tuple(mod.weight.shape) != meta.weight_shape:
+                raise ValueError(f"model: {n}.weight has shape {tuple(mod.weight.shape)}, the file "
+                                 f"holds {meta.weight_shape}")
+            dev = mod.weight.device
+            new = _to_palettized(mod, torch.empty_like(packed, device=dev),
+                                 torch.empty_like(cb, device=dev), meta)
+            _replace_module(model, names, mod, new)
+            undo.append(lambda mod=mod: _replace_module(model, names, mod, mod))  # mod back at its names
+        # check keys and shapes before copying anything (load_state_dict copies what fits
+        # before it reports what does not)
+        own = model.state_dict()
+        bad = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
+               for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if strict:
+            bad += [f"{k}: missing in the file" for k in own if k not in tensors]
+            bad += [f"{k}: not in the model" for k in tensors if k not in own]
+        if bad:
+            raise RuntimeError(f"load: the file {path} does not fit the model: " + "; ".join(bad))
+        model.load_state_dict(tensors, strict=strict)
+    except BaseException:
+        for f in reversed(undo):
+            f()
+        raise
     return model
 
 
