@@ -318,3 +318,22 @@ def test_load_failure_leaves_the_model_unchanged(tmp_path):
         popcomp.load(other, path)
     assert [type(c) for c in other] == types and other[0].palette == meta
     assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_select_beta_accumulates_the_hessian_of_the_selected_weights_only():
+    # a LayerNorm (not handled by fisher) outside filter_fn's selection, or a frozen weight that
+    # is selected, must not break the cross-validation
+    torch.manual_seed(0)
+    X, Y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    data = [(X[i : i + 10], Y[i : i + 10]) for i in range(0, 40, 10)]
+    cfg = popcomp.PalettizeConfig(bits=2)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3))
+    sel = popcomp.select_beta(model, nn.CrossEntropyLoss(), data, [0.0, 0.1], cfg,
+                              filter_fn=lambda m, n: isinstance(m, nn.Linear))
+    assert len(sel.table) == 2 and type(model[0]) is nn.Linear
+    frozen = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    frozen[0].weight.requires_grad_(False)
+    sel = popcomp.select_beta(frozen, nn.CrossEntropyLoss(), data, [0.0, 0.1], cfg, folds=2)
+    assert len(sel.table) == 2 and not frozen[0].weight.requires_grad
+    with pytest.raises(ValueError, match="val_data"):
+        popcomp.select_beta(frozen, nn.CrossEntropyLoss(), data, [0.0], cfg, val_data=[])

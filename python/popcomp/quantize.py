@@ -667,7 +667,10 @@ def select_beta(
     if not batches:
         raise ValueError("data: no batches")
     if val_data is not None:
-        splits = [(batches, list(val_data))]
+        val_batches = list(val_data)
+        if not val_batches:
+            raise ValueError("val_data: no batches")
+        splits = [(batches, val_batches)]
     else:
         folds = check_int("folds", folds, lo=2, hi=len(batches))
         splits = []
@@ -676,12 +679,19 @@ def select_beta(
             train = [b for i, b in enumerate(batches) if i % folds != f]
             splits.append((train, val))
     use_h = config.sensitivity != "uniform"
+    # the Hessian of the weights quantize_ will select, and of nothing else (other modules may
+    # be ones the method cannot handle; a selected weight may be frozen)
+    params = [f"{n}.weight" for n, _ in _select(model, filter_fn) if n]
     losses = [[0.0] * len(splits) for _ in betas]
     for s, (train, val) in enumerate(splits):
         h = None
         if use_h:
-            h = hessian if hessian is not None else diagonal(model, loss_fn, train, method,
-                                                             progress=progress)
+            if hessian is not None:
+                h = hessian
+            elif params:
+                h = diagonal(model, loss_fn, train, method, params=params, progress=progress)
+            else:
+                h = {}
         for i, b in enumerate(betas):
             m = copy.deepcopy(model)
             quantize_(m, dataclasses.replace(config, beta=b), hessian=h, filter_fn=filter_fn)
