@@ -337,3 +337,19 @@ def test_select_beta_accumulates_the_hessian_of_the_selected_weights_only():
     assert len(sel.table) == 2 and not frozen[0].weight.requires_grad
     with pytest.raises(ValueError, match="val_data"):
         popcomp.select_beta(frozen, nn.CrossEntropyLoss(), data, [0.0], cfg, val_data=[])
+
+
+def test_tied_weights_stay_tied_and_take_the_hessian_of_the_parameter():
+    # an LM-style tie (the output layer's weight is the embedding's): one palettized tensor,
+    # found in the Hessian mapping under the parameter's name, counted once in the size report
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    h = {name: torch.rand(p.shape) for name, p in model.named_parameters()}  # as hessian.diagonal
+    assert list(h) == ["0.weight"]
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2), hessian=h)
+    assert model[1].weight_packed is model[0].weight_packed
+    assert model[1].weight_codebook is model[0].weight_codebook
+    rep = popcomp.size_report(model)
+    assert rep.total.numel == 40
+    assert rep.total.packed_bytes == model[0].weight_packed.numel() + 10 * 4 * 2

@@ -316,16 +316,24 @@ def _select(model: nn.Module, filter_fn) -> List[Tuple[str, nn.Module]]:
     return out
 
 
-def _check_hessian(hessian, targets) -> Dict[str, torch.Tensor]:
+def _hessian_key(hessian: Mapping, n: str, m: nn.Module, pnames: Mapping[int, str]) -> str:
+    """The mapping's key for module ``n``'s weight: "<n>.weight", or the name the parameter has
+    in ``model.named_parameters()`` (a weight tied to an earlier module's appears once there)."""
+    own = f"{n}.weight" if n else "weight"
+    if own in hessian:
+        return own
+    return pnames.get(id(m.weight), own)
+
+
+def _check_hessian(hessian, targets, pnames) -> Dict[str, torch.Tensor]:
     if not isinstance(hessian, Mapping):
         raise TypeError(f"hessian must be a mapping parameter name -> tensor, got {type(hessian).__name__}")
     res = {}
-    missing = [f"{n}.weight" if n else "weight" for n, _ in targets
-               if (f"{n}.weight" if n else "weight") not in hessian]
+    keys = [_hessian_key(hessian, n, m, pnames) for n, m in targets]
+    missing = [key for key in keys if key not in hessian]
     if missing:
         raise ValueError(f"hessian: missing entries for {missing}")
-    for n, m in targets:
-        key = f"{n}.weight" if n else "weight"
+    for (n, m), key in zip(targets, keys):
         h = hessian[key]
         if not isinstance(h, torch.Tensor):
             raise TypeError(f"hessian[{key!r}] must be a tensor, got {type(h).__name__}")
@@ -398,16 +406,21 @@ def quantize_(
     if any(n == "" for n, _ in targets):
         raise ValueError("model: the root module itself cannot be replaced in place; wrap it "
                          "(e.g. nn.Sequential(model)) or exclude it with filter_fn")
-    hmap = _check_hessian(hessian, targets) if sens == "hessian" else {}
+    pnames = {id(p): pn for pn, p in model.named_parameters()}
+    hmap = _check_hessian(hessian, targets, pnames) if sens == "hessian" else {}
     for n, m in targets:  # validate devices and shapes before any work
         if m.weight.is_meta:
             raise ValueError(f"model: {n or '<root>'}.weight is on the 'meta' device (no values to "
                              "quantize); materialize the model first (e.g. load its weights)")
         _rows_view(m.weight.detach(), config.granularity, config.group_size, n or "<root>")
     replacements = []
+    done: Dict[int, Tuple[torch.Tensor, torch.Tensor, PaletteMeta]] = {}
     for n, m in targets:
-        key = f"{n}.weight" if n else "weight"
-        packed, cb, meta = _palettize_tensor(m.weight, hmap.get(key), config, k, bits, n or "<root>")
+        if id(m.weight) not in done:  # a weight tied to several modules: palettized once, shared
+            key = _hessian_key(hessian, n, m, pnames) if hmap else None
+            done[id(m.weight)] = _palettize_tensor(m.weight, hmap.get(key), config, k, bits,
+                                                   n or "<root>")
+        packed, cb, meta = done[id(m.weight)]
         replacements.append((m, _to_palettized(m, packed, cb, meta)))
     names = _all_names(model)
     for old, new in replacements:
@@ -486,8 +499,8 @@ def size_report(model: nn.Module) -> SizeReport:
     layers = []
     pal_ids = set()
     for n, m in model.named_modules():
-        if not isinstance(m, _Palettized):
-            continue
+        if not isinstance(m, _Palettized) or id(m.weight_packed) in pal_ids:
+            continue  # (a palettized weight tied to several modules is counted once)
         meta = m.palette
         pal_ids.update({id(m.weight_packed), id(m.weight_codebook)})
         numel = meta.numel
@@ -681,7 +694,9 @@ def select_beta(
     use_h = config.sensitivity != "uniform"
     # the Hessian of the weights quantize_ will select, and of nothing else (other modules may
     # be ones the method cannot handle; a selected weight may be frozen)
-    params = [f"{n}.weight" for n, _ in _select(model, filter_fn) if n]
+    pnames = {id(p): pn for pn, p in model.named_parameters()}
+    params = list(dict.fromkeys(pnames[id(m.weight)] for n, m in _select(model, filter_fn)
+                                if n and id(m.weight) in pnames))
     losses = [[0.0] * len(splits) for _ in betas]
     for s, (train, val) in enumerate(splits):
         h = None
