@@ -353,3 +353,18 @@ def test_tied_weights_stay_tied_and_take_the_hessian_of_the_parameter():
     rep = popcomp.size_report(model)
     assert rep.total.numel == 40
     assert rep.total.packed_bytes == model[0].weight_packed.numel() + 10 * 4 * 2
+
+
+def test_select_beta_with_hutchinson_clamps_its_own_estimates():
+    # Rademacher estimates of a diagonal can be negative; select_beta computes them itself, so it
+    # must hand quantize_ a valid (non-negative) mapping
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+    X, Y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    data = [(X[i : i + 10], Y[i : i + 10]) for i in range(0, 40, 10)]
+    h = popcomp.hessian.diagonal(model, nn.CrossEntropyLoss(), data[:2], "hutchinson", seed=0,
+                                 progress=False)
+    assert any(bool((v < 0).any()) for v in h.values())  # the case this test is about
+    sel = popcomp.select_beta(model, nn.CrossEntropyLoss(), data, [0.0, 0.1],
+                              popcomp.PalettizeConfig(bits=2), method="hutchinson", folds=2)
+    assert len(sel.table) == 2

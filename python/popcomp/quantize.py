@@ -705,6 +705,9 @@ def select_beta(
                 h = hessian
             elif params:
                 h = diagonal(model, loss_fn, train, method, params=params, progress=progress)
+                # estimates (hutchinson) can be negative where the curvature is ~0: clamp, as
+                # quantize_ asks of a given mapping
+                h = {key: v.clamp_min(0) for key, v in h.items()}
             else:
                 h = {}
         for i, b in enumerate(betas):
