@@ -368,3 +368,10 @@ def test_select_beta_with_hutchinson_clamps_its_own_estimates():
     sel = popcomp.select_beta(model, nn.CrossEntropyLoss(), data, [0.0, 0.1],
                               popcomp.PalettizeConfig(bits=2), method="hutchinson", folds=2)
     assert len(sel.table) == 2
+
+
+def test_hessian_names_with_a_ddp_prefix_get_a_hint():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"missing entries for \['0\.weight'\].*'module\.'"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2),
+                          hessian={"module.0.weight": torch.ones(4, 4)})

@@ -332,7 +332,12 @@ def _check_hessian(hessian, targets, pnames) -> Dict[str, torch.Tensor]:
     keys = [_hessian_key(hessian, n, m, pnames) for n, m in targets]
     missing = [key for key in keys if key not in hessian]
     if missing:
-        raise ValueError(f"hessian: missing entries for {missing}")
+        hint = ""
+        if any(isinstance(key, str) and key.startswith("module.") for key in hessian):
+            hint = (" (the mapping's names start with 'module.': it was computed on the "
+                    "DistributedDataParallel/DataParallel wrapper; pass the same model to both, "
+                    "or strip the prefix)")
+        raise ValueError(f"hessian: missing entries for {missing}{hint}")
     for (n, m), key in zip(targets, keys):
         h = hessian[key]
         if not isinstance(h, torch.Tensor):
