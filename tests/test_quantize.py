@@ -246,3 +246,132 @@ def test_evaluate_loss_uses_eval_mode_and_restores_it():
     model.train()
     evaluate_loss(model, nn.CrossEntropyLoss(), data)
     assert model.training and model[2].training
+
+
+def test_module_shared_at_two_names_is_replaced_everywhere():
+    # one module object reachable under two names (weight sharing by reuse): both names get the
+    # same palettized module, and dequantize_ restores both
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    x = torch.randn(3, 4)
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    assert isinstance(model[0], PalettizedLinear) and model[2] is model[0]
+    ref = F.linear(F.linear(x, model[0].weight, model[0].bias).relu(), model[0].weight, model[0].bias)
+    assert torch.equal(model(x), ref)
+    assert len(popcomp.size_report(model).layers) == 1
+    popcomp.dequantize_(model)
+    assert type(model[0]) is nn.Linear and model[2] is model[0]
+    assert torch.equal(model(x), ref)
+
+
+def test_fp16_codebook_overflow_is_a_clear_error_and_model_unchanged():
+    # a center outside the fp16 range would be stored as inf: refuse (naming the layer and the
+    # way out) before any module is replaced
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 2), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[1].weight[0, 0] = 1e6
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"codebook_dtype.*1|1.*codebook_dtype"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    # with fp32 codebooks it is representable
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2, codebook_dtype=torch.float32))
+    assert bool(torch.isfinite(model[1].weight).all()) and float(model[1].weight.max()) == 1e6
+
+
+def test_meta_weights_are_a_clear_error():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"meta"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    assert type(model[0]) is nn.Linear
+
+
+def test_load_failure_leaves_the_model_unchanged(tmp_path):
+    # a file that does not fit the model: no module is left palettized with uninitialized
+    # buffers, and an already palettized module keeps its own packed form
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    popcomp.quantize_(src, popcomp.PalettizeConfig(bits=2))
+    path = tmp_path / "m.safetensors"
+    popcomp.save(src, path)
+
+    def snapshot(m):
+        return {k: v.clone() for k, v in m.state_dict().items()}, [type(c) for c in m]
+
+    for bad in (nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 5)),       # shape of the 2nd layer
+                nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(2, 2))):  # missing keys
+        sd, types = snapshot(bad)
+        with pytest.raises((ValueError, RuntimeError)):
+            popcomp.load(bad, path)
+        assert [type(c) for c in bad] == types
+        assert all(torch.equal(bad.state_dict()[k], v) for k, v in sd.items())
+    other = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(2, 2))
+    popcomp.quantize_(other, popcomp.PalettizeConfig(bits=3, seed=1))
+    sd, types = snapshot(other)
+    meta = other[0].palette
+    with pytest.raises(RuntimeError):
+        popcomp.load(other, path)
+    assert [type(c) for c in other] == types and other[0].palette == meta
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
+
+
+def test_select_beta_accumulates_the_hessian_of_the_selected_weights_only():
+    # a LayerNorm (not handled by fisher) outside filter_fn's selection, or a frozen weight that
+    # is selected, must not break the cross-validation
+    torch.manual_seed(0)
+    X, Y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    data = [(X[i : i + 10], Y[i : i + 10]) for i in range(0, 40, 10)]
+    cfg = popcomp.PalettizeConfig(bits=2)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 3))
+    sel = popcomp.select_beta(model, nn.CrossEntropyLoss(), data, [0.0, 0.1], cfg,
+                              filter_fn=lambda m, n: isinstance(m, nn.Linear))
+    assert len(sel.table) == 2 and type(model[0]) is nn.Linear
+    frozen = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    frozen[0].weight.requires_grad_(False)
+    sel = popcomp.select_beta(frozen, nn.CrossEntropyLoss(), data, [0.0, 0.1], cfg, folds=2)
+    assert len(sel.table) == 2 and not frozen[0].weight.requires_grad
+    with pytest.raises(ValueError, match="val_data"):
+        popcomp.select_beta(frozen, nn.CrossEntropyLoss(), data, [0.0], cfg, val_data=[])
+
+
+def test_tied_weights_stay_tied_and_take_the_hessian_of_the_parameter():
+    # an LM-style tie (the output layer's weight is the embedding's): one palettized tensor,
+    # found in the Hessian mapping under the parameter's name, counted once in the size report
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    h = {name: torch.rand(p.shape) for name, p in model.named_parameters()}  # as hessian.diagonal
+    assert list(h) == ["0.weight"]
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2), hessian=h)
+    assert model[1].weight_packed is model[0].weight_packed
+    assert model[1].weight_codebook is model[0].weight_codebook
+    rep = popcomp.size_report(model)
+    assert rep.total.numel == 40
+    assert rep.total.packed_bytes == model[0].weight_packed.numel() + 10 * 4 * 2
+
+
+def test_select_beta_with_hutchinson_clamps_its_own_estimates():
+    # Rademacher estimates of a diagonal can be negative; select_beta computes them itself, so it
+    # must hand quantize_ a valid (non-negative) mapping
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+    X, Y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    data = [(X[i : i + 10], Y[i : i + 10]) for i in range(0, 40, 10)]
+    h = popcomp.hessian.diagonal(model, nn.CrossEntropyLoss(), data[:2], "hutchinson", seed=0,
+                                 progress=False)
+    assert any(bool((v < 0).any()) for v in h.values())  # the case this test is about
+    sel = popcomp.select_beta(model, nn.CrossEntropyLoss(), data, [0.0, 0.1],
+                              popcomp.PalettizeConfig(bits=2), method="hutchinson", folds=2)
+    assert len(sel.table) == 2
+
+
+def test_hessian_names_with_a_ddp_prefix_get_a_hint():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"missing entries for \['0\.weight'\].*'module\.'"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2),
+                          hessian={"module.0.weight": torch.ones(4, 4)})

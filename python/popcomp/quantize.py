@@ -266,6 +266,24 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _all_names(model: nn.Module) -> Dict[int, List[str]]:
+    """id(module) -> every name it is reachable under (a module reused at several places of the
+    model is one object: it must be replaced at all of them)."""
+    names: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        lst = names.setdefault(id(m), [])
+        if n not in lst:
+            lst.append(n)
+    return names
+
+
+def _replace_module(model: nn.Module, names: Dict[int, List[str]], old: nn.Module,
+                    new: nn.Module) -> None:
+    for n in names.get(id(old), []):
+        if n:
+            _set_submodule(model, n, new)
+
+
 def _rows_view(w: torch.Tensor, granularity: str, group_size: Optional[int], name: str) -> torch.Tensor:
     if granularity == "per_tensor":
         return w.reshape(1, -1)
@@ -298,16 +316,29 @@ def _select(model: nn.Module, filter_fn) -> List[Tuple[str, nn.Module]]:
     return out
 
 
-def _check_hessian(hessian, targets) -> Dict[str, torch.Tensor]:
+def _hessian_key(hessian: Mapping, n: str, m: nn.Module, pnames: Mapping[int, str]) -> str:
+    """The mapping's key for module ``n``'s weight: "<n>.weight", or the name the parameter has
+    in ``model.named_parameters()`` (a weight tied to an earlier module's appears once there)."""
+    own = f"{n}.weight" if n else "weight"
+    if own in hessian:
+        return own
+    return pnames.get(id(m.weight), own)
+
+
+def _check_hessian(hessian, targets, pnames) -> Dict[str, torch.Tensor]:
     if not isinstance(hessian, Mapping):
         raise TypeError(f"hessian must be a mapping parameter name -> tensor, got {type(hessian).__name__}")
     res = {}
-    missing = [f"{n}.weight" if n else "weight" for n, _ in targets
-               if (f"{n}.weight" if n else "weight") not in hessian]
+    keys = [_hessian_key(hessian, n, m, pnames) for n, m in targets]
+    missing = [key for key in keys if key not in hessian]
     if missing:
-        raise ValueError(f"hessian: missing entries for {missing}")
-    for n, m in targets:
-        key = f"{n}.weight" if n else "weight"
+        hint = ""
+        if any(isinstance(key, str) and key.startswith("module.") for key in hessian):
+            hint = (" (the mapping's names start with 'module.': it was computed on the "
+                    "DistributedDataParallel/DataParallel wrapper; pass the same model to both, "
+                    "or strip the prefix)")
+        raise ValueError(f"hessian: missing entries for {missing}{hint}")
+    for (n, m), key in zip(targets, keys):
         h = hessian[key]
         if not isinstance(h, torch.Tensor):
             raise TypeError(f"hessian[{key!r}] must be a tensor, got {type(h).__name__}")
@@ -342,6 +373,12 @@ def _palettize_tensor(w: torch.Tensor, h: Optional[torch.Tensor], cfg: Palettize
     res = kmeans1d(x, k, wt, beta=float(cfg.beta), method=cfg.method, init=cfg.init,
                    max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed, diameter=cfg.diameter)
     centers = res.centers.reshape(x.shape[0], k).to(cfg.codebook_dtype)
+    if not bool(torch.isfinite(centers).all()):
+        big = float(res.centers.abs().max())
+        raise ValueError(
+            f"codebook_dtype={cfg.codebook_dtype}: a center of {name} ({big:.6g}) is outside its "
+            f"range (max {torch.finfo(cfg.codebook_dtype).max:.6g}); use codebook_dtype=torch.float32"
+        )
     packed = pack_indices(res.labels, bits)
     meta = PaletteMeta(tuple(w.shape), w.dtype, k, bits, cfg.granularity,
                        cfg.group_size if cfg.granularity == "per_group" else None, x.shape[0])
@@ -374,25 +411,35 @@ def quantize_(
     if any(n == "" for n, _ in targets):
         raise ValueError("model: the root module itself cannot be replaced in place; wrap it "
                          "(e.g. nn.Sequential(model)) or exclude it with filter_fn")
-    hmap = _check_hessian(hessian, targets) if sens == "hessian" else {}
-    for n, m in targets:  # validate shapes before any work
+    pnames = {id(p): pn for pn, p in model.named_parameters()}
+    hmap = _check_hessian(hessian, targets, pnames) if sens == "hessian" else {}
+    for n, m in targets:  # validate devices and shapes before any work
+        if m.weight.is_meta:
+            raise ValueError(f"model: {n or '<root>'}.weight is on the 'meta' device (no values to "
+                             "quantize); materialize the model first (e.g. load its weights)")
         _rows_view(m.weight.detach(), config.granularity, config.group_size, n or "<root>")
     replacements = []
+    done: Dict[int, Tuple[torch.Tensor, torch.Tensor, PaletteMeta]] = {}
     for n, m in targets:
-        key = f"{n}.weight" if n else "weight"
-        packed, cb, meta = _palettize_tensor(m.weight, hmap.get(key), config, k, bits, n or "<root>")
-        replacements.append((n, _to_palettized(m, packed, cb, meta)))
-    for n, new in replacements:
-        _set_submodule(model, n, new)
+        if id(m.weight) not in done:  # a weight tied to several modules: palettized once, shared
+            key = _hessian_key(hessian, n, m, pnames) if hmap else None
+            done[id(m.weight)] = _palettize_tensor(m.weight, hmap.get(key), config, k, bits,
+                                                   n or "<root>")
+        packed, cb, meta = done[id(m.weight)]
+        replacements.append((m, _to_palettized(m, packed, cb, meta)))
+    names = _all_names(model)
+    for old, new in replacements:
+        _replace_module(model, names, old, new)
     return model
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
     """Replace every palettized module of ``model`` by the dense module with its dequantized
     weight (in place); returns the model."""
+    names = _all_names(model)
     for n, m in list(model.named_modules()):
         if isinstance(m, _Palettized) and n:
-            _set_submodule(model, n, _to_dense(m))
+            _replace_module(model, names, m, _to_dense(m))
     return model
 
 
@@ -457,8 +504,8 @@ def size_report(model: nn.Module) -> SizeReport:
     layers = []
     pal_ids = set()
     for n, m in model.named_modules():
-        if not isinstance(m, _Palettized):
-            continue
+        if not isinstance(m, _Palettized) or id(m.weight_packed) in pal_ids:
+            continue  # (a palettized weight tied to several modules is counted once)
         meta = m.palette
         pal_ids.update({id(m.weight_packed), id(m.weight_codebook)})
         numel = meta.numel
@@ -525,26 +572,48 @@ def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
         md = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     info = json.loads(md.get("popcomp", '{"palettized": {}}'))
-    for n, d in info.get("palettized", {}).items():
-        meta = PaletteMeta.from_json(d)
-        mod = model.get_submodule(n)
-        pre = f"{n}."
-        packed = tensors[pre + "weight_packed"]
-        cb = tensors[pre + "weight_codebook"]
-        if isinstance(mod, _Palettized):
-            mod.weight_packed = packed.to(mod.weight_packed.device).clone()
-            mod.weight_codebook = cb.to(mod.weight_codebook.device).clone()
-            mod.palette = meta
-            continue
-        if _dense_base(mod) is None:
-            raise ValueError(f"model: {n} ({type(mod).__name__}) cannot hold a palettized weight")
-        if tuple(mod.weight.shape) != meta.weight_shape:
-            raise ValueError(f"model: {n}.weight has shape {tuple(mod.weight.shape)}, the file "
-                             f"holds {meta.weight_shape}")
-        dev = mod.weight.device
-        _set_submodule(model, n, _to_palettized(mod, torch.empty_like(packed, device=dev),
-                                                torch.empty_like(cb, device=dev), meta))
-    model.load_state_dict(tensors, strict=strict)
+    names = _all_names(model)
+    undo: List[Callable[[], None]] = []  # on any error the model is put back as it was
+    try:
+        for n, d in info.get("palettized", {}).items():
+            meta = PaletteMeta.from_json(d)
+            mod = model.get_submodule(n)
+            pre = f"{n}."
+            packed = tensors[pre + "weight_packed"]
+            cb = tensors[pre + "weight_codebook"]
+            if isinstance(mod, _Palettized):
+                def restore(mod=mod, p=mod.weight_packed, c=mod.weight_codebook, m=mod.palette):
+                    mod.weight_packed, mod.weight_codebook, mod.palette = p, c, m
+                undo.append(restore)
+                mod.weight_packed = packed.to(mod.weight_packed.device).clone()
+                mod.weight_codebook = cb.to(mod.weight_codebook.device).clone()
+                mod.palette = meta
+                continue
+            if _dense_base(mod) is None:
+                raise ValueError(f"model: {n} ({type(mod).__name__}) cannot hold a palettized weight")
+            if tuple(mod.weight.shape) != meta.weight_shape:
+                raise ValueError(f"model: {n}.weight has shape {tuple(mod.weight.shape)}, the file "
+                                 f"holds {meta.weight_shape}")
+            dev = mod.weight.device
+            new = _to_palettized(mod, torch.empty_like(packed, device=dev),
+                                 torch.empty_like(cb, device=dev), meta)
+            _replace_module(model, names, mod, new)
+            undo.append(lambda mod=mod: _replace_module(model, names, mod, mod))  # mod back at its names
+        # check keys and shapes before copying anything (load_state_dict copies what fits
+        # before it reports what does not)
+        own = model.state_dict()
+        bad = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
+               for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if strict:
+            bad += [f"{k}: missing in the file" for k in own if k not in tensors]
+            bad += [f"{k}: not in the model" for k in tensors if k not in own]
+        if bad:
+            raise RuntimeError(f"load: the file {path} does not fit the model: " + "; ".join(bad))
+        model.load_state_dict(tensors, strict=strict)
+    except BaseException:
+        for f in reversed(undo):
+            f()
+        raise
     return model
 
 
@@ -616,7 +685,10 @@ def select_beta(
     if not batches:
         raise ValueError("data: no batches")
     if val_data is not None:
-        splits = [(batches, list(val_data))]
+        val_batches = list(val_data)
+        if not val_batches:
+            raise ValueError("val_data: no batches")
+        splits = [(batches, val_batches)]
     else:
         folds = check_int("folds", folds, lo=2, hi=len(batches))
         splits = []
@@ -625,12 +697,24 @@ def select_beta(
             train = [b for i, b in enumerate(batches) if i % folds != f]
             splits.append((train, val))
     use_h = config.sensitivity != "uniform"
+    # the Hessian of the weights quantize_ will select, and of nothing else (other modules may
+    # be ones the method cannot handle; a selected weight may be frozen)
+    pnames = {id(p): pn for pn, p in model.named_parameters()}
+    params = list(dict.fromkeys(pnames[id(m.weight)] for n, m in _select(model, filter_fn)
+                                if n and id(m.weight) in pnames))
     losses = [[0.0] * len(splits) for _ in betas]
     for s, (train, val) in enumerate(splits):
         h = None
         if use_h:
-            h = hessian if hessian is not None else diagonal(model, loss_fn, train, method,
-                                                             progress=progress)
+            if hessian is not None:
+                h = hessian
+            elif params:
+                h = diagonal(model, loss_fn, train, method, params=params, progress=progress)
+                # estimates (hutchinson) can be negative where the curvature is ~0: clamp, as
+                # quantize_ asks of a given mapping
+                h = {key: v.clamp_min(0) for key, v in h.items()}
+            else:
+                h = {}
         for i, b in enumerate(betas):
             m = copy.deepcopy(model)
             quantize_(m, dataclasses.replace(config, beta=b), hessian=h, filter_fn=filter_fn)
