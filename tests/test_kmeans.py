@@ -109,16 +109,23 @@ def test_exact_matches_ckwrap():
 
 
 def test_exact_wide_rows_match_ckwrap():
-    """Problems large enough for the lower-bound blocks of wide DP rows (>= 2048 columns) and for
-    the split across threads: normal values, gapped clusters (where a row's values are far from
-    unimodal), heavy tails and repeated values."""
+    """Problems large enough for the lower-bound blocks of wide DP rows (>= 2048 columns), for
+    the split across threads and for the demand mode (rows the answer cannot use are skipped,
+    guided by a coarse DP; tight mixtures make that guess fail and take the full DP): normal
+    values, gapped clusters (where a row's values are far from unimodal), heavy tails with
+    outliers in clusters of their own, tight mixtures and repeated values."""
     ckwrap = pytest.importorskip("ckwrap")
     rng = np.random.default_rng(11)
     n = 60000
     gapped = np.concatenate([rng.normal(c, 0.05, n // 6) for c in (-9, -4, -3.5, 0, 6, 6.2)])
     heavy = rng.standard_t(1.5, n)
     repeats = np.round(rng.standard_normal(n) * 50) / 10  # about 600 distinct values
-    for x, k in [(rng.standard_normal(n), 12), (gapped, 12), (heavy, 16), (repeats, 9)]:
+    cauchy = rng.standard_cauchy(n)
+    centres = rng.normal(0, 10, 9)
+    tight = centres[rng.integers(0, 9, n)] + rng.normal(0, 0.1, n)
+    cases = [(rng.standard_normal(n), 12), (gapped, 12), (heavy, 16), (repeats, 9),
+             (cauchy, 33), (tight, 16), (tight, 40)]
+    for x, k in cases:
         w = rng.random(x.size) + 0.01
         w[rng.random(x.size) < 0.05] = 0.0
         ref = ckwrap.ckmeans(x, k, weights=w)

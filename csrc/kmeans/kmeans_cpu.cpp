@@ -219,6 +219,7 @@ struct Work {
 constexpr int64_t kPB = 64;           // columns per lower-bound block of a wide row
 constexpr int64_t kPruneMin = 2048;   // rows with at least this many columns use the blocks
 constexpr int64_t kCacheRows = 16384;  // segments of fewer rows are solved stride by stride
+constexpr int64_t kDemandMin = 16384;   // problems this large skip the rows the answer cannot use
 
 struct DnC {
   const double* s0;
@@ -368,8 +369,27 @@ LayerFn layer_solver() {
 #endif
 }
 
-// Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
-void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
+// Smallest row x in [lo, hi] with J[x] >= target (J non-decreasing there), or hi + 1.
+int64_t first_at_least(const int32_t* J, int64_t lo, int64_t hi, int64_t target) {
+  int64_t a = lo, b = hi + 1;
+  while (a < b) {
+    const int64_t mid = (a + b) >> 1;
+    if (J[mid] >= target) b = mid;
+    else a = mid + 1;
+  }
+  return a;
+}
+
+// Layers 1..k-1 of the DP into w.J (layer m's argmins at w.J[m u + i]).
+// Without G, every row of every layer. With G ("demand" mode), layer m solves only rows
+// [L_m, rhi] and reads only columns j >= L_{m-1} + 1, i.e. rows of layer m - 1 it solved:
+//   L_m = max(G[m], the first row x with J_{m-1}(x) >= L_{m-1} + 1).
+// For i >= L_m the leftmost argmin J_m(i) >= J_m(x) >= J_{m-1}(x) >= L_{m-1} + 1 (monotone
+// argmin and Knuth's bound), so the skipped columns cannot hold it and every solved row is
+// exact whatever G is. Returns false when some layer has no row left to solve that way (G
+// too high); the caller then solves every row. The backtrack from row u - 1 stays on solved
+// rows: J_m(i) - 1 >= L_{m-1} for every solved row i.
+bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G) {
   const double* s0 = w.s0.data();
   const double* s1 = w.s1.data();
   const double* s2 = w.s2.data();
@@ -381,6 +401,9 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
   double* dnext = w.D1.data();
   d[0] = kInf;
   for (int64_t i = 0; i < u; ++i) d[i + 1] = seg_cost_dp(s0[i + 1], s1[i + 1], s2[i + 1]);
+#if !defined(POPCOMP_OPENMP)
+  threads = 1;  // the row split below needs a team of threads
+#endif
   const int T = threads > 1 && u - k > 16384 ? threads : 1;
   const int64_t nb = u / kPB;
   w.blocks.resize(4 * (size_t)nb + (size_t)T * (nb + 1));
@@ -396,15 +419,27 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
   // The prefix sums are in coordinates centred on the median; their rounding bounds that of
   // any segment cost or DP value.
   const double margin = 1e-12 * (std::fabs(s2[u]) + std::fabs(s1[u]) + 1e-300);
+  int64_t Lprev = 0;  // lowest solved row of the previous layer (the base layer: all rows)
   for (int m = 1; m < k; ++m) {
-    for (int64_t b = 0; b < nb; ++b) bd[b] = d[b * kPB];
-    DnC L{s0, s1, s2, d, m > 1 ? w.J.data() + (size_t)(m - 1) * u : nullptr, dnext,
-          w.J.data() + (size_t)m * u, nb > 0 ? bd : nullptr, b0, b1, b2, b2 + nb, margin};
+    const int64_t rhi = u - 1 - (k - 1 - m);
+    const int32_t* Jprev = m > 1 ? w.J.data() + (size_t)(m - 1) * u : nullptr;
+    int64_t rlo = m, clo = m;
+    if (G) {
+      if (Lprev + 1 > m) {  // columns below Lprev + 1 were skipped
+        clo = Lprev + 1;
+        rlo = first_at_least(Jprev, Lprev, rhi - 1, clo);
+        if (rlo > rhi - 1) return false;
+      }
+      if (m < k - 1 && G[m] > rlo) rlo = G[m];
+      if (rlo > rhi) return false;
+    }
+    for (int64_t b = clo / kPB; b < nb; ++b) bd[b] = d[b * kPB];  // blocks the rows can reach
+    DnC L{s0, s1, s2, d, Jprev, dnext, w.J.data() + (size_t)m * u, nb > 0 ? bd : nullptr,
+          b0, b1, b2, b2 + nb, margin};
     if (m == k - 1) {  // only the last row matters
-      solve(L, u - 1, u - 1, m, u - 1);
+      solve(L, u - 1, u - 1, clo, u - 1);
       break;
     }
-    const int64_t rlo = m, rhi = u - 1 - (k - 1 - m);
     if (T > 1) {
       // split the rows at pivots solved first; the parts are independent
       std::vector<int64_t> piv(T + 1);
@@ -418,16 +453,16 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
         const int t = thread_id();
         DnC Lt = L;
         Lt.lb = L.lb + (size_t)t * (nb + 1);
-        if (t > 0) solve(Lt, piv[t], piv[t], m, piv[t]);
+        if (t > 0) solve(Lt, piv[t], piv[t], clo, piv[t]);
 #if defined(POPCOMP_OPENMP)
 #pragma omp barrier
 #endif
-        const int64_t clo = t == 0 ? m : L.J[piv[t]];
-        const int64_t chi = t == T - 1 ? rhi : L.J[piv[t + 1]];
-        solve(Lt, piv[t] + 1, piv[t + 1] - 1, clo, chi);
+        const int64_t c0 = t == 0 ? clo : L.J[piv[t]];
+        const int64_t c1 = t == T - 1 ? rhi : L.J[piv[t + 1]];
+        solve(Lt, piv[t] + 1, piv[t + 1] - 1, c0, c1);
       }
     } else {
-      solve(L, rlo, rhi, m, rhi);
+      solve(L, rlo, rhi, clo, rhi);
     }
     // The next layer reads J_m as its Knuth lower bound at rows up to rhi + 1, one row past
     // those solved here: give that row the trivial bound m, not what an earlier problem left
@@ -435,7 +470,63 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
     if (rhi + 1 < u) L.J[rhi + 1] = (int32_t)m;
     // D_m becomes d of the next layer, which reads it at rows [rlo, rhi] only
     std::swap(d, dnext);
+    Lprev = rlo;
   }
+  return true;
+}
+
+// Demand hints G[1..k-2] for dp_layers: the lowest row of each layer that the answer is
+// expected to need. The last layer reads only row u - 1, whose columns start at
+// J_{k-1}(u - 1) >= J_{k-2}(u - 2), so layer k - 2 is needed from about J_{k-2}(u - 2) - 1 on,
+// layer k - 3 from J_{k-3} of that row, and so on down: layer m from about u m / (k - 1),
+// half of all rows. The chain is estimated by the same DP on a coarse problem (single values
+// within 4k of either end, where outliers take clusters of their own; groups of kGroup
+// values between them: a few percent of the work), less a margin. A wrong estimate costs
+// time only (dp_layers checks every row it skips). Returns false where the problem is too
+// small for that to pay.
+constexpr int64_t kGroup = 32;
+constexpr int64_t kMarginRows = 3 * kGroup;  // margin: this many rows or 1/16 of the cluster
+bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G) {
+  const int64_t E = std::min<int64_t>(4 * (int64_t)k, u / 8);
+  std::vector<int64_t> start;  // first value of each coarse element
+  start.reserve(2 * E + u / kGroup + 2);
+  for (int64_t f = 0; f < E; ++f) start.push_back(f);
+  for (int64_t f = E; f < u - E; f += kGroup) start.push_back(f);
+  for (int64_t f = u - E; f < u; ++f) start.push_back(f);
+  const int64_t uc = (int64_t)start.size();
+  start.push_back(u);
+  if (uc < 8 * (int64_t)k || uc * 4 > u) return false;
+  Work c;
+  c.s0.resize(uc + 1);
+  c.s1.resize(uc + 1);
+  c.s2.resize(uc + 1);
+  for (int64_t t = 0; t <= uc; ++t) {  // prefix sums at the element edges: exact segment costs
+    c.s0[t] = w.s0[start[t]];
+    c.s1[t] = w.s1[start[t]];
+    c.s2[t] = w.s2[start[t]];
+  }
+  dp_layers(c, uc, k, threads, nullptr);
+  int64_t x = uc - 2;
+  for (int m = k - 2; m >= 1; --m) {
+    const int64_t rh = uc - 1 - (k - 1 - m);
+    if (x > rh) x = rh;
+    const int64_t jc = c.J[(size_t)m * uc + x];  // coarse start of the last cluster
+    const int64_t len = start[x + 1] - start[jc];
+    const int64_t g = start[jc] - 1 - std::max<int64_t>(kMarginRows, len / 16);
+    G[m] = g > m ? g : m;
+    x = jc - 1;
+  }
+  return true;
+}
+
+// Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
+void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
+  bool done = false;
+  if (k >= 3 && u >= kDemandMin) {
+    std::vector<int64_t> G(k, 0);
+    done = demand_hint(w, u, k, threads, G.data()) && dp_layers(w, u, k, threads, G.data());
+  }
+  if (!done) dp_layers(w, u, k, threads, nullptr);
   B[k] = u;
   int64_t i = u - 1;
   for (int m = k - 1; m >= 1; --m) {

@@ -1,0 +1,127 @@
+// CPU checks of the exact DP's demand mode (csrc/kmeans/kmeans_cpu.cpp, dp_layers with hints):
+// whatever the hints, dp_layers either refuses (returns false) or gives boundaries identical
+// to the plain DP that solves every row; exact_partition (coarse-DP hints, fallback) always
+// gives them. Random problems of several shapes, sizes below and above kDemandMin, 1 or 2
+// threads. Built by tests/test_kernel_index_logic.py with the host compiler; exit 1 on failure.
+#include "kmeans/kmeans_cpu.cpp"
+
+#include <cstdio>
+#include <random>
+
+using namespace popcomp::kmeans;
+
+namespace {
+
+int failures = 0;
+
+void fail(const char* what, int trial) {
+  std::printf("FAIL %s (trial %d)\n", what, trial);
+  ++failures;
+}
+
+// Prefix sums of sorted distinct values (centred, as Solver::solve does) with weights.
+void make_problem(std::mt19937_64& g, int dist, int64_t n, bool zero_weights, Work& w) {
+  std::normal_distribution<double> nd;
+  std::uniform_real_distribution<double> ud(0.0, 1.0);
+  std::cauchy_distribution<double> cd;
+  std::vector<double> centres(1 + g() % 12);
+  for (double& c : centres) c = 10.0 * nd(g);
+  std::vector<double> v((size_t)n);
+  for (double& x : v) {
+    switch (dist) {
+      case 0: x = nd(g); break;
+      case 1: x = ud(g); break;
+      case 2: x = cd(g); break;  // heavy tails: outliers in clusters of their own
+      default: x = centres[g() % centres.size()] + 0.1 * nd(g); break;  // tight mixture
+    }
+    x = (float)x;
+  }
+  std::sort(v.begin(), v.end());
+  v.erase(std::unique(v.begin(), v.end()), v.end());
+  const int64_t u = (int64_t)v.size();
+  const double shift = v[u / 2];
+  w.v.resize(u);
+  w.s0.assign(u + 1, 0.0);
+  w.s1.assign(u + 1, 0.0);
+  w.s2.assign(u + 1, 0.0);
+  for (int64_t t = 0; t < u; ++t) {
+    const double x = v[t] - shift;
+    const double h = zero_weights && ud(g) < 0.3 ? 0.0 : (double)(float)(0.01 + ud(g));
+    w.v[t] = x;
+    w.s0[t + 1] = w.s0[t] + h;
+    w.s1[t + 1] = w.s1[t] + h * x;
+    w.s2[t + 1] = w.s2[t] + h * x * x;
+  }
+}
+
+std::vector<int64_t> backtrack(const Work& w, int64_t u, int k) {
+  std::vector<int64_t> B(k + 1);
+  B[k] = u;
+  int64_t i = u - 1;
+  for (int m = k - 1; m >= 1; --m) {
+    B[m] = w.J[(size_t)m * u + i];
+    i = B[m] - 1;
+  }
+  B[0] = 0;
+  return B;
+}
+
+}  // namespace
+
+int main() {
+  const int ks[] = {3, 4, 5, 8, 16, 33};
+  int refused = 0, hinted = 0;
+  for (int trial = 0; trial < 96; ++trial) {
+    std::mt19937_64 g(1000 + trial);
+    const int dist = trial % 4;
+    const int64_t n = trial % 3 == 0 ? 200 + (int64_t)(g() % 3000) : 16384 + (int64_t)(g() % 60000);
+    const int k = ks[g() % 6];
+    const int threads = 1 + trial % 2;
+    Work w;
+    make_problem(g, dist, n, trial % 5 == 0, w);
+    const int64_t u = (int64_t)w.v.size();
+    if (u <= k + 2) continue;
+    dp_layers(w, u, k, 1, nullptr);
+    const std::vector<int64_t> ref = backtrack(w, u, k);
+
+    // exact_partition: coarse hints with its fallback
+    std::vector<int64_t> B(k + 1);
+    exact_partition(w, u, k, threads, B.data());
+    if (B != ref) fail("exact_partition differs from the plain DP", trial);
+
+    // arbitrary hints: low, near the true demand, too high, random
+    std::vector<int64_t> N(k, 0);  // the demand chain of the plain DP's argmins
+    {
+      dp_layers(w, u, k, 1, nullptr);
+      int64_t x = u - 2;
+      for (int m = k - 2; m >= 1; --m) {
+        const int64_t rh = u - 1 - (k - 1 - m);
+        if (x > rh) x = rh;
+        N[m] = std::max<int64_t>(m, w.J[(size_t)m * u + x] - 1);
+        x = N[m];
+      }
+    }
+    for (int kind = 0; kind < 4; ++kind) {
+      std::vector<int64_t> G(k, 0);
+      for (int m = 1; m <= k - 2; ++m) {
+        const int64_t rh = u - 1 - (k - 1 - m);
+        switch (kind) {
+          case 0: G[m] = m; break;
+          case 1: G[m] = N[m]; break;
+          case 2: G[m] = std::min<int64_t>(rh, N[m] + 1 + (int64_t)(g() % 50)); break;
+          default: G[m] = m + (int64_t)(g() % (uint64_t)(rh - m + 1)); break;
+        }
+      }
+      const bool ok = dp_layers(w, u, k, threads, G.data());
+      if (!ok) {
+        ++refused;
+        if (kind <= 1) fail("refused hints at or below the true demand", trial);
+        continue;
+      }
+      ++hinted;
+      if (backtrack(w, u, k) != ref) fail("hinted DP differs from the plain DP", trial);
+    }
+  }
+  std::printf("hinted runs %d, refused %d, failures %d\n", hinted, refused, failures);
+  return failures ? 1 : 0;
+}
