@@ -375,3 +375,41 @@ def test_hessian_names_with_a_ddp_prefix_get_a_hint():
     with pytest.raises(ValueError, match=r"missing entries for \['0\.weight'\].*'module\.'"):
         popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2),
                           hessian={"module.0.weight": torch.ones(4, 4)})
+
+
+# --- padding_idx ------------------------------------------------------------------------------
+@pytest.mark.parametrize("gran,gs", [("per_tensor", None), ("per_channel", None), ("per_group", 4)])
+def test_embedding_padding_row_is_kept_exact(tmp_path, gran, gs):
+    # PyTorch keeps the padding_idx row as it is (zeros unless set otherwise, no gradient): it
+    # stays exact, outside the clustering, through quantize_, save/load and dequantize_
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(12, 8, padding_idx=3), nn.Embedding(12, 8, padding_idx=-1))
+    with torch.no_grad():
+        model[1].weight[11] = torch.linspace(-5, 5, 8)  # a padding vector set by the user
+    w0, w1 = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+    cfg = popcomp.PalettizeConfig(bits=2, granularity=gran, group_size=gs, method="exact",
+                                  codebook_dtype=torch.float32)
+    popcomp.quantize_(model, cfg)
+    assert torch.equal(model[0].weight[3], torch.zeros(8))
+    assert torch.equal(model[1].weight[11], w1[11])
+    tok = torch.tensor([[3, 0, 11, 5]])
+    assert torch.equal(model[0](tok), F.embedding(tok, model[0].weight, padding_idx=3))
+    if gran == "per_tensor":  # the padding row does not pull the codebook
+        r = popcomp.kmeans1d(torch.cat([w0[:3], w0[4:]]).reshape(1, -1), 4, method="exact")
+        torch.testing.assert_close(model[0].weight_codebook, r.centers.float())
+    rep = popcomp.size_report(model)  # the exact rows are counted with the palettized layers
+    assert rep.other_params_bytes == 0
+    assert rep.layers[0].packed_bytes == (model[0].weight_packed.numel()
+                                          + model[0].weight_codebook.numel() * 4 + 8 * 4)
+    path = tmp_path / "m.safetensors"
+    popcomp.save(model, path)
+    fresh = nn.Sequential(nn.Embedding(12, 8, padding_idx=3), nn.Embedding(12, 8, padding_idx=-1))
+    popcomp.load(fresh, path)
+    assert torch.equal(fresh[0].weight, model[0].weight) and torch.equal(fresh[1].weight, model[1].weight)
+    popcomp.dequantize_(model)
+    assert type(model[0]) is nn.Embedding and model[0].padding_idx == 3
+    assert torch.equal(model[1].weight[11], w1[11])
+    model[0](tok).sum().backward()  # and the dense module again gives it no gradient
+    assert torch.equal(model[0].weight.grad[3], torch.zeros(8))
+
