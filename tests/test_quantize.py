@@ -413,3 +413,49 @@ def test_embedding_padding_row_is_kept_exact(tmp_path, gran, gs):
     model[0](tok).sum().backward()  # and the dense module again gives it no gradient
     assert torch.equal(model[0].weight.grad[3], torch.zeros(8))
 
+
+def test_tied_weights_stay_tied_through_save_and_load(tmp_path):
+    pytest.importorskip("safetensors")
+
+    def tied():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+        m[1].weight = m[0].weight
+        return m
+
+    model = tied()
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    path = tmp_path / "m.safetensors"
+    popcomp.save(model, path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # stored once
+        assert set(f.keys()) == {"0.weight_packed", "0.weight_codebook"}
+    ref = popcomp.size_report(model).total
+    for fresh in (tied(), model):  # into a dense model, and into the palettized one
+        popcomp.load(fresh, path)
+        assert fresh[1].weight_packed is fresh[0].weight_packed
+        assert fresh[1].weight_codebook is fresh[0].weight_codebook
+        assert torch.equal(fresh[1].weight, model[0].weight)
+        assert popcomp.size_report(fresh).total == ref
+    # a module reachable under two names is one module after loading too
+    lin = nn.Linear(4, 4)
+    seq = nn.Sequential(lin, nn.ReLU(), lin)
+    popcomp.quantize_(seq, popcomp.PalettizeConfig(bits=2))
+    popcomp.save(seq, path)
+    lin2 = nn.Linear(4, 4)
+    seq2 = nn.Sequential(lin2, nn.ReLU(), lin2)
+    popcomp.load(seq2, path)
+    assert seq2[2] is seq2[0] and torch.equal(seq2[0].weight, seq[0].weight)
+
+
+def test_dequantize_keeps_tied_weights_tied():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    w = model[0].weight
+    popcomp.dequantize_(model)
+    assert model[1].weight is model[0].weight and torch.equal(model[0].weight, w)
+    assert len(list(model.parameters())) == 1
+

@@ -256,9 +256,10 @@ def _to_palettized(mod: nn.Module, packed: torch.Tensor, codebook: torch.Tensor,
     return new
 
 
-def _to_dense(mod: _Palettized) -> nn.Module:
+def _to_dense(mod: _Palettized, weight: Optional[nn.Parameter] = None) -> nn.Module:
+    """The dense module, with ``weight`` (a Parameter shared with a module it is tied to) or
+    the dequantized weight."""
     cls = mod._dense_cls
-    w = mod.dequantize_weight().detach()
     new = cls.__new__(cls)
     d = dict(mod.__dict__)
     d.pop("palette", None)
@@ -266,7 +267,7 @@ def _to_dense(mod: _Palettized) -> nn.Module:
     d["_buffers"] = {k: v for k, v in mod._buffers.items() if k not in _PAL_BUFFERS}
     d["_modules"] = dict(mod._modules)
     new.__dict__.update(d)
-    new.weight = nn.Parameter(w)
+    new.weight = weight if weight is not None else nn.Parameter(mod.dequantize_weight().detach())
     # keep the parameter order of a dense module (weight first)
     new._parameters = {"weight": new._parameters.pop("weight"), **new._parameters}
     return new
@@ -463,11 +464,15 @@ def quantize_(
 
 def dequantize_(model: nn.Module) -> nn.Module:
     """Replace every palettized module of ``model`` by the dense module with its dequantized
-    weight (in place); returns the model."""
+    weight (in place); returns the model. Modules sharing one palettized weight (tied weights)
+    get one shared Parameter."""
     names = _all_names(model)
+    params: Dict[int, nn.Parameter] = {}
     for n, m in list(model.named_modules()):
         if isinstance(m, _Palettized) and n:
-            _replace_module(model, names, m, _to_dense(m))
+            new = _to_dense(m, params.get(id(m.weight_packed)))
+            params.setdefault(id(m.weight_packed), new.weight)
+            _replace_module(model, names, m, new)
     return model
 
 
@@ -580,11 +585,24 @@ def _safetensors():
 
 
 def save(model: nn.Module, path: str) -> None:
-    """Write the state of ``model`` (palettized layers in packed form) to a safetensors file."""
+    """Write the state of ``model`` (palettized layers in packed form) to a safetensors file.
+
+    A tensor the state dict holds under several names (tied weights, a module reused at several
+    places) is stored once; the other names are recorded in the metadata as aliases, which
+    ``popcomp.load`` ties again."""
     st, _ = _safetensors()
     tensors = {}
+    shared: Dict[str, str] = {}  # alias -> the name it is stored under
+    first: Dict[Tuple, str] = {}
     ptrs = set()
     for k, v in model.state_dict().items():
+        if v.numel():
+            ident = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape),
+                     v.stride(), v.dtype)
+            if ident in first:
+                shared[k] = first[ident]
+                continue
+            first[ident] = k
         t = v.detach().cpu().contiguous()
         p = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
         if p is not None and (p in ptrs or t.numel() != t.untyped_storage().nbytes() // max(t.element_size(), 1)):
@@ -594,18 +612,27 @@ def save(model: nn.Module, path: str) -> None:
             ptrs.add(p)
         tensors[k] = t
     meta = {n: m.palette.to_json() for n, m in palettized_modules(model).items()}
-    st.save_file(tensors, str(path), metadata={"popcomp": json.dumps({"format": 1, "palettized": meta})})
+    info = {"format": 1, "palettized": meta, "shared": shared}
+    st.save_file(tensors, str(path), metadata={"popcomp": json.dumps(info)})
 
 
 def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     """Load a file written by ``popcomp.save`` into ``model`` (same architecture, dense or
     already palettized): the layers palettized in the file are rebuilt in packed form and all
-    tensors are copied bit-exactly. Returns the model."""
+    tensors are copied bit-exactly. Palettized weights tied in the file (one tensor under
+    several names) are tied again: the modules share one ``weight_packed`` / ``weight_codebook``.
+    Returns the model."""
     st, safe_open = _safetensors()
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     info = json.loads(md.get("popcomp", '{"palettized": {}}'))
+    shared = info.get("shared", {})
+    for alias, key in shared.items():
+        if key not in tensors:
+            raise ValueError(f"path: the file {path} is corrupt (the alias {alias!r} names "
+                             f"{key!r}, which it does not hold)")
+        tensors[alias] = tensors[key]
     names = _all_names(model)
     undo: List[Callable[[], None]] = []  # on any error the model is put back as it was
     try:
@@ -640,6 +667,16 @@ def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
                                  None if padding is None else torch.empty_like(padding, device=dev))
             _replace_module(model, names, mod, new)
             undo.append(lambda mod=mod: _replace_module(model, names, mod, mod))  # mod back at its names
+        # tie again the palettized buffers the file holds once (load_state_dict then fills them)
+        for alias, key in shared.items():
+            (an, _, ab), (kn, _, kb) = alias.rpartition("."), key.rpartition(".")
+            if ab != kb or ab not in _PAL_BUFFERS:
+                continue
+            am, km = model.get_submodule(an), model.get_submodule(kn)
+            if (isinstance(am, _Palettized) and isinstance(km, _Palettized) and ab in am._buffers
+                    and ab in km._buffers and am._buffers[ab] is not km._buffers[ab]):
+                undo.append(lambda am=am, ab=ab, t=am._buffers[ab]: am._buffers.__setitem__(ab, t))
+                am._buffers[ab] = km._buffers[ab]
         # check keys and shapes before copying anything (load_state_dict copies what fits
         # before it reports what does not)
         own = model.state_dict()
