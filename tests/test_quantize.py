@@ -459,3 +459,43 @@ def test_dequantize_keeps_tied_weights_tied():
     assert model[1].weight is model[0].weight and torch.equal(model[0].weight, w)
     assert len(list(model.parameters())) == 1
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_load_into_a_model_of_another_dtype_converts(tmp_path, dtype):
+    # like load_state_dict: the model's dtypes win; a palettized layer keeps the file's codebooks
+    # and dequantizes to the model's weight dtype
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+    popcomp.quantize_(src, popcomp.PalettizeConfig(bits=2))
+    path = tmp_path / "m.safetensors"
+    popcomp.save(src, path)
+    for dst in (nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)).to(dtype),
+                popcomp.quantize_(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)).to(dtype),
+                                  popcomp.PalettizeConfig(bits=3, seed=1))):
+        popcomp.load(dst, path)
+        for i in (0, 1):
+            assert dst[i].weight.dtype == dtype
+            assert torch.equal(dst[i].weight, src[i].weight.to(dtype))
+            assert torch.equal(dst[i].weight_codebook, src[i].weight_codebook)
+        assert dst[1].bias.dtype == dtype
+        x = torch.tensor([[1, 2]])
+        assert dst(x).dtype == dtype
+        torch.testing.assert_close(dst(x), src(x).to(dtype))
+        rep = popcomp.size_report(dst)
+        assert rep.layers[1].original_bits == 12 * torch.finfo(dtype).bits
+
+
+
+def test_load_checks_the_weight_shape_of_an_already_palettized_module(tmp_path):
+    # same packed size and codebooks, transposed weight: refused, not reshaped silently
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    cfg = popcomp.PalettizeConfig(bits=2, granularity="per_tensor")
+    src = popcomp.quantize_(nn.Sequential(nn.Linear(4, 6, bias=False)), cfg)
+    path = tmp_path / "m.safetensors"
+    popcomp.save(src, path)
+    dst = popcomp.quantize_(nn.Sequential(nn.Linear(6, 4, bias=False)), cfg)
+    with pytest.raises(ValueError, match=r"model: 0\.weight has shape \(4, 6\).*\(6, 4\)"):
+        popcomp.load(dst, path)
+    assert dst[0].palette.weight_shape == (4, 6)

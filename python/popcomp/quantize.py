@@ -619,7 +619,10 @@ def save(model: nn.Module, path: str) -> None:
 def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     """Load a file written by ``popcomp.save`` into ``model`` (same architecture, dense or
     already palettized): the layers palettized in the file are rebuilt in packed form and all
-    tensors are copied bit-exactly. Palettized weights tied in the file (one tensor under
+    tensors are copied bit-exactly into a model of the same dtypes; as with
+    ``load_state_dict``, a tensor of another dtype than the model's is converted to the
+    model's, and a palettized layer keeps the file's codebooks and dequantizes to the dtype of
+    the model's weight. Palettized weights tied in the file (one tensor under
     several names) are tied again: the modules share one ``weight_packed`` / ``weight_codebook``.
     Returns the model."""
     st, safe_open = _safetensors()
@@ -643,6 +646,23 @@ def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
             packed = tensors[pre + "weight_packed"]
             cb = tensors[pre + "weight_codebook"]
             padding = tensors[pre + "weight_padding"] if meta.padding_rows else None
+            # the model's weight dtype wins (as in load_state_dict): the file's codebooks are
+            # kept and dequantize to it
+            if isinstance(mod, _Palettized):
+                shape, dtype = mod.palette.weight_shape, mod.palette.weight_dtype
+            elif _dense_base(mod) is None:
+                raise ValueError(f"model: {n} ({type(mod).__name__}) cannot hold a palettized weight")
+            else:
+                shape, dtype = tuple(mod.weight.shape), mod.weight.dtype
+            if shape != meta.weight_shape:
+                raise ValueError(f"model: {n}.weight has shape {shape}, the file holds "
+                                 f"{meta.weight_shape}")
+            if dtype not in _DTYPE_NAMES:
+                raise ValueError(f"model: {n}.weight has dtype {dtype}; a palettized weight "
+                                 f"dequantizes to one of {list(_DTYPE_NAMES)}")
+            meta = dataclasses.replace(meta, weight_dtype=dtype)
+            if padding is not None:
+                padding = padding.to(dtype)
             if isinstance(mod, _Palettized):
                 def restore(mod=mod, b=dict(mod._buffers), m=mod.palette):
                     mod._buffers.clear()
@@ -656,11 +676,6 @@ def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
                         mod.register_buffer(b, t.to(dev).clone())
                 mod.palette = meta
                 continue
-            if _dense_base(mod) is None:
-                raise ValueError(f"model: {n} ({type(mod).__name__}) cannot hold a palettized weight")
-            if tuple(mod.weight.shape) != meta.weight_shape:
-                raise ValueError(f"model: {n}.weight has shape {tuple(mod.weight.shape)}, the file "
-                                 f"holds {meta.weight_shape}")
             dev = mod.weight.device
             new = _to_palettized(mod, torch.empty_like(packed, device=dev),
                                  torch.empty_like(cb, device=dev), meta,
