@@ -499,3 +499,23 @@ def test_load_checks_the_weight_shape_of_an_already_palettized_module(tmp_path):
     with pytest.raises(ValueError, match=r"model: 0\.weight has shape \(4, 6\).*\(6, 4\)"):
         popcomp.load(dst, path)
     assert dst[0].palette.weight_shape == (4, 6)
+
+def test_quantize_an_already_palettized_module_is_an_error():
+    # quantize_ does not silently skip (nor stack) a second palettization: the modules are named
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=3), filter_fn=lambda m, n: n == "0")
+    packed = model[0].weight_packed.clone()
+    with pytest.raises(ValueError, match=r"model: \['0'\] already palettized.*dequantize_"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=1))
+    with pytest.raises(ValueError, match=r"\['0'\] already palettized"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=1), filter_fn=lambda m, n: n == "0")
+    assert type(model[2]) is nn.Linear and model[0].palette.k == 8
+    assert torch.equal(model[0].weight_packed, packed)
+    # a filter_fn that leaves it out palettizes the rest; dequantize_ first re-quantizes
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=1), filter_fn=lambda m, n: n == "2")
+    assert isinstance(model[2], PalettizedLinear) and model[0].palette.k == 8
+    popcomp.dequantize_(model)
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=1))
+    assert model[0].palette.k == 2 and model[2].palette.k == 2
+

@@ -312,9 +312,15 @@ def _rows_view(w: torch.Tensor, granularity: str, group_size: Optional[int], nam
 
 
 def _select(model: nn.Module, filter_fn) -> List[Tuple[str, nn.Module]]:
+    """The modules to palettize. A palettized module selected again (by filter_fn, or by default)
+    is an error: quantizing its dequantized weight again is not what a second call should do
+    silently, and skipping it would silently keep the first configuration."""
     out = []
+    again = []
     for name, mod in model.named_modules():
         if isinstance(mod, _Palettized):
+            if filter_fn is None or filter_fn(mod, name):
+                again.append(name)
             continue
         if filter_fn is None:
             if _dense_base(mod) is not None:
@@ -326,6 +332,12 @@ def _select(model: nn.Module, filter_fn) -> List[Tuple[str, nn.Module]]:
                     "palettized (supported: Linear, Conv1d, Conv2d, Embedding)"
                 )
             out.append((name, mod))
+    if again:
+        raise ValueError(
+            f"model: {again} already palettized; to quantize them again with this config call "
+            "popcomp.dequantize_(model) first (their dequantized weights are then quantized), "
+            "to palettize only the other layers pass a filter_fn that leaves them out"
+        )
     return out
 
 
@@ -419,7 +431,8 @@ def quantize_(
     ``filter_fn(module, fqn) -> bool`` selects the modules (default: every Linear, Conv1d,
     Conv2d and Embedding). ``hessian`` maps "<fqn>.weight" to the Hessian diagonal
     (``popcomp.hessian.diagonal``), used as K-means weights. The ``padding_idx`` row of an
-    Embedding is left out of the clustering and kept exact. All weights are quantized before
+    Embedding is left out of the clustering and kept exact. A module that is already palettized
+    and selected (by default every one) is a ValueError. All weights are quantized before
     any module is replaced: on an error the model is left unchanged."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
