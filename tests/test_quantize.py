@@ -519,3 +519,25 @@ def test_quantize_an_already_palettized_module_is_an_error():
     popcomp.quantize_(model, popcomp.PalettizeConfig(bits=1))
     assert model[0].palette.k == 2 and model[2].palette.k == 2
 
+
+def test_dequantize_restores_requires_grad(tmp_path):
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+
+    def net():
+        m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2), nn.Embedding(5, 4))
+        m[0].weight.requires_grad_(False)
+        m[2].weight.requires_grad_(False)
+        return m
+
+    model = net()
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    path = tmp_path / "m.safetensors"
+    popcomp.save(model, path)
+    popcomp.dequantize_(model)
+    assert [m.weight.requires_grad for m in model] == [False, True, False]
+    assert model[0].bias.requires_grad  # untouched
+    fresh = net()  # a loaded model: the requires_grad of the model it was loaded into
+    popcomp.load(fresh, path)
+    popcomp.dequantize_(fresh)
+    assert [m.weight.requires_grad for m in fresh] == [False, True, False]

@@ -248,6 +248,7 @@ def _to_palettized(mod: nn.Module, packed: torch.Tensor, codebook: torch.Tensor,
     d["_non_persistent_buffers_set"] = set(mod._non_persistent_buffers_set)
     d["_modules"] = dict(mod._modules)
     new.__dict__.update(d)
+    new._weight_requires_grad = bool(mod.weight.requires_grad)  # for dequantize_
     new.register_buffer("weight_packed", packed)
     new.register_buffer("weight_codebook", codebook)
     if padding is not None:
@@ -263,11 +264,14 @@ def _to_dense(mod: _Palettized, weight: Optional[nn.Parameter] = None) -> nn.Mod
     new = cls.__new__(cls)
     d = dict(mod.__dict__)
     d.pop("palette", None)
+    requires_grad = d.pop("_weight_requires_grad", True)
     d["_parameters"] = dict(mod._parameters)
     d["_buffers"] = {k: v for k, v in mod._buffers.items() if k not in _PAL_BUFFERS}
     d["_modules"] = dict(mod._modules)
     new.__dict__.update(d)
-    new.weight = weight if weight is not None else nn.Parameter(mod.dequantize_weight().detach())
+    if weight is None:
+        weight = nn.Parameter(mod.dequantize_weight().detach(), requires_grad=requires_grad)
+    new.weight = weight
     # keep the parameter order of a dense module (weight first)
     new._parameters = {"weight": new._parameters.pop("weight"), **new._parameters}
     return new
@@ -477,7 +481,9 @@ def quantize_(
 
 def dequantize_(model: nn.Module) -> nn.Module:
     """Replace every palettized module of ``model`` by the dense module with its dequantized
-    weight (in place); returns the model. Modules sharing one palettized weight (tied weights)
+    weight (in place); returns the model. The weight gets the ``requires_grad`` it had before
+    ``quantize_`` (or, for a module rebuilt by ``load``, that of the weight it replaced).
+    Modules sharing one palettized weight (tied weights)
     get one shared Parameter."""
     names = _all_names(model)
     params: Dict[int, nn.Parameter] = {}
