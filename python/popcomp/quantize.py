@@ -483,8 +483,7 @@ def dequantize_(model: nn.Module) -> nn.Module:
     """Replace every palettized module of ``model`` by the dense module with its dequantized
     weight (in place); returns the model. The weight gets the ``requires_grad`` it had before
     ``quantize_`` (or, for a module rebuilt by ``load``, that of the weight it replaced).
-    Modules sharing one palettized weight (tied weights)
-    get one shared Parameter."""
+    Modules sharing one palettized weight (tied weights) get one shared Parameter."""
     names = _all_names(model)
     params: Dict[int, nn.Parameter] = {}
     for n, m in list(model.named_modules()):
