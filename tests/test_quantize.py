@@ -375,3 +375,169 @@ def test_hessian_names_with_a_ddp_prefix_get_a_hint():
     with pytest.raises(ValueError, match=r"missing entries for \['0\.weight'\].*'module\.'"):
         popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2),
                           hessian={"module.0.weight": torch.ones(4, 4)})
+
+
+# --- padding_idx ------------------------------------------------------------------------------
+@pytest.mark.parametrize("gran,gs", [("per_tensor", None), ("per_channel", None), ("per_group", 4)])
+def test_embedding_padding_row_is_kept_exact(tmp_path, gran, gs):
+    # PyTorch keeps the padding_idx row as it is (zeros unless set otherwise, no gradient): it
+    # stays exact, outside the clustering, through quantize_, save/load and dequantize_
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(12, 8, padding_idx=3), nn.Embedding(12, 8, padding_idx=-1))
+    with torch.no_grad():
+        model[1].weight[11] = torch.linspace(-5, 5, 8)  # a padding vector set by the user
+    w0, w1 = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+    cfg = popcomp.PalettizeConfig(bits=2, granularity=gran, group_size=gs, method="exact",
+                                  codebook_dtype=torch.float32)
+    popcomp.quantize_(model, cfg)
+    assert torch.equal(model[0].weight[3], torch.zeros(8))
+    assert torch.equal(model[1].weight[11], w1[11])
+    tok = torch.tensor([[3, 0, 11, 5]])
+    assert torch.equal(model[0](tok), F.embedding(tok, model[0].weight, padding_idx=3))
+    if gran == "per_tensor":  # the padding row does not pull the codebook
+        r = popcomp.kmeans1d(torch.cat([w0[:3], w0[4:]]).reshape(1, -1), 4, method="exact")
+        torch.testing.assert_close(model[0].weight_codebook, r.centers.float())
+    rep = popcomp.size_report(model)  # the exact rows are counted with the palettized layers
+    assert rep.other_params_bytes == 0
+    assert rep.layers[0].packed_bytes == (model[0].weight_packed.numel()
+                                          + model[0].weight_codebook.numel() * 4 + 8 * 4)
+    path = tmp_path / "m.safetensors"
+    popcomp.save(model, path)
+    fresh = nn.Sequential(nn.Embedding(12, 8, padding_idx=3), nn.Embedding(12, 8, padding_idx=-1))
+    popcomp.load(fresh, path)
+    assert torch.equal(fresh[0].weight, model[0].weight) and torch.equal(fresh[1].weight, model[1].weight)
+    popcomp.dequantize_(model)
+    assert type(model[0]) is nn.Embedding and model[0].padding_idx == 3
+    assert torch.equal(model[1].weight[11], w1[11])
+    model[0](tok).sum().backward()  # and the dense module again gives it no gradient
+    assert torch.equal(model[0].weight.grad[3], torch.zeros(8))
+
+
+def test_tied_weights_stay_tied_through_save_and_load(tmp_path):
+    pytest.importorskip("safetensors")
+
+    def tied():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+        m[1].weight = m[0].weight
+        return m
+
+    model = tied()
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    path = tmp_path / "m.safetensors"
+    popcomp.save(model, path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:  # stored once
+        assert set(f.keys()) == {"0.weight_packed", "0.weight_codebook"}
+    ref = popcomp.size_report(model).total
+    for fresh in (tied(), model):  # into a dense model, and into the palettized one
+        popcomp.load(fresh, path)
+        assert fresh[1].weight_packed is fresh[0].weight_packed
+        assert fresh[1].weight_codebook is fresh[0].weight_codebook
+        assert torch.equal(fresh[1].weight, model[0].weight)
+        assert popcomp.size_report(fresh).total == ref
+    # a module reachable under two names is one module after loading too
+    lin = nn.Linear(4, 4)
+    seq = nn.Sequential(lin, nn.ReLU(), lin)
+    popcomp.quantize_(seq, popcomp.PalettizeConfig(bits=2))
+    popcomp.save(seq, path)
+    lin2 = nn.Linear(4, 4)
+    seq2 = nn.Sequential(lin2, nn.ReLU(), lin2)
+    popcomp.load(seq2, path)
+    assert seq2[2] is seq2[0] and torch.equal(seq2[0].weight, seq[0].weight)
+
+
+def test_dequantize_keeps_tied_weights_tied():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    w = model[0].weight
+    popcomp.dequantize_(model)
+    assert model[1].weight is model[0].weight and torch.equal(model[0].weight, w)
+    assert len(list(model.parameters())) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_load_into_a_model_of_another_dtype_converts(tmp_path, dtype):
+    # like load_state_dict: the model's dtypes win; a palettized layer keeps the file's codebooks
+    # and dequantizes to the model's weight dtype
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+    popcomp.quantize_(src, popcomp.PalettizeConfig(bits=2))
+    path = tmp_path / "m.safetensors"
+    popcomp.save(src, path)
+    for dst in (nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)).to(dtype),
+                popcomp.quantize_(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)).to(dtype),
+                                  popcomp.PalettizeConfig(bits=3, seed=1))):
+        popcomp.load(dst, path)
+        for i in (0, 1):
+            assert dst[i].weight.dtype == dtype
+            assert torch.equal(dst[i].weight, src[i].weight.to(dtype))
+            assert torch.equal(dst[i].weight_codebook, src[i].weight_codebook)
+        assert dst[1].bias.dtype == dtype
+        x = torch.tensor([[1, 2]])
+        assert dst(x).dtype == dtype
+        torch.testing.assert_close(dst(x), src(x).to(dtype))
+        rep = popcomp.size_report(dst)
+        assert rep.layers[1].original_bits == 12 * torch.finfo(dtype).bits
+
+
+
+def test_load_checks_the_weight_shape_of_an_already_palettized_module(tmp_path):
+    # same packed size and codebooks, transposed weight: refused, not reshaped silently
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+    cfg = popcomp.PalettizeConfig(bits=2, granularity="per_tensor")
+    src = popcomp.quantize_(nn.Sequential(nn.Linear(4, 6, bias=False)), cfg)
+    path = tmp_path / "m.safetensors"
+    popcomp.save(src, path)
+    dst = popcomp.quantize_(nn.Sequential(nn.Linear(6, 4, bias=False)), cfg)
+    with pytest.raises(ValueError, match=r"model: 0\.weight has shape \(4, 6\).*\(6, 4\)"):
+        popcomp.load(dst, path)
+    assert dst[0].palette.weight_shape == (4, 6)
+
+def test_quantize_an_already_palettized_module_is_an_error():
+    # quantize_ does not silently skip (nor stack) a second palettization: the modules are named
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=3), filter_fn=lambda m, n: n == "0")
+    packed = model[0].weight_packed.clone()
+    with pytest.raises(ValueError, match=r"model: \['0'\] already palettized.*dequantize_"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=1))
+    with pytest.raises(ValueError, match=r"\['0'\] already palettized"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=1), filter_fn=lambda m, n: n == "0")
+    assert type(model[2]) is nn.Linear and model[0].palette.k == 8
+    assert torch.equal(model[0].weight_packed, packed)
+    # a filter_fn that leaves it out palettizes the rest; dequantize_ first re-quantizes
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=1), filter_fn=lambda m, n: n == "2")
+    assert isinstance(model[2], PalettizedLinear) and model[0].palette.k == 8
+    popcomp.dequantize_(model)
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=1))
+    assert model[0].palette.k == 2 and model[2].palette.k == 2
+
+
+def test_dequantize_restores_requires_grad(tmp_path):
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+
+    def net():
+        m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2), nn.Embedding(5, 4))
+        m[0].weight.requires_grad_(False)
+        m[2].weight.requires_grad_(False)
+        return m
+
+    model = net()
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
+    path = tmp_path / "m.safetensors"
+    popcomp.save(model, path)
+    popcomp.dequantize_(model)
+    assert [m.weight.requires_grad for m in model] == [False, True, False]
+    assert model[0].bias.requires_grad  # untouched
+    fresh = net()  # a loaded model: the requires_grad of the model it was loaded into
+    popcomp.load(fresh, path)
+    popcomp.dequantize_(fresh)
+    assert [m.weight.requires_grad for m in fresh] == [False, True, False]

@@ -8,7 +8,8 @@
 Each selected weight becomes indices packed at ceil(log2 k) bits per weight plus one codebook
 (fp16 or fp32) per tensor / output row / group. The palettized modules subclass the dense ones
 and expose ``weight`` as the dequantized tensor, so they compute exactly what the dense module
-with the dequantized weight computes.
+with the dequantized weight computes. The ``padding_idx`` row of an Embedding (which PyTorch
+never updates) is left out of the clustering and kept exact, in a buffer ``weight_padding``.
 """
 from __future__ import annotations
 
@@ -150,11 +151,13 @@ class PaletteMeta:
     granularity: str
     group_size: Optional[int]
     rows: int
+    padding_rows: Tuple[int, ...] = ()  # rows of the weight kept exact (Embedding padding_idx)
 
     def to_json(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["weight_shape"] = list(self.weight_shape)
         d["weight_dtype"] = _DTYPE_NAMES[self.weight_dtype]
+        d["padding_rows"] = list(self.padding_rows)
         return d
 
     @staticmethod
@@ -162,6 +165,7 @@ class PaletteMeta:
         d = dict(d)
         d["weight_shape"] = tuple(d["weight_shape"])
         d["weight_dtype"] = _NAME_DTYPES[d["weight_dtype"]]
+        d["padding_rows"] = tuple(d.get("padding_rows", ()))
         return PaletteMeta(**d)
 
     @property
@@ -170,7 +174,8 @@ class PaletteMeta:
 
 
 class _Palettized:
-    """Mixin: buffers ``weight_packed`` (uint8) and ``weight_codebook`` (rows, k), metadata
+    """Mixin: buffers ``weight_packed`` (uint8) and ``weight_codebook`` (rows, k), with
+    ``palette.padding_rows`` also ``weight_padding`` (those rows of the weight, exact), metadata
     ``palette``; ``weight`` is the dequantized tensor (so the dense forward is reused as is)."""
 
     _dense_cls: type = nn.Module
@@ -184,7 +189,10 @@ class _Palettized:
         m = self.palette
         cb = self.weight_codebook
         w = torch.gather(cb, 1, self.labels())
-        return w.reshape(m.weight_shape).to(m.weight_dtype)
+        w = w.reshape(m.weight_shape).to(m.weight_dtype)
+        if m.padding_rows:
+            w[list(m.padding_rows)] = self.weight_padding.to(m.weight_dtype)
+        return w
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
@@ -227,8 +235,11 @@ def _dense_base(mod: nn.Module) -> Optional[type]:
     return None
 
 
+_PAL_BUFFERS = ("weight_packed", "weight_codebook", "weight_padding")
+
+
 def _to_palettized(mod: nn.Module, packed: torch.Tensor, codebook: torch.Tensor,
-                   meta: PaletteMeta) -> nn.Module:
+                   meta: PaletteMeta, padding: Optional[torch.Tensor] = None) -> nn.Module:
     cls = _PALETTIZED[_dense_base(mod)]
     new = cls.__new__(cls)
     d = dict(mod.__dict__)
@@ -237,24 +248,30 @@ def _to_palettized(mod: nn.Module, packed: torch.Tensor, codebook: torch.Tensor,
     d["_non_persistent_buffers_set"] = set(mod._non_persistent_buffers_set)
     d["_modules"] = dict(mod._modules)
     new.__dict__.update(d)
+    new._weight_requires_grad = bool(mod.weight.requires_grad)  # for dequantize_
     new.register_buffer("weight_packed", packed)
     new.register_buffer("weight_codebook", codebook)
+    if padding is not None:
+        new.register_buffer("weight_padding", padding)
     new.palette = meta
     return new
 
 
-def _to_dense(mod: _Palettized) -> nn.Module:
+def _to_dense(mod: _Palettized, weight: Optional[nn.Parameter] = None) -> nn.Module:
+    """The dense module, with ``weight`` (a Parameter shared with a module it is tied to) or
+    the dequantized weight."""
     cls = mod._dense_cls
-    w = mod.dequantize_weight().detach()
     new = cls.__new__(cls)
     d = dict(mod.__dict__)
     d.pop("palette", None)
+    requires_grad = d.pop("_weight_requires_grad", True)
     d["_parameters"] = dict(mod._parameters)
-    d["_buffers"] = {k: v for k, v in mod._buffers.items()
-                     if k not in ("weight_packed", "weight_codebook")}
+    d["_buffers"] = {k: v for k, v in mod._buffers.items() if k not in _PAL_BUFFERS}
     d["_modules"] = dict(mod._modules)
     new.__dict__.update(d)
-    new.weight = nn.Parameter(w)
+    if weight is None:
+        weight = nn.Parameter(mod.dequantize_weight().detach(), requires_grad=requires_grad)
+    new.weight = weight
     # keep the parameter order of a dense module (weight first)
     new._parameters = {"weight": new._parameters.pop("weight"), **new._parameters}
     return new
@@ -299,9 +316,15 @@ def _rows_view(w: torch.Tensor, granularity: str, group_size: Optional[int], nam
 
 
 def _select(model: nn.Module, filter_fn) -> List[Tuple[str, nn.Module]]:
+    """The modules to palettize. A palettized module selected again (by filter_fn, or by default)
+    is an error: quantizing its dequantized weight again is not what a second call should do
+    silently, and skipping it would silently keep the first configuration."""
     out = []
+    again = []
     for name, mod in model.named_modules():
         if isinstance(mod, _Palettized):
+            if filter_fn is None or filter_fn(mod, name):
+                again.append(name)
             continue
         if filter_fn is None:
             if _dense_base(mod) is not None:
@@ -313,6 +336,12 @@ def _select(model: nn.Module, filter_fn) -> List[Tuple[str, nn.Module]]:
                     "palettized (supported: Linear, Conv1d, Conv2d, Embedding)"
                 )
             out.append((name, mod))
+    if again:
+        raise ValueError(
+            f"model: {again} already palettized; to quantize them again with this config call "
+            "popcomp.dequantize_(model) first (their dequantized weights are then quantized), "
+            "to palettize only the other layers pass a filter_fn that leaves them out"
+        )
     return out
 
 
@@ -358,14 +387,22 @@ def _check_hessian(hessian, targets, pnames) -> Dict[str, torch.Tensor]:
 
 
 def _palettize_tensor(w: torch.Tensor, h: Optional[torch.Tensor], cfg: PalettizeConfig, k: int,
-                      bits: int, name: str) -> Tuple[torch.Tensor, torch.Tensor, PaletteMeta]:
+                      bits: int, name: str, padding_rows: Tuple[int, ...] = ()
+                      ) -> Tuple[torch.Tensor, torch.Tensor, PaletteMeta, Optional[torch.Tensor]]:
+    """Packed indices, codebooks, metadata and the exact ``padding_rows`` of ``w`` (given
+    weight 0 in the clustering) or None."""
     from .kmeans import kmeans1d
 
     x = _rows_view(w.detach().float(), cfg.granularity, cfg.group_size, name).contiguous()
     wt = None
+    if padding_rows and h is None:
+        h = torch.ones_like(w, dtype=torch.float32)
     if h is not None:
-        wt = _rows_view(h.detach().to(device=w.device, dtype=torch.float32), cfg.granularity,
-                        cfg.group_size, name).contiguous()
+        h = h.detach().to(device=w.device, dtype=torch.float32)
+        if padding_rows:
+            h = h.clone()
+            h[list(padding_rows)] = 0.0
+        wt = _rows_view(h, cfg.granularity, cfg.group_size, name).contiguous()
         zero_rows = wt.sum(1) <= 0
         if bool(zero_rows.any()):  # no sensitivity information in a row: plain K-means there
             wt = wt.clone()
@@ -381,8 +418,10 @@ def _palettize_tensor(w: torch.Tensor, h: Optional[torch.Tensor], cfg: Palettize
         )
     packed = pack_indices(res.labels, bits)
     meta = PaletteMeta(tuple(w.shape), w.dtype, k, bits, cfg.granularity,
-                       cfg.group_size if cfg.granularity == "per_group" else None, x.shape[0])
-    return packed, centers.contiguous(), meta
+                       cfg.group_size if cfg.granularity == "per_group" else None, x.shape[0],
+                       tuple(padding_rows))
+    padding = w.detach()[list(padding_rows)].clone() if padding_rows else None
+    return packed, centers.contiguous(), meta, padding
 
 
 def quantize_(
@@ -395,7 +434,9 @@ def quantize_(
 
     ``filter_fn(module, fqn) -> bool`` selects the modules (default: every Linear, Conv1d,
     Conv2d and Embedding). ``hessian`` maps "<fqn>.weight" to the Hessian diagonal
-    (``popcomp.hessian.diagonal``), used as K-means weights. All weights are quantized before
+    (``popcomp.hessian.diagonal``), used as K-means weights. The ``padding_idx`` row of an
+    Embedding is left out of the clustering and kept exact. A module that is already palettized
+    and selected (by default every one) is a ValueError. All weights are quantized before
     any module is replaced: on an error the model is left unchanged."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -418,15 +459,20 @@ def quantize_(
             raise ValueError(f"model: {n or '<root>'}.weight is on the 'meta' device (no values to "
                              "quantize); materialize the model first (e.g. load its weights)")
         _rows_view(m.weight.detach(), config.granularity, config.group_size, n or "<root>")
+    # the padding rows of each weight (of every selected Embedding it is the weight of)
+    pad: Dict[int, set] = {}
+    for n, m in targets:
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            pad.setdefault(id(m.weight), set()).add(int(m.padding_idx))
     replacements = []
-    done: Dict[int, Tuple[torch.Tensor, torch.Tensor, PaletteMeta]] = {}
+    done: Dict[int, Tuple[torch.Tensor, torch.Tensor, PaletteMeta, Optional[torch.Tensor]]] = {}
     for n, m in targets:
         if id(m.weight) not in done:  # a weight tied to several modules: palettized once, shared
             key = _hessian_key(hessian, n, m, pnames) if hmap else None
             done[id(m.weight)] = _palettize_tensor(m.weight, hmap.get(key), config, k, bits,
-                                                   n or "<root>")
-        packed, cb, meta = done[id(m.weight)]
-        replacements.append((m, _to_palettized(m, packed, cb, meta)))
+                                                   n or "<root>",
+                                                   tuple(sorted(pad.get(id(m.weight), ()))))
+        replacements.append((m, _to_palettized(m, *done[id(m.weight)])))
     names = _all_names(model)
     for old, new in replacements:
         _replace_module(model, names, old, new)
@@ -435,11 +481,16 @@ def quantize_(
 
 def dequantize_(model: nn.Module) -> nn.Module:
     """Replace every palettized module of ``model`` by the dense module with its dequantized
-    weight (in place); returns the model."""
+    weight (in place); returns the model. The weight gets the ``requires_grad`` it had before
+    ``quantize_`` (or, for a module rebuilt by ``load``, that of the weight it replaced).
+    Modules sharing one palettized weight (tied weights) get one shared Parameter."""
     names = _all_names(model)
+    params: Dict[int, nn.Parameter] = {}
     for n, m in list(model.named_modules()):
         if isinstance(m, _Palettized) and n:
-            _replace_module(model, names, m, _to_dense(m))
+            new = _to_dense(m, params.get(id(m.weight_packed)))
+            params.setdefault(id(m.weight_packed), new.weight)
+            _replace_module(model, names, m, new)
     return model
 
 
@@ -457,10 +508,11 @@ class LayerSize:
     k: int
     codebooks: int
     index_bits: int
-    packed_bytes: int          # indices + codebooks
+    packed_bytes: int          # indices + codebooks (+ the exact padding rows)
     bits_per_weight: float     # packed_bytes * 8 / numel
     original_bits: int         # numel * bits of the original dtype
     entropy_bits: float        # sum over codebooks of n_row * H(labels_row) + 32 per center
+                               # (+ the exact padding rows)
     ratio_packed: float        # original_bits / (packed_bytes * 8)
     ratio_entropy: float       # original_bits / entropy_bits
 
@@ -513,6 +565,11 @@ def size_report(model: nn.Module) -> SizeReport:
         packed_bytes = m.weight_packed.numel() + cb.numel() * cb.element_size()
         orig_bits = numel * torch.finfo(meta.weight_dtype).bits
         ent = _entropy_bits(m.labels(), meta.k) + 32.0 * meta.rows * meta.k
+        if meta.padding_rows:  # kept exact
+            pal_ids.add(id(m.weight_padding))
+            pad_bytes = m.weight_padding.numel() * m.weight_padding.element_size()
+            packed_bytes += pad_bytes
+            ent += 8.0 * pad_bytes
         layers.append(LayerSize(n, meta.weight_shape, numel, meta.k, meta.rows, meta.bits,
                                 packed_bytes, packed_bytes * 8 / numel, orig_bits, ent,
                                 orig_bits / (packed_bytes * 8), orig_bits / ent))
@@ -546,11 +603,24 @@ def _safetensors():
 
 
 def save(model: nn.Module, path: str) -> None:
-    """Write the state of ``model`` (palettized layers in packed form) to a safetensors file."""
+    """Write the state of ``model`` (palettized layers in packed form) to a safetensors file.
+
+    A tensor the state dict holds under several names (tied weights, a module reused at several
+    places) is stored once; the other names are recorded in the metadata as aliases, which
+    ``popcomp.load`` ties again."""
     st, _ = _safetensors()
     tensors = {}
+    shared: Dict[str, str] = {}  # alias -> the name it is stored under
+    first: Dict[Tuple, str] = {}
     ptrs = set()
     for k, v in model.state_dict().items():
+        if v.numel():
+            ident = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape),
+                     v.stride(), v.dtype)
+            if ident in first:
+                shared[k] = first[ident]
+                continue
+            first[ident] = k
         t = v.detach().cpu().contiguous()
         p = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
         if p is not None and (p in ptrs or t.numel() != t.untyped_storage().nbytes() // max(t.element_size(), 1)):
@@ -560,18 +630,30 @@ def save(model: nn.Module, path: str) -> None:
             ptrs.add(p)
         tensors[k] = t
     meta = {n: m.palette.to_json() for n, m in palettized_modules(model).items()}
-    st.save_file(tensors, str(path), metadata={"popcomp": json.dumps({"format": 1, "palettized": meta})})
+    info = {"format": 1, "palettized": meta, "shared": shared}
+    st.save_file(tensors, str(path), metadata={"popcomp": json.dumps(info)})
 
 
 def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     """Load a file written by ``popcomp.save`` into ``model`` (same architecture, dense or
     already palettized): the layers palettized in the file are rebuilt in packed form and all
-    tensors are copied bit-exactly. Returns the model."""
+    tensors are copied bit-exactly into a model of the same dtypes; as with
+    ``load_state_dict``, a tensor of another dtype than the model's is converted to the
+    model's, and a palettized layer keeps the file's codebooks and dequantizes to the dtype of
+    the model's weight. Palettized weights tied in the file (one tensor under
+    several names) are tied again: the modules share one ``weight_packed`` / ``weight_codebook``.
+    Returns the model."""
     st, safe_open = _safetensors()
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     info = json.loads(md.get("popcomp", '{"palettized": {}}'))
+    shared = info.get("shared", {})
+    for alias, key in shared.items():
+        if key not in tensors:
+            raise ValueError(f"path: the file {path} is corrupt (the alias {alias!r} names "
+                             f"{key!r}, which it does not hold)")
+        tensors[alias] = tensors[key]
     names = _all_names(model)
     undo: List[Callable[[], None]] = []  # on any error the model is put back as it was
     try:
@@ -581,24 +663,53 @@ def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
             pre = f"{n}."
             packed = tensors[pre + "weight_packed"]
             cb = tensors[pre + "weight_codebook"]
+            padding = tensors[pre + "weight_padding"] if meta.padding_rows else None
+            # the model's weight dtype wins (as in load_state_dict): the file's codebooks are
+            # kept and dequantize to it
             if isinstance(mod, _Palettized):
-                def restore(mod=mod, p=mod.weight_packed, c=mod.weight_codebook, m=mod.palette):
-                    mod.weight_packed, mod.weight_codebook, mod.palette = p, c, m
+                shape, dtype = mod.palette.weight_shape, mod.palette.weight_dtype
+            elif _dense_base(mod) is None:
+                raise ValueError(f"model: {n} ({type(mod).__name__}) cannot hold a palettized weight")
+            else:
+                shape, dtype = tuple(mod.weight.shape), mod.weight.dtype
+            if shape != meta.weight_shape:
+                raise ValueError(f"model: {n}.weight has shape {shape}, the file holds "
+                                 f"{meta.weight_shape}")
+            if dtype not in _DTYPE_NAMES:
+                raise ValueError(f"model: {n}.weight has dtype {dtype}; a palettized weight "
+                                 f"dequantizes to one of {list(_DTYPE_NAMES)}")
+            meta = dataclasses.replace(meta, weight_dtype=dtype)
+            if padding is not None:
+                padding = padding.to(dtype)
+            if isinstance(mod, _Palettized):
+                def restore(mod=mod, b=dict(mod._buffers), m=mod.palette):
+                    mod._buffers.clear()
+                    mod._buffers.update(b)
+                    mod.palette = m
                 undo.append(restore)
-                mod.weight_packed = packed.to(mod.weight_packed.device).clone()
-                mod.weight_codebook = cb.to(mod.weight_codebook.device).clone()
+                dev = mod.weight_packed.device
+                for b, t in zip(_PAL_BUFFERS, (packed, cb, padding)):
+                    mod._buffers.pop(b, None)
+                    if t is not None:
+                        mod.register_buffer(b, t.to(dev).clone())
                 mod.palette = meta
                 continue
-            if _dense_base(mod) is None:
-                raise ValueError(f"model: {n} ({type(mod).__name__}) cannot hold a palettized weight")
-            if tuple(mod.weight.shape) != meta.weight_shape:
-                raise ValueError(f"model: {n}.weight has shape {tuple(mod.weight.shape)}, the file "
-                                 f"holds {meta.weight_shape}")
             dev = mod.weight.device
             new = _to_palettized(mod, torch.empty_like(packed, device=dev),
-                                 torch.empty_like(cb, device=dev), meta)
+                                 torch.empty_like(cb, device=dev), meta,
+                                 None if padding is None else torch.empty_like(padding, device=dev))
             _replace_module(model, names, mod, new)
             undo.append(lambda mod=mod: _replace_module(model, names, mod, mod))  # mod back at its names
+        # tie again the palettized buffers the file holds once (load_state_dict then fills them)
+        for alias, key in shared.items():
+            (an, _, ab), (kn, _, kb) = alias.rpartition("."), key.rpartition(".")
+            if ab != kb or ab not in _PAL_BUFFERS:
+                continue
+            am, km = model.get_submodule(an), model.get_submodule(kn)
+            if (isinstance(am, _Palettized) and isinstance(km, _Palettized) and ab in am._buffers
+                    and ab in km._buffers and am._buffers[ab] is not km._buffers[ab]):
+                undo.append(lambda am=am, ab=ab, t=am._buffers[ab]: am._buffers.__setitem__(ab, t))
+                am._buffers[ab] = km._buffers[ab]
         # check keys and shapes before copying anything (load_state_dict copies what fits
         # before it reports what does not)
         own = model.state_dict()
