@@ -175,6 +175,82 @@ void radix_sort_pairs(std::vector<Key>& keys, std::vector<uint32_t>& idx, std::v
   }
 }
 
+// The same sort by a team of threads: per pass each thread counts the digits of its part of
+// the array, takes its offsets (digit-major, then thread order: the sort stays stable) and
+// scatters its part. Results identical to radix_sort_pairs.
+template <typename Key>
+void radix_sort_pairs_mt(std::vector<Key>& keys, std::vector<uint32_t>& idx, std::vector<Key>& tk,
+                         std::vector<uint32_t>& ti, int64_t n, int key_bits, int threads) {
+#if defined(POPCOMP_OPENMP)
+  if (threads < 2 || n < (int64_t(1) << 16)) {
+    radix_sort_pairs<Key>(keys, idx, tk, ti, n, key_bits);
+    return;
+  }
+  const int digit = key_bits == 16 ? 8 : (key_bits == 32 ? 11 : 16);
+  const int passes = (key_bits + digit - 1) / digit;
+  const size_t nb = size_t(1) << digit;
+  tk.resize(n);
+  ti.resize(n);
+  std::vector<uint32_t> hist((size_t)threads * nb);
+  Key* src_k = keys.data();
+  uint32_t* src_i = idx.data();
+  Key* dst_k = tk.data();
+  uint32_t* dst_i = ti.data();
+  bool swapped = false;
+#pragma omp parallel num_threads(threads)
+  {
+    const int team = team_size(), t = thread_id();
+    const int64_t lo = n * t / team, hi = n * (t + 1) / team;
+    std::vector<uint32_t> off(nb);
+    Key* sk = src_k;
+    uint32_t* si = src_i;
+    Key* dk = dst_k;
+    uint32_t* di = dst_i;
+    for (int p = 0; p < passes; ++p) {
+      const int sh = p * digit;
+      uint32_t* h = &hist[(size_t)t * nb];
+      std::fill(h, h + nb, 0u);
+      for (int64_t i = lo; i < hi; ++i) ++h[(sk[i] >> sh) & (nb - 1)];
+#pragma omp barrier
+      // every thread derives the same totals: a pass whose digit is the same for all keys is
+      // skipped by all
+      bool trivial = false;
+      uint32_t base = 0;
+      for (size_t b = 0; b < nb; ++b) {
+        uint32_t tot = 0, before = 0;
+        for (int q = 0; q < team; ++q) {
+          const uint32_t c = hist[(size_t)q * nb + b];
+          tot += c;
+          if (q < t) before += c;
+        }
+        if (tot == (uint32_t)n) trivial = true;
+        off[b] = base + before;
+        base += tot;
+      }
+      if (!trivial) {
+        for (int64_t i = lo; i < hi; ++i) {
+          const Key k = sk[i];
+          const uint32_t pos = off[(k >> sh) & (nb - 1)]++;
+          dk[pos] = k;
+          di[pos] = si[i];
+        }
+        std::swap(sk, dk);
+        std::swap(si, di);
+      }
+#pragma omp barrier  // the scatter is done before anyone counts the next pass
+    }
+    if (t == 0) swapped = sk != src_k;
+  }
+  if (swapped) {
+    std::memcpy(keys.data(), tk.data(), n * sizeof(Key));
+    std::memcpy(idx.data(), ti.data(), n * sizeof(uint32_t));
+  }
+#else
+  (void)threads;
+  radix_sort_pairs<Key>(keys, idx, tk, ti, n, key_bits);
+#endif
+}
+
 // ---- per-thread workspace ------------------------------------------------------------------
 struct Work {
   std::vector<uint64_t> k64, t64;
@@ -484,6 +560,7 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G) {
 // values between them: a few percent of the work), less a margin. A wrong estimate costs
 // time only (dp_layers checks every row it skips). Returns false where the problem is too
 // small for that to pay.
+void solve_layers(Work& w, int64_t u, int k, int threads);
 constexpr int64_t kGroup = 32;
 constexpr int64_t kMarginRows = 3 * kGroup;  // margin: this many rows or 1/16 of the cluster
 bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G) {
@@ -505,7 +582,7 @@ bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G) {
     c.s1[t] = w.s1[start[t]];
     c.s2[t] = w.s2[start[t]];
   }
-  dp_layers(c, uc, k, threads, nullptr);
+  solve_layers(c, uc, k, threads);  // in demand mode itself where it is large enough
   int64_t x = uc - 2;
   for (int m = k - 2; m >= 1; --m) {
     const int64_t rh = uc - 1 - (k - 1 - m);
@@ -519,14 +596,19 @@ bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G) {
   return true;
 }
 
-// Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
-void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
-  bool done = false;
+// The DP's layers into w.J: in demand mode where the problem is large enough, else (or when
+// the hints were too high) every row.
+void solve_layers(Work& w, int64_t u, int k, int threads) {
   if (k >= 3 && u >= kDemandMin) {
     std::vector<int64_t> G(k, 0);
-    done = demand_hint(w, u, k, threads, G.data()) && dp_layers(w, u, k, threads, G.data());
+    if (demand_hint(w, u, k, threads, G.data()) && dp_layers(w, u, k, threads, G.data())) return;
   }
-  if (!done) dp_layers(w, u, k, threads, nullptr);
+  dp_layers(w, u, k, threads, nullptr);
+}
+
+// Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
+void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
+  solve_layers(w, u, k, threads);
   B[k] = u;
   int64_t i = u - 1;
   for (int m = k - 1; m >= 1; --m) {
@@ -569,9 +651,14 @@ struct Solver {
   void check_weights(const void* wt, int64_t n) {
     if (!wt) return;
     bool nonfinite = false, negative = false;
+    const int nt = threads;
+    (void)nt;
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : nonfinite, negative) if (nt > 1 && n >= 65536)
+#endif
     for (int64_t i = 0; i < n; ++i) {
-      nonfinite |= !Elem<DW>::finite(wt, i);
-      negative |= Elem<DW>::negative(wt, i);
+      nonfinite = nonfinite || !Elem<DW>::finite(wt, i);
+      negative = negative || Elem<DW>::negative(wt, i);
     }
     if (nonfinite) status = kNonFiniteW;
     else if (negative) status = kNegativeW;
@@ -589,10 +676,17 @@ struct Solver {
     // index: gathering weights through a random permutation costs more than the sort.
     const bool carry_w = wt && DW != DType::f64 && n > kScatterMax;
     bool nonfinite = false;
+    Key* kp = keys.data();
+    uint32_t* ip = w.idx.data();
+    const int nt = threads;
+    (void)nt;
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : nonfinite) if (nt > 1 && n >= 65536)
+#endif
     for (int64_t i = 0; i < n; ++i) {
-      nonfinite |= !E::finite(x, i);
-      keys[i] = E::key(x, i);
-      w.idx[i] = carry_w ? float_to_bits((float)Elem<DW>::get(wt, i)) : (uint32_t)i;
+      nonfinite = nonfinite || !E::finite(x, i);
+      kp[i] = E::key(x, i);
+      ip[i] = carry_w ? float_to_bits((float)Elem<DW>::get(wt, i)) : (uint32_t)i;
     }
     if (nonfinite) {
       status = kNonFiniteX;
@@ -600,7 +694,7 @@ struct Solver {
     }
     check_weights<DW>(wt, n);
     if (status != kOk) return 0;
-    radix_sort_pairs<Key>(keys, w.idx, tk, w.tidx, n, E::key_bits);
+    radix_sort_pairs_mt<Key>(keys, w.idx, tk, w.tidx, n, E::key_bits, threads);
     w.v.resize(n);
     w.vo.resize(n);
     w.W.resize(n);

@@ -1,8 +1,8 @@
 // CPU checks of the exact DP's demand mode (csrc/kmeans/kmeans_cpu.cpp, dp_layers with hints):
 // whatever the hints, dp_layers either refuses (returns false) or gives boundaries identical
 // to the plain DP that solves every row; exact_partition (coarse-DP hints, fallback) always
-// gives them. Random problems of several shapes, sizes below and above kDemandMin, 1 or 2
-// threads. Built by tests/test_kernel_index_logic.py with the host compiler; exit 1 on failure.
+// gives them. Random problems of several shapes, sizes below and above kDemandMin (some
+// large enough for the coarse DP's own demand mode), 1 or 2 threads. Built by tests/test_kernel_index_logic.py with the host compiler; exit 1 on failure.
 #include "kmeans/kmeans_cpu.cpp"
 
 #include <cstdio>
@@ -74,7 +74,10 @@ int main() {
   for (int trial = 0; trial < 96; ++trial) {
     std::mt19937_64 g(1000 + trial);
     const int dist = trial % 4;
-    const int64_t n = trial % 3 == 0 ? 200 + (int64_t)(g() % 3000) : 16384 + (int64_t)(g() % 60000);
+    // a few problems large enough for the coarse DP to run in demand mode itself
+    const int64_t n = trial % 48 == 1 ? 600000 + (int64_t)(g() % 100000)
+                      : trial % 3 == 0 ? 200 + (int64_t)(g() % 3000)
+                                       : 16384 + (int64_t)(g() % 60000);
     const int k = ks[g() % 6];
     const int threads = 1 + trial % 2;
     Work w;
