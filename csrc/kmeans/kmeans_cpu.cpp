@@ -516,26 +516,31 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G) {
       solve(L, u - 1, u - 1, clo, u - 1);
       break;
     }
-    if (T > 1) {
-      // split the rows at pivots solved first; the parts are independent
-      std::vector<int64_t> piv(T + 1);
+    const int P = 8 * T;  // parts of the rows, taken by the threads as they come free
+    if (T > 1 && rhi - rlo + 1 >= 64 * (int64_t)P) {
+      // split the rows at pivots solved first; the parts between them are independent
+      std::vector<int64_t> piv(P + 1);
       piv[0] = rlo - 1;
-      piv[T] = rhi + 1;
-      for (int t = 1; t < T; ++t) piv[t] = rlo + (rhi - rlo + 1) * t / T;
+      piv[P] = rhi + 1;
+      for (int q = 1; q < P; ++q) piv[q] = rlo + (rhi - rlo + 1) * q / P;
 #if defined(POPCOMP_OPENMP)
 #pragma omp parallel num_threads(T)
 #endif
       {
-        const int t = thread_id();
         DnC Lt = L;
-        Lt.lb = L.lb + (size_t)t * (nb + 1);
-        if (t > 0) solve(Lt, piv[t], piv[t], clo, piv[t]);
+        Lt.lb = L.lb + (size_t)thread_id() * (nb + 1);
 #if defined(POPCOMP_OPENMP)
-#pragma omp barrier
+#pragma omp for schedule(dynamic, 1)
 #endif
-        const int64_t c0 = t == 0 ? clo : L.J[piv[t]];
-        const int64_t c1 = t == T - 1 ? rhi : L.J[piv[t + 1]];
-        solve(Lt, piv[t] + 1, piv[t + 1] - 1, c0, c1);
+        for (int q = 1; q < P; ++q) solve(Lt, piv[q], piv[q], clo, piv[q]);
+#if defined(POPCOMP_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+        for (int q = 0; q < P; ++q) {
+          const int64_t c0 = q == 0 ? clo : L.J[piv[q]];
+          const int64_t c1 = q == P - 1 ? rhi : L.J[piv[q + 1]];
+          solve(Lt, piv[q] + 1, piv[q + 1] - 1, c0, c1);
+        }
       }
     } else {
       solve(L, rlo, rhi, clo, rhi);
