@@ -1,9 +1,18 @@
 // The one binding file: thin pybind11 wrappers over the torch-free kernels. Tensors travel as
 // raw addresses (tensor.data_ptr()) plus sizes and dtype codes; CUDA entry points also take
 // the device index and the cudaStream_t (torch.cuda.current_stream().cuda_stream).
+//
+// The callers (popcomp/_impl/*.py) check the tensors behind the addresses first (shapes,
+// dtypes, devices: popcomp/_impl/checks.py); every entry point here still checks what it can
+// see -- sizes, dtype and enum codes, null addresses, workspace sizes -- and throws
+// std::invalid_argument (a ValueError in Python) naming the function and the argument, before
+// any kernel runs.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
+#include <stdexcept>
+#include <string>
 #include <utility>
 
 #include <cstdint>
@@ -21,6 +30,130 @@ namespace {
 template <typename T>
 T* ptr(uintptr_t a) {
   return reinterpret_cast<T*>(a);
+}
+
+// ---- argument checks of the raw entry points ----------------------------------------------
+void require(bool ok, const char* fn, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(std::string(fn) + ": " + msg);
+}
+
+// DType codes lo..hi of csrc/common/hd.h (0 float64, 1 float32, 2 float16, 3 bfloat16)
+void check_dtype(const char* fn, const char* name, int code, int lo = 0, int hi = 3) {
+  static const char* names[] = {"float64", "float32", "float16", "bfloat16"};
+  if (code >= lo && code <= hi) return;
+  std::string allowed;
+  for (int c = lo; c <= hi; ++c)
+    allowed += (c > lo ? ", " : "") + std::to_string(c) + " " + names[c];
+  require(false, fn, std::string(name) + " must be a dtype code in {" + allowed + "}, got " +
+                         std::to_string(code));
+}
+
+void check_code(const char* fn, const char* name, int code, int hi) {
+  require(code >= 0 && code <= hi, fn,
+          std::string(name) + " must be a code in 0.." + std::to_string(hi) + ", got " +
+              std::to_string(code));
+}
+
+void check_size(const char* fn, const char* name, int64_t v) {
+  require(v >= 0, fn, std::string(name) + " must be >= 0, got " + std::to_string(v));
+}
+
+void check_ptr(const char* fn, const char* name, uintptr_t a) {
+  require(a != 0, fn, std::string(name) + " is a null address");
+}
+
+void check_real(const char* fn, const char* name, double v) {
+  require(std::isfinite(v) && v >= 0.0, fn,
+          std::string(name) + " must be finite and >= 0, got " + std::to_string(v));
+}
+
+void check_device(const char* fn, int device) {
+  require(device >= 0, fn, "device must be a CUDA device index >= 0, got " + std::to_string(device));
+}
+
+void check_workspace(const char* fn, uintptr_t ws, size_t bytes, size_t needed) {
+  require(bytes >= needed, fn,
+          "workspace too small (" + std::to_string(bytes) + " < " + std::to_string(needed) +
+              " bytes)");
+  require(ws != 0 || bytes == 0, fn, "workspace is a null address");
+}
+
+void check_kmeans(const char* fn, uintptr_t x, int x_dtype, int w_dtype, int64_t rows, int64_t n,
+                  int k, double beta, int method, int init, int diameter, int max_iter,
+                  double tol, uintptr_t init_centers, uintptr_t centers, uintptr_t labels,
+                  uintptr_t cost, uintptr_t n_iter) {
+  check_size(fn, "rows", rows);
+  check_size(fn, "n", n);
+  require(k >= 1, fn, "k must be >= 1, got " + std::to_string(k));
+  check_dtype(fn, "x_dtype", x_dtype);
+  check_dtype(fn, "w_dtype", w_dtype);
+  check_real(fn, "beta", beta);
+  check_code(fn, "method", method, 1);
+  check_code(fn, "init", init, 3);
+  check_code(fn, "diameter", diameter, 1);
+  require(max_iter >= 0, fn, "max_iter must be >= 0, got " + std::to_string(max_iter));
+  check_real(fn, "tol", tol);
+  if (rows > 0 && n > 0) {
+    check_ptr(fn, "x", x);
+    check_ptr(fn, "centers", centers);
+    check_ptr(fn, "labels", labels);
+    check_ptr(fn, "cost", cost);
+    check_ptr(fn, "n_iter", n_iter);
+    if (init == static_cast<int>(kmeans::Init::given) &&
+        method == static_cast<int>(kmeans::Method::lloyd))
+      check_ptr(fn, "init_centers (init 'given')", init_centers);
+  }
+}
+
+void check_sumsq(const char* fn, uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R,
+                 int64_t T, int64_t out, int64_t in, const py::tuple& gs, const py::tuple& xs,
+                 int g_dtype, int x_dtype) {
+  check_size(fn, "B", B);
+  check_size(fn, "R", R);
+  check_size(fn, "T", T);
+  check_size(fn, "out", out);
+  check_size(fn, "in", in);
+  require(gs.size() == 4, fn, "g_strides must hold 4 strides (b, r, t, o), got " +
+                                  std::to_string(gs.size()));
+  require(xs.size() == 3, fn, "x_strides must hold 3 strides (b, t, i), got " +
+                                  std::to_string(xs.size()));
+  check_dtype(fn, "g_dtype", g_dtype, 1, 3);
+  check_dtype(fn, "x_dtype", x_dtype, 1, 3);
+  if (B > 0 && R > 0 && T > 0 && out > 0 && in > 0) {
+    check_ptr(fn, "g", g);
+    check_ptr(fn, "x", x);
+    check_ptr(fn, "acc", acc);
+  }
+}
+
+void check_cov_accum(const char* fn, uintptr_t x, int x_dtype, int64_t B, int64_t S, int64_t m,
+                     uintptr_t acc, int acc_dtype) {
+  check_size(fn, "B", B);
+  check_size(fn, "S", S);
+  check_size(fn, "m", m);
+  check_dtype(fn, "x_dtype", x_dtype);
+  check_dtype(fn, "acc_dtype", acc_dtype, 0, 1);
+  if (B > 0 && S > 0 && m > 0) {
+    check_ptr(fn, "x", x);
+    check_ptr(fn, "acc", acc);
+  }
+}
+
+void check_greedy(const char* fn, uintptr_t cov, int dtype, int64_t m, int64_t k, uintptr_t tau,
+                  uintptr_t n0, uintptr_t L0, double rel_guard, uintptr_t idx, uintptr_t obj) {
+  check_size(fn, "m", m);
+  check_size(fn, "k", k);
+  require(k <= m, fn, "k must be <= m (" + std::to_string(m) + "), got " + std::to_string(k));
+  check_dtype(fn, "dtype", dtype, 0, 1);
+  check_real(fn, "rel_guard", rel_guard);
+  if (k > 0) {  // M may be null: Z = I
+    check_ptr(fn, "cov", cov);
+    check_ptr(fn, "tau", tau);
+    check_ptr(fn, "n0", n0);
+    check_ptr(fn, "L0", L0);
+    check_ptr(fn, "idx", idx);
+    check_ptr(fn, "obj", obj);
+  }
 }
 
 kmeans::Params kmeans_params(int64_t rows, int64_t n, int k, double beta, int method, int init,
@@ -107,6 +240,8 @@ PYBIND11_MODULE(_C, m) {
          double beta, int method, int init, int diameter, int max_iter, double tol,
          uint64_t seed, uintptr_t init_centers, uintptr_t centers, uintptr_t labels,
          uintptr_t cost, uintptr_t n_iter, int num_threads) {
+        check_kmeans("kmeans1d_cpu", x, x_dtype, w_dtype, rows, n, k, beta, method, init,
+                     diameter, max_iter, tol, init_centers, centers, labels, cost, n_iter);
         auto p = kmeans_params(rows, n, k, beta, method, init, diameter, max_iter, tol, seed,
                                x_dtype, w_dtype);
         auto r = kmeans::run_cpu(
@@ -117,6 +252,12 @@ PYBIND11_MODULE(_C, m) {
 #if defined(POPCOMP_WITH_CUDA)
   m.def("kmeans1d_cuda_workspace",
         [](int64_t rows, int64_t n, int k, int method, int x_dtype, int device) {
+          const char* fn = "kmeans1d_cuda_workspace";
+          check_size(fn, "rows", rows);
+          check_size(fn, "n", n);
+          require(k >= 1, fn, "k must be >= 1, got " + std::to_string(k));
+          check_code(fn, "method", method, 1);
+          check_dtype(fn, "x_dtype", x_dtype);
           auto p = kmeans_params(rows, n, k, 0.0, method, 0, 0, 1, 0.0, 0, x_dtype, x_dtype);
           return kmeans::cuda_workspace_bytes(p, device);
         },
@@ -129,6 +270,11 @@ PYBIND11_MODULE(_C, m) {
          uint64_t seed, uintptr_t init_centers, uintptr_t centers, uintptr_t labels,
          uintptr_t cost, uintptr_t n_iter, uintptr_t workspace, size_t workspace_bytes,
          int device, uintptr_t stream) {
+        const char* fn = "kmeans1d_cuda";
+        check_kmeans(fn, x, x_dtype, w_dtype, rows, n, k, beta, method, init, diameter,
+                     max_iter, tol, init_centers, centers, labels, cost, n_iter);
+        check_device(fn, device);
+        require(workspace != 0 || workspace_bytes == 0, fn, "workspace is a null address");
         auto p = kmeans_params(rows, n, k, beta, method, init, diameter, max_iter, tol, seed,
                                x_dtype, w_dtype);
         kmeans::run_cuda(p, kmeans_buffers(x, w, init_centers, centers, labels, cost, n_iter),
@@ -154,6 +300,7 @@ PYBIND11_MODULE(_C, m) {
         [sumsq_params](uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R, int64_t T,
                        int64_t out, int64_t in, py::tuple gs, py::tuple xs, int g_dtype,
                        int x_dtype, int num_threads) {
+          check_sumsq("sumsq_outer_cpu", g, x, acc, B, R, T, out, in, gs, xs, g_dtype, x_dtype);
           auto p = sumsq_params(B, R, T, out, in, gs, xs, g_dtype, x_dtype);
           py::gil_scoped_release release;
           hessian::sumsq_outer_cpu(p, ptr<const void>(g), ptr<const void>(x), ptr<float>(acc),
@@ -164,6 +311,8 @@ PYBIND11_MODULE(_C, m) {
         [sumsq_params](uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R, int64_t T,
                        int64_t out, int64_t in, py::tuple gs, py::tuple xs, int g_dtype,
                        int x_dtype, int device, uintptr_t stream) {
+          check_sumsq("sumsq_outer_cuda", g, x, acc, B, R, T, out, in, gs, xs, g_dtype, x_dtype);
+          check_device("sumsq_outer_cuda", device);
           auto p = sumsq_params(B, R, T, out, in, gs, xs, g_dtype, x_dtype);
           py::gil_scoped_release release;
           hessian::sumsq_outer_cuda(p, ptr<const void>(g), ptr<const void>(x), ptr<float>(acc),
@@ -176,6 +325,7 @@ PYBIND11_MODULE(_C, m) {
       "covariance_accumulate_cpu",
       [](uintptr_t x, int x_dtype, int64_t B, int64_t S, int64_t mm, int64_t sB, int64_t sS,
          int64_t sm, uintptr_t acc, int acc_dtype, int num_threads) {
+        check_cov_accum("covariance_accumulate_cpu", x, x_dtype, B, S, mm, acc, acc_dtype);
         covariance::accumulate_cpu(cov_accum_params(B, S, mm, sB, sS, sm, x_dtype, acc_dtype),
                                    ptr<const void>(x), ptr<void>(acc), num_threads);
       },
@@ -185,6 +335,7 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t cov, uintptr_t M, int dtype, int64_t mm, int64_t k, uintptr_t tau,
          uintptr_t n0, uintptr_t L0, double rel_guard, uintptr_t idx, uintptr_t obj,
          int num_threads) {
+        check_greedy("greedy_select_cpu", cov, dtype, mm, k, tau, n0, L0, rel_guard, idx, obj);
         covariance::greedy_cpu(greedy_params(mm, k, dtype, rel_guard), ptr<const void>(cov),
                                ptr<const void>(M), ptr<const double>(tau),
                                ptr<const double>(n0), ptr<const double>(L0), ptr<int64_t>(idx),
@@ -194,6 +345,10 @@ PYBIND11_MODULE(_C, m) {
 #if defined(POPCOMP_WITH_CUDA)
   m.def("covariance_accumulate_cuda_workspace",
         [](int x_dtype, int64_t B, int64_t S, int64_t mm, int acc_dtype, int device) {
+          check_cov_accum("covariance_accumulate_cuda_workspace", 0, x_dtype, B, 0, mm, 0,
+                          acc_dtype);
+          check_size("covariance_accumulate_cuda_workspace", "S", S);
+          check_device("covariance_accumulate_cuda_workspace", device);
           return covariance::accumulate_cuda_workspace_bytes(
               cov_accum_params(B, S, mm, 0, 0, 1, x_dtype, acc_dtype), device);
         });
@@ -202,12 +357,22 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t x, int x_dtype, int64_t B, int64_t S, int64_t mm, int64_t sB, int64_t sS,
          int64_t sm, uintptr_t acc, int acc_dtype, uintptr_t workspace, size_t workspace_bytes,
          int device, uintptr_t stream) {
+        const char* fn = "covariance_accumulate_cuda";
+        check_cov_accum(fn, x, x_dtype, B, S, mm, acc, acc_dtype);
+        check_device(fn, device);
+        // a workspace below accumulate_cuda_workspace_bytes is allowed: one pass, no splits
+        require(workspace != 0 || workspace_bytes == 0, fn, "workspace is a null address");
         covariance::accumulate_cuda(cov_accum_params(B, S, mm, sB, sS, sm, x_dtype, acc_dtype),
                                     ptr<const void>(x), ptr<void>(acc), ptr<void>(workspace),
                                     workspace_bytes, device, ptr<void>(stream));
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("greedy_select_cuda_workspace", [](int dtype, int64_t mm, int64_t k) {
+    const char* fn = "greedy_select_cuda_workspace";
+    check_size(fn, "m", mm);
+    check_size(fn, "k", k);
+    require(k <= mm, fn, "k must be <= m (" + std::to_string(mm) + "), got " + std::to_string(k));
+    check_dtype(fn, "dtype", dtype, 0, 1);
     return covariance::greedy_cuda_workspace_bytes(greedy_params(mm, k, dtype, 0.0));
   });
   m.def(
@@ -215,6 +380,12 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t cov, uintptr_t M, int dtype, int64_t mm, int64_t k, uintptr_t tau,
          uintptr_t n0, uintptr_t L0, double rel_guard, uintptr_t idx, uintptr_t obj,
          uintptr_t workspace, size_t workspace_bytes, int device, uintptr_t stream) {
+        const char* fn = "greedy_select_cuda";
+        check_greedy(fn, cov, dtype, mm, k, tau, n0, L0, rel_guard, idx, obj);
+        check_device(fn, device);
+        if (k > 0)
+          check_workspace(fn, workspace, workspace_bytes,
+                          covariance::greedy_cuda_workspace_bytes(greedy_params(mm, k, dtype, 0.0)));
         covariance::greedy_cuda(greedy_params(mm, k, dtype, rel_guard), ptr<const void>(cov),
                                 ptr<const void>(M), ptr<const double>(tau),
                                 ptr<const double>(n0), ptr<const double>(L0), ptr<int64_t>(idx),

@@ -12,7 +12,8 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-from popcomp.cli import main  # noqa: E402
+from popcomp.cli import main, resolve_args  # noqa: E402
+from popcomp.experiments._common import UserError  # noqa: E402
 
 # files each experiment must write, and per CSV the columns that must be finite in every row
 EXPECT = {
@@ -112,10 +113,51 @@ def test_demo_quick(tmp_path, capsys):
      ["demo", "--bits", "0"], "error"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
+    # every bad value is named by its flag, before any work (and with --quick too)
+    (["repro", "linreg", "--quick", "--trials", "1"], "--trials must be >= 2"),
+    (["repro", "linreg", "--kmax", "0"], "--kmax must be >= 1"),
+    (["repro", "linreg", "--chunk", "0"], "--chunk must be >= 1"),
+    (["repro", "linreg", "--noise-var", "nan"], "--noise-var must be > 0"),
+    (["repro", "linreg", "--seed", "-1"], "--seed must be in 0.."),
+    (["repro", "linreg", "--seed", str(2**64)], "--seed must be in 0.."),
+    (["repro", "nn", "--epochs", "0"], "--epochs must be >= 1"),
+    (["repro", "nn", "--quick", "--epochs", "-3"], "--epochs must be >= 1"),
+    (["repro", "nn", "--quick", "--models", "1"], "--models must be >= 2"),
+    (["repro", "nn", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["repro", "nn", "--clusters", "0,2"], "--clusters must list integers in 1..256"),
+    (["repro", "nn", "--clusters", "2,100000"], "--clusters must list integers in 1..256"),
+    (["repro", "nn", "--clusters", ","], "--clusters must list integers in 1..256"),
+    (["repro", "nn", "--clusters", "2,x"], "--clusters must be a comma-separated list"),
+    (["repro", "nn", "--betas", "1e-3,x"], "--betas must be a comma-separated list"),
+    (["repro", "nn", "--betas", "nan,1e-3"], "--betas must be finite"),
+    (["repro", "nn", "--betas=-1e-3,1e-2"], "--betas must be finite and >= 0"),
+    (["repro", "nn", "--betas", "0"], "--betas must contain at least one"),
+    (["repro", "nn", "--fraction", "nan"], "--fraction"),
+    (["repro", "nn", "--threads", "0"], "--threads must be >= 1"),
+    (["repro", "nn", "--hessian", "exact"], "invalid choice"),
+    (["repro", "nn", "--diameter", "cubic"], "invalid choice"),
+    (["repro", "nn", "--quick", "--fig7-k", "3"], "--fig7-k must be one of"),
+    (["repro", "spectral", "--epochs", "0"], "--epochs must be >= 1"),
+    (["repro", "spectral", "--quick", "--rates", "0.5,2"], "--rates must lie in (0, 1]"),
+    (["repro", "spectral", "--rates", "0.5,a"], "--rates must be a comma-separated list"),
+    (["repro", "spectral", "--threads", "-1"], "--threads must be >= 1"),
+    (["repro", "bounds", "--quick", "--epochs", "0"], "--epochs must be >= 1"),
+    (["repro", "bounds", "--hidden", "64,x"], "--hidden must be a comma-separated list"),
+    (["repro", "bounds", "--hidden", "64,0"], "--hidden must list positive widths"),
+    (["repro", "bounds", "--fraction", "0"], "--fraction must be in (0, 1]"),
+    (["demo", "--quick", "--epochs", "0"], "--epochs must be >= 1"),
+    (["demo", "--bits", "2,x"], "--bits must be a comma-separated list"),
+    (["demo", "--keep", "0.5,x"], "--keep must be a comma-separated list"),
+    (["demo", "--keep", "1"], "--keep must lie in (0, 1)"),
+    (["demo", "--device", "meta"], "--device 'meta': must be auto, cpu, cuda or cuda:N"),
+    (["demo", "--device", "bogus"], "--device 'bogus'"),
+    (["demo", "--device", "cuda:99"], "--device cuda:99"),
+    (["repro", "bounds", "--device", "cuda:-1"], "--device 'cuda:-1'"),
 ])
 def test_bad_input_exits_nonzero_without_traceback(argv, needle, tmp_path, capsys):
+    out = tmp_path / "x"
     if argv and argv[0] in ("repro", "demo") and len(argv) > 1 and argv[1] != "nosuch":
-        argv = [*argv, "--out", str(tmp_path / "x")]
+        argv = [*argv, "--out", str(out)]
     try:
         rc = main(argv)  # any exception other than SystemExit would be a traceback
     except SystemExit as e:  # argparse errors
@@ -124,6 +166,96 @@ def test_bad_input_exits_nonzero_without_traceback(argv, needle, tmp_path, capsy
     err = capsys.readouterr().err
     assert needle in err, err
     assert "Traceback" not in err
+    assert not out.exists()  # reported before any output is written
+
+
+def test_bad_value_error_names_the_subcommand(tmp_path, capsys):
+    assert main(["repro", "nn", "--epochs", "0", "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.startswith("popcomp repro nn: error: --epochs")
+
+
+# ---- --quick changes only the defaults: options given explicitly always win -------------------
+def _presets():
+    import importlib
+
+    from popcomp.experiments import EXPERIMENTS
+
+    for name in (*EXPERIMENTS, "demo"):
+        mod = importlib.import_module(f"popcomp.experiments.{name}")
+        cmd = ["demo"] if name == "demo" else ["repro", name]
+        for dest, (full, quick) in mod.PRESETS.items():
+            yield cmd, dest, full, quick
+
+
+PRESETS = list(_presets())
+
+
+def test_every_command_has_quick_presets():
+    assert {tuple(c) for c, *_ in PRESETS} == {("demo",), ("repro", "linreg"), ("repro", "nn"),
+                                                ("repro", "spectral"), ("repro", "bounds")}
+
+
+@pytest.mark.parametrize("cmd, dest, full, quick", PRESETS,
+                         ids=[f"{' '.join(c)}:{d}" for c, d, *_ in PRESETS])
+def test_quick_changes_only_defaults(cmd, dest, full, quick):
+    flag = "--" + dest.replace("_", "-")
+    assert full != quick
+    assert getattr(resolve_args([*cmd]), dest) == full
+    assert getattr(resolve_args([*cmd, "--quick"]), dest) == quick
+    # an explicit value wins, also when it equals the full default (a string compare used to
+    # treat that as "not given") and when it is larger than the quick preset (a min() used to cap it)
+    assert getattr(resolve_args([*cmd, "--quick", flag, str(full)]), dest) == full
+    assert getattr(resolve_args([*cmd, flag, str(full), "--quick"]), dest) == full
+    other = {"trials": 3000, "kmax": 8, "models": 7, "epochs": 27, "clusters": "3,5",
+             "betas": "0,2e-3", "rates": "0.3", "bits": "3", "keep": "0.4,0.2"}[dest]
+    assert getattr(resolve_args([*cmd, "--quick", flag, str(other)]), dest) == other
+    assert getattr(resolve_args([*cmd, flag, str(other)]), dest) == other
+
+
+def test_quick_keeps_explicit_nn_settings_the_review_example():
+    a = resolve_args(["repro", "nn", "--quick", "--epochs", "7", "--models", "10",
+                      "--clusters", "2,3,4,5,6,7,8"])
+    assert (a.epochs, a.models, a.K) == (7, 10, [2, 3, 4, 5, 6, 7, 8])
+    assert a.betas == "0,1e-3,1e-2"  # not given: still the quick preset
+    assert a.beta_grid == [0.0, 1e-3, 1e-2]
+
+
+def test_quick_keeps_explicit_values_in_every_command():
+    a = resolve_args(["repro", "linreg", "--quick", "--trials", "5000", "--kmax", "10"])
+    assert (a.trials, a.kmax) == (5000, 10)
+    a = resolve_args(["repro", "spectral", "--quick", "--epochs", "20", "--rates", "0.1,0.25,0.5"])
+    assert (a.epochs, a.rate_list) == (20, [0.1, 0.25, 0.5])
+    a = resolve_args(["repro", "bounds", "--quick", "--epochs", "40"])
+    assert a.epochs == 40
+    a = resolve_args(["demo", "--quick", "--epochs", "40", "--bits", "2,3,4", "--keep", "0.5,0.25"])
+    assert (a.epochs, a.bit_list, a.keep_list) == (40, [2, 3, 4], [0.5, 0.25])
+
+
+def test_resolve_args_reports_bad_values_and_default_out():
+    with pytest.raises(UserError, match="--epochs must be >= 1"):
+        resolve_args(["repro", "bounds", "--quick", "--epochs", "0"])
+    assert resolve_args(["repro", "linreg", "--quick"]).out == os.path.join("popcomp-out", "linreg")
+    assert resolve_args(["demo", "--out", "somewhere"]).out == "somewhere"
+
+
+def test_run_resolves_a_namespace_without_the_cli(tmp_path, monkeypatch):
+    """Experiments run from Python with a bare Namespace get the same defaults."""
+    import argparse
+
+    from popcomp.experiments import bounds
+
+    class Stop(Exception):
+        pass
+
+    def stop(args):
+        raise Stop
+
+    monkeypatch.setattr(bounds, "start", stop)
+    a = argparse.Namespace(quick=True, seed=0, out=str(tmp_path), device="cpu", epochs=None,
+                           fraction=1.0, hidden="8", threads=1)
+    with pytest.raises(Stop):
+        bounds.run(a)
+    assert a.epochs == 15
 
 
 def test_python_m_popcomp_bad_input_subprocess(tmp_path):

@@ -4,11 +4,21 @@ Each op ``popcomp::NAME`` has
   * its schema and ``register_fake`` here (shape/dtype propagation for torch.compile, opcheck);
   * a CPU kernel and a CUDA kernel (``popcomp/_impl/<family>.py``) calling the compiled core;
   * a pure-torch reference (``popcomp/_reference/<family>.py``) registered as the ``default``
-    kernel, so every device works, and used as the oracle in the tests.
+    kernel, so every device works, and used as the oracle in the tests;
+  * device-independent argument checks (``popcomp/_impl/checks.py``: shapes, dtypes, devices,
+    bounds; metadata only) run by every one of these kernels, the fake one included, before
+    anything reaches a compiled kernel.
 """
 from __future__ import annotations
 
 import torch
+
+from ._impl.checks import (
+    check_covariance_accumulate,
+    check_greedy_select,
+    check_kmeans1d,
+    check_sumsq_outer_acc,
+)
 
 LIB = torch.library.Library("popcomp", "DEF")
 
@@ -25,6 +35,7 @@ LIB.define(
 
 @torch.library.register_fake("popcomp::kmeans1d")
 def _kmeans1d_fake(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter):
+    check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
     rows, n = x.shape
     return (
         x.new_empty((rows, k), dtype=torch.float64),
@@ -42,6 +53,7 @@ LIB.define("sumsq_outer_acc(Tensor(a!) acc, Tensor g, Tensor x) -> ()")
 
 @torch.library.register_fake("popcomp::sumsq_outer_acc")
 def _sumsq_outer_acc_fake(acc, g, x):
+    check_sumsq_outer_acc(acc, g, x)
     return None
 
 
@@ -53,6 +65,7 @@ LIB.define("covariance_accumulate(Tensor x, Tensor(a!) acc, Tensor(b!) count) ->
 
 @torch.library.register_fake("popcomp::covariance_accumulate")
 def _covariance_accumulate_fake(x, acc, count):
+    check_covariance_accumulate(x, acc, count)
     return None
 
 
@@ -64,6 +77,7 @@ LIB.define("greedy_select(Tensor cov, int k, Tensor tau, float theta, Tensor? Z)
 
 @torch.library.register_fake("popcomp::greedy_select")
 def _greedy_select_fake(cov, k, tau, theta, Z):
+    check_greedy_select(cov, k, tau, theta, Z)
     return (
         cov.new_empty((k,), dtype=torch.int64),
         cov.new_empty((k,), dtype=torch.float64),

@@ -24,9 +24,10 @@ _DESCR = {
 
 
 def _common(p: argparse.ArgumentParser, name: str) -> None:
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, 0..2^32-1 (default 0)")
     p.add_argument("--out", default=None, help=f"output folder (default popcomp-out/{name})")
-    p.add_argument("--quick", action="store_true", help="small settings, finishes in under a minute")
+    p.add_argument("--quick", action="store_true",
+                   help="small defaults, finishes in under a minute (options given explicitly still win)")
     p.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:N")
 
 
@@ -64,20 +65,43 @@ def _info() -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace):
+    name = "demo" if args.command == "demo" else args.experiment
+    return name, importlib.import_module(f".experiments.{name}", __package__)
+
+
+def _resolve(args: argparse.Namespace):
+    """Complete the parsed options in place: the output folder, the defaults (``--quick`` changes
+    only the defaults of options not given) and every check that needs no work; returns the
+    experiment's module. Raises UserError on a bad option."""
+    name, mod = _experiment(args)
+    if args.out is None:
+        args.out = os.path.join("popcomp-out", name)
+    mod.resolve(args)
+    return mod
+
+
+def resolve_args(argv: List[str]) -> argparse.Namespace:
+    """The settings ``popcomp ARGV`` would run with, without running anything (for tests and
+    scripts). argparse errors exit as usual (SystemExit 2); bad values raise UserError."""
+    args = build_parser().parse_args(argv)
+    if args.command != "info":
+        _resolve(args)
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)  # argparse prints usage + message and exits 2 on bad options
+    prog = "popcomp " + args.command + (f" {args.experiment}" if args.command == "repro" else "")
     try:
         if args.command == "info":
             return _info()
-        name = "demo" if args.command == "demo" else args.experiment
-        if args.out is None:
-            args.out = os.path.join("popcomp-out", name)
-        mod = importlib.import_module(f".experiments.{name}", __package__)
+        mod = _resolve(args)  # bad values are reported here, before any output is written
         mod.run(args)
         return 0
     except UserError as e:
-        print(f"popcomp {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("popcomp: interrupted", file=sys.stderr)

@@ -16,6 +16,7 @@ from .._reference.covariance import (
     covariance_accumulate_reference,
     greedy_select_reference,
 )
+from .checks import check_covariance_accumulate, check_greedy_select, check_greedy_select_values
 
 
 def _layout(x):
@@ -35,7 +36,13 @@ def _accumulate(x, acc, count, run):
     count.add_(B * S)
 
 
+def covariance_accumulate_default(x, acc, count):
+    check_covariance_accumulate(x, acc, count)
+    return covariance_accumulate_reference(x, acc, count)
+
+
 def covariance_accumulate_cpu(x, acc, count):
+    check_covariance_accumulate(x, acc, count)
     C = compiled()
     if C is None:
         return covariance_accumulate_reference(x, acc, count)
@@ -50,6 +57,7 @@ def covariance_accumulate_cpu(x, acc, count):
 
 
 def covariance_accumulate_cuda(x, acc, count):
+    check_covariance_accumulate(x, acc, count)  # before any device address reaches the kernel
     C = compiled()
     if C is None or not C.has_cuda:
         return covariance_accumulate_reference(x, acc, count)
@@ -93,7 +101,18 @@ def _greedy_outputs(cov, k):
     )
 
 
+def _check_greedy(cov, k, tau, theta, Z):
+    check_greedy_select(cov, k, tau, theta, Z)
+    check_greedy_select_values(cov, tau, Z)
+
+
+def greedy_select_default(cov, k, tau, theta, Z):
+    _check_greedy(cov, k, tau, theta, Z)
+    return greedy_select_reference(cov, k, tau, theta, Z)
+
+
 def greedy_select_cpu(cov, k, tau, theta, Z):
+    _check_greedy(cov, k, tau, theta, Z)
     C = compiled()
     if C is None:
         return greedy_select_reference(cov, k, tau, theta, Z)
@@ -110,6 +129,7 @@ def greedy_select_cpu(cov, k, tau, theta, Z):
 
 
 def greedy_select_cuda(cov, k, tau, theta, Z):
+    _check_greedy(cov, k, tau, theta, Z)  # before any device address reaches the kernel
     C = compiled()
     if C is None or not C.has_cuda:
         return greedy_select_reference(cov, k, tau, theta, Z)
@@ -129,9 +149,9 @@ def greedy_select_cuda(cov, k, tau, theta, Z):
     return idx, obj
 
 
-LIB.impl("covariance_accumulate", covariance_accumulate_reference, "CompositeExplicitAutograd")
+LIB.impl("covariance_accumulate", covariance_accumulate_default, "CompositeExplicitAutograd")
 LIB.impl("covariance_accumulate", covariance_accumulate_cpu, "CPU")
 LIB.impl("covariance_accumulate", covariance_accumulate_cuda, "CUDA")
-LIB.impl("greedy_select", greedy_select_reference, "CompositeExplicitAutograd")
+LIB.impl("greedy_select", greedy_select_default, "CompositeExplicitAutograd")
 LIB.impl("greedy_select", greedy_select_cpu, "CPU")
 LIB.impl("greedy_select", greedy_select_cuda, "CUDA")

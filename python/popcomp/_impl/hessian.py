@@ -5,7 +5,8 @@ import torch
 
 from .._backend import DTYPE_CODES, compiled, cuda_stream_args, num_threads
 from .._ops import LIB
-from .._reference.hessian import check_sumsq_args, sumsq_outer_acc_reference
+from .._reference.hessian import sumsq_outer_acc_reference
+from .checks import check_sumsq_outer_acc
 
 
 def _args(acc, g, x):
@@ -35,7 +36,7 @@ def sumsq_outer_acc_cpu(acc, g, x):
     C = compiled()
     if C is None:
         return sumsq_outer_acc_reference(acc, g, x)
-    check_sumsq_args(acc, g, x)
+    check_sumsq_outer_acc(acc, g, x)
     if g.numel() == 0 or x.numel() == 0:
         return None
     if g.shape[2] == 1:
@@ -49,7 +50,7 @@ def sumsq_outer_acc_cuda(acc, g, x):
     C = compiled()
     if C is None or not C.has_cuda:
         return sumsq_outer_acc_reference(acc, g, x)
-    check_sumsq_args(acc, g, x)
+    check_sumsq_outer_acc(acc, g, x)  # before any device address reaches the kernel
     if g.numel() == 0 or x.numel() == 0:
         return None
     dev, stream = cuda_stream_args(acc)

@@ -6,10 +6,10 @@ import torch
 from .._backend import DTYPE_CODES, compiled, cuda_stream_args, cuda_workspace, num_threads
 from .._ops import LIB
 from .._reference.kmeans import kmeans1d_reference
-
-METHODS = {"lloyd": 0, "exact": 1}
-INITS = {"kmeans++": 0, "linear": 1, "quantile": 2, "given": 3}
-DIAMETERS = {"squared": 0, "linear": 1}
+from .checks import KMEANS_DIAMETERS as DIAMETERS
+from .checks import KMEANS_INITS as INITS
+from .checks import KMEANS_METHODS as METHODS
+from .checks import check_kmeans1d, check_kmeans1d_init_values
 _U64 = (1 << 64) - 1
 # csrc/kmeans/kmeans.h, enum Status
 _STATUS = {
@@ -42,6 +42,8 @@ def check_values(x, weights):
 
 def kmeans1d_default(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed,
                      diameter):
+    check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
+    check_kmeans1d_init_values(init_centers)
     check_values(x, weights)
     return kmeans1d_reference(
         x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter
@@ -77,6 +79,8 @@ def kmeans1d_cpu(x, weights, k, beta, method, init, init_centers, max_iter, tol,
         return kmeans1d_default(
             x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter
         )
+    check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
+    check_kmeans1d_init_values(init_centers)  # x and weights: in the kernel's pass over them
     x, w, ic, outs, args = _common(x, weights, k, init_centers)
     if x.numel() == 0:
         return outs
@@ -97,6 +101,9 @@ def kmeans1d_cuda(x, weights, k, beta, method, init, init_centers, max_iter, tol
         return kmeans1d_default(
             x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter
         )
+    # before any device address reaches the kernel: shapes, dtypes, devices, then the values
+    check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
+    check_kmeans1d_init_values(init_centers)
     check_values(x, weights)
     x, w, ic, outs, args = _common(x, weights, k, init_centers)
     if x.numel() == 0:

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
@@ -16,14 +16,67 @@ class UserError(ValueError):
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``--device``: auto (GPU if available), cpu, cuda or cuda:N of a device that exists."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
     try:
-        return torch.device(name)
-    except RuntimeError as e:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
         raise UserError(f"--device {name!r}: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: must be auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"--device {name}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    return dev
+
+
+SEED_MAX = 2**32 - 1
+
+
+def fill_defaults(args, presets: Dict[str, Tuple[object, object]]) -> None:
+    """Give every option of ``presets`` (dest -> (default, ``--quick`` default)) that the user
+    left unset (None) its default: ``--quick`` changes only these defaults, so an option given
+    explicitly always wins, with or without ``--quick``."""
+    quick = bool(getattr(args, "quick", False))
+    for dest, (full, small) in presets.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, small if quick else full)
+
+
+def check_common(args) -> None:
+    """The options every command has (``--seed``, ``--device``), checked before any work."""
+    seed = getattr(args, "seed", 0)
+    if not 0 <= seed <= SEED_MAX:
+        raise UserError(f"--seed must be in 0..{SEED_MAX}, got {seed}")
+    resolve_device(getattr(args, "device", "auto"))
+
+
+def resolve_options(args, presets: Dict[str, Tuple[object, object]], validate) -> None:
+    """Defaults (``--quick``'s for the options not given), then the common and the experiment's
+    own checks (``validate(args)``, which may add parsed fields). Idempotent."""
+    fill_defaults(args, presets)
+    check_common(args)
+    validate(args)
+
+
+def int_list(flag: str, s: str) -> List[int]:
+    """A comma-separated list of integers of option ``flag`` (a UserError naming it if not)."""
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be a comma-separated list of integers, got {s!r}") from None
+
+
+def float_list(flag: str, s: str) -> List[float]:
+    """A comma-separated list of numbers of option ``flag`` (a UserError naming it if not)."""
+    try:
+        return [float(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be a comma-separated list of numbers, got {s!r}") from None
 
 
 def progress(it, **kw):

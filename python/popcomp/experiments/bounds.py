@@ -18,14 +18,17 @@ from torch import nn
 from .. import theory as T
 from ..data import load_digits, subset
 from ._common import (
-    UserError, progress, pyplot, savefig, start, write_json, write_table
+    UserError, int_list, progress, pyplot, resolve_options, savefig, start, write_json, write_table
 )
 from ._nn import evaluate, make_mlp
 from .spectral import _train_adam
 
+# dest -> (default, default under --quick); options given explicitly are never changed
+PRESETS = {"epochs": (40, 15)}
+
 
 def add_arguments(p) -> None:
-    p.add_argument("--epochs", type=int, default=40, help="training epochs (default 40)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 40; 15 with --quick)")
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of the training split (default 1)")
     p.add_argument("--hidden", default="256,256", help="hidden widths (default 256,256)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
@@ -36,20 +39,20 @@ def validate(args) -> None:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
     if not 0 < args.fraction <= 1:
         raise UserError(f"--fraction must be in (0, 1], got {args.fraction}")
-    try:
-        args.hidden_list = [int(v) for v in args.hidden.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--hidden must be comma-separated integers, got {args.hidden!r}") from None
+    args.hidden_list = int_list("--hidden", args.hidden)
     if not args.hidden_list or min(args.hidden_list) < 1:
         raise UserError(f"--hidden must list positive widths, got {args.hidden!r}")
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
 
 
+def resolve(args) -> None:
+    """Fill the defaults (``--quick``'s for options not given) and check every option."""
+    resolve_options(args, PRESETS, validate)
+
+
 def run(args) -> Dict[str, object]:
-    if args.quick:
-        args.epochs = min(args.epochs, 15)
-    validate(args)
+    resolve(args)
     out, dev, t0 = start(args)
     data = load_digits(device=dev)
     x, y, _ = subset(data.x_train, data.y_train, args.fraction, seed=args.seed)

@@ -27,26 +27,29 @@ from torch import nn
 
 from ..data import load_digits
 from ._common import (
-    UserError, markdown_table, progress, pyplot, savefig, start, write_json, write_table
+    UserError, float_list, int_list, markdown_table, progress, pyplot, resolve_options, savefig,
+    start, write_json, write_table
 )
 from ._nn import evaluate, hessian_diagonal, make_mlp, n_params, train
 
 BETAS = (1e-4, 1e-3, 1e-2, 3e-2, 0.1)
+# dest -> (default, default under --quick); options given explicitly are never changed
+PRESETS = {"epochs": (40, 20), "bits": ("2,3,4", "2,4"), "keep": ("0.5,0.25", "0.5")}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--bits", default="2,3,4", help="bit widths of the quantization (default 2,3,4)")
-    p.add_argument("--keep", default="0.5,0.25", help="kept fractions of hidden units for pruning")
-    p.add_argument("--epochs", type=int, default=40, help="training epochs (default 40)")
+    p.add_argument("--bits", default=None,
+                   help="bit widths of the quantization, each in 1..8 (default 2,3,4; 2,4 with --quick)")
+    p.add_argument("--keep", default=None,
+                   help="kept fractions of hidden units for pruning, each in (0, 1) "
+                        "(default 0.5,0.25; 0.5 with --quick)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 40; 20 with --quick)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: small net)")
 
 
 def validate(args) -> None:
-    try:
-        args.bit_list = [int(v) for v in args.bits.split(",") if v.strip()]
-        args.keep_list = [float(v) for v in args.keep.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--bits/--keep must be comma-separated numbers, got {args.bits!r} / {args.keep!r}") from None
+    args.bit_list = int_list("--bits", args.bits)
+    args.keep_list = float_list("--keep", args.keep)
     if not args.bit_list or not all(1 <= b <= 8 for b in args.bit_list):
         raise UserError(f"--bits must lie in 1..8, got {args.bits!r}")
     if not all(0 < k < 1 for k in args.keep_list):
@@ -95,14 +98,13 @@ def _spectral_prune(model: nn.Sequential, x: torch.Tensor, keep: float):
     return pm, "popcomp.prune.spectral_prune (backward, θ = 0.5, λ = 1e-6 Tr Σ)"
 
 
+def resolve(args) -> None:
+    """Fill the defaults (``--quick``'s for options not given) and check every option."""
+    resolve_options(args, PRESETS, validate)
+
+
 def run(args) -> Dict[str, object]:
-    if args.quick:
-        args.epochs = min(args.epochs, 20)
-        if args.bits == "2,3,4":
-            args.bits = "2,4"
-        if args.keep == "0.5,0.25":
-            args.keep = "0.5"
-    validate(args)
+    resolve(args)
     out, dev, t0 = start(args)
     data = load_digits(device=dev)
     g = torch.Generator().manual_seed(args.seed)

@@ -25,16 +25,21 @@ from typing import Dict, List
 import torch
 
 from .. import theory as T
-from ._common import (UserError, ensure_out, mean_se, progress, pyplot, resolve_device, savefig,
-                      write_json, write_table)
+from ._common import (UserError, ensure_out, mean_se, progress, pyplot, resolve_device,
+                      resolve_options, savefig, write_json, write_table)
+
+# dest -> (default, default under --quick); options given explicitly are never changed
+PRESETS = {"trials": (10000, 2000), "kmax": (10, 6)}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--trials", type=int, default=10000, help="Monte-Carlo trials (default 10000)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="Monte-Carlo trials (default 10000; 2000 with --quick)")
     p.add_argument("--d", type=int, default=50, help="dimension d (default 50)")
     p.add_argument("--n", type=int, default=80, help="training samples n (default 80, needs n > d + 1)")
     p.add_argument("--noise-var", type=float, default=1.0, help="noise variance σ'² (default 1)")
-    p.add_argument("--kmax", type=int, default=10, help="largest number of clusters K (default 10)")
+    p.add_argument("--kmax", type=int, default=None,
+                   help="largest number of clusters K (default 10; 6 with --quick)")
     p.add_argument("--chunk", type=int, default=2000, help="trials per vectorized batch")
 
 
@@ -55,11 +60,13 @@ def validate(args) -> None:
         raise UserError(f"--chunk must be >= 1, got {args.chunk}")
 
 
+def resolve(args) -> None:
+    """Fill the defaults (``--quick``'s for options not given) and check every option."""
+    resolve_options(args, PRESETS, validate)
+
+
 def run(args) -> Dict[str, object]:
-    if args.quick:
-        args.trials = min(args.trials, 2000)
-        args.kmax = min(args.kmax, 6)
-    validate(args)
+    resolve(args)
     out = ensure_out(args.out)
     dev = resolve_device(getattr(args, "device", "cpu"))
     d, n, s2 = args.d, args.n, args.noise_var

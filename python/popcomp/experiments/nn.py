@@ -29,41 +29,39 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
 from ..data import load_digits, subset
 from ._common import (
-    UserError, mean_se, progress, pyplot, savefig, start, write_json, write_table
+    UserError, float_list, int_list, mean_se, progress, pyplot, resolve_options, savefig, start,
+    write_json, write_table
 )
 from ._nn import entropy_bits, evaluate, hessian_diagonal, make_mlp, train
 
-
-def _floats(s: str) -> List[float]:
-    try:
-        return [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"expected a comma-separated list of numbers, got {s!r}") from None
-
-
-def _ints(s: str) -> List[int]:
-    try:
-        return [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"expected a comma-separated list of integers, got {s!r}") from None
+# dest -> (default, default under --quick); options given explicitly are never changed
+PRESETS = {
+    "models": (50, 4),
+    "clusters": ("2,3,4,5,6,7,8", "2,4,8"),
+    "betas": ("0,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1", "0,1e-3,1e-2"),
+}
+K_MAX = 256  # 8-bit codebooks, as demo's --bits 1..8
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--models", type=int, default=50, help="independently initialized models (default 50)")
+    p.add_argument("--models", type=int, default=None,
+                   help="independently initialized models (default 50; 4 with --quick)")
     p.add_argument("--fraction", type=float, default=0.1,
                    help="fraction of the training split used for training (default 0.1)")
     p.add_argument("--epochs", type=int, default=25, help="training epochs (default 25)")
     p.add_argument("--batch-size", type=int, default=16, help="SGD minibatch (default 16)")
-    p.add_argument("--clusters", default="2,3,4,5,6,7,8",
-                   help="numbers of clusters K per layer (default 2,3,4,5,6,7,8)")
-    p.add_argument("--betas", default="0,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1",
-                   help="β grid of the cross-validation (per weight; 0 = HW is always included)")
+    p.add_argument("--clusters", default=None,
+                   help=f"numbers of clusters K per layer, each in 1..{K_MAX} "
+                        "(default 2,3,4,5,6,7,8; 2,4,8 with --quick)")
+    p.add_argument("--betas", default=None,
+                   help="β grid of the cross-validation (per weight; 0 = HW is always included; "
+                        "default 0,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1; 0,1e-3,1e-2 with --quick)")
     p.add_argument("--hessian", default="ggn", choices=["ggn", "fisher", "hutchinson"],
                    help="Hessian-diagonal method of popcomp.hessian (default ggn)")
     p.add_argument("--fig7-k", type=int, default=None, help="K of the β sweep figure (default: 7 or the middle K)")
@@ -81,11 +79,14 @@ def validate(args) -> None:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    args.K = sorted(set(_ints(args.clusters)))
-    if not args.K or min(args.K) < 1:
-        raise UserError(f"--clusters must list integers >= 1, got {args.clusters!r}")
-    args.beta_grid = sorted(set([0.0] + _floats(args.betas)))
-    if min(args.beta_grid) < 0 or not all(math.isfinite(b) for b in args.beta_grid):
+    args.K = sorted(set(int_list("--clusters", args.clusters)))
+    if not args.K or min(args.K) < 1 or max(args.K) > K_MAX:
+        raise UserError(f"--clusters must list integers in 1..{K_MAX}, got {args.clusters!r}")
+    betas = float_list("--betas", args.betas)
+    if not all(math.isfinite(b) for b in betas):
+        raise UserError(f"--betas must be finite and >= 0, got {args.betas!r}")
+    args.beta_grid = sorted(set([0.0] + betas))
+    if min(args.beta_grid) < 0:
         raise UserError(f"--betas must be finite and >= 0, got {args.betas!r}")
     if len(args.beta_grid) < 2:
         raise UserError("--betas must contain at least one β > 0 for DRHW")
@@ -95,13 +96,13 @@ def validate(args) -> None:
         raise UserError(f"--fig7-k must be one of the --clusters {args.K}, got {args.fig7_k}")
 
 
+def resolve(args) -> None:
+    """Fill the defaults (``--quick``'s for options not given) and check every option."""
+    resolve_options(args, PRESETS, validate)
+
+
 def run(args) -> Dict[str, object]:
-    if args.quick:
-        args.models = min(args.models, 4)
-        args.clusters = "2,4,8" if args.clusters == "2,3,4,5,6,7,8" else args.clusters
-        if args.betas == "0,1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,0.1":
-            args.betas = "0,1e-3,1e-2"
-    validate(args)
+    resolve(args)
     out, dev, t0 = start(args)
     import popcomp
 

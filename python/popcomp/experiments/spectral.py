@@ -23,9 +23,13 @@ import torch
 from .. import theory as T
 from ..data import load_digits
 from ._common import (
-    UserError, progress, pyplot, savefig, start, write_json, write_table
+    UserError, float_list, progress, pyplot, resolve_options, savefig, start, write_json,
+    write_table
 )
 from ._nn import evaluate, make_cnn, make_mlp, n_params
+
+# dest -> (default, default under --quick); options given explicitly are never changed
+PRESETS = {"epochs": (30, 8), "rates": ("0.1,0.25,0.5", "0.25,0.5")}
 
 
 def _prune(model, x, widths, lam_rel=1e-6, theta=0.5):
@@ -36,18 +40,17 @@ def _prune(model, x, widths, lam_rel=1e-6, theta=0.5):
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
-    p.add_argument("--rates", default="0.1,0.25,0.5", help="kept fractions of hidden units for Fig. 2")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default 30; 8 with --quick)")
+    p.add_argument("--rates", default=None,
+                   help="kept fractions of hidden units for Fig. 2 (default 0.1,0.25,0.5; "
+                        "0.25,0.5 with --quick)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
 
 
 def validate(args) -> None:
     if args.epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
-    try:
-        args.rate_list = [float(v) for v in args.rates.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--rates must be a comma-separated list of numbers, got {args.rates!r}") from None
+    args.rate_list = float_list("--rates", args.rates)
     if not args.rate_list or not all(0 < r <= 1 for r in args.rate_list):
         raise UserError(f"--rates must lie in (0, 1], got {args.rates!r}")
     if args.threads < 1:
@@ -73,12 +76,13 @@ def _train_adam(model, x, y, epochs, seed, bs=64, bar=None):
     return model
 
 
+def resolve(args) -> None:
+    """Fill the defaults (``--quick``'s for options not given) and check every option."""
+    resolve_options(args, PRESETS, validate)
+
+
 def run(args) -> Dict[str, object]:
-    if args.quick:
-        args.epochs = min(args.epochs, 8)
-        if args.rates == "0.1,0.25,0.5":
-            args.rates = "0.25,0.5"
-    validate(args)
+    resolve(args)
     out, dev, t0 = start(args)
     flat = load_digits(device=dev)
     img = load_digits(images=True, device=dev)

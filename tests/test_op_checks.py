@@ -1,0 +1,295 @@
+"""The ops ``torch.ops.popcomp.*`` called directly with bad arguments raise a TypeError or
+ValueError naming the argument, on every device and from every kernel (CPU, CUDA, the
+reference default, the fake/meta kernel), before any address reaches a compiled kernel; the
+raw bindings of popcomp._C check their sizes, codes and addresses too.
+
+Before these checks, a wrong ``acc`` shape corrupted the heap (covariance_accumulate), wrong
+``weights``/``init_centers``/``tau`` shapes were read out of bounds, tensors on another device
+were silently read through their addresses, and other mistakes gave KeyErrors or unpacking
+errors. The CUDA kernels are checked here without a GPU by handing them a stand-in compiled
+module that fails the test if any of its functions is reached."""
+import pytest
+import torch
+
+import popcomp
+from popcomp._backend import compiled
+from popcomp._impl import checks
+from popcomp._impl import covariance as impl_cov
+from popcomp._impl import hessian as impl_hess
+from popcomp._impl import kmeans as impl_km
+
+requires_cuda = pytest.mark.skipif(not popcomp.backends()["cuda"]["usable"],
+                                   reason="needs a CUDA device and a CUDA build")
+OPS = torch.ops.popcomp
+F64 = torch.float64
+I64 = torch.int64
+
+
+def _km(dev, other, x=None, weights=None, k=2, beta=0.0, method="lloyd", init="kmeans++",
+        init_centers=None, max_iter=10, tol=0.0, seed=0, diameter="squared"):
+    x = torch.randn(3, 8, device=dev) if x is None else x
+    return (x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
+
+
+def _cov(dev, other, x=None, acc=None, count=None):
+    x = torch.randn(10, 4, device=dev) if x is None else x
+    acc = torch.zeros(4, 4, device=dev) if acc is None else acc
+    count = torch.zeros((), dtype=I64, device=dev) if count is None else count
+    return (x, acc, count)
+
+
+def _greedy(dev, other, cov=None, k=2, tau=None, theta=1.0, Z=None):
+    cov = torch.eye(4, dtype=F64, device=dev) if cov is None else cov
+    tau = torch.zeros(4, dtype=F64, device=dev) if tau is None else tau
+    return (cov, k, tau, theta, Z)
+
+
+def _sumsq(dev, other, acc=None, g=None, x=None):
+    acc = torch.zeros(5, 7, device=dev) if acc is None else acc
+    g = torch.randn(3, 2, 4, 5, device=dev) if g is None else g
+    x = torch.randn(3, 4, 7, device=dev) if x is None else x
+    return (acc, g, x)
+
+
+# (op, builder of the arguments on (device, other device), exception, message)
+CASES = [
+    ("kmeans1d", lambda d, o: _km(d, o, x=torch.randn(8, device=d)), ValueError, "x must be 2-D"),
+    ("kmeans1d", lambda d, o: _km(d, o, x=torch.ones(3, 8, dtype=I64, device=d)), TypeError,
+     "x must have a floating dtype"),
+    ("kmeans1d", lambda d, o: _km(d, o, x=torch.randn(3, 0, device=d)), ValueError, "at least one value"),
+    ("kmeans1d", lambda d, o: _km(d, o, weights=torch.ones(1, 3, device=d)), ValueError,
+     r"weights must have the shape of x \(3, 8\)"),
+    ("kmeans1d", lambda d, o: _km(d, o, weights=torch.ones(3, 8, device=o)), ValueError,
+     "weights is on .* but x is on"),
+    ("kmeans1d", lambda d, o: _km(d, o, weights=torch.ones(3, 8, dtype=torch.int32, device=d)),
+     TypeError, "weights must have a floating dtype"),
+    ("kmeans1d", lambda d, o: _km(d, o, k=0), ValueError, "k must be >= 1"),
+    ("kmeans1d", lambda d, o: _km(d, o, beta=float("nan")), ValueError, "beta must be finite"),
+    ("kmeans1d", lambda d, o: _km(d, o, beta=-1.0), ValueError, "beta must be >= 0"),
+    ("kmeans1d", lambda d, o: _km(d, o, tol=-1.0), ValueError, "tol must be >= 0"),
+    ("kmeans1d", lambda d, o: _km(d, o, max_iter=-1), ValueError, "max_iter must be >= 0"),
+    ("kmeans1d", lambda d, o: _km(d, o, method="kmedians"), ValueError, "method must be one of"),
+    ("kmeans1d", lambda d, o: _km(d, o, init="random"), ValueError, "init must be one of"),
+    ("kmeans1d", lambda d, o: _km(d, o, diameter="cubic"), ValueError, "diameter must be one of"),
+    ("kmeans1d", lambda d, o: _km(d, o, init="given"), ValueError, "init 'given' needs init_centers"),
+    ("kmeans1d", lambda d, o: _km(d, o, init="given", init_centers=torch.zeros(1, 1, dtype=F64, device=d)),
+     ValueError, r"init_centers must have shape \(rows, k\) = \(3, 2\)"),
+    ("kmeans1d", lambda d, o: _km(d, o, init="given", init_centers=torch.zeros(3, 2, dtype=F64, device=o)),
+     ValueError, "init_centers is on .* but x is on"),
+    ("covariance_accumulate", lambda d, o: _cov(d, o, acc=torch.zeros(2, 2, device=d)), ValueError,
+     r"acc must have shape \(m, m\) = \(4, 4\)"),
+    ("covariance_accumulate", lambda d, o: _cov(d, o, x=torch.randn(10, device=d)), ValueError,
+     r"x must be \(N, m\) or \(B, m, S\)"),
+    ("covariance_accumulate", lambda d, o: _cov(d, o, x=torch.randn(2, 4, 3, 3, device=d)), ValueError,
+     r"x must be \(N, m\) or \(B, m, S\)"),
+    ("covariance_accumulate", lambda d, o: _cov(d, o, x=torch.ones(10, 4, dtype=torch.int32, device=d)),
+     TypeError, "x must have a floating dtype"),
+    ("covariance_accumulate", lambda d, o: _cov(d, o, acc=torch.zeros(4, 4, dtype=torch.float16, device=d)),
+     TypeError, "acc must be float32 or float64"),
+    ("covariance_accumulate", lambda d, o: _cov(d, o, acc=torch.zeros(4, 4, device=o)), ValueError,
+     "acc is on .* but x is on"),
+    ("covariance_accumulate", lambda d, o: _cov(d, o, count=torch.zeros(3, device=d)), TypeError,
+     "count must be a 0-d int64 tensor"),
+    ("covariance_accumulate", lambda d, o: _cov(d, o, count=torch.zeros((), dtype=I64, device=o)),
+     ValueError, "count is on .* but x is on"),
+    ("greedy_select", lambda d, o: _greedy(d, o, cov=torch.eye(4, dtype=F64, device=d)[:3]), ValueError,
+     r"cov must be a square \(m, m\) matrix"),
+    ("greedy_select", lambda d, o: _greedy(d, o, cov=torch.eye(4, dtype=torch.float16, device=d)),
+     TypeError, "cov must be float32 or float64"),
+    ("greedy_select", lambda d, o: _greedy(d, o, k=5), ValueError, "k must be <= 4"),
+    ("greedy_select", lambda d, o: _greedy(d, o, k=-1), ValueError, "k must be >= 0"),
+    ("greedy_select", lambda d, o: _greedy(d, o, tau=torch.zeros(1, dtype=F64, device=d)), ValueError,
+     r"tau must have shape \(m,\) = \(4,\)"),
+    ("greedy_select", lambda d, o: _greedy(d, o, tau=torch.zeros(4, dtype=F64, device=o)), ValueError,
+     "tau is on .* but cov is on"),
+    ("greedy_select", lambda d, o: _greedy(d, o, theta=1.5), ValueError, "theta must be <= 1"),
+    ("greedy_select", lambda d, o: _greedy(d, o, theta=float("nan")), ValueError, "theta must be finite"),
+    ("greedy_select", lambda d, o: _greedy(d, o, theta=0.5, Z=torch.eye(3, dtype=F64, device=d)), ValueError,
+     r"Z must have shape \(p, m\) = \(p, 4\)"),
+    ("greedy_select", lambda d, o: _greedy(d, o, theta=0.5, Z=torch.eye(4, dtype=F64, device=o)), ValueError,
+     "Z is on .* but cov is on"),
+    ("sumsq_outer_acc", lambda d, o: _sumsq(d, o, acc=torch.zeros(5, 6, device=d)), ValueError,
+     r"acc must have shape \(out, in\) = \(5, 7\)"),
+    ("sumsq_outer_acc", lambda d, o: _sumsq(d, o, acc=torch.zeros(7, 5, device=d).t()), ValueError,
+     "acc must be a contiguous 2-D float32 tensor"),
+    ("sumsq_outer_acc", lambda d, o: _sumsq(d, o, g=torch.randn(3, 4, 5, device=d)), ValueError,
+     r"g must be 4-D"),
+    ("sumsq_outer_acc", lambda d, o: _sumsq(d, o, x=torch.randn(3, 4, 7, dtype=F64, device=d)), TypeError,
+     "x must be float32, float16 or bfloat16"),
+    ("sumsq_outer_acc", lambda d, o: _sumsq(d, o, x=torch.randn(2, 4, 7, device=d)), ValueError,
+     "disagree on B or T"),
+    ("sumsq_outer_acc", lambda d, o: _sumsq(d, o, g=torch.randn(3, 2, 4, 5, device=o)), ValueError,
+     "g is on .* but acc is on"),
+]
+IDS = [f"{op}-{i}" for i, (op, *_) in enumerate(CASES)]
+
+CHECKS = {"kmeans1d": checks.check_kmeans1d, "covariance_accumulate": checks.check_covariance_accumulate,
+          "greedy_select": checks.check_greedy_select, "sumsq_outer_acc": checks.check_sumsq_outer_acc}
+
+
+@pytest.mark.parametrize("op, build, exc, match", CASES, ids=IDS)
+def test_shared_check_names_the_argument(op, build, exc, match):
+    with pytest.raises(exc, match=match):
+        CHECKS[op](*build("cpu", "meta"))
+    with pytest.raises(exc, match=match):  # metadata only: meta tensors get the same answer
+        CHECKS[op](*build("meta", "cpu"))
+
+
+@pytest.mark.parametrize("op, build, exc, match", CASES, ids=IDS)
+@pytest.mark.parametrize("device, other", [("cpu", "meta"), ("meta", "cpu")])
+def test_op_raises_before_the_kernel(op, build, exc, match, device, other):
+    """The CPU kernel and the fake (meta) kernel of every op."""
+    with pytest.raises(exc, match=match):
+        getattr(OPS, op)(*build(device, other))
+
+
+class _NoKernel:
+    """Stands in for the compiled module: the CUDA branch of a kernel must not reach it."""
+
+    has_cuda = True
+
+    def __getattr__(self, name):
+        raise AssertionError(f"popcomp._C.{name} reached with bad arguments")
+
+
+KERNELS = {
+    "kmeans1d": (impl_km, [impl_km.kmeans1d_cpu, impl_km.kmeans1d_cuda, impl_km.kmeans1d_default]),
+    "covariance_accumulate": (impl_cov, [impl_cov.covariance_accumulate_cpu, impl_cov.covariance_accumulate_cuda,
+                                         impl_cov.covariance_accumulate_default]),
+    "greedy_select": (impl_cov, [impl_cov.greedy_select_cpu, impl_cov.greedy_select_cuda,
+                                 impl_cov.greedy_select_default]),
+    "sumsq_outer_acc": (impl_hess, [impl_hess.sumsq_outer_acc_cpu, impl_hess.sumsq_outer_acc_cuda,
+                                    impl_hess.sumsq_outer_acc_reference]),
+}
+
+
+@pytest.mark.parametrize("op, build, exc, match", CASES, ids=IDS)
+def test_every_kernel_checks_before_the_compiled_core(op, build, exc, match, monkeypatch):
+    """The CUDA kernels (and the CPU ones) run the shared checks before any address reaches
+    popcomp._C, whatever the build: here _C is a stand-in that fails if reached."""
+    module, kernels = KERNELS[op]
+    monkeypatch.setattr(module, "compiled", lambda: _NoKernel())
+    for kernel in kernels:
+        with pytest.raises(exc, match=match):
+            kernel(*build("cpu", "meta"))
+
+
+def test_value_checks_of_the_direct_ops():
+    x = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="init_centers contains NaN or Inf"):
+        OPS.kmeans1d(x, None, 2, 0.0, "lloyd", "given", torch.tensor([[0.0, float("nan")]] * 2, dtype=F64),
+                     10, 0.0, 0, "squared")
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"x contains NaN or Inf \(row 1\)"):
+        OPS.kmeans1d(x, None, 2, 0.0, "lloyd", "kmeans++", None, 10, 0.0, 0, "squared")
+    tau = torch.zeros(4, dtype=F64)
+    with pytest.raises(ValueError, match="cov contains NaN or Inf"):
+        OPS.greedy_select(torch.full((4, 4), float("nan"), dtype=F64), 2, tau, 1.0, None)
+    with pytest.raises(ValueError, match="tau must be non-negative"):
+        OPS.greedy_select(torch.eye(4, dtype=F64), 2, tau - 1, 1.0, None)
+    with pytest.raises(ValueError, match="Z contains NaN or Inf"):
+        OPS.greedy_select(torch.eye(4, dtype=F64), 2, tau, 0.5, torch.full((2, 4), float("inf"), dtype=F64))
+
+
+def test_valid_direct_calls_still_work_on_cpu_and_meta():
+    for dev in ("cpu", "meta"):
+        c, lab, cost, it = OPS.kmeans1d(*_km(dev, None, init="given",
+                                             init_centers=torch.zeros(3, 2, dtype=F64, device=dev)))
+        assert c.shape == (3, 2) and lab.shape == (3, 8)
+        acc, count = torch.zeros(4, 4, device=dev), torch.zeros((), dtype=I64, device=dev)
+        OPS.covariance_accumulate(torch.randn(2, 4, 5, device=dev), acc, count)  # (B, m, S)
+        idx, obj = OPS.greedy_select(*_greedy(dev, None, k=0))
+        assert idx.shape == (0,)
+        OPS.sumsq_outer_acc(*_sumsq(dev, None))
+        if dev == "cpu":
+            assert int(count) == 10
+
+
+# ---- the raw bindings (popcomp._C) -----------------------------------------------------------
+C = compiled()
+needs_core = pytest.mark.skipif(C is None, reason="compiled core not built")
+
+
+@needs_core
+@pytest.mark.parametrize("fn, args, match", [
+    # kmeans1d_cpu(x, w, x_dtype, w_dtype, rows, n, k, beta, method, init, diameter, max_iter,
+    #              tol, seed, init_centers, centers, labels, cost, n_iter, num_threads)
+    ("kmeans1d_cpu", (0, 0, 1, 1, 2, 3, 2, 0.0, 0, 0, 0, 10, 0.0, 0, 0, 0, 0, 0, 0, 1), "x is a null address"),
+    ("kmeans1d_cpu", (1, 0, 9, 1, 2, 3, 2, 0.0, 0, 0, 0, 10, 0.0, 0, 0, 1, 1, 1, 1, 1), "x_dtype must be a dtype code"),
+    ("kmeans1d_cpu", (1, 0, 1, 1, -2, 3, 2, 0.0, 0, 0, 0, 10, 0.0, 0, 0, 1, 1, 1, 1, 1), "rows must be >= 0"),
+    ("kmeans1d_cpu", (1, 0, 1, 1, 2, 3, 0, 0.0, 0, 0, 0, 10, 0.0, 0, 0, 1, 1, 1, 1, 1), "k must be >= 1"),
+    ("kmeans1d_cpu", (1, 0, 1, 1, 2, 3, 2, float("nan"), 0, 0, 0, 10, 0.0, 0, 0, 1, 1, 1, 1, 1), "beta must be finite"),
+    ("kmeans1d_cpu", (1, 0, 1, 1, 2, 3, 2, 0.0, 5, 0, 0, 10, 0.0, 0, 0, 1, 1, 1, 1, 1), "method must be a code"),
+    ("kmeans1d_cpu", (1, 0, 1, 1, 2, 3, 2, 0.0, 0, 3, 0, 10, 0.0, 0, 0, 1, 1, 1, 1, 1), "init_centers"),
+    ("kmeans1d_cpu", (1, 0, 1, 1, 2, 3, 2, 0.0, 0, 0, 2, 10, 0.0, 0, 0, 1, 1, 1, 1, 1), "diameter must be a code"),
+    ("kmeans1d_cpu", (1, 0, 1, 1, 2, 3, 2, 0.0, 0, 0, 0, -1, 0.0, 0, 0, 1, 1, 1, 1, 1), "max_iter must be >= 0"),
+    # sumsq_outer_cpu(g, x, acc, B, R, T, out, in, g_strides, x_strides, g_dtype, x_dtype, threads)
+    ("sumsq_outer_cpu", (1, 1, 1, 1, 1, 1, 1, 1, (1, 1, 1), (1, 1, 1), 1, 1, 1), "g_strides must hold 4"),
+    ("sumsq_outer_cpu", (1, 1, 1, 1, 1, 1, 1, 1, (1, 1, 1, 1), (1, 1), 1, 1, 1), "x_strides must hold 3"),
+    ("sumsq_outer_cpu", (1, 1, 1, 1, 1, 1, 1, 1, (1, 1, 1, 1), (1, 1, 1), 0, 1, 1), "g_dtype must be a dtype code"),
+    ("sumsq_outer_cpu", (1, 1, 0, 1, 1, 1, 1, 1, (1, 1, 1, 1), (1, 1, 1), 1, 1, 1), "acc is a null address"),
+    ("sumsq_outer_cpu", (1, 1, 1, -1, 1, 1, 1, 1, (1, 1, 1, 1), (1, 1, 1), 1, 1, 1), "B must be >= 0"),
+    # covariance_accumulate_cpu(x, x_dtype, B, S, m, sB, sS, sm, acc, acc_dtype, threads)
+    ("covariance_accumulate_cpu", (1, 1, 1, 1, 1, 0, 1, 1, 1, 2, 1), "acc_dtype must be a dtype code"),
+    ("covariance_accumulate_cpu", (0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1), "x is a null address"),
+    ("covariance_accumulate_cpu", (1, 1, 1, -1, 1, 0, 1, 1, 1, 1, 1), "S must be >= 0"),
+    # greedy_select_cpu(cov, M, dtype, m, k, tau, n0, L0, rel_guard, idx, obj, threads)
+    ("greedy_select_cpu", (1, 0, 0, 3, 4, 1, 1, 1, 1e-3, 1, 1, 1), r"k must be <= m \(3\)"),
+    ("greedy_select_cpu", (1, 0, 2, 3, 2, 1, 1, 1, 1e-3, 1, 1, 1), "dtype must be a dtype code"),
+    ("greedy_select_cpu", (1, 0, 0, 3, 2, 0, 1, 1, 1e-3, 1, 1, 1), "tau is a null address"),
+    ("greedy_select_cpu", (1, 0, 0, 3, 2, 1, 1, 1, -1.0, 1, 1, 1), "rel_guard must be finite and >= 0"),
+])
+def test_bindings_check_their_arguments(fn, args, match):
+    with pytest.raises(ValueError, match=f"{fn}: .*{match}"):
+        getattr(C, fn)(*args)
+
+
+@needs_core
+@pytest.mark.skipif(C is None or not C.has_cuda, reason="CUDA bindings not built")
+@pytest.mark.parametrize("fn, args, match", [
+    ("kmeans1d_cuda", (0, 0, 1, 1, 2, 3, 2, 0.0, 0, 0, 0, 10, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+     "x is a null address"),
+    ("kmeans1d_cuda", (1, 0, 1, 1, 2, 3, 2, 0.0, 0, 0, 0, 10, 0.0, 0, 0, 1, 1, 1, 1, 0, 0, -1, 0),
+     "device must be a CUDA device index"),
+    ("kmeans1d_cuda", (1, 0, 1, 1, 2, 3, 2, 0.0, 0, 0, 0, 10, 0.0, 0, 0, 1, 1, 1, 1, 0, 64, 0, 0),
+     "workspace is a null address"),
+    ("kmeans1d_cuda_workspace", (2, 3, 2, 4, 1, 0), "method must be a code"),
+    ("sumsq_outer_cuda", (1, 1, 1, 1, 1, 1, 1, 1, (1, 1, 1), (1, 1, 1), 1, 1, 0, 0), "g_strides must hold 4"),
+    ("covariance_accumulate_cuda", (1, 1, 1, 1, 1, 0, 1, 1, 1, 3, 0, 0, 0, 0), "acc_dtype must be a dtype code"),
+    ("covariance_accumulate_cuda", (1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 16, 0, 0), "workspace is a null address"),
+    ("greedy_select_cuda", (1, 0, 0, 3, 4, 1, 1, 1, 1e-3, 1, 1, 0, 0, 0, 0), r"k must be <= m \(3\)"),
+    ("greedy_select_cuda", (1, 0, 0, 3, 2, 1, 1, 1, 1e-3, 1, 1, 0, 0, 0, 0), "workspace too small"),
+    ("greedy_select_cuda_workspace", (3, 3, 2), "dtype must be a dtype code"),
+])
+def test_cuda_bindings_check_their_arguments(fn, args, match):
+    with pytest.raises(ValueError, match=f"{fn}: .*{match}"):
+        getattr(C, fn)(*args)
+
+
+# ---- on a GPU: the same answers from the CUDA kernels ----------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("op, build, exc, match", CASES, ids=IDS)
+def test_cuda_op_raises_before_the_kernel(op, build, exc, match):
+    with pytest.raises(exc, match=match):
+        getattr(OPS, op)(*build("cuda", "cpu"))
+    torch.cuda.synchronize()  # nothing was launched that could have failed asynchronously
+
+
+@requires_cuda
+def test_cuda_value_checks_and_non_contiguous_inputs():
+    x = torch.randn(2, 6, device="cuda")
+    x[0, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"x contains NaN or Inf \(row 0\)"):
+        OPS.kmeans1d(x, None, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")
+    w = -torch.ones(2, 6, device="cuda")
+    with pytest.raises(ValueError, match="weights must be non-negative"):
+        OPS.kmeans1d(torch.randn(2, 6, device="cuda"), w, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")
+    with pytest.raises(ValueError, match="cov contains NaN or Inf"):
+        OPS.greedy_select(torch.full((4, 4), float("nan"), dtype=F64, device="cuda"), 2,
+                          torch.zeros(4, dtype=F64, device="cuda"), 1.0, None)
+    # non-contiguous inputs are fine (copied or read through their strides), as on CPU
+    xt = torch.randn(8, 3, device="cuda").t()
+    c_gpu = OPS.kmeans1d(xt, None, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")[0]
+    c_cpu = OPS.kmeans1d(xt.cpu(), None, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")[0]
+    torch.testing.assert_close(c_gpu.cpu(), c_cpu, rtol=1e-6, atol=1e-9)
+    torch.cuda.synchronize()
