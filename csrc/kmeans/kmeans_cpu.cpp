@@ -475,12 +475,15 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G) {
   w.J.resize((size_t)k * u);
   double* d = w.d.data();
   double* dnext = w.D1.data();
-  d[0] = kInf;
-  for (int64_t i = 0; i < u; ++i) d[i + 1] = seg_cost_dp(s0[i + 1], s1[i + 1], s2[i + 1]);
 #if !defined(POPCOMP_OPENMP)
   threads = 1;  // the row split below needs a team of threads
 #endif
   const int T = threads > 1 && u - k > 16384 ? threads : 1;
+  d[0] = kInf;
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel for num_threads(T) schedule(static) if (T > 1)
+#endif
+  for (int64_t i = 0; i < u; ++i) d[i + 1] = seg_cost_dp(s0[i + 1], s1[i + 1], s2[i + 1]);
   const int64_t nb = u / kPB;
   w.blocks.resize(4 * (size_t)nb + (size_t)T * (nb + 1));
   double* bd = w.blocks.data();
@@ -703,18 +706,27 @@ struct Solver {
     w.v.resize(n);
     w.vo.resize(n);
     w.W.resize(n);
-    w.run.resize(n);
+    // the run index of each sorted position is needed only by the labels of small problems
+    const bool runs = n <= kScatterMax;
+    if (runs) w.run.resize(n);
+    // local pointers: stores through w's vectors would otherwise reload their data pointers
+    const Key* sk = keys.data();
+    const uint32_t* si = w.idx.data();
+    uint32_t* rp = runs ? w.run.data() : nullptr;
+    double* vp = w.v.data();
+    double* vop = w.vo.data();
+    double* Wp = w.W.data();
     int64_t u = 0;
     for (int64_t t = 0; t < n;) {
-      const Key kk = keys[t];
+      const Key kk = sk[t];
       double ws = 0.0;
       do {
-        ws += carry_w ? (double)bits_to_float(w.idx[t]) : (wt ? Elem<DW>::get(wt, w.idx[t]) : 1.0);
-        w.run[t] = (uint32_t)u;
+        ws += carry_w ? (double)bits_to_float(si[t]) : (wt ? Elem<DW>::get(wt, si[t]) : 1.0);
+        if (runs) rp[t] = (uint32_t)u;
         ++t;
-      } while (t < n && keys[t] == kk);
-      w.v[u] = w.vo[u] = E::value(kk);
-      w.W[u] = ws;
+      } while (t < n && sk[t] == kk);
+      vp[u] = vop[u] = E::value(kk);
+      Wp[u] = ws;
       ++u;
     }
     return u;
@@ -766,13 +778,21 @@ struct Solver {
     w.s0.resize(u + 1);
     w.s1.resize(u + 1);
     w.s2.resize(u + 1);
-    w.s0[0] = w.s1[0] = w.s2[0] = 0.0;
-    for (int64_t t = 0; t < u; ++t) {
-      const double vv = w.v[t] - shift, ww = w.W[t];
-      w.v[t] = vv;
-      w.s0[t + 1] = w.s0[t] + ww;
-      w.s1[t + 1] = w.s1[t] + ww * vv;
-      w.s2[t + 1] = w.s2[t] + ww * vv * vv;
+    {
+      double* vp = w.v.data();
+      const double* Wp = w.W.data();
+      double* p0 = w.s0.data();
+      double* p1 = w.s1.data();
+      double* p2 = w.s2.data();
+      double a0 = 0.0, a1 = 0.0, a2 = 0.0;
+      p0[0] = p1[0] = p2[0] = 0.0;
+      for (int64_t t = 0; t < u; ++t) {
+        const double vv = vp[t] - shift, ww = Wp[t];
+        vp[t] = vv;
+        p0[t + 1] = a0 = a0 + ww;
+        p1[t + 1] = a1 = a1 + ww * vv;
+        p2[t + 1] = a2 = a2 + ww * vv * vv;
+      }
     }
     if (!(w.s0[u] > 0.0)) {
       status = kZeroW;
@@ -825,13 +845,18 @@ struct Solver {
     w.ulab.resize(u);
     double cost = 0.0;
     {
+      const double* vop = w.vo.data();
+      const double* vp = w.v.data();
+      const double* Wp = w.W.data();
+      const double* mids = w.mids.data();
+      int32_t* ul = w.ulab.data();
       int l = 0;
       for (int64_t t = 0; t < u; ++t) {
-        const double xv = w.vo[t];
-        while (l < k - 1 && w.mids[l] < xv) ++l;
-        w.ulab[t] = l;
-        const double d = w.v[t] - c[l];
-        cost += w.W[t] * d * d;
+        const double xv = vop[t];
+        while (l < k - 1 && mids[l] < xv) ++l;
+        ul[t] = l;
+        const double d = vp[t] - c[l];
+        cost += Wp[t] * d * d;
       }
     }
     const int nt = threads;
