@@ -519,7 +519,8 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G) {
       solve(L, u - 1, u - 1, clo, u - 1);
       break;
     }
-    const int P = 8 * T;  // parts of the rows, taken by the threads as they come free
+    int P = 8;  // parts of the rows (8 per thread, a power of two), taken as threads come free
+    while (P < 8 * T) P *= 2;
     if (T > 1 && rhi - rlo + 1 >= 64 * (int64_t)P) {
       // split the rows at pivots solved first; the parts between them are independent
       std::vector<int64_t> piv(P + 1);
@@ -532,10 +533,18 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G) {
       {
         DnC Lt = L;
         Lt.lb = L.lb + (size_t)thread_id() * (nb + 1);
+        // pivots coarse to fine (P is a power of two): each one's columns lie between the
+        // argmins of its solved neighbours at -h and +h
+        for (int h = P / 2; h >= 1; h >>= 1) {
 #if defined(POPCOMP_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
-        for (int q = 1; q < P; ++q) solve(Lt, piv[q], piv[q], clo, piv[q]);
+          for (int q = h; q < P; q += 2 * h) {
+            const int64_t c0 = q - h == 0 ? clo : L.J[piv[q - h]];
+            const int64_t c1 = q + h == P ? piv[q] : L.J[piv[q + h]];
+            solve(Lt, piv[q], piv[q], c0, c1);
+          }
+        }
 #if defined(POPCOMP_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif

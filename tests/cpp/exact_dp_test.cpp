@@ -2,7 +2,7 @@
 // whatever the hints, dp_layers either refuses (returns false) or gives boundaries identical
 // to the plain DP that solves every row; exact_partition (coarse-DP hints, fallback) always
 // gives them. Random problems of several shapes, sizes below and above kDemandMin (some
-// large enough for the coarse DP's own demand mode), 1 or 2 threads. Built by tests/test_kernel_index_logic.py with the host compiler; exit 1 on failure.
+// large enough for the coarse DP's own demand mode), 1 to 3 threads. Built by tests/test_kernel_index_logic.py with the host compiler; exit 1 on failure.
 #include "kmeans/kmeans_cpu.cpp"
 
 #include <cstdio>
@@ -79,7 +79,7 @@ int main() {
                       : trial % 3 == 0 ? 200 + (int64_t)(g() % 3000)
                                        : 16384 + (int64_t)(g() % 60000);
     const int k = ks[g() % 6];
-    const int threads = 1 + trial % 2;
+    const int threads = 1 + trial % 3;  // 3: parts not a multiple of the team
     Work w;
     make_problem(g, dist, n, trial % 5 == 0, w);
     const int64_t u = (int64_t)w.v.size();
