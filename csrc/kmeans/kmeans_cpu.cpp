@@ -361,6 +361,8 @@ inline __attribute__((always_inline)) void scan(const DnC& L, int64_t i, int64_t
     }
   }
 }
+constexpr bool kPairRows = false;
+inline void pair4(const DnC&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {}
 #include "kmeans/dp_layer.inc"
 #undef PC_LAYER_TARGET
 }  // namespace dp_portable
@@ -426,6 +428,44 @@ inline __attribute__((always_inline)) void scan(const DnC& L, int64_t i, int64_t
     best_out = mn;
     bj_out = col;
   }
+}
+// Two rows of at most four columns each in one 8-wide step: row i1 in lanes 0-3 over
+// [lo1, hi1], row i2 in lanes 4-7 over [lo2, hi2]; each half's least value and its first lane
+// give D_m and the leftmost argmin, bit for bit what the 4-wide step of scan() gives.
+constexpr bool kPairRows = true;
+inline __attribute__((always_inline)) __m512d two(__m256d lo, __m256d hi) {
+  return _mm512_insertf64x4(_mm512_castpd256_pd512(lo), hi, 1);
+}
+inline __attribute__((always_inline)) void pair4(const DnC& L, int64_t i1, int64_t lo1,
+                                                 int64_t hi1, int64_t i2, int64_t lo2,
+                                                 int64_t hi2) {
+  const __mmask8 m1 = (__mmask8)((1u << (hi1 - lo1 + 1)) - 1);
+  const __mmask8 m2 = (__mmask8)((1u << (hi2 - lo2 + 1)) - 1);
+  const __mmask8 m = (__mmask8)(m1 | (m2 << 4));
+  const __m256d one4 = _mm256_set1_pd(1.0), inf4 = _mm256_set1_pd(kInf);
+  const __m512d a0 = two(_mm256_set1_pd(L.s0[i1 + 1]), _mm256_set1_pd(L.s0[i2 + 1]));
+  const __m512d a1 = two(_mm256_set1_pd(L.s1[i1 + 1]), _mm256_set1_pd(L.s1[i2 + 1]));
+  const __m512d a2 = two(_mm256_set1_pd(L.s2[i1 + 1]), _mm256_set1_pd(L.s2[i2 + 1]));
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0),
+                inf = _mm512_set1_pd(kInf);
+  __m512d w = _mm512_sub_pd(a0, two(_mm256_mask_loadu_pd(one4, m1, L.s0 + lo1),
+                                    _mm256_mask_loadu_pd(one4, m2, L.s0 + lo2)));
+  const __m512d s = _mm512_sub_pd(a1, two(_mm256_maskz_loadu_pd(m1, L.s1 + lo1),
+                                          _mm256_maskz_loadu_pd(m2, L.s1 + lo2)));
+  const __m512d q = _mm512_sub_pd(a2, two(_mm256_maskz_loadu_pd(m1, L.s2 + lo1),
+                                          _mm256_maskz_loadu_pd(m2, L.s2 + lo2)));
+  w = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(w, zero, _CMP_GT_OQ), one, w);
+  const __m512d c = _mm512_max_pd(_mm512_sub_pd(q, _mm512_div_pd(_mm512_mul_pd(s, s), w)), zero);
+  const __m512d dv = two(_mm256_mask_loadu_pd(inf4, m1, L.d + lo1), _mm256_mask_loadu_pd(inf4, m2, L.d + lo2));
+  const __m512d v = _mm512_mask_blend_pd(m, inf, _mm512_add_pd(dv, c));
+  // least value of each half in all its lanes, then the first lane holding it
+  __m512d t = _mm512_min_pd(v, _mm512_permutex_pd(v, 0x4e));
+  t = _mm512_min_pd(t, _mm512_permute_pd(t, 0x55));
+  const unsigned eq = (unsigned)_mm512_cmp_pd_mask(v, t, _CMP_EQ_OQ);
+  L.dnext[i1 + 1] = _mm512_cvtsd_f64(t);
+  L.dnext[i2 + 1] = _mm256_cvtsd_f64(_mm512_extractf64x4_pd(t, 1));
+  L.J[i1] = (int32_t)(lo1 + (__builtin_ctz((eq & 0xfu) | 0x10u) & 3));
+  L.J[i2] = (int32_t)(lo2 + (__builtin_ctz((eq >> 4) | 0x10u) & 3));
 }
 #include "kmeans/dp_layer.inc"
 #undef PC_LAYER_TARGET
