@@ -251,6 +251,72 @@ void radix_sort_pairs_mt(std::vector<Key>& keys, std::vector<uint32_t>& idx, std
 #endif
 }
 
+// Stable LSD sort of 64-bit items by their bits [32, 32 + key_bits): a 32-bit key packed
+// above a 32-bit payload. One 8-byte store per item and 256 buckets a pass keep the scatter
+// within the TLB and write-combining reach (2x faster here than 11-bit digits over separate
+// key and payload arrays). Split across a team of threads as radix_sort_pairs_mt.
+void radix_sort_packed(std::vector<uint64_t>& a, std::vector<uint64_t>& tmp, int64_t n,
+                       int key_bits, int threads) {
+  constexpr int digit = 8;
+  constexpr size_t nb = size_t(1) << digit;
+  const int passes = (key_bits + digit - 1) / digit;
+  tmp.resize(n);
+#if defined(POPCOMP_OPENMP)
+  const int T = threads > 1 && n >= (int64_t(1) << 16) ? threads : 1;
+#else
+  const int T = 1;
+  (void)threads;
+#endif
+  std::vector<uint32_t> hist((size_t)T * nb);
+  uint64_t* const src0 = a.data();
+  uint64_t* const dst0 = tmp.data();
+  bool swapped = false;
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel num_threads(T) if (T > 1)
+#endif
+  {
+    const int team = team_size(), t = thread_id();
+    const int64_t lo = n * t / team, hi = n * (t + 1) / team;
+    uint32_t off[nb];
+    uint64_t* src = src0;
+    uint64_t* dst = dst0;
+    for (int p = 0; p < passes; ++p) {
+      const int sh = 32 + p * digit;
+      uint32_t* h = &hist[(size_t)t * nb];
+      std::fill(h, h + nb, 0u);
+      for (int64_t i = lo; i < hi; ++i) ++h[(src[i] >> sh) & (nb - 1)];
+#if defined(POPCOMP_OPENMP)
+#pragma omp barrier
+#endif
+      bool trivial = false;  // the same digit everywhere: every thread skips the pass
+      uint32_t base = 0;
+      for (size_t b = 0; b < nb; ++b) {
+        uint32_t tot = 0, before = 0;
+        for (int q = 0; q < team; ++q) {
+          const uint32_t c = hist[(size_t)q * nb + b];
+          tot += c;
+          if (q < t) before += c;
+        }
+        if (tot == (uint32_t)n) trivial = true;
+        off[b] = base + before;
+        base += tot;
+      }
+      if (!trivial) {
+        for (int64_t i = lo; i < hi; ++i) {
+          const uint64_t v = src[i];
+          dst[off[(v >> sh) & (nb - 1)]++] = v;
+        }
+        std::swap(src, dst);
+      }
+#if defined(POPCOMP_OPENMP)
+#pragma omp barrier
+#endif
+    }
+    if (t == 0) swapped = src != src0;
+  }
+  if (swapped) std::memcpy(src0, dst0, (size_t)n * sizeof(uint64_t));
+}
+
 // ---- per-thread workspace ------------------------------------------------------------------
 struct Work {
   std::vector<uint64_t> k64, t64;
@@ -737,21 +803,49 @@ struct Solver {
     uint32_t* ip = w.idx.data();
     const int nt = threads;
     (void)nt;
+    if constexpr (sizeof(Key) == 4) {
+      // key and payload packed in one 64-bit item for the sort
+      w.k64.resize(n);
+      uint64_t* ap = w.k64.data();
 #if defined(POPCOMP_OPENMP)
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : nonfinite) if (nt > 1 && n >= 65536)
 #endif
-    for (int64_t i = 0; i < n; ++i) {
-      nonfinite = nonfinite || !E::finite(x, i);
-      kp[i] = E::key(x, i);
-      ip[i] = carry_w ? float_to_bits((float)Elem<DW>::get(wt, i)) : (uint32_t)i;
+      for (int64_t i = 0; i < n; ++i) {
+        nonfinite = nonfinite || !E::finite(x, i);
+        const uint32_t pay = carry_w ? float_to_bits((float)Elem<DW>::get(wt, i)) : (uint32_t)i;
+        ap[i] = (uint64_t)E::key(x, i) << 32 | pay;
+      }
+      if (nonfinite) {
+        status = kNonFiniteX;
+        return 0;
+      }
+      check_weights<DW>(wt, n);
+      if (status != kOk) return 0;
+      radix_sort_packed(w.k64, w.t64, n, E::key_bits, threads);
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n >= 65536)
+#endif
+      for (int64_t i = 0; i < n; ++i) {
+        kp[i] = (Key)(ap[i] >> 32);
+        ip[i] = (uint32_t)ap[i];
+      }
+    } else {
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : nonfinite) if (nt > 1 && n >= 65536)
+#endif
+      for (int64_t i = 0; i < n; ++i) {
+        nonfinite = nonfinite || !E::finite(x, i);
+        kp[i] = E::key(x, i);
+        ip[i] = carry_w ? float_to_bits((float)Elem<DW>::get(wt, i)) : (uint32_t)i;
+      }
+      if (nonfinite) {
+        status = kNonFiniteX;
+        return 0;
+      }
+      check_weights<DW>(wt, n);
+      if (status != kOk) return 0;
+      radix_sort_pairs_mt<Key>(keys, w.idx, tk, w.tidx, n, E::key_bits, threads);
     }
-    if (nonfinite) {
-      status = kNonFiniteX;
-      return 0;
-    }
-    check_weights<DW>(wt, n);
-    if (status != kOk) return 0;
-    radix_sort_pairs_mt<Key>(keys, w.idx, tk, w.tidx, n, E::key_bits, threads);
     w.v.resize(n);
     w.vo.resize(n);
     w.W.resize(n);
