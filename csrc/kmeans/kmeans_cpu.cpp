@@ -4,7 +4,8 @@
 // u sorted distinct values with summed weights, prefix sums, then
 //   exact : optimal k-partition by dynamic programming, each layer's row minima found by
 //           divide and conquer on the monotone argmin (O(k u log u) evaluations, O(n + k u)
-//           memory), split across threads at pivot rows;
+//           memory), split across threads at pivot rows; large problems skip the rows the
+//           last layer cannot use (demand mode: about half of them, each skip certified);
 //   lloyd : O(k log u) Lloyd iterations on the prefix sums (kmeans_math.h, shared with CUDA);
 // then one pass over the original values for labels and the cost.
 #include <algorithm>
