@@ -176,6 +176,28 @@ void radix_sort_pairs(std::vector<Key>& keys, std::vector<uint32_t>& idx, std::v
   }
 }
 
+// Scatter offsets of thread t of a team for one pass of a parallel LSD sort, from the
+// team's digit counts hist[q nb + b]: digit-major, then thread order (the sort stays
+// stable). Every thread derives the same totals; returns true when one digit holds all n
+// items, a pass every thread then skips.
+inline bool team_offsets(const uint32_t* hist, size_t nb, int team, int t, int64_t n,
+                         uint32_t* off) {
+  bool trivial = false;
+  uint32_t base = 0;
+  for (size_t b = 0; b < nb; ++b) {
+    uint32_t tot = 0, before = 0;
+    for (int q = 0; q < team; ++q) {
+      const uint32_t c = hist[(size_t)q * nb + b];
+      tot += c;
+      if (q < t) before += c;
+    }
+    if (tot == (uint32_t)n) trivial = true;
+    off[b] = base + before;
+    base += tot;
+  }
+  return trivial;
+}
+
 // The same sort by a team of threads: per pass each thread counts the digits of its part of
 // the array, takes its offsets (digit-major, then thread order: the sort stays stable) and
 // scatters its part. Results identical to radix_sort_pairs.
@@ -213,22 +235,7 @@ void radix_sort_pairs_mt(std::vector<Key>& keys, std::vector<uint32_t>& idx, std
       std::fill(h, h + nb, 0u);
       for (int64_t i = lo; i < hi; ++i) ++h[(sk[i] >> sh) & (nb - 1)];
 #pragma omp barrier
-      // every thread derives the same totals: a pass whose digit is the same for all keys is
-      // skipped by all
-      bool trivial = false;
-      uint32_t base = 0;
-      for (size_t b = 0; b < nb; ++b) {
-        uint32_t tot = 0, before = 0;
-        for (int q = 0; q < team; ++q) {
-          const uint32_t c = hist[(size_t)q * nb + b];
-          tot += c;
-          if (q < t) before += c;
-        }
-        if (tot == (uint32_t)n) trivial = true;
-        off[b] = base + before;
-        base += tot;
-      }
-      if (!trivial) {
+      if (!team_offsets(hist.data(), nb, team, t, n, off.data())) {
         for (int64_t i = lo; i < hi; ++i) {
           const Key k = sk[i];
           const uint32_t pos = off[(k >> sh) & (nb - 1)]++;
@@ -289,20 +296,7 @@ void radix_sort_packed(std::vector<uint64_t>& a, std::vector<uint64_t>& tmp, int
 #if defined(POPCOMP_OPENMP)
 #pragma omp barrier
 #endif
-      bool trivial = false;  // the same digit everywhere: every thread skips the pass
-      uint32_t base = 0;
-      for (size_t b = 0; b < nb; ++b) {
-        uint32_t tot = 0, before = 0;
-        for (int q = 0; q < team; ++q) {
-          const uint32_t c = hist[(size_t)q * nb + b];
-          tot += c;
-          if (q < t) before += c;
-        }
-        if (tot == (uint32_t)n) trivial = true;
-        off[b] = base + before;
-        base += tot;
-      }
-      if (!trivial) {
+      if (!team_offsets(hist.data(), nb, team, t, n, off)) {
         for (int64_t i = lo; i < hi; ++i) {
           const uint64_t v = src[i];
           dst[off[(v >> sh) & (nb - 1)]++] = v;

@@ -36,15 +36,19 @@ def _tensor(name: str, t) -> torch.Tensor:
     return t
 
 
-def _int(name: str, v, lo=None, hi=None):
-    # torch.SymInt: an int argument made symbolic by torch.compile (fake kernels)
-    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+def _bounds(name: str, v, lo, hi):
     if lo is not None and v < lo:
         raise ValueError(f"{name} must be >= {lo}, got {v}")
     if hi is not None and v > hi:
         raise ValueError(f"{name} must be <= {hi}, got {v}")
     return v
+
+
+def _int(name: str, v, lo=None, hi=None):
+    # torch.SymInt: an int argument made symbolic by torch.compile (fake kernels)
+    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    return _bounds(name, v, lo, hi)
 
 
 def _real(name: str, v, lo=None, hi=None) -> float:
@@ -52,11 +56,7 @@ def _real(name: str, v, lo=None, hi=None) -> float:
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     if isinstance(v, (int, float)) and not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
-    if lo is not None and v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {v}")
-    return v
+    return _bounds(name, v, lo, hi)
 
 
 def _choice(name: str, v, choices) -> None:
