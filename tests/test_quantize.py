@@ -290,15 +290,21 @@ def test_meta_weights_are_a_clear_error():
     assert type(model[0]) is nn.Linear
 
 
-def test_load_failure_leaves_the_model_unchanged(tmp_path):
-    # a file that does not fit the model: no module is left palettized with uninitialized
-    # buffers, and an already palettized module keeps its own packed form
+def _saved_2bit(tmp_path, make):
+    """A model from make() (seed 0), palettized to 2 bits and saved: (model, file path)."""
     pytest.importorskip("safetensors")
     torch.manual_seed(0)
-    src = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    src = make()
     popcomp.quantize_(src, popcomp.PalettizeConfig(bits=2))
     path = tmp_path / "m.safetensors"
     popcomp.save(src, path)
+    return src, path
+
+
+def test_load_failure_leaves_the_model_unchanged(tmp_path):
+    # a file that does not fit the model: no module is left palettized with uninitialized
+    # buffers, and an already palettized module keeps its own packed form
+    _, path = _saved_2bit(tmp_path, lambda: nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
 
     def snapshot(m):
         return {k: v.clone() for k, v in m.state_dict().items()}, [type(c) for c in m]
@@ -464,12 +470,7 @@ def test_dequantize_keeps_tied_weights_tied():
 def test_load_into_a_model_of_another_dtype_converts(tmp_path, dtype):
     # like load_state_dict: the model's dtypes win; a palettized layer keeps the file's codebooks
     # and dequantizes to the model's weight dtype
-    pytest.importorskip("safetensors")
-    torch.manual_seed(0)
-    src = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
-    popcomp.quantize_(src, popcomp.PalettizeConfig(bits=2))
-    path = tmp_path / "m.safetensors"
-    popcomp.save(src, path)
+    src, path = _saved_2bit(tmp_path, lambda: nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)))
     for dst in (nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)).to(dtype),
                 popcomp.quantize_(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3)).to(dtype),
                                   popcomp.PalettizeConfig(bits=3, seed=1))):
