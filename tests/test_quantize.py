@@ -2,6 +2,8 @@
 dequantize_ / select_beta."""
 import math
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -542,3 +544,25 @@ def test_dequantize_restores_requires_grad(tmp_path):
     popcomp.load(fresh, path)
     popcomp.dequantize_(fresh)
     assert [m.weight.requires_grad for m in fresh] == [False, True, False]
+
+
+def test_selecting_one_side_of_a_tie_warns():
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, head)
+    with pytest.warns(UserWarning, match=r"\['0'\] share their weight"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2),
+                          filter_fn=lambda m, n: isinstance(m, nn.Linear))
+    # the embedding kept the dense weight: the two no longer agree
+    assert not torch.equal(model[0].weight, model[1].weight)
+    # selecting both keeps one shared palettized weight and does not warn
+    emb2 = nn.Embedding(10, 4)
+    head2 = nn.Linear(4, 10, bias=False)
+    head2.weight = emb2.weight
+    both = nn.Sequential(emb2, head2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        popcomp.quantize_(both, popcomp.PalettizeConfig(bits=2))
+    assert both[0].weight_packed is both[1].weight_packed

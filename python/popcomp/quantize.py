@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -315,6 +316,22 @@ def _rows_view(w: torch.Tensor, granularity: str, group_size: Optional[int], nam
     return w2.reshape(-1, group_size)
 
 
+def _warn_broken_ties(model: nn.Module, targets: List[Tuple[str, nn.Module]]) -> None:
+    """Warn when a selected module's weight is tied to a dense module left out of the selection:
+    that module keeps the dense weight, so the two no longer share one."""
+    chosen = {id(m) for _, m in targets}
+    weights = {id(m.weight) for _, m in targets}
+    left = [name for name, mod in model.named_modules()
+            if id(mod) not in chosen and not isinstance(mod, _Palettized)
+            and isinstance(getattr(mod, "weight", None), torch.Tensor)
+            and id(mod.weight) in weights]
+    if left:
+        warnings.warn(
+            f"quantize_: {left} share their weight with selected modules but are not selected; "
+            "they keep the dense weight, so the tie is broken (select them too to keep one "
+            "shared palettized weight)", stacklevel=3)
+
+
 def _select(model: nn.Module, filter_fn) -> List[Tuple[str, nn.Module]]:
     """The modules to palettize. A palettized module selected again (by filter_fn, or by default)
     is an error: quantizing its dequantized weight again is not what a second call should do
@@ -452,6 +469,7 @@ def quantize_(
     if any(n == "" for n, _ in targets):
         raise ValueError("model: the root module itself cannot be replaced in place; wrap it "
                          "(e.g. nn.Sequential(model)) or exclude it with filter_fn")
+    _warn_broken_ties(model, targets)
     pnames = {id(p): pn for pn, p in model.named_parameters()}
     hmap = _check_hessian(hessian, targets, pnames) if sens == "hessian" else {}
     for n, m in targets:  # validate devices and shapes before any work
