@@ -817,9 +817,9 @@ struct Solver {
       check_weights<DW>(wt, n);
       if (status != kOk) return 0;
       radix_sort_packed(w.k64, w.t64, n, E::key_bits, threads);
-#if defined(POPCOMP_OPENMP)
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && n >= 65536)
-#endif
+      if (n > kScatterMax)  // the permutation is not needed: reduce from the packed items
+        return reduce_runs<DW>([ap](int64_t t) { return (Key)(ap[t] >> 32); },
+                               [ap](int64_t t) { return (uint32_t)ap[t]; }, wt, n, carry_w);
       for (int64_t i = 0; i < n; ++i) {
         kp[i] = (Key)(ap[i] >> 32);
         ip[i] = (uint32_t)ap[i];
@@ -841,6 +841,16 @@ struct Solver {
       if (status != kOk) return 0;
       radix_sort_pairs_mt<Key>(keys, w.idx, tk, w.tidx, n, E::key_bits, threads);
     }
+    const Key* sk = keys.data();
+    const uint32_t* si = w.idx.data();
+    return reduce_runs<DW>([sk](int64_t t) { return sk[t]; }, [si](int64_t t) { return si[t]; },
+                           wt, n, carry_w);
+  }
+
+  // The runs of equal keys of a sorted sequence (key_at(t), payload pay_at(t): a weight's
+  // float bits when carry_w, else the value's index) -> w.v, w.vo, w.W; w.run for small n.
+  template <DType DW, typename KeyAt, typename PayAt>
+  int64_t reduce_runs(KeyAt key_at, PayAt pay_at, const void* wt, int64_t n, bool carry_w) {
     w.v.resize(n);
     w.vo.resize(n);
     w.W.resize(n);
@@ -848,21 +858,20 @@ struct Solver {
     const bool runs = n <= kScatterMax;
     if (runs) w.run.resize(n);
     // local pointers: stores through w's vectors would otherwise reload their data pointers
-    const Key* sk = keys.data();
-    const uint32_t* si = w.idx.data();
     uint32_t* rp = runs ? w.run.data() : nullptr;
     double* vp = w.v.data();
     double* vop = w.vo.data();
     double* Wp = w.W.data();
     int64_t u = 0;
     for (int64_t t = 0; t < n;) {
-      const Key kk = sk[t];
+      const Key kk = key_at(t);
       double ws = 0.0;
       do {
-        ws += carry_w ? (double)bits_to_float(si[t]) : (wt ? Elem<DW>::get(wt, si[t]) : 1.0);
+        const uint32_t pay = pay_at(t);
+        ws += carry_w ? (double)bits_to_float(pay) : (wt ? Elem<DW>::get(wt, pay) : 1.0);
         if (runs) rp[t] = (uint32_t)u;
         ++t;
-      } while (t < n && sk[t] == kk);
+      } while (t < n && key_at(t) == kk);
       vp[u] = vop[u] = E::value(kk);
       Wp[u] = ws;
       ++u;
