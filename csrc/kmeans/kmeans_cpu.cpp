@@ -110,71 +110,20 @@ void dispatch(DType t, F&& f) {
   }
 }
 
-// ---- LSD radix sort of (key, index) pairs --------------------------------------------------
-template <typename Key>
-void radix_sort_pairs(std::vector<Key>& keys, std::vector<uint32_t>& idx, std::vector<Key>& tk,
-                      std::vector<uint32_t>& ti, int64_t n, int key_bits) {
-  if (n < 64) {  // insertion sort
-    for (int64_t i = 1; i < n; ++i) {
-      Key k = keys[i];
-      uint32_t v = idx[i];
-      int64_t j = i - 1;
-      while (j >= 0 && keys[j] > k) {
-        keys[j + 1] = keys[j];
-        idx[j + 1] = idx[j];
-        --j;
-      }
-      keys[j + 1] = k;
-      idx[j + 1] = v;
-    }
-    return;
-  }
-  const int digit = key_bits == 16 ? 8 : (key_bits == 32 ? 11 : 16);
-  const int passes = (key_bits + digit - 1) / digit;
-  const size_t nb = size_t(1) << digit;
-  std::vector<uint32_t> hist(nb * passes, 0);
-  for (int64_t i = 0; i < n; ++i) {
-    Key k = keys[i];
-    for (int p = 0; p < passes; ++p) ++hist[p * nb + ((k >> (p * digit)) & (nb - 1))];
-  }
-  tk.resize(n);
-  ti.resize(n);
-  Key* src_k = keys.data();
-  uint32_t* src_i = idx.data();
-  Key* dst_k = tk.data();
-  uint32_t* dst_i = ti.data();
-  for (int p = 0; p < passes; ++p) {
-    uint32_t* h = &hist[p * nb];
-    bool trivial = false;
-    for (size_t b = 0; b < nb; ++b) {
-      if (h[b] == (uint32_t)n) {
-        trivial = true;
-        break;
-      }
-      if (h[b]) break;
-    }
-    if (trivial) continue;
-    uint32_t sum = 0;
-    for (size_t b = 0; b < nb; ++b) {
-      uint32_t c = h[b];
-      h[b] = sum;
-      sum += c;
-    }
-    const int sh = p * digit;
-    for (int64_t i = 0; i < n; ++i) {
-      Key k = src_k[i];
-      uint32_t pos = h[(k >> sh) & (nb - 1)]++;
-      dst_k[pos] = k;
-      dst_i[pos] = src_i[i];
-    }
-    std::swap(src_k, dst_k);
-    std::swap(src_i, dst_i);
-  }
-  if (src_k != keys.data()) {
-    std::memcpy(keys.data(), src_k, n * sizeof(Key));
-    std::memcpy(idx.data(), src_i, n * sizeof(uint32_t));
-  }
-}
+// ---- LSD radix sort of (key, payload) items ---------------------------------------------
+// A key travels with its 32-bit payload (the value's index, or its weight's float bits) in
+// one item: a 32-bit key packed above the payload in a uint64_t, a 64-bit key (float64
+// inputs) beside it in a KeyPay64. One store per item and 256 buckets a pass keep the scatter
+// within the TLB and write-combining reach (2x faster here than 11-bit digits over separate
+// key and payload arrays).
+struct KeyPay64 {
+  uint64_t key;
+  uint32_t pay;
+};
+inline uint64_t sort_key(uint64_t item) { return item >> 32; }
+inline uint32_t sort_pay(uint64_t item) { return (uint32_t)item; }
+inline uint64_t sort_key(const KeyPay64& item) { return item.key; }
+inline uint32_t sort_pay(const KeyPay64& item) { return item.pay; }
 
 // Scatter offsets of thread t of a team for one pass of a parallel LSD sort, from the
 // team's digit counts hist[q nb + b]: digit-major, then thread order (the sort stays
@@ -198,73 +147,22 @@ inline bool team_offsets(const uint32_t* hist, size_t nb, int team, int t, int64
   return trivial;
 }
 
-// The same sort by a team of threads: per pass each thread counts the digits of its part of
-// the array, takes its offsets (digit-major, then thread order: the sort stays stable) and
-// scatters its part. Results identical to radix_sort_pairs.
-template <typename Key>
-void radix_sort_pairs_mt(std::vector<Key>& keys, std::vector<uint32_t>& idx, std::vector<Key>& tk,
-                         std::vector<uint32_t>& ti, int64_t n, int key_bits, int threads) {
-#if defined(POPCOMP_OPENMP)
-  if (threads < 2 || n < (int64_t(1) << 16)) {
-    radix_sort_pairs<Key>(keys, idx, tk, ti, n, key_bits);
+// Stable sort of the first n items by their keys of key_bits bits: insertion sort below 64
+// items, else LSD with 8-bit digits split across a team of threads (per pass each thread
+// counts the digits of its part, takes its offsets from team_offsets and scatters its part).
+template <typename Item>
+void radix_sort_items(std::vector<Item>& a, std::vector<Item>& tmp, int64_t n, int key_bits,
+                      int threads) {
+  Item* const src0 = a.data();
+  if (n < 64) {
+    for (int64_t i = 1; i < n; ++i) {
+      const Item v = src0[i];
+      int64_t j = i - 1;
+      for (; j >= 0 && sort_key(src0[j]) > sort_key(v); --j) src0[j + 1] = src0[j];
+      src0[j + 1] = v;
+    }
     return;
   }
-  const int digit = key_bits == 16 ? 8 : (key_bits == 32 ? 11 : 16);
-  const int passes = (key_bits + digit - 1) / digit;
-  const size_t nb = size_t(1) << digit;
-  tk.resize(n);
-  ti.resize(n);
-  std::vector<uint32_t> hist((size_t)threads * nb);
-  Key* src_k = keys.data();
-  uint32_t* src_i = idx.data();
-  Key* dst_k = tk.data();
-  uint32_t* dst_i = ti.data();
-  bool swapped = false;
-#pragma omp parallel num_threads(threads)
-  {
-    const int team = team_size(), t = thread_id();
-    const int64_t lo = n * t / team, hi = n * (t + 1) / team;
-    std::vector<uint32_t> off(nb);
-    Key* sk = src_k;
-    uint32_t* si = src_i;
-    Key* dk = dst_k;
-    uint32_t* di = dst_i;
-    for (int p = 0; p < passes; ++p) {
-      const int sh = p * digit;
-      uint32_t* h = &hist[(size_t)t * nb];
-      std::fill(h, h + nb, 0u);
-      for (int64_t i = lo; i < hi; ++i) ++h[(sk[i] >> sh) & (nb - 1)];
-#pragma omp barrier
-      if (!team_offsets(hist.data(), nb, team, t, n, off.data())) {
-        for (int64_t i = lo; i < hi; ++i) {
-          const Key k = sk[i];
-          const uint32_t pos = off[(k >> sh) & (nb - 1)]++;
-          dk[pos] = k;
-          di[pos] = si[i];
-        }
-        std::swap(sk, dk);
-        std::swap(si, di);
-      }
-#pragma omp barrier  // the scatter is done before anyone counts the next pass
-    }
-    if (t == 0) swapped = sk != src_k;
-  }
-  if (swapped) {
-    std::memcpy(keys.data(), tk.data(), n * sizeof(Key));
-    std::memcpy(idx.data(), ti.data(), n * sizeof(uint32_t));
-  }
-#else
-  (void)threads;
-  radix_sort_pairs<Key>(keys, idx, tk, ti, n, key_bits);
-#endif
-}
-
-// Stable LSD sort of 64-bit items by their bits [32, 32 + key_bits): a 32-bit key packed
-// above a 32-bit payload. One 8-byte store per item and 256 buckets a pass keep the scatter
-// within the TLB and write-combining reach (2x faster here than 11-bit digits over separate
-// key and payload arrays). Split across a team of threads as radix_sort_pairs_mt.
-void radix_sort_packed(std::vector<uint64_t>& a, std::vector<uint64_t>& tmp, int64_t n,
-                       int key_bits, int threads) {
   constexpr int digit = 8;
   constexpr size_t nb = size_t(1) << digit;
   const int passes = (key_bits + digit - 1) / digit;
@@ -276,8 +174,7 @@ void radix_sort_packed(std::vector<uint64_t>& a, std::vector<uint64_t>& tmp, int
   (void)threads;
 #endif
   std::vector<uint32_t> hist((size_t)T * nb);
-  uint64_t* const src0 = a.data();
-  uint64_t* const dst0 = tmp.data();
+  Item* const dst0 = tmp.data();
   bool swapped = false;
 #if defined(POPCOMP_OPENMP)
 #pragma omp parallel num_threads(T) if (T > 1)
@@ -286,36 +183,37 @@ void radix_sort_packed(std::vector<uint64_t>& a, std::vector<uint64_t>& tmp, int
     const int team = team_size(), t = thread_id();
     const int64_t lo = n * t / team, hi = n * (t + 1) / team;
     uint32_t off[nb];
-    uint64_t* src = src0;
-    uint64_t* dst = dst0;
+    Item* src = src0;
+    Item* dst = dst0;
     for (int p = 0; p < passes; ++p) {
-      const int sh = 32 + p * digit;
+      const int sh = p * digit;
       uint32_t* h = &hist[(size_t)t * nb];
       std::fill(h, h + nb, 0u);
-      for (int64_t i = lo; i < hi; ++i) ++h[(src[i] >> sh) & (nb - 1)];
+      for (int64_t i = lo; i < hi; ++i) ++h[(sort_key(src[i]) >> sh) & (nb - 1)];
 #if defined(POPCOMP_OPENMP)
 #pragma omp barrier
 #endif
       if (!team_offsets(hist.data(), nb, team, t, n, off)) {
         for (int64_t i = lo; i < hi; ++i) {
-          const uint64_t v = src[i];
-          dst[off[(v >> sh) & (nb - 1)]++] = v;
+          const Item v = src[i];
+          dst[off[(sort_key(v) >> sh) & (nb - 1)]++] = v;
         }
         std::swap(src, dst);
       }
 #if defined(POPCOMP_OPENMP)
-#pragma omp barrier
+#pragma omp barrier  // the scatter is done before anyone counts the next pass
 #endif
     }
     if (t == 0) swapped = src != src0;
   }
-  if (swapped) std::memcpy(src0, dst0, (size_t)n * sizeof(uint64_t));
+  if (swapped) std::memcpy(src0, dst0, (size_t)n * sizeof(Item));
 }
 
 // ---- per-thread workspace ------------------------------------------------------------------
 struct Work {
-  std::vector<uint64_t> k64, t64;
-  std::vector<uint32_t> k32, t32, idx, tidx;
+  std::vector<uint64_t> k64, t64;       // sort items of 32-bit keys
+  std::vector<KeyPay64> kp64, tkp64;    // sort items of 64-bit keys
+  std::vector<uint32_t> idx;            // the sort permutation (small problems)
   std::vector<uint32_t> hcnt;
   std::vector<double> hw;
   std::vector<double> v, vo, W, s0, s1, s2;
@@ -332,7 +230,7 @@ struct Work {
   size_t bytes() const {
     size_t b = 0;
     auto add = [&b](const auto& v) { b += v.capacity() * sizeof(v[0]); };
-    add(k64); add(t64); add(k32); add(t32); add(idx); add(tidx); add(hcnt); add(hw);
+    add(k64); add(t64); add(kp64); add(tkp64); add(idx); add(hcnt); add(hw);
     add(v); add(vo); add(W); add(s0); add(s1); add(s2); add(D1); add(d); add(blocks); add(J); add(ulab);
     add(run); add(lut);
     return b;
@@ -756,15 +654,6 @@ struct Solver {
   int threads;
   int status = kOk;
 
-  std::vector<Key>& key_vec() {
-    if constexpr (std::is_same<Key, uint64_t>::value) return w.k64;
-    else return w.k32;
-  }
-  std::vector<Key>& key_tmp() {
-    if constexpr (std::is_same<Key, uint64_t>::value) return w.t64;
-    else return w.t32;
-  }
-
   template <DType DW>
   void check_weights(const void* wt, int64_t n) {
     if (!wt) return;
@@ -782,96 +671,76 @@ struct Solver {
     else if (negative) status = kNegativeW;
   }
 
-  // Sorted distinct values and summed weights -> w.v, w.W; w.idx keeps the sort permutation
-  // and w.run the index of each sorted position's distinct value. Returns u.
+  // Sorted distinct values and summed weights -> w.v, w.W; for small problems w.idx keeps
+  // the sort permutation and w.run the index of each sorted position's distinct value.
+  // Returns u.
   template <DType DW>
   int64_t reduce_sorted(const void* x, const void* wt, int64_t n) {
-    std::vector<Key>& keys = key_vec();
-    std::vector<Key>& tk = key_tmp();
-    keys.resize(n);
-    w.idx.resize(n);
     // Large problems carry the (<= 32-bit) weight itself through the sort instead of the
     // index: gathering weights through a random permutation costs more than the sort.
     const bool carry_w = wt && DW != DType::f64 && n > kScatterMax;
-    bool nonfinite = false;
-    Key* kp = keys.data();
-    uint32_t* ip = w.idx.data();
-    const int nt = threads;
-    (void)nt;
-    if constexpr (sizeof(Key) == 4) {
-      // key and payload packed in one 64-bit item for the sort
-      w.k64.resize(n);
-      uint64_t* ap = w.k64.data();
-#if defined(POPCOMP_OPENMP)
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : nonfinite) if (nt > 1 && n >= 65536)
-#endif
-      for (int64_t i = 0; i < n; ++i) {
-        nonfinite = nonfinite || !E::finite(x, i);
-        const uint32_t pay = carry_w ? float_to_bits((float)Elem<DW>::get(wt, i)) : (uint32_t)i;
-        ap[i] = (uint64_t)E::key(x, i) << 32 | pay;
-      }
-      if (nonfinite) {
-        status = kNonFiniteX;
-        return 0;
-      }
-      check_weights<DW>(wt, n);
-      if (status != kOk) return 0;
-      radix_sort_packed(w.k64, w.t64, n, E::key_bits, threads);
-      if (n > kScatterMax)  // the permutation is not needed: reduce from the packed items
-        return reduce_runs<DW>([ap](int64_t t) { return (Key)(ap[t] >> 32); },
-                               [ap](int64_t t) { return (uint32_t)ap[t]; }, wt, n, carry_w);
-      for (int64_t i = 0; i < n; ++i) {
-        kp[i] = (Key)(ap[i] >> 32);
-        ip[i] = (uint32_t)ap[i];
-      }
-    } else {
-#if defined(POPCOMP_OPENMP)
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : nonfinite) if (nt > 1 && n >= 65536)
-#endif
-      for (int64_t i = 0; i < n; ++i) {
-        nonfinite = nonfinite || !E::finite(x, i);
-        kp[i] = E::key(x, i);
-        ip[i] = carry_w ? float_to_bits((float)Elem<DW>::get(wt, i)) : (uint32_t)i;
-      }
-      if (nonfinite) {
-        status = kNonFiniteX;
-        return 0;
-      }
-      check_weights<DW>(wt, n);
-      if (status != kOk) return 0;
-      radix_sort_pairs_mt<Key>(keys, w.idx, tk, w.tidx, n, E::key_bits, threads);
-    }
-    const Key* sk = keys.data();
-    const uint32_t* si = w.idx.data();
-    return reduce_runs<DW>([sk](int64_t t) { return sk[t]; }, [si](int64_t t) { return si[t]; },
-                           wt, n, carry_w);
+    if constexpr (sizeof(Key) == 4)
+      return sort_reduce<DW>(w.k64, w.t64, x, wt, n, carry_w,
+                             [](Key k, uint32_t pay) { return (uint64_t)k << 32 | pay; });
+    else
+      return sort_reduce<DW>(w.kp64, w.tkp64, x, wt, n, carry_w,
+                             [](Key k, uint32_t pay) { return KeyPay64{k, pay}; });
   }
 
-  // The runs of equal keys of a sorted sequence (key_at(t), payload pay_at(t): a weight's
-  // float bits when carry_w, else the value's index) -> w.v, w.vo, w.W; w.run for small n.
-  template <DType DW, typename KeyAt, typename PayAt>
-  int64_t reduce_runs(KeyAt key_at, PayAt pay_at, const void* wt, int64_t n, bool carry_w) {
+  template <DType DW, typename Item, typename Make>
+  int64_t sort_reduce(std::vector<Item>& a, std::vector<Item>& tmp, const void* x,
+                      const void* wt, int64_t n, bool carry_w, Make make) {
+    a.resize(n);
+    Item* ap = a.data();
+    bool nonfinite = false;
+    const int nt = threads;
+    (void)nt;
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : nonfinite) if (nt > 1 && n >= 65536)
+#endif
+    for (int64_t i = 0; i < n; ++i) {
+      nonfinite = nonfinite || !E::finite(x, i);
+      ap[i] = make(E::key(x, i),
+                   carry_w ? float_to_bits((float)Elem<DW>::get(wt, i)) : (uint32_t)i);
+    }
+    if (nonfinite) {
+      status = kNonFiniteX;
+      return 0;
+    }
+    check_weights<DW>(wt, n);
+    if (status != kOk) return 0;
+    radix_sort_items(a, tmp, n, E::key_bits, threads);
+
+    // the runs of equal keys -> w.v, w.vo, w.W
     w.v.resize(n);
     w.vo.resize(n);
     w.W.resize(n);
-    // the run index of each sorted position is needed only by the labels of small problems
+    // the permutation and run index of each sorted position: only the labels of small
+    // problems use them
     const bool runs = n <= kScatterMax;
-    if (runs) w.run.resize(n);
+    if (runs) {
+      w.idx.resize(n);
+      w.run.resize(n);
+    }
     // local pointers: stores through w's vectors would otherwise reload their data pointers
+    uint32_t* ip = runs ? w.idx.data() : nullptr;
     uint32_t* rp = runs ? w.run.data() : nullptr;
     double* vp = w.v.data();
     double* vop = w.vo.data();
     double* Wp = w.W.data();
     int64_t u = 0;
     for (int64_t t = 0; t < n;) {
-      const Key kk = key_at(t);
+      const Key kk = (Key)sort_key(ap[t]);
       double ws = 0.0;
       do {
-        const uint32_t pay = pay_at(t);
+        const uint32_t pay = sort_pay(ap[t]);
         ws += carry_w ? (double)bits_to_float(pay) : (wt ? Elem<DW>::get(wt, pay) : 1.0);
-        if (runs) rp[t] = (uint32_t)u;
+        if (runs) {
+          ip[t] = pay;
+          rp[t] = (uint32_t)u;
+        }
         ++t;
-      } while (t < n && key_at(t) == kk);
+      } while (t < n && (Key)sort_key(ap[t]) == kk);
       vp[u] = vop[u] = E::value(kk);
       Wp[u] = ws;
       ++u;
