@@ -44,7 +44,19 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def check_int(name: str, v, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+def _check_bounds(name: str, v, lo, hi) -> None:
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {v}")
+
+
+def check_int(name: str, v, lo: Optional[int] = None, hi: Optional[int] = None):
+    """An int (or numpy integer) within [lo, hi]. A torch.SymInt (an int made symbolic by
+    torch.compile, seen by fake kernels) is checked and returned as it is."""
+    if isinstance(v, torch.SymInt):
+        _check_bounds(name, v, lo, hi)
+        return v
     if isinstance(v, bool) or not isinstance(v, int):
         try:
             import numpy as np
@@ -55,14 +67,16 @@ def check_int(name: str, v, lo: Optional[int] = None, hi: Optional[int] = None) 
                 raise TypeError
         except TypeError:
             raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
-    if lo is not None and v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {v}")
+    _check_bounds(name, v, lo, hi)
     return int(v)
 
 
-def check_real(name: str, v, lo: Optional[float] = None) -> float:
+def check_real(name: str, v, lo: Optional[float] = None, hi: Optional[float] = None):
+    """A finite real number within [lo, hi], as a float. A torch.SymFloat / SymInt (made
+    symbolic by torch.compile) is checked and returned as it is."""
+    if isinstance(v, (torch.SymFloat, torch.SymInt)):
+        _check_bounds(name, v, lo, hi)
+        return v
     if isinstance(v, bool):
         raise TypeError(f"{name} must be a real number, got bool")
     try:
@@ -71,6 +85,5 @@ def check_real(name: str, v, lo: Optional[float] = None) -> float:
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}") from None
     if not math.isfinite(f):
         raise ValueError(f"{name} must be finite, got {v}")
-    if lo is not None and f < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    _check_bounds(name, f, lo, hi)
     return f

@@ -15,10 +15,11 @@ import torch
 
 from . import _validate as V
 from ._backend import FLOAT_DTYPES
+from ._impl.checks import KMEANS_DIAMETERS, KMEANS_INITS, KMEANS_METHODS
 
-_METHODS = ("lloyd", "exact")
-_INITS = ("kmeans++", "linear", "quantile")
-_DIAMETERS = ("squared", "linear")
+_METHODS = tuple(KMEANS_METHODS)
+_INITS = tuple(i for i in KMEANS_INITS if i != "given")  # given: a tensor of centers
+_DIAMETERS = tuple(KMEANS_DIAMETERS)
 
 
 @dataclasses.dataclass

@@ -15,13 +15,11 @@ the ``check_*_values`` functions, run by the real kernels only.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .._backend import FLOAT_DTYPES
 from .._reference.hessian import check_sumsq_args
-from .._validate import check_float, check_same_device
+from .._validate import check_float, check_int as _int, check_real as _real, check_same_device
 
 # name -> code of the enums of csrc/kmeans/kmeans.h
 KMEANS_METHODS = {"lloyd": 0, "exact": 1}
@@ -34,29 +32,6 @@ def _tensor(name: str, t) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     return t
-
-
-def _bounds(name: str, v, lo, hi):
-    if lo is not None and v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {v}")
-    return v
-
-
-def _int(name: str, v, lo=None, hi=None):
-    # torch.SymInt: an int argument made symbolic by torch.compile (fake kernels)
-    if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    return _bounds(name, v, lo, hi)
-
-
-def _real(name: str, v, lo=None, hi=None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float, torch.SymFloat, torch.SymInt)):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    if isinstance(v, (int, float)) and not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return _bounds(name, v, lo, hi)
 
 
 def _choice(name: str, v, choices) -> None:
