@@ -17,6 +17,7 @@
 
 #include <cstdint>
 
+#include "common/args.h"
 #include "common/parallel.h"
 #include "common/runtime.h"
 #include "kmeans/kmeans.h"
@@ -32,39 +33,16 @@ T* ptr(uintptr_t a) {
   return reinterpret_cast<T*>(a);
 }
 
-// ---- argument checks of the raw entry points ----------------------------------------------
-void require(bool ok, const char* fn, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(std::string(fn) + ": " + msg);
-}
-
-// DType codes lo..hi of csrc/common/hd.h (0 float64, 1 float32, 2 float16, 3 bfloat16)
-void check_dtype(const char* fn, const char* name, int code, int lo = 0, int hi = 3) {
-  static const char* names[] = {"float64", "float32", "float16", "bfloat16"};
-  if (code >= lo && code <= hi) return;
-  std::string allowed;
-  for (int c = lo; c <= hi; ++c)
-    allowed += (c > lo ? ", " : "") + std::to_string(c) + " " + names[c];
-  require(false, fn, std::string(name) + " must be a dtype code in {" + allowed + "}, got " +
-                         std::to_string(code));
-}
-
-void check_code(const char* fn, const char* name, int code, int hi) {
-  require(code >= 0 && code <= hi, fn,
-          std::string(name) + " must be a code in 0.." + std::to_string(hi) + ", got " +
-              std::to_string(code));
-}
-
-void check_size(const char* fn, const char* name, int64_t v) {
-  require(v >= 0, fn, std::string(name) + " must be >= 0, got " + std::to_string(v));
-}
+// ---- argument checks of the raw entry points (common/args.h; the K-means kernels check
+// their own: kmeans::check_args) -------------------------------------------------------------
+using args::check_code;
+using args::check_dtype;
+using args::check_real;
+using args::check_size;
+using args::require;
 
 void check_ptr(const char* fn, const char* name, uintptr_t a) {
-  require(a != 0, fn, std::string(name) + " is a null address");
-}
-
-void check_real(const char* fn, const char* name, double v) {
-  require(std::isfinite(v) && v >= 0.0, fn,
-          std::string(name) + " must be finite and >= 0, got " + std::to_string(v));
+  args::check_ptr(fn, name, reinterpret_cast<const void*>(a));
 }
 
 void check_device(const char* fn, int device) {
@@ -76,33 +54,6 @@ void check_workspace(const char* fn, uintptr_t ws, size_t bytes, size_t needed) 
           "workspace too small (" + std::to_string(bytes) + " < " + std::to_string(needed) +
               " bytes)");
   require(ws != 0 || bytes == 0, fn, "workspace is a null address");
-}
-
-void check_kmeans(const char* fn, uintptr_t x, int x_dtype, int w_dtype, int64_t rows, int64_t n,
-                  int k, double beta, int method, int init, int diameter, int max_iter,
-                  double tol, uintptr_t init_centers, uintptr_t centers, uintptr_t labels,
-                  uintptr_t cost, uintptr_t n_iter) {
-  check_size(fn, "rows", rows);
-  check_size(fn, "n", n);
-  require(k >= 1, fn, "k must be >= 1, got " + std::to_string(k));
-  check_dtype(fn, "x_dtype", x_dtype);
-  check_dtype(fn, "w_dtype", w_dtype);
-  check_real(fn, "beta", beta);
-  check_code(fn, "method", method, 1);
-  check_code(fn, "init", init, 3);
-  check_code(fn, "diameter", diameter, 1);
-  require(max_iter >= 0, fn, "max_iter must be >= 0, got " + std::to_string(max_iter));
-  check_real(fn, "tol", tol);
-  if (rows > 0 && n > 0) {
-    check_ptr(fn, "x", x);
-    check_ptr(fn, "centers", centers);
-    check_ptr(fn, "labels", labels);
-    check_ptr(fn, "cost", cost);
-    check_ptr(fn, "n_iter", n_iter);
-    if (init == static_cast<int>(kmeans::Init::given) &&
-        method == static_cast<int>(kmeans::Method::lloyd))
-      check_ptr(fn, "init_centers (init 'given')", init_centers);
-  }
 }
 
 void check_sumsq(const char* fn, uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R,
@@ -240,8 +191,6 @@ PYBIND11_MODULE(_C, m) {
          double beta, int method, int init, int diameter, int max_iter, double tol,
          uint64_t seed, uintptr_t init_centers, uintptr_t centers, uintptr_t labels,
          uintptr_t cost, uintptr_t n_iter, int num_threads) {
-        check_kmeans("kmeans1d_cpu", x, x_dtype, w_dtype, rows, n, k, beta, method, init,
-                     diameter, max_iter, tol, init_centers, centers, labels, cost, n_iter);
         auto p = kmeans_params(rows, n, k, beta, method, init, diameter, max_iter, tol, seed,
                                x_dtype, w_dtype);
         auto r = kmeans::run_cpu(
@@ -252,13 +201,8 @@ PYBIND11_MODULE(_C, m) {
 #if defined(POPCOMP_WITH_CUDA)
   m.def("kmeans1d_cuda_workspace",
         [](int64_t rows, int64_t n, int k, int method, int x_dtype, int device) {
-          const char* fn = "kmeans1d_cuda_workspace";
-          check_size(fn, "rows", rows);
-          check_size(fn, "n", n);
-          require(k >= 1, fn, "k must be >= 1, got " + std::to_string(k));
-          check_code(fn, "method", method, 1);
-          check_dtype(fn, "x_dtype", x_dtype);
           auto p = kmeans_params(rows, n, k, 0.0, method, 0, 0, 1, 0.0, 0, x_dtype, x_dtype);
+          kmeans::check_params(p, "kmeans1d_cuda_workspace");
           return kmeans::cuda_workspace_bytes(p, device);
         },
         py::arg("rows"), py::arg("n"), py::arg("k"), py::arg("method"), py::arg("x_dtype"),
@@ -271,8 +215,6 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t cost, uintptr_t n_iter, uintptr_t workspace, size_t workspace_bytes,
          int device, uintptr_t stream) {
         const char* fn = "kmeans1d_cuda";
-        check_kmeans(fn, x, x_dtype, w_dtype, rows, n, k, beta, method, init, diameter,
-                     max_iter, tol, init_centers, centers, labels, cost, n_iter);
         check_device(fn, device);
         require(workspace != 0 || workspace_bytes == 0, fn, "workspace is a null address");
         auto p = kmeans_params(rows, n, k, beta, method, init, diameter, max_iter, tol, seed,

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/args.h"
 #include "common/hd.h"
 
 namespace popcomp {
@@ -48,6 +49,34 @@ struct Result {
 
 // CPU backend (OpenMP across problems, and inside a single large problem). Validates x and w
 // (finite, w >= 0, not all zero per row) in the same pass that reads them.
+// The checks every entry point runs first (host; std::invalid_argument naming fn and the
+// argument): sizes, k, dtype and enum codes, beta and tol finite >= 0, max_iter >= 0 ...
+inline void check_params(const Params& p, const char* fn) {
+  args::check_size(fn, "rows", p.rows);
+  args::check_size(fn, "n", p.n);
+  args::require(p.k >= 1, fn, "k must be >= 1, got " + std::to_string(p.k));
+  args::check_dtype(fn, "x_dtype", static_cast<int>(p.x_dtype));
+  args::check_dtype(fn, "w_dtype", static_cast<int>(p.w_dtype));
+  args::check_real(fn, "beta", p.beta);
+  args::check_code(fn, "method", static_cast<int>(p.method), 1);
+  args::check_code(fn, "init", static_cast<int>(p.init), 3);
+  args::check_code(fn, "diameter", static_cast<int>(p.diameter), 1);
+  args::require(p.max_iter >= 0, fn, "max_iter must be >= 0, got " + std::to_string(p.max_iter));
+  args::check_real(fn, "tol", p.tol);
+}
+// ... and, for a problem with values, the buffers (init_centers where init 'given' needs it).
+inline void check_args(const Params& p, const Buffers& b, const char* fn) {
+  check_params(p, fn);
+  if (p.rows == 0 || p.n == 0) return;
+  args::check_ptr(fn, "x", b.x);
+  args::check_ptr(fn, "centers", b.centers);
+  args::check_ptr(fn, "labels", b.labels);
+  args::check_ptr(fn, "cost", b.cost);
+  args::check_ptr(fn, "n_iter", b.n_iter);
+  if (p.init == Init::given && p.method == Method::lloyd)
+    args::check_ptr(fn, "init_centers (init 'given')", b.init_centers);
+}
+
 Result run_cpu(const Params& p, const Buffers& b, int num_threads);
 
 // CUDA backend. `workspace` must hold cuda_workspace_bytes(p, device) bytes of device memory

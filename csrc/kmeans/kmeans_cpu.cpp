@@ -921,19 +921,15 @@ void trim_work(Work& w) {
 }  // namespace
 
 Result run_cpu(const Params& p, const Buffers& b, int num_threads) {
-  if (p.k < 1) throw std::invalid_argument("kmeans1d: k must be >= 1");
-  if (p.n < 1 || p.rows < 0) throw std::invalid_argument("kmeans1d: need n >= 1 and rows >= 0");
+  check_args(p, b, "kmeans1d_cpu");
+  Result res;
+  if (p.rows == 0 || p.n == 0) return res;  // nothing to solve
   if (p.n > (int64_t)0xffffffffll) throw std::invalid_argument("kmeans1d: n must be < 2^32");
   if (p.method == Method::exact && (double)p.k * (double)p.n > 4e9)
     throw std::invalid_argument("kmeans1d: exact needs k * n < 4e9 (the k x u argmin table)");
-  if (!b.x || !b.centers || !b.labels || !b.cost || !b.n_iter)
-    throw std::invalid_argument("kmeans1d: null buffer");
-  if (p.init == Init::given && p.method == Method::lloyd && !b.init_centers)
-    throw std::invalid_argument("kmeans1d: init 'given' needs init_centers");
   const int T = std::max(1, num_threads);
   const bool outer = p.rows >= T && T > 1;
   const DType dw = b.w ? p.w_dtype : p.x_dtype;
-  Result res;
   int64_t bad_row = p.rows;
   int bad_status = kOk;
   dispatch(p.x_dtype, [&](auto dx) {

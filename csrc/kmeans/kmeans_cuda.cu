@@ -604,8 +604,8 @@ size_t sort_temp_any(const Plan& pl, bool pairs) {
 }
 
 Plan make_plan(const Params& p) {
+  // the parameters were checked by check_params (kmeans.h); a plan needs values
   if (p.rows < 1 || p.n < 1) throw std::invalid_argument("kmeans1d cuda: rows and n must be >= 1");
-  if (p.k < 1) throw std::invalid_argument("kmeans1d cuda: k must be >= 1");
   if (p.rows >= ((int64_t)1 << 31) - 1)
     throw std::invalid_argument("kmeans1d cuda: too many rows");
   Plan pl;
@@ -803,6 +803,7 @@ size_t cuda_workspace_bytes(const Params& p, int device) {
 
 void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspace_bytes,
               int device, void* stream) {
+  check_args(p, b, "kmeans1d_cuda");
   if (p.rows == 0 || p.n == 0) return;
   DeviceGuard guard(device);
   const Plan pl = make_plan(p);
@@ -810,8 +811,6 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
     throw std::invalid_argument("kmeans1d cuda: workspace too small (" +
                                 std::to_string(workspace_bytes) + " < " +
                                 std::to_string(pl.total) + " bytes)");
-  if (p.init == Init::given && p.method == Method::lloyd && b.init_centers == nullptr)
-    throw std::invalid_argument("kmeans1d cuda: init 'given' needs init_centers");
   cudaStream_t st = as_stream(stream);
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   unsigned char* T = ws + pl.o_temp;

@@ -412,13 +412,12 @@ def _palettize_tensor(w: torch.Tensor, h: Optional[torch.Tensor], cfg: Palettize
 
     x = _rows_view(w.detach().float(), cfg.granularity, cfg.group_size, name).contiguous()
     wt = None
-    if padding_rows and h is None:
-        h = torch.ones_like(w, dtype=torch.float32)
     if h is not None:
         h = h.detach().to(device=w.device, dtype=torch.float32)
-        if padding_rows:
-            h = h.clone()
-            h[list(padding_rows)] = 0.0
+    if padding_rows:  # weight 0 (on a copy: h may be the caller's tensor)
+        h = torch.ones_like(w, dtype=torch.float32) if h is None else h.clone()
+        h[list(padding_rows)] = 0.0
+    if h is not None:
         wt = _rows_view(h, cfg.granularity, cfg.group_size, name).contiguous()
         zero_rows = wt.sum(1) <= 0
         if bool(zero_rows.any()):  # no sensitivity information in a row: plain K-means there

@@ -78,12 +78,6 @@ def check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, to
         raise ValueError("init 'given' needs init_centers (rows, k)")
 
 
-def check_kmeans1d_init_values(init_centers) -> None:
-    """init_centers finite (the kernels' checks of x and weights do not cover them)."""
-    if init_centers is not None and init_centers.numel() and not bool(torch.isfinite(init_centers).all()):
-        raise ValueError("init_centers contains NaN or Inf")
-
-
 # ---- popcomp::sumsq_outer_acc -------------------------------------------------------------
 def check_sumsq_outer_acc(acc, g, x) -> None:
     """acc (out, in) float32 contiguous; g (B, R, T, out), x (B, T, in) float32/16, bfloat16,
@@ -159,7 +153,6 @@ def check_greedy_select_values(cov, tau, Z) -> None:
 __all__ = [
     "FLOAT_DTYPES",
     "check_kmeans1d",
-    "check_kmeans1d_init_values",
     "check_sumsq_outer_acc",
     "check_covariance_accumulate",
     "check_greedy_select",

@@ -9,7 +9,7 @@ from .._reference.kmeans import kmeans1d_reference
 from .checks import KMEANS_DIAMETERS as DIAMETERS
 from .checks import KMEANS_INITS as INITS
 from .checks import KMEANS_METHODS as METHODS
-from .checks import check_kmeans1d, check_kmeans1d_init_values
+from .checks import check_kmeans1d
 _U64 = (1 << 64) - 1
 # csrc/kmeans/kmeans.h, enum Status
 _STATUS = {
@@ -17,15 +17,17 @@ _STATUS = {
     2: "weights contains NaN or Inf",
     3: "weights must be non-negative (found negative entries)",
     4: "weights are all zero: the objective has no minimizer",
+    5: "init_centers contains NaN or Inf",  # checked before the kernel, not by it
 }
 
 
-def check_values(x, weights):
+def check_values(x, weights, init_centers=None):
     """The checks of the CPU kernel, with torch ops, for the paths that do not run it (CUDA,
-    the reference fallback): per problem (row) the first of NaN/Inf in x, NaN/Inf in weights,
-    a negative weight, all weights zero; raises ValueError for the first bad row, as the CPU
-    kernel does. One transfer to the host."""
-    checks = [(1, ~torch.isfinite(x).all(dim=1))]
+    the reference fallback): per problem (row) the first of NaN/Inf in init_centers (which no
+    kernel checks), NaN/Inf in x, NaN/Inf in weights, a negative weight, all weights zero;
+    raises ValueError for the first bad row, as the CPU kernel does. One transfer to the host."""
+    checks = [] if init_centers is None else [(5, ~torch.isfinite(init_centers).all(dim=1))]
+    checks += [(1, ~torch.isfinite(x).all(dim=1))]
     if weights is not None:
         checks += [(2, ~torch.isfinite(weights).all(dim=1)), (3, (weights < 0).any(dim=1)),
                    (4, ~(weights > 0).any(dim=1))]
@@ -43,8 +45,7 @@ def check_values(x, weights):
 def kmeans1d_default(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed,
                      diameter):
     check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
-    check_kmeans1d_init_values(init_centers)
-    check_values(x, weights)
+    check_values(x, weights, init_centers)
     return kmeans1d_reference(
         x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter
     )
@@ -80,7 +81,9 @@ def kmeans1d_cpu(x, weights, k, beta, method, init, init_centers, max_iter, tol,
             x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter
         )
     check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
-    check_kmeans1d_init_values(init_centers)  # x and weights: in the kernel's pass over them
+    # init_centers here, x and weights in the kernel's pass over them
+    if init_centers is not None and not bool(torch.isfinite(init_centers).all()):
+        raise ValueError(_STATUS[5])
     x, w, ic, outs, args = _common(x, weights, k, init_centers)
     if x.numel() == 0:
         return outs
@@ -103,8 +106,7 @@ def kmeans1d_cuda(x, weights, k, beta, method, init, init_centers, max_iter, tol
         )
     # before any device address reaches the kernel: shapes, dtypes, devices, then the values
     check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
-    check_kmeans1d_init_values(init_centers)
-    check_values(x, weights)
+    check_values(x, weights, init_centers)  # one transfer to the host for all of them
     x, w, ic, outs, args = _common(x, weights, k, init_centers)
     if x.numel() == 0:
         return outs

@@ -63,20 +63,21 @@ def resolve_options(args, presets: Dict[str, Tuple[object, object]], validate) -
     validate(args)
 
 
+def _list(flag: str, s: str, conv, what: str) -> list:
+    try:
+        return [conv(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be a comma-separated list of {what}, got {s!r}") from None
+
+
 def int_list(flag: str, s: str) -> List[int]:
     """A comma-separated list of integers of option ``flag`` (a UserError naming it if not)."""
-    try:
-        return [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be a comma-separated list of integers, got {s!r}") from None
+    return _list(flag, s, int, "integers")
 
 
 def float_list(flag: str, s: str) -> List[float]:
     """A comma-separated list of numbers of option ``flag`` (a UserError naming it if not)."""
-    try:
-        return [float(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be a comma-separated list of numbers, got {s!r}") from None
+    return _list(flag, s, float, "numbers")
 
 
 def progress(it, **kw):
