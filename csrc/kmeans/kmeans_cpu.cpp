@@ -446,13 +446,8 @@ LayerFn layer_solver() {
 
 // Smallest row x in [lo, hi] with J[x] >= target (J non-decreasing there), or hi + 1.
 int64_t first_at_least(const int32_t* J, int64_t lo, int64_t hi, int64_t target) {
-  int64_t a = lo, b = hi + 1;
-  while (a < b) {
-    const int64_t mid = (a + b) >> 1;
-    if (J[mid] >= target) b = mid;
-    else a = mid + 1;
-  }
-  return a;
+  return std::lower_bound(J + lo, J + hi + 1, target,
+                          [](int32_t j, int64_t t) { return (int64_t)j < t; }) - J;
 }
 
 // Layers 1..k-1 of the DP into w.J (layer m's argmins at w.J[m u + i]).
