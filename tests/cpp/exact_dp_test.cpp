@@ -66,6 +66,88 @@ std::vector<int64_t> backtrack(const Work& w, int64_t u, int k) {
   return B;
 }
 
+// One layer m of the plain DP (rows [m, u-1], every column [m, i] allowed) by the layer
+// solver f, from d[j] = D_{m-1}(j-1) and J_{m-1} (nullptr for m = 1), as dp_layers sets it up.
+void layer_with(LayerFn f, const Work& w, int64_t u, int m, const double* d,
+                const int32_t* Jlow, double* dnext, int32_t* J) {
+  const int64_t nb = u / kPB;
+  std::vector<double> blocks(5 * (size_t)nb + 1);
+  double* bd = blocks.data();
+  double* b0 = bd + nb;
+  double* b1 = b0 + nb;
+  double* b2 = b1 + nb;
+  for (int64_t b = 0; b < nb; ++b) {
+    bd[b] = d[b * kPB];
+    b0[b] = w.s0[b * kPB + kPB - 1];
+    b1[b] = w.s1[b * kPB + kPB - 1];
+    b2[b] = w.s2[b * kPB + kPB - 1];
+  }
+  const double margin = 1e-12 * (std::fabs(w.s2[u]) + std::fabs(w.s1[u]) + 1e-300);
+  DnC L{w.s0.data(), w.s1.data(), w.s2.data(), d, Jlow, dnext, J,
+        nb > 0 ? bd : nullptr, b0, b1, b2, b2 + nb, margin};
+  f(L, m, u - 1, m, u - 1);
+}
+
+// Every layer solver against brute force: each row's D_m(i) and leftmost argmin over all of
+// [m, i] (no monotonicity, no Knuth bound), the same value formula. A solver's D_m(i) must be
+// the value of the column it returns and equal the brute-force minimum (a different column
+// only at a tie within rounding). Layers chained from the brute-force values.
+void check_layer_solvers(int trial, const Work& w, int64_t u, int k) {
+  std::vector<std::pair<const char*, LayerFn>> solvers{{"portable", &dp_portable::solve}};
+#if defined(PC_X86_DISPATCH)
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+    solvers.push_back({"avx512", &dp_avx512::solve});
+#endif
+  const double* s0 = w.s0.data();
+  const double* s1 = w.s1.data();
+  const double* s2 = w.s2.data();
+  auto val = [&](const double* d, int64_t j, int64_t i) {
+    return d[j] + seg_cost_dp(s0[i + 1] - s0[j], s1[i + 1] - s1[j], s2[i + 1] - s2[j]);
+  };
+  std::vector<double> d(u + 1), dn(u + 1), dx(u + 1);
+  std::vector<int32_t> Jb((size_t)k * u), Jx(u);
+  d[0] = kInf;
+  for (int64_t i = 0; i < u; ++i) d[i + 1] = seg_cost_dp(s0[i + 1], s1[i + 1], s2[i + 1]);
+  for (int m = 1; m < k; ++m) {
+    int32_t* J = Jb.data() + (size_t)m * u;
+    dn[0] = kInf;
+    for (int64_t i = 0; i < m; ++i) dn[i + 1] = kInf;
+    for (int64_t i = m; i < u; ++i) {
+      double best = kInf;
+      int64_t bj = m;
+      for (int64_t j = m; j <= i; ++j) {
+        const double v = val(d.data(), j, i);
+        if (v < best) {
+          best = v;
+          bj = j;
+        }
+      }
+      dn[i + 1] = best;
+      J[i] = (int32_t)bj;
+    }
+    for (const auto& sv : solvers) {
+      std::fill(dx.begin(), dx.end(), -1.0);
+      std::fill(Jx.begin(), Jx.end(), -1);
+      layer_with(sv.second, w, u, m, d.data(), m > 1 ? Jb.data() + (size_t)(m - 1) * u : nullptr,
+                 dx.data(), Jx.data());
+      int bad = 0;
+      for (int64_t i = m; i < u && !bad; ++i) {
+        const int64_t j = Jx[i];
+        const double ref = dn[i + 1];
+        if (j < m || j > i || dx[i + 1] != val(d.data(), j, i) ||
+            std::fabs(dx[i + 1] - ref) > 1e-13 * std::fabs(ref) + 1e-300 ||
+            (j != J[i] && dx[i + 1] != ref && std::fabs(dx[i + 1] - ref) > 4e-16 * std::fabs(ref)))
+          bad = 1;
+      }
+      if (bad) {
+        std::printf("  layer %d of %d, u = %lld, solver %s\n", m, k, (long long)u, sv.first);
+        fail("layer solver differs from brute force", trial);
+      }
+    }
+    std::swap(d, dn);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -124,6 +206,19 @@ int main() {
       ++hinted;
       if (backtrack(w, u, k) != ref) fail("hinted DP differs from the plain DP", trial);
     }
+  }
+  // the layer solvers themselves (strides, row groups, pairs, wide rows) against brute force
+  for (int trial = 0; trial < 32; ++trial) {
+    std::mt19937_64 g(5000 + trial);
+    // small problems with many clusters (clusters of a few values: brackets past the row)
+    const bool small = trial < 12;
+    const int64_t n = small ? 3 + trial * 6 : 300 + (int64_t)(g() % 2700);
+    const int k = small ? 2 + (int)(g() % (uint64_t)std::min<int64_t>(n - 1, 40)) : 2 + (int)(g() % 7);
+    Work w;
+    make_problem(g, trial % 4, n, trial % 5 == 0, w);
+    const int64_t u = (int64_t)w.v.size();
+    if (u <= k) continue;
+    check_layer_solvers(trial, w, u, k);
   }
   std::printf("hinted runs %d, refused %d, failures %d\n", hinted, refused, failures);
   return failures ? 1 : 0;
