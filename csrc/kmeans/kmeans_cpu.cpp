@@ -330,15 +330,20 @@ inline __attribute__((always_inline)) void scan(const DnC& L, int64_t i, int64_t
 }
 constexpr bool kPairRows = false;
 inline void pair4(const DnC&, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {}
-// Rows [r1, r2] (at most kGroupRows - 1) whose argmins all lie in columns [c0, c1] (fewer
-// than kGroupCols): one pass over those columns with the rows in lanes (a loop the compiler
-// vectorizes), each lane keeping the first least value over its row's clamped range. The
-// same values, compared in the same column order, as scan() over each row's range.
-constexpr int64_t kGroupRows = 8;
-constexpr int64_t kGroupCols = 32;
+// Rows [r1, r2] (at most 8 NV) whose argmins all lie in columns [c0, c1]: one pass over
+// those columns with the rows in lanes (a loop the compiler vectorizes), each lane keeping
+// the first least value over its row's clamped range. The same values, compared in the same
+// column order, as scan() over each row's range.
+#ifndef PC_BLOCK_COLS
+#define PC_BLOCK_COLS 16
+#endif
+constexpr int64_t kGroupRows = 8;   // groups of kGroupRows - 1 rows, blocks of twice that
+constexpr int64_t kGroupCols = 32;  // a group's bracket has fewer columns (else strides)
+constexpr int64_t kBlockCols = PC_BLOCK_COLS;  // a block's bracket has fewer (else split)
+template <int NV>
 inline __attribute__((always_inline)) void group(const DnC& L, int64_t r1, int64_t r2,
                                                  int64_t c0, int64_t c1) {
-  constexpr int G = (int)kGroupRows;
+  constexpr int G = 8 * NV;
   const int n = (int)(r2 - r1 + 1);
   alignas(64) double a0[G], a1[G], a2[G], best[G];
   alignas(64) int64_t lo[G], hi[G], bj[G];
@@ -472,47 +477,67 @@ inline __attribute__((always_inline)) void pair4(const DnC& L, int64_t i1, int64
   L.J[i1] = (int32_t)(lo1 + (__builtin_ctz((eq & 0xfu) | 0x10u) & 3));
   L.J[i2] = (int32_t)(lo2 + (__builtin_ctz((eq >> 4) | 0x10u) & 3));
 }
-// Rows [r1, r2] (at most seven) whose argmins all lie in columns [c0, c1] (fewer than
-// kGroupCols): the rows in lanes, one 8-wide step per column (its data broadcast), each lane
-// keeping the first least value over its row's clamped range (strict <, columns ascending):
-// the values and order of scan() over each row's range. Per row about one evaluation per
-// column of the group's range, with no per-row reduction or branch.
-constexpr int64_t kGroupRows = 8;
-constexpr int64_t kGroupCols = 32;
+// Rows [r1, r2] (at most 8 NV) whose argmins all lie in columns [c0, c1]: the rows in the
+// lanes of NV vectors, one step per column (its data broadcast), each lane keeping the first
+// least value over its row's clamped range (strict <, columns ascending): the values and
+// order of scan() over each row's range. About one evaluation per row and column of the
+// shared range, with no per-row reduction or branch.
+#ifndef PC_BLOCK_COLS
+#define PC_BLOCK_COLS 16
+#endif
+constexpr int64_t kGroupRows = 8;   // groups of kGroupRows - 1 rows, blocks of twice that
+constexpr int64_t kGroupCols = 32;  // a group's bracket has fewer columns (else strides)
+constexpr int64_t kBlockCols = PC_BLOCK_COLS;  // a block's bracket has fewer (else split)
+template <int NV>
 inline __attribute__((always_inline)) void group(const DnC& L, int64_t r1, int64_t r2,
                                                  int64_t c0, int64_t c1) {
-  const __mmask8 rm = (__mmask8)((1u << (r2 - r1 + 1)) - 1);
   const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
-  const __m512d a0 = _mm512_maskz_loadu_pd(rm, L.s0 + r1 + 1);
-  const __m512d a1 = _mm512_maskz_loadu_pd(rm, L.s1 + r1 + 1);
-  const __m512d a2 = _mm512_maskz_loadu_pd(rm, L.s2 + r1 + 1);
-  const __m512i rows =
-      _mm512_add_epi64(_mm512_set1_epi64(r1), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
-  // each row's columns clamped as clamp() does: [min(max(c0, J_{m-1}(i)), hi), hi],
-  // hi = min(c1, i)
-  const __m512i hi = _mm512_min_epi64(_mm512_set1_epi64(c1), rows);
-  __m512i lo = _mm512_set1_epi64(c0);
-  if (L.Jlow)
-    lo = _mm512_max_epi64(lo, _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(rm, L.Jlow + r1)));
-  lo = _mm512_min_epi64(lo, hi);
-  __m512d best = _mm512_set1_pd(kInf);
-  __m512i bj = lo;
+  __mmask8 rm[NV];
+  __m512d a0[NV], a1[NV], a2[NV], best[NV];
+  __m512i lo[NV], hi[NV], bj[NV];
+  for (int h = 0; h < NV; ++h) {
+    const int64_t f = r1 + 8 * h;  // first row of these lanes
+    const int64_t nr = r2 - f + 1;
+    rm[h] = (__mmask8)(nr >= 8 ? 0xffu : nr > 0 ? (1u << nr) - 1 : 0u);
+    a0[h] = _mm512_maskz_loadu_pd(rm[h], L.s0 + f + 1);
+    a1[h] = _mm512_maskz_loadu_pd(rm[h], L.s1 + f + 1);
+    a2[h] = _mm512_maskz_loadu_pd(rm[h], L.s2 + f + 1);
+    const __m512i rows =
+        _mm512_add_epi64(_mm512_set1_epi64(f), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+    // each row's columns clamped as clamp() does: [min(max(c0, J_{m-1}(i)), hi), hi],
+    // hi = min(c1, i)
+    hi[h] = _mm512_min_epi64(_mm512_set1_epi64(c1), rows);
+    lo[h] = _mm512_set1_epi64(c0);
+    if (L.Jlow)
+      lo[h] = _mm512_max_epi64(
+          lo[h], _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(rm[h], L.Jlow + f)));
+    lo[h] = _mm512_min_epi64(lo[h], hi[h]);
+    best[h] = _mm512_set1_pd(kInf);
+    bj[h] = lo[h];
+  }
   for (int64_t c = c0; c <= c1; ++c) {
     const __m512i cv = _mm512_set1_epi64(c);
-    __m512d w = _mm512_sub_pd(a0, _mm512_set1_pd(L.s0[c]));
-    const __m512d s = _mm512_sub_pd(a1, _mm512_set1_pd(L.s1[c]));
-    const __m512d q = _mm512_sub_pd(a2, _mm512_set1_pd(L.s2[c]));
-    w = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(w, zero, _CMP_GT_OQ), one, w);
-    const __m512d cost = _mm512_max_pd(_mm512_sub_pd(q, _mm512_div_pd(_mm512_mul_pd(s, s), w)), zero);
-    const __m512d v = _mm512_add_pd(_mm512_set1_pd(L.d[c]), cost);
-    const __mmask8 in = _mm512_cmp_epi64_mask(lo, cv, _MM_CMPINT_LE) &
-                        _mm512_cmp_epi64_mask(hi, cv, _MM_CMPINT_NLT);
-    const __mmask8 lt = _mm512_mask_cmp_pd_mask(in, v, best, _CMP_LT_OQ);
-    best = _mm512_mask_blend_pd(lt, best, v);
-    bj = _mm512_mask_blend_epi64(lt, bj, cv);
+    const __m512d e0 = _mm512_set1_pd(L.s0[c]), e1 = _mm512_set1_pd(L.s1[c]),
+                  e2 = _mm512_set1_pd(L.s2[c]), dc = _mm512_set1_pd(L.d[c]);
+    for (int h = 0; h < NV; ++h) {
+      __m512d w = _mm512_sub_pd(a0[h], e0);
+      const __m512d s = _mm512_sub_pd(a1[h], e1);
+      const __m512d q = _mm512_sub_pd(a2[h], e2);
+      w = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(w, zero, _CMP_GT_OQ), one, w);
+      const __m512d cost =
+          _mm512_max_pd(_mm512_sub_pd(q, _mm512_div_pd(_mm512_mul_pd(s, s), w)), zero);
+      const __m512d v = _mm512_add_pd(dc, cost);
+      const __mmask8 in = _mm512_cmp_epi64_mask(lo[h], cv, _MM_CMPINT_LE) &
+                          _mm512_cmp_epi64_mask(hi[h], cv, _MM_CMPINT_NLT);
+      const __mmask8 lt = _mm512_mask_cmp_pd_mask(in, v, best[h], _CMP_LT_OQ);
+      best[h] = _mm512_mask_blend_pd(lt, best[h], v);
+      bj[h] = _mm512_mask_blend_epi64(lt, bj[h], cv);
+    }
   }
-  _mm512_mask_storeu_pd(L.dnext + r1 + 1, rm, best);
-  _mm256_mask_storeu_epi32(L.J + r1, rm, _mm512_cvtepi64_epi32(bj));
+  for (int h = 0; h < NV; ++h) {
+    _mm512_mask_storeu_pd(L.dnext + r1 + 8 * h + 1, rm[h], best[h]);
+    _mm256_mask_storeu_epi32(L.J + r1 + 8 * h, rm[h], _mm512_cvtepi64_epi32(bj[h]));
+  }
 }
 #include "kmeans/dp_layer.inc"
 #undef PC_LAYER_TARGET
