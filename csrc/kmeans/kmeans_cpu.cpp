@@ -569,10 +569,25 @@ int64_t first_at_least(const int32_t* J, int64_t lo, int64_t hi, int64_t target)
 //   L_m = max(G[m], the first row x with J_{m-1}(x) >= L_{m-1} + 1).
 // For i >= L_m the leftmost argmin J_m(i) >= J_m(x) >= J_{m-1}(x) >= L_{m-1} + 1 (monotone
 // argmin and Knuth's bound), so the skipped columns cannot hold it and every solved row is
-// exact whatever G is. Returns false when some layer has no row left to solve that way (G
-// too high); the caller then solves every row. The backtrack from row u - 1 stays on solved
-// rows: J_m(i) - 1 >= L_{m-1} for every solved row i.
-bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G) {
+// exact whatever G is. The backtrack from row u - 1 stays on solved rows: J_m(i) - 1 >=
+// L_{m-1} for every solved row i.
+// With X as well, layer m also stops at row X[m] (an upper demand), and the next layer reads
+// only columns j <= top + 1, top the highest row of layer m known exact. A row i above that
+// cap is exact when its least value over the columns it read is at most D_m(top) - margin:
+// every other column costs at least D_m(j - 1) >= D_m(top) (D_m is non-decreasing, and a
+// cluster's cost is not negative). The rows known exact form a prefix of the rows solved (D
+// is non-decreasing in the row), the next layer's cap. Below a cap the argmins are still
+// lower bounds of the true ones, so the Knuth bounds stay valid.
+// Returns false when some layer has no row left to solve that way or row u - 1 of the last
+// layer is not known exact (hints too high or too low); the caller then solves without them.
+// *why (when given) then says which: 1 the lower demands G (wrong without X as well), 2 the
+// upper ones. With Dout, D_m(i) of every solved row also goes to Dout[m u + i] (m = 1..k-1).
+bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G,
+               const int64_t* X = nullptr, double* Dout = nullptr, int* why = nullptr) {
+  auto refuse = [why](int r) {
+    if (why) *why = r;
+    return false;
+  };
   const double* s0 = w.s0.data();
   const double* s1 = w.s1.data();
   const double* s2 = w.s2.data();
@@ -605,25 +620,34 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G) {
   // The prefix sums are in coordinates centred on the median; their rounding bounds that of
   // any segment cost or DP value.
   const double margin = 1e-12 * (std::fabs(s2[u]) + std::fabs(s1[u]) + 1e-300);
-  int64_t Lprev = 0;  // lowest solved row of the previous layer (the base layer: all rows)
+  int64_t Lprev = 0;    // lowest solved row of the previous layer (the base layer: all rows)
+  int64_t Hprev = u - 1;  // its highest solved row
+  int64_t top = u - 1;  // highest row of the previous layer known exact
+  double Ttop = kInf;   // D of that row less the margin (the base layer: no cap)
   for (int m = 1; m < k; ++m) {
-    const int64_t rhi = u - 1 - (k - 1 - m);
+    const int64_t rfull = u - 1 - (k - 1 - m);  // the layer's last row
+    const int64_t rhi = X && m < k - 1 ? std::min(rfull, X[m]) : rfull;
     const int32_t* Jprev = m > 1 ? w.J.data() + (size_t)(m - 1) * u : nullptr;
     int64_t rlo = m, clo = m;
     if (G) {
       if (Lprev + 1 > m) {  // columns below Lprev + 1 were skipped
         clo = Lprev + 1;
-        rlo = first_at_least(Jprev, Lprev, rhi - 1, clo);
-        if (rlo > rhi - 1) return false;
+        rlo = first_at_least(Jprev, Lprev, rfull - 1, clo);
+        // (past Hprev the previous layer's argmins are only lower bounds)
+        if (rlo > rfull - 1) return refuse(Hprev < rfull - 1 ? 2 : 1);
       }
       if (m < k - 1 && G[m] > rlo) rlo = G[m];
-      if (rlo > rhi) return false;
+      if (rlo > rhi) return refuse(rhi < rfull || Hprev < rfull - 1 ? 2 : 1);
     }
-    for (int64_t b = clo / kPB; b < nb; ++b) bd[b] = d[b * kPB];  // blocks the rows can reach
+    const int64_t cap = std::min(top + 1, rfull);  // columns j <= cap: D_{m-1}(j-1) exact
+    const int64_t chi = std::min(rhi, cap);
+    for (int64_t b = clo / kPB; b < nb && b * kPB <= chi; ++b) bd[b] = d[b * kPB];
     DnC L{s0, s1, s2, d, Jprev, dnext, w.J.data() + (size_t)m * u, nb > 0 ? bd : nullptr,
           b0, b1, b2, b2 + nb, margin};
     if (m == k - 1) {  // only the last row matters
-      solve(L, u - 1, u - 1, clo, u - 1);
+      solve(L, u - 1, u - 1, clo, chi);
+      if (u - 1 > cap && !(dnext[u] <= Ttop)) return refuse(2);
+      if (Dout) Dout[(size_t)m * u + u - 1] = dnext[u];
       break;
     }
     int P = 8;  // parts of the rows (8 per thread, a power of two), taken as threads come free
@@ -648,7 +672,7 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G) {
 #endif
           for (int q = h; q < P; q += 2 * h) {
             const int64_t c0 = q - h == 0 ? clo : L.J[piv[q - h]];
-            const int64_t c1 = q + h == P ? piv[q] : L.J[piv[q + h]];
+            const int64_t c1 = q + h == P ? std::min(piv[q], chi) : L.J[piv[q + h]];
             solve(Lt, piv[q], piv[q], c0, c1);
           }
         }
@@ -657,37 +681,58 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G) {
 #endif
         for (int q = 0; q < P; ++q) {
           const int64_t c0 = q == 0 ? clo : L.J[piv[q]];
-          const int64_t c1 = q == P - 1 ? rhi : L.J[piv[q + 1]];
+          const int64_t c1 = q == P - 1 ? chi : L.J[piv[q + 1]];
           solve(Lt, piv[q] + 1, piv[q + 1] - 1, c0, c1);
         }
       }
     } else {
-      solve(L, rlo, rhi, clo, rhi);
+      solve(L, rlo, rhi, clo, chi);
     }
-    // The next layer reads J_m as its Knuth lower bound at rows up to rhi + 1, one row past
-    // those solved here: give that row the trivial bound m, not what an earlier problem left
-    // in the reused workspace.
-    if (rhi + 1 < u) L.J[rhi + 1] = (int32_t)m;
-    // D_m becomes d of the next layer, which reads it at rows [rlo, rhi] only
+    // the rows known exact: all up to the cap, then while D_m stays at most Ttop
+    int64_t x = rhi;
+    if (rhi > cap) {
+      int64_t i = std::max(rlo, cap + 1);
+      while (i <= rhi && dnext[i + 1] <= Ttop) ++i;
+      x = i - 1;
+      if (x < rlo) return refuse(2);
+    }
+    // The next layer reads J_m as its Knuth lower bound at rows up to its own last row, past
+    // those solved here: give them J_m(rhi), a lower bound of theirs, not what an earlier
+    // problem left in the reused workspace.
+    const int64_t rnext = X && m + 1 < k - 1 ? std::min(rfull + 1, X[m + 1]) : rfull + 1;
+    for (int64_t i = rhi + 1; i <= rnext && i < u; ++i) L.J[i] = L.J[rhi];
+    if (Dout)
+      for (int64_t i = rlo; i <= rhi; ++i) Dout[(size_t)m * u + i] = dnext[i + 1];
+    Hprev = rhi;
+    top = x;
+    Ttop = dnext[x + 1] - margin;
+    // D_m becomes d of the next layer, which reads it at rows [rlo, top] only
     std::swap(d, dnext);
     Lprev = rlo;
   }
   return true;
 }
 
-// Demand hints G[1..k-2] for dp_layers: the lowest row of each layer that the answer is
-// expected to need. The last layer reads only row u - 1, whose columns start at
+// Demand hints for dp_layers, G[1..k-2] and (with X) X[1..k-2]: the rows of each layer that
+// the answer is expected to need. The last layer reads only row u - 1, whose columns start at
 // J_{k-1}(u - 1) >= J_{k-2}(u - 2), so layer k - 2 is needed from about J_{k-2}(u - 2) - 1 on,
-// layer k - 3 from J_{k-3} of that row, and so on down: layer m from about u m / (k - 1),
-// half of all rows. The chain is estimated by the same DP on a coarse problem (single values
-// within 4k of either end, where outliers take clusters of their own; groups of kGroup
-// values between them: a few percent of the work), less a margin. A wrong estimate costs
-// time only (dp_layers checks every row it skips). Returns false where the problem is too
-// small for that to pay.
-void solve_layers(Work& w, int64_t u, int k, int threads);
+// layer k - 3 from J_{k-3} of that row, and so on down: layer m from about u m / (k - 1).
+// From above, row u - 1 of the last layer is known exact once layer k - 2 reaches a row x
+// with D_{k-2}(x) >= D_{k-1}(u - 1), layer k - 3 must reach D_{k-2}(x), and so on down: for
+// values of even density D_m(x) grows as x^3 / (m + 1)^2, so layer m is needed only up to
+// about u ((m + 1) / k)^(2/3), and each layer solves a band of rows instead of the rows from
+// the band up. Both are estimated by the same DP on a coarse problem (single values within
+// 4k of either end, where outliers take clusters of their own; groups of kGroup values
+// between them: a few percent of the work): G from its backtrack, less a margin; X from its
+// D values, which bound the fine ones from above (a coarse partition is a fine one), plus a
+// relative slack for the fine ones being lower. A wrong estimate costs time only (dp_layers
+// checks every row it skips). Returns false where the problem is too small for that to pay.
+void solve_layers(Work& w, int64_t u, int k, int threads, double* Dout = nullptr,
+                  bool caps = true);
 constexpr int64_t kGroup = 32;
 constexpr int64_t kMarginRows = 3 * kGroup;  // margin: this many rows or 1/16 of the cluster
-bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G) {
+constexpr double kCapSlack = 4e-3;           // relative slack of the upper demand
+bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G, int64_t* X) {
   const int64_t E = std::min<int64_t>(4 * (int64_t)k, u / 8);
   std::vector<int64_t> start;  // first value of each coarse element
   start.reserve(2 * E + u / kGroup + 2);
@@ -706,28 +751,55 @@ bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G) {
     c.s1[t] = w.s1[start[t]];
     c.s2[t] = w.s2[start[t]];
   }
-  solve_layers(c, uc, k, threads);  // in demand mode itself where it is large enough
+  std::vector<double> Dc(X ? (size_t)k * uc : 0);
+  // in demand mode itself where it is large enough (from below only: X needs its D values
+  // from the chain up to the top)
+  solve_layers(c, uc, k, threads, X ? Dc.data() : nullptr, false);
+  std::vector<int64_t> chain(k);  // the coarse backtrack's row of each layer
   int64_t x = uc - 2;
   for (int m = k - 2; m >= 1; --m) {
     const int64_t rh = uc - 1 - (k - 1 - m);
     if (x > rh) x = rh;
+    chain[m] = x;
     const int64_t jc = c.J[(size_t)m * uc + x];  // coarse start of the last cluster
     const int64_t len = start[x + 1] - start[jc];
     const int64_t g = start[jc] - 1 - std::max<int64_t>(kMarginRows, len / 16);
     G[m] = g > m ? g : m;
     x = jc - 1;
   }
+  if (X) {
+    double tau = Dc[(size_t)(k - 1) * uc + uc - 1];  // >= D_{k-1}(u - 1)
+    for (int m = k - 2; m >= 1; --m) {
+      const int64_t rh = uc - 1 - (k - 1 - m);
+      const double* Dm = Dc.data() + (size_t)m * uc;
+      const double target = tau + kCapSlack * std::fabs(tau);
+      // the first coarse row from the chain up whose D reaches the target (D non-decreasing)
+      const int64_t r = std::partition_point(Dm + chain[m], Dm + rh + 1,
+                                             [&](double v) { return v < target; }) - Dm;
+      if (r > rh) {  // never reached: the layer's every row (the top coarse rows are single)
+        X[m] = u;
+        tau = Dm[rh];
+      } else {
+        X[m] = start[r + 1] - 1;
+        tau = Dm[r];  // >= D_m(X[m])
+      }
+    }
+  }
   return true;
 }
 
-// The DP's layers into w.J: in demand mode where the problem is large enough, else (or when
-// the hints were too high) every row.
-void solve_layers(Work& w, int64_t u, int k, int threads) {
+// The DP's layers into w.J: in demand mode where the problem is large enough (with upper
+// demands too where caps), else (or when the hints were wrong) every row. Dout: see dp_layers.
+void solve_layers(Work& w, int64_t u, int k, int threads, double* Dout, bool caps) {
   if (k >= 3 && u >= kDemandMin) {
-    std::vector<int64_t> G(k, 0);
-    if (demand_hint(w, u, k, threads, G.data()) && dp_layers(w, u, k, threads, G.data())) return;
+    std::vector<int64_t> G(k, 0), X(k, 0);
+    if (demand_hint(w, u, k, threads, G.data(), caps ? X.data() : nullptr)) {
+      int why = 2;
+      if (caps && dp_layers(w, u, k, threads, G.data(), X.data(), Dout, &why)) return;
+      if (why == 2 && dp_layers(w, u, k, threads, G.data(), nullptr, Dout)) return;
+    }
   }
-  dp_layers(w, u, k, threads, nullptr);
+  dp_layers(w, u, k, threads, nullptr, nullptr, Dout);
 }
 
 // Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).

@@ -1,6 +1,6 @@
 // CPU checks of the exact DP's demand mode (csrc/kmeans/kmeans_cpu.cpp, dp_layers with hints):
-// whatever the hints, dp_layers either refuses (returns false) or gives boundaries identical
-// to the plain DP that solves every row; exact_partition (coarse-DP hints, fallback) always
+// whatever the hints (lower demands G, upper demands X), dp_layers either refuses (returns
+// false) or gives boundaries identical to the plain DP that solves every row; exact_partition (coarse-DP hints, fallback) always
 // gives them. Random problems of several shapes, sizes below and above kDemandMin (some
 // large enough for the coarse DP's own demand mode), 1 to 3 threads. Built by tests/test_kernel_index_logic.py with the host compiler; exit 1 on failure.
 #include "kmeans/kmeans_cpu.cpp"
@@ -152,7 +152,7 @@ void check_layer_solvers(int trial, const Work& w, int64_t u, int k) {
 
 int main() {
   const int ks[] = {3, 4, 5, 8, 16, 33};
-  int refused = 0, hinted = 0;
+  int refused = 0, hinted = 0, cap_tries = 0, cap_ok = 0, cap_other = 0;
   for (int trial = 0; trial < 96; ++trial) {
     std::mt19937_64 g(1000 + trial);
     const int dist = trial % 4;
@@ -206,7 +206,41 @@ int main() {
       ++hinted;
       if (backtrack(w, u, k) != ref) fail("hinted DP differs from the plain DP", trial);
     }
+
+    // upper demands: the coarse DP's (as exact_partition takes them), then arbitrary ones
+    // (too low, random, near): refused or identical to the plain DP
+    std::vector<int64_t> G0(k, 0), X0(k, 0);
+    if (k >= 3 && u >= kDemandMin && demand_hint(w, u, k, threads, G0.data(), X0.data())) {
+      ++cap_tries;
+      int why = 0;
+      if (dp_layers(w, u, k, threads, G0.data(), X0.data(), nullptr, &why)) {
+        ++cap_ok;
+        if (backtrack(w, u, k) != ref) fail("capped DP differs from the plain DP", trial);
+      } else if (why == 1 && dp_layers(w, u, k, threads, G0.data())) {
+        fail("refusal blamed on the lower demands, which hold without the upper ones", trial);
+      }
+      for (int kind = 0; kind < 4; ++kind) {
+        std::vector<int64_t> X(k, 0);
+        const int low = 1 + (int)(g() % (uint64_t)(k - 2));  // kind 3: this layer's is low
+        for (int m = 1; m <= k - 2; ++m) {
+          const int64_t lo = std::min<int64_t>(G0[m], u - 1);
+          switch (kind) {
+            case 0: X[m] = lo + (X0[m] - lo) / 2; break;
+            case 1: X[m] = lo + (int64_t)(g() % (uint64_t)(u - lo)); break;
+            case 2: X[m] = X0[m] - (int64_t)(g() % 64); break;
+            default: X[m] = m == low ? lo + (X0[m] - lo) / 4 : X0[m]; break;
+          }
+        }
+        if (!dp_layers(w, u, k, threads, G0.data(), X.data())) continue;
+        ++cap_other;
+        if (backtrack(w, u, k) != ref) fail("DP with other upper demands differs", trial);
+      }
+    }
   }
+  std::printf("upper demands: coarse hints taken %d of %d, other hints taken %d\n", cap_ok,
+              cap_tries, cap_other);
+  // the coarse DP's upper demands must usually hold, or the fast path is silently lost
+  if (cap_ok * 4 < cap_tries * 3) fail("the coarse DP's upper demands were refused too often", -1);
   // the layer solvers themselves (strides, row groups, pairs, wide rows) against brute force
   for (int trial = 0; trial < 32; ++trial) {
     std::mt19937_64 g(5000 + trial);
