@@ -581,7 +581,9 @@ int64_t first_at_least(const int32_t* J, int64_t lo, int64_t hi, int64_t target)
 // Returns false when some layer has no row left to solve that way or row u - 1 of the last
 // layer is not known exact (hints too high or too low); the caller then solves without them.
 // *why (when given) then says which: 1 the lower demands G (wrong without X as well), 2 the
-// upper ones. With Dout, D_m(i) of every solved row also goes to Dout[m u + i] (m = 1..k-1).
+// upper ones (a row was not known exact), 3 either (a layer's rows past the lower demand
+// start above the upper one, or only the argmins of rows the previous layer skipped could
+// say where). With Dout, D_m(i) of every solved row also goes to Dout[m u + i] (m = 1..k-1).
 bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G,
                const int64_t* X = nullptr, double* Dout = nullptr, int* why = nullptr) {
   auto refuse = [why](int r) {
@@ -632,12 +634,14 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G,
     if (G) {
       if (Lprev + 1 > m) {  // columns below Lprev + 1 were skipped
         clo = Lprev + 1;
-        rlo = first_at_least(Jprev, Lprev, rfull - 1, clo);
-        // (past Hprev the previous layer's argmins are only lower bounds)
-        if (rlo > rfull - 1) return refuse(Hprev < rfull - 1 ? 2 : 1);
+        // (the previous layer's argmins are set up to row rhi; past its last solved row
+        // Hprev they are only lower bounds)
+        const int64_t xhi = std::min(rfull - 1, rhi);
+        rlo = first_at_least(Jprev, Lprev, xhi, clo);
+        if (rlo > xhi) return refuse(Hprev < xhi ? 3 : 1);
       }
       if (m < k - 1 && G[m] > rlo) rlo = G[m];
-      if (rlo > rhi) return refuse(rhi < rfull || Hprev < rfull - 1 ? 2 : 1);
+      if (rlo > rhi) return refuse(rhi < rfull || Hprev < rfull - 1 ? 3 : 1);
     }
     const int64_t cap = std::min(top + 1, rfull);  // columns j <= cap: D_{m-1}(j-1) exact
     const int64_t chi = std::min(rhi, cap);
@@ -796,6 +800,9 @@ void solve_layers(Work& w, int64_t u, int k, int threads, double* Dout, bool cap
     if (demand_hint(w, u, k, threads, G.data(), caps ? X.data() : nullptr)) {
       int why = 2;
       if (caps && dp_layers(w, u, k, threads, G.data(), X.data(), Dout, &why)) return;
+      // lower demands too high (tight, well separated clusters): the upper ones alone
+      if (why != 2 && dp_layers(w, u, k, threads, nullptr, X.data(), Dout, &why)) return;
+      // upper demands too low: the lower ones alone
       if (why == 2 && dp_layers(w, u, k, threads, G.data(), nullptr, Dout)) return;
     }
   }

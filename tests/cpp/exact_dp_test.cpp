@@ -66,6 +66,13 @@ std::vector<int64_t> backtrack(const Work& w, int64_t u, int k) {
   return B;
 }
 
+// What an earlier problem could leave in a reused workspace: arbitrary argmins and values.
+void scribble(Work& w, std::mt19937_64& g) {
+  for (int32_t& j : w.J) j = (int32_t)(g() % (w.J.size() + 1));
+  for (double& v : w.d) v = (double)(g() % 1000) - 500.0;
+  for (double& v : w.D1) v = (double)(g() % 1000) - 500.0;
+}
+
 // One layer m of the plain DP (rows [m, u-1], every column [m, i] allowed) by the layer
 // solver f, from d[j] = D_{m-1}(j-1) and J_{m-1} (nullptr for m = 1), as dp_layers sets it up.
 void layer_with(LayerFn f, const Work& w, int64_t u, int m, const double* d,
@@ -171,6 +178,7 @@ int main() {
 
     // exact_partition: coarse hints with its fallback
     std::vector<int64_t> B(k + 1);
+    scribble(w, g);
     exact_partition(w, u, k, threads, B.data());
     if (B != ref) fail("exact_partition differs from the plain DP", trial);
 
@@ -197,6 +205,7 @@ int main() {
           default: G[m] = m + (int64_t)(g() % (uint64_t)(rh - m + 1)); break;
         }
       }
+      scribble(w, g);
       const bool ok = dp_layers(w, u, k, threads, G.data());
       if (!ok) {
         ++refused;
@@ -213,11 +222,18 @@ int main() {
     if (k >= 3 && u >= kDemandMin && demand_hint(w, u, k, threads, G0.data(), X0.data())) {
       ++cap_tries;
       int why = 0;
+      scribble(w, g);
       if (dp_layers(w, u, k, threads, G0.data(), X0.data(), nullptr, &why)) {
         ++cap_ok;
         if (backtrack(w, u, k) != ref) fail("capped DP differs from the plain DP", trial);
-      } else if (why == 1 && dp_layers(w, u, k, threads, G0.data())) {
+      } else if (why == 1 && (scribble(w, g), dp_layers(w, u, k, threads, G0.data()))) {
         fail("refusal blamed on the lower demands, which hold without the upper ones", trial);
+      }
+      // the upper demands alone (exact_partition's second try)
+      scribble(w, g);
+      if (dp_layers(w, u, k, threads, nullptr, X0.data())) {
+        ++cap_other;
+        if (backtrack(w, u, k) != ref) fail("DP with upper demands alone differs", trial);
       }
       for (int kind = 0; kind < 4; ++kind) {
         std::vector<int64_t> X(k, 0);
@@ -231,6 +247,7 @@ int main() {
             default: X[m] = m == low ? lo + (X0[m] - lo) / 4 : X0[m]; break;
           }
         }
+        scribble(w, g);
         if (!dp_layers(w, u, k, threads, G0.data(), X.data())) continue;
         ++cap_other;
         if (backtrack(w, u, k) != ref) fail("DP with other upper demands differs", trial);
