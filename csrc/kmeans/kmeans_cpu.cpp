@@ -4,8 +4,9 @@
 // u sorted distinct values with summed weights, prefix sums, then
 //   exact : optimal k-partition by dynamic programming, each layer's row minima found by
 //           divide and conquer on the monotone argmin (O(k u log u) evaluations, O(n + k u)
-//           memory), split across threads at pivot rows; large problems skip the rows the
-//           last layer cannot use (demand mode: about half of them, each skip certified);
+//           memory), split across threads at pivot rows; large problems solve only a band
+//           of rows per layer, from what a coarse DP says the answer needs (demand mode:
+//           about a fifth of the rows at k = 16, every skipped row or column certified);
 //   lloyd : O(k log u) Lloyd iterations on the prefix sums (kmeans_math.h, shared with CUDA);
 // then one pass over the original values for labels and the cost.
 #include <algorithm>
@@ -249,8 +250,9 @@ struct Work {
 // ---- exact DP ------------------------------------------------------------------------------
 // Layer m of the DP:  D_m(i) = min_{j in [m, i]}  D_{m-1}(j-1) + cost(j, i),  and the leftmost
 // argmin J_m(i) is non-decreasing in i (the cost is Monge). Each layer is solved by divide and
-// conquer on that monotonicity down to cache-sized segments, then row strides within them
-// (dp_layer.inc); every row scans a contiguous column range at vector throughput.
+// conquer on that monotonicity down to cache-sized segments, then row strides within them and
+// groups of rows sharing a bracket at the finest strides (dp_layer.inc); every row scans a
+// contiguous column range at vector throughput.
 constexpr int64_t kPB = 64;           // columns per lower-bound block of a wide row
 constexpr int64_t kPruneMin = 2048;   // rows with at least this many columns use the blocks
 constexpr int64_t kCacheRows = 16384;  // segments of fewer rows are solved stride by stride
@@ -334,12 +336,9 @@ inline void pair4(const DnC&, int64_t, int64_t, int64_t, int64_t, int64_t, int64
 // those columns with the rows in lanes (a loop the compiler vectorizes), each lane keeping
 // the first least value over its row's clamped range. The same values, compared in the same
 // column order, as scan() over each row's range.
-#ifndef PC_BLOCK_COLS
-#define PC_BLOCK_COLS 16
-#endif
 constexpr int64_t kGroupRows = 8;   // groups of kGroupRows - 1 rows, blocks of twice that
 constexpr int64_t kGroupCols = 32;  // a group's bracket has fewer columns (else strides)
-constexpr int64_t kBlockCols = PC_BLOCK_COLS;  // a block's bracket has fewer (else split)
+constexpr int64_t kBlockCols = 16;  // a block's bracket has fewer (else split)
 template <int NV>
 inline __attribute__((always_inline)) void group(const DnC& L, int64_t r1, int64_t r2,
                                                  int64_t c0, int64_t c1) {
@@ -482,12 +481,9 @@ inline __attribute__((always_inline)) void pair4(const DnC& L, int64_t i1, int64
 // least value over its row's clamped range (strict <, columns ascending): the values and
 // order of scan() over each row's range. About one evaluation per row and column of the
 // shared range, with no per-row reduction or branch.
-#ifndef PC_BLOCK_COLS
-#define PC_BLOCK_COLS 16
-#endif
 constexpr int64_t kGroupRows = 8;   // groups of kGroupRows - 1 rows, blocks of twice that
 constexpr int64_t kGroupCols = 32;  // a group's bracket has fewer columns (else strides)
-constexpr int64_t kBlockCols = PC_BLOCK_COLS;  // a block's bracket has fewer (else split)
+constexpr int64_t kBlockCols = 16;  // a block's bracket has fewer (else split)
 template <int NV>
 inline __attribute__((always_inline)) void group(const DnC& L, int64_t r1, int64_t r2,
                                                  int64_t c0, int64_t c1) {
