@@ -116,6 +116,7 @@ def test_demo_quick(tmp_path, capsys):
     # every bad value is named by its flag, before any work (and with --quick too)
     (["repro", "linreg", "--quick", "--trials", "1"], "--trials must be >= 2"),
     (["repro", "linreg", "--kmax", "0"], "--kmax must be >= 1"),
+    (["repro", "linreg", "--d", "5", "--n", "20", "--kmax", "6"], "--kmax must be at most --d"),
     (["repro", "linreg", "--chunk", "0"], "--chunk must be >= 1"),
     (["repro", "linreg", "--noise-var", "nan"], "--noise-var must be > 0"),
     (["repro", "linreg", "--seed", "-1"], "--seed must be in 0.."),

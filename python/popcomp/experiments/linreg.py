@@ -56,6 +56,11 @@ def validate(args) -> None:
         raise UserError(f"--noise-var must be > 0, got {args.noise_var}")
     if args.kmax < 1:
         raise UserError(f"--kmax must be >= 1, got {args.kmax}")
+    if args.kmax > args.d:
+        raise UserError(
+            f"--kmax must be at most --d (K clusters of the d weights): got d = {args.d}, "
+            f"kmax = {args.kmax}"
+        )
     if args.chunk < 1:
         raise UserError(f"--chunk must be >= 1, got {args.chunk}")
 
