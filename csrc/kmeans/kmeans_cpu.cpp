@@ -226,6 +226,7 @@ struct Work {
   std::vector<double> c, mids;
   std::vector<int32_t> lut, ulab;
   std::vector<uint32_t> run;
+  std::vector<double> gw;               // weights in sorted order (those not carried)
 
   // Bytes held (to bound what a thread keeps between calls).
   size_t bytes() const {
@@ -233,7 +234,7 @@ struct Work {
     auto add = [&b](const auto& v) { b += v.capacity() * sizeof(v[0]); };
     add(k64); add(t64); add(kp64); add(tkp64); add(idx); add(hcnt); add(hw);
     add(v); add(vo); add(W); add(s0); add(s1); add(s2); add(D1); add(d); add(blocks); add(J); add(ulab);
-    add(run); add(lut);
+    add(run); add(lut); add(gw);
     return b;
   }
 
@@ -905,6 +906,19 @@ struct Solver {
       w.idx.resize(n);
       w.run.resize(n);
     }
+    // Weights that did not travel with their keys (float64 weights of large problems),
+    // gathered into sorted order first: a loop of independent loads, split across the
+    // threads, instead of one load per step of the serial run loop below.
+    const double* gwp = nullptr;
+    if (wt && !carry_w && !runs) {
+      w.gw.resize(n);
+      double* g = w.gw.data();
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+#endif
+      for (int64_t t = 0; t < n; ++t) g[t] = Elem<DW>::get(wt, sort_pay(ap[t]));
+      gwp = g;
+    }
     // local pointers: stores through w's vectors would otherwise reload their data pointers
     uint32_t* ip = runs ? w.idx.data() : nullptr;
     uint32_t* rp = runs ? w.run.data() : nullptr;
@@ -917,7 +931,10 @@ struct Solver {
       double ws = 0.0;
       do {
         const uint32_t pay = sort_pay(ap[t]);
-        ws += carry_w ? (double)bits_to_float(pay) : (wt ? Elem<DW>::get(wt, pay) : 1.0);
+        ws += carry_w ? (double)bits_to_float(pay)
+              : gwp   ? gwp[t]
+              : wt    ? Elem<DW>::get(wt, pay)
+                      : 1.0;
         if (runs) {
           ip[t] = pay;
           rp[t] = (uint32_t)u;
