@@ -108,6 +108,40 @@ def test_exact_matches_ckwrap():
         assert float(r.cost) <= ref_cost * (1 + 1e-12)
 
 
+@pytest.mark.parametrize("method", ["exact", "lloyd"])
+def test_large_problem_paths_agree_across_dtypes(method):
+    """Above 2^18 values the CPU kernel takes other paths: 32-bit weights travel with their
+    keys through the sort, float64 weights are gathered into sorted order, float64 values sort
+    as 64-bit keys, labels come from a search of the midpoints rather than the sort
+    permutation. The same numbers in any pairing of float32/float64 storage must give the
+    same answer; `exact` also matches ckwrap."""
+    rng = np.random.default_rng(21)
+    n, k = 300_000, 12
+    x32 = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    w32 = torch.from_numpy((rng.random(n) * (rng.random(n) > 0.05)).astype(np.float32))
+    runs = {}
+    for xd in (torch.float32, torch.float64):
+        for wd in (torch.float32, torch.float64):
+            runs[xd, wd] = popcomp.kmeans1d(x32.to(xd), k, w32.to(wd), method=method, seed=3)
+    base = runs[torch.float32, torch.float32]
+    for r in runs.values():
+        assert torch.equal(r.labels, base.labels)
+        # centers come back in the values' dtype: the same float64 centers, rounded
+        assert torch.equal(r.centers.float(), base.centers)
+        assert float(r.cost) == pytest.approx(float(base.cost), rel=1e-12)
+    # the cost is that of the labels
+    x64, w64 = x32.double(), w32.double()
+    assert float(base.cost) == pytest.approx(
+        float(objective(x64, w64, base.centers.double(), base.labels)), rel=1e-9)
+    if method == "exact":
+        ckwrap = pytest.importorskip("ckwrap")
+        ref = ckwrap.ckmeans(x64.numpy(), k, weights=w64.numpy())
+        ref_cost = objective(x64, w64, torch.from_numpy(np.asarray(ref.centers, dtype=np.float64)),
+                             torch.from_numpy(np.asarray(ref.labels)))
+        assert float(base.cost) == pytest.approx(float(ref_cost), rel=1e-9)
+        assert float(base.cost) <= float(ref_cost) * (1 + 1e-12)
+
+
 def test_exact_wide_rows_match_ckwrap():
     """Problems large enough for the lower-bound blocks of wide DP rows (>= 2048 columns), for
     the split across threads and for the demand mode (rows the answer cannot use are skipped,
