@@ -257,6 +257,10 @@ struct Work {
 constexpr int64_t kPB = 64;           // columns per lower-bound block of a wide row
 constexpr int64_t kPruneMin = 2048;   // rows with at least this many columns use the blocks
 constexpr int64_t kCacheRows = 16384;  // segments of fewer rows are solved stride by stride
+// rows between solved ones solved together (group() in dp_layer.inc):
+constexpr int64_t kGroupRows = 8;   // groups of kGroupRows - 1 rows, blocks of twice that
+constexpr int64_t kGroupCols = 32;  // a group's bracket has fewer columns (else strides)
+constexpr int64_t kBlockCols = 16;  // a block's bracket has fewer (else split)
 constexpr int64_t kDemandMin = 16384;   // problems this large skip the rows the answer cannot use
 
 struct DnC {
@@ -337,9 +341,6 @@ inline void pair4(const DnC&, int64_t, int64_t, int64_t, int64_t, int64_t, int64
 // those columns with the rows in lanes (a loop the compiler vectorizes), each lane keeping
 // the first least value over its row's clamped range. The same values, compared in the same
 // column order, as scan() over each row's range.
-constexpr int64_t kGroupRows = 8;   // groups of kGroupRows - 1 rows, blocks of twice that
-constexpr int64_t kGroupCols = 32;  // a group's bracket has fewer columns (else strides)
-constexpr int64_t kBlockCols = 16;  // a block's bracket has fewer (else split)
 template <int NV>
 inline __attribute__((always_inline)) void group(const DnC& L, int64_t r1, int64_t r2,
                                                  int64_t c0, int64_t c1) {
@@ -482,9 +483,6 @@ inline __attribute__((always_inline)) void pair4(const DnC& L, int64_t i1, int64
 // least value over its row's clamped range (strict <, columns ascending): the values and
 // order of scan() over each row's range. About one evaluation per row and column of the
 // shared range, with no per-row reduction or branch.
-constexpr int64_t kGroupRows = 8;   // groups of kGroupRows - 1 rows, blocks of twice that
-constexpr int64_t kGroupCols = 32;  // a group's bracket has fewer columns (else strides)
-constexpr int64_t kBlockCols = 16;  // a block's bracket has fewer (else split)
 template <int NV>
 inline __attribute__((always_inline)) void group(const DnC& L, int64_t r1, int64_t r2,
                                                  int64_t c0, int64_t c1) {
