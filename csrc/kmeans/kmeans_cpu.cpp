@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -227,6 +228,9 @@ struct Work {
   std::vector<int32_t> lut, ulab;
   std::vector<uint32_t> run;
   std::vector<double> gw;               // weights in sorted order (those not carried)
+  std::vector<double> Dl;               // a coarse problem's D values (demand_hint)
+  std::vector<int64_t> top;             // and its highest rows known exact
+  std::unique_ptr<Work> coarse;         // the coarse problem of demand_hint, kept for reuse
 
   // Bytes held (to bound what a thread keeps between calls).
   size_t bytes() const {
@@ -234,8 +238,8 @@ struct Work {
     auto add = [&b](const auto& v) { b += v.capacity() * sizeof(v[0]); };
     add(k64); add(t64); add(kp64); add(tkp64); add(idx); add(hcnt); add(hw);
     add(v); add(vo); add(W); add(s0); add(s1); add(s2); add(D1); add(d); add(blocks); add(J); add(ulab);
-    add(run); add(lut); add(gw);
-    return b;
+    add(run); add(lut); add(gw); add(Dl); add(top);
+    return b + (coarse ? coarse->bytes() : 0);
   }
 
   Scratch scratch(int k) {
@@ -578,9 +582,14 @@ int64_t first_at_least(const int32_t* J, int64_t lo, int64_t hi, int64_t target)
 // *why (when given) then says which: 1 the lower demands G (wrong without X as well), 2 the
 // upper ones (a row was not known exact), 3 either (a layer's rows past the lower demand
 // start above the upper one, or only the argmins of rows the previous layer skipped could
-// say where). With Dout, D_m(i) of every solved row also goes to Dout[m u + i] (m = 1..k-1).
+// say where). With out (a coarse run for demand_hint), D_m(i) of every solved row also goes
+// to out->D[m u + i] and the highest row of layer m known exact to out->top[m] (m = 1..k-1).
+struct LayerValues {
+  double* D;
+  int64_t* top;
+};
 bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G,
-               const int64_t* X = nullptr, double* Dout = nullptr, int* why = nullptr) {
+               const int64_t* X = nullptr, LayerValues* out = nullptr, int* why = nullptr) {
   auto refuse = [why](int r) {
     if (why) *why = r;
     return false;
@@ -646,7 +655,10 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G,
     if (m == k - 1) {  // only the last row matters
       solve(L, u - 1, u - 1, clo, chi);
       if (u - 1 > cap && !(dnext[u] <= Ttop)) return refuse(2);
-      if (Dout) Dout[(size_t)m * u + u - 1] = dnext[u];
+      if (out) {
+        out->D[(size_t)m * u + u - 1] = dnext[u];
+        out->top[m] = u - 1;
+      }
       break;
     }
     int P = 8;  // parts of the rows (8 per thread, a power of two), taken as threads come free
@@ -700,8 +712,10 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G,
     // problem left in the reused workspace.
     const int64_t rnext = X && m + 1 < k - 1 ? std::min(rfull + 1, X[m + 1]) : rfull + 1;
     for (int64_t i = rhi + 1; i <= rnext && i < u; ++i) L.J[i] = L.J[rhi];
-    if (Dout)
-      for (int64_t i = rlo; i <= rhi; ++i) Dout[(size_t)m * u + i] = dnext[i + 1];
+    if (out) {
+      for (int64_t i = rlo; i <= rhi; ++i) out->D[(size_t)m * u + i] = dnext[i + 1];
+      out->top[m] = x;
+    }
     Hprev = rhi;
     top = x;
     Ttop = dnext[x + 1] - margin;
@@ -726,12 +740,14 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G,
 // D values, which bound the fine ones from above (a coarse partition is a fine one), plus a
 // relative slack for the fine ones being lower. A wrong estimate costs time only (dp_layers
 // checks every row it skips). Returns false where the problem is too small for that to pay.
-void solve_layers(Work& w, int64_t u, int k, int threads, double* Dout = nullptr,
-                  bool caps = true);
+void solve_layers(Work& w, int64_t u, int k, int threads, LayerValues* out = nullptr,
+                  double slack = 0.0);
 constexpr int64_t kGroup = 32;
 constexpr int64_t kMarginRows = 3 * kGroup;  // margin: this many rows or 1/16 of the cluster
-constexpr double kCapSlack = 4e-3;           // relative slack of the upper demand
-bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G, int64_t* X) {
+constexpr double kCapSlack = 4e-3;  // relative slack of the upper demands
+constexpr double kCoarseSlack = 4;   // the coarse DP's own upper demands: this many times wider
+bool demand_hint(Work& w, int64_t u, int k, int threads, int64_t* G, int64_t* X,
+                 double slack = kCapSlack) {
   const int64_t E = std::min<int64_t>(4 * (int64_t)k, u / 8);
   std::vector<int64_t> start;  // first value of each coarse element
   start.reserve(2 * E + u / kGroup + 2);
@@ -741,7 +757,8 @@ bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G, int64
   const int64_t uc = (int64_t)start.size();
   start.push_back(u);
   if (uc < 8 * (int64_t)k || uc * 4 > u) return false;
-  Work c;
+  if (!w.coarse) w.coarse = std::make_unique<Work>();
+  Work& c = *w.coarse;  // kept with w: fresh pages would cost more than the coarse DP
   c.s0.resize(uc + 1);
   c.s1.resize(uc + 1);
   c.s2.resize(uc + 1);
@@ -750,10 +767,14 @@ bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G, int64
     c.s1[t] = w.s1[start[t]];
     c.s2[t] = w.s2[start[t]];
   }
-  std::vector<double> Dc(X ? (size_t)k * uc : 0);
-  // in demand mode itself where it is large enough (from below only: X needs its D values
-  // from the chain up to the top)
-  solve_layers(c, uc, k, threads, X ? Dc.data() : nullptr, false);
+  c.Dl.resize(X ? (size_t)k * uc : 0);
+  c.top.assign(k, -1);
+  const double* Dc = c.Dl.data();
+  const int64_t* top = c.top.data();
+  LayerValues vals{c.Dl.data(), c.top.data()};
+  // in demand mode itself where it is large enough, with upper demands wide enough for the
+  // rows X below is drawn from to be among those it knows exact
+  solve_layers(c, uc, k, threads, X ? &vals : nullptr, kCoarseSlack * slack);
   std::vector<int64_t> chain(k);  // the coarse backtrack's row of each layer
   int64_t x = uc - 2;
   for (int m = k - 2; m >= 1; --m) {
@@ -770,14 +791,16 @@ bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G, int64
     double tau = Dc[(size_t)(k - 1) * uc + uc - 1];  // >= D_{k-1}(u - 1)
     for (int m = k - 2; m >= 1; --m) {
       const int64_t rh = uc - 1 - (k - 1 - m);
-      const double* Dm = Dc.data() + (size_t)m * uc;
-      const double target = tau + kCapSlack * std::fabs(tau);
+      const int64_t rt = std::min(rh, top[m]);  // the coarse rows known exact end here
+      const double* Dm = Dc + (size_t)m * uc;
+      const double target = tau + slack * std::fabs(tau);
       // the first coarse row from the chain up whose D reaches the target (D non-decreasing)
-      const int64_t r = std::partition_point(Dm + chain[m], Dm + rh + 1,
-                                             [&](double v) { return v < target; }) - Dm;
-      if (r > rh) {  // never reached: the layer's every row (the top coarse rows are single)
-        X[m] = u;
-        tau = Dm[rh];
+      const int64_t r = chain[m] > rt ? rt + 1
+                        : std::partition_point(Dm + chain[m], Dm + rt + 1,
+                                               [&](double v) { return v < target; }) - Dm;
+      if (r > rt) {  // not reached: the layer's every row; past the coarse top row (a
+        X[m] = u;    // single value) D_m is bounded by nothing known here
+        tau = rt == rh ? Dm[rh] : kInf;
       } else {
         X[m] = start[r + 1] - 1;
         tau = Dm[r];  // >= D_m(X[m])
@@ -787,21 +810,22 @@ bool demand_hint(const Work& w, int64_t u, int k, int threads, int64_t* G, int64
   return true;
 }
 
-// The DP's layers into w.J: in demand mode where the problem is large enough (with upper
-// demands too where caps), else (or when the hints were wrong) every row. Dout: see dp_layers.
-void solve_layers(Work& w, int64_t u, int k, int threads, double* Dout, bool caps) {
+// The DP's layers into w.J: in demand mode where the problem is large enough, else (or when
+// the hints were wrong) every row. out: see dp_layers; slack: that of the upper demands
+// (0: kCapSlack).
+void solve_layers(Work& w, int64_t u, int k, int threads, LayerValues* out, double slack) {
   if (k >= 3 && u >= kDemandMin) {
     std::vector<int64_t> G(k, 0), X(k, 0);
-    if (demand_hint(w, u, k, threads, G.data(), caps ? X.data() : nullptr)) {
+    if (demand_hint(w, u, k, threads, G.data(), X.data(), slack > 0.0 ? slack : kCapSlack)) {
       int why = 2;
-      if (caps && dp_layers(w, u, k, threads, G.data(), X.data(), Dout, &why)) return;
+      if (dp_layers(w, u, k, threads, G.data(), X.data(), out, &why)) return;
       // lower demands too high (tight, well separated clusters): the upper ones alone
-      if (why != 2 && dp_layers(w, u, k, threads, nullptr, X.data(), Dout, &why)) return;
+      if (why != 2 && dp_layers(w, u, k, threads, nullptr, X.data(), out, &why)) return;
       // upper demands too low: the lower ones alone
-      if (why == 2 && dp_layers(w, u, k, threads, G.data(), nullptr, Dout)) return;
+      if (why == 2 && dp_layers(w, u, k, threads, G.data(), nullptr, out)) return;
     }
   }
-  dp_layers(w, u, k, threads, nullptr, nullptr, Dout);
+  dp_layers(w, u, k, threads, nullptr, nullptr, out);
 }
 
 // Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
