@@ -212,6 +212,29 @@ void radix_sort_items(std::vector<Item>& a, std::vector<Item>& tmp, int64_t n, i
 }
 
 // ---- per-thread workspace ------------------------------------------------------------------
+// An array whose elements are left uninitialized when it grows (std::vector zeroes them):
+// for the DP's k x u argmin table, of which each call writes and reads only the bands it
+// solves, zeroing would touch every page of it (1 GB at k = 256, u = 1e6) on every call that
+// grows it.
+template <typename T>
+struct RawArray {
+  std::unique_ptr<T[]> p;
+  size_t n = 0, cap = 0;
+  void resize(size_t m) {
+    if (m > cap) {
+      p.reset(new T[m]);  // default-initialized: no stores
+      cap = m;
+    }
+    n = m;
+  }
+  T* data() { return p.get(); }
+  const T* data() const { return p.get(); }
+  size_t size() const { return n; }
+  size_t capacity() const { return cap; }
+  T& operator[](size_t i) { return p[i]; }
+  const T& operator[](size_t i) const { return p[i]; }
+};
+
 struct Work {
   std::vector<uint64_t> k64, t64;       // sort items of 32-bit keys
   std::vector<KeyPay64> kp64, tkp64;    // sort items of 64-bit keys
@@ -220,7 +243,7 @@ struct Work {
   std::vector<double> hw;
   std::vector<double> v, vo, W, s0, s1, s2;
   std::vector<double> D1, d, blocks;
-  std::vector<int32_t> J;
+  RawArray<int32_t> J;                  // the DP's argmins, k x u
   std::vector<int64_t> Bk, Bk2;
   std::vector<double> dk[6];
   std::vector<int> act;

@@ -68,7 +68,7 @@ std::vector<int64_t> backtrack(const Work& w, int64_t u, int k) {
 
 // What an earlier problem could leave in a reused workspace: arbitrary argmins and values.
 void scribble(Work& w, std::mt19937_64& g) {
-  for (int32_t& j : w.J) j = (int32_t)(g() % (w.J.size() + 1));
+  for (size_t i = 0; i < w.J.size(); ++i) w.J[i] = (int32_t)(g() % (w.J.size() + 1));
   for (double& v : w.d) v = (double)(g() % 1000) - 500.0;
   for (double& v : w.D1) v = (double)(g() % 1000) - 500.0;
 }
