@@ -142,6 +142,24 @@ def test_large_problem_paths_agree_across_dtypes(method):
         assert float(base.cost) <= float(ref_cost) * (1 + 1e-12)
 
 
+def test_exact_small_demand_problems_match_ckwrap():
+    """From 2048 distinct values the DP runs in demand mode (bands of rows guided by a coarse
+    DP): sizes at and just above that, with per-row codebooks' sizes among them."""
+    ckwrap = pytest.importorskip("ckwrap")
+    rng = np.random.default_rng(5)
+    for n, k in [(2048, 16), (2600, 3), (4096, 16), (4096, 40), (9000, 33)]:
+        for x in (rng.standard_normal(n), rng.standard_cauchy(n),
+                  rng.normal(0, 10, 6)[rng.integers(0, 6, n)] + 0.05 * rng.standard_normal(n)):
+            w = rng.random(n) + 0.01
+            ref = ckwrap.ckmeans(x, k, weights=w)
+            ref_cost = objective(torch.from_numpy(x), torch.from_numpy(w),
+                                 torch.from_numpy(np.asarray(ref.centers, dtype=np.float64)),
+                                 torch.from_numpy(np.asarray(ref.labels)))
+            r = popcomp.kmeans1d(torch.from_numpy(x), k, torch.from_numpy(w), method="exact")
+            assert float(r.cost) == pytest.approx(ref_cost, rel=1e-9)
+            assert float(r.cost) <= ref_cost * (1 + 1e-12)
+
+
 def test_exact_wide_rows_match_ckwrap():
     """Problems large enough for the lower-bound blocks of wide DP rows (>= 2048 columns), for
     the split across threads and for the demand mode (rows the answer cannot use are skipped,

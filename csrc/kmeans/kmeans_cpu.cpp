@@ -288,7 +288,7 @@ constexpr int64_t kCacheRows = 16384;  // segments of fewer rows are solved stri
 constexpr int64_t kGroupRows = 8;   // groups of kGroupRows - 1 rows, blocks of twice that
 constexpr int64_t kGroupCols = 32;  // a group's bracket has fewer columns (else strides)
 constexpr int64_t kBlockCols = 16;  // a block's bracket has fewer (else split)
-constexpr int64_t kDemandMin = 16384;   // problems this large skip the rows the answer cannot use
+constexpr int64_t kDemandMin = 2048;    // problems this large skip the rows the answer cannot use
 
 struct DnC {
   const double* s0;
