@@ -44,6 +44,21 @@ def objective(x, w, centers, labels, beta=0.0, diameter="squared"):
     return float((w * (x - c[labels.long()]) ** 2).sum()) + pen
 
 
+def ckwrap_cost(x, w, k):
+    """Cost of ckwrap.ckmeans's answer (float64 arrays in), from its labels; skips without it."""
+    ckwrap = pytest.importorskip("ckwrap")
+    ref = ckwrap.ckmeans(np.asarray(x, dtype=np.float64), k, weights=np.asarray(w, dtype=np.float64))
+    return objective(torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(w, dtype=torch.float64),
+                     torch.from_numpy(np.asarray(ref.centers, dtype=np.float64)),
+                     torch.from_numpy(np.asarray(ref.labels)))
+
+
+def assert_cost_matches(ours, ref_cost, rel):
+    """Equal to ckwrap's cost to rel, and never above it beyond rounding."""
+    assert float(ours) == pytest.approx(float(ref_cost), rel=rel)
+    assert float(ours) <= float(ref_cost) * (1 + 1e-12)
+
+
 @pytest.mark.parametrize("trial", range(60))
 def test_exact_is_globally_optimal_brute_force(trial):
     g = torch.Generator().manual_seed(trial)
@@ -94,18 +109,13 @@ def test_16bit_histogram_path_matches_reference(dtype):
 
 
 def test_exact_matches_ckwrap():
-    ckwrap = pytest.importorskip("ckwrap")
     rng = np.random.default_rng(3)
     for n, k in [(5000, 16), (20000, 5), (3000, 2)]:
         x = rng.standard_normal(n)
         w = rng.random(n) + 0.1
-        ref = ckwrap.ckmeans(x, k, weights=w)
-        ref_cost = objective(torch.from_numpy(x), torch.from_numpy(w),
-                             torch.from_numpy(np.asarray(ref.centers, dtype=np.float64)),
-                             torch.from_numpy(np.asarray(ref.labels)))
+        ref_cost = ckwrap_cost(x, w, k)
         r = popcomp.kmeans1d(torch.from_numpy(x), k, torch.from_numpy(w), method="exact")
-        assert float(r.cost) == pytest.approx(ref_cost, rel=1e-8)
-        assert float(r.cost) <= ref_cost * (1 + 1e-12)
+        assert_cost_matches(r.cost, ref_cost, rel=1e-8)
 
 
 @pytest.mark.parametrize("method", ["exact", "lloyd"])
@@ -134,39 +144,28 @@ def test_large_problem_paths_agree_across_dtypes(method):
     assert float(base.cost) == pytest.approx(
         float(objective(x64, w64, base.centers.double(), base.labels)), rel=1e-9)
     if method == "exact":
-        ckwrap = pytest.importorskip("ckwrap")
-        ref = ckwrap.ckmeans(x64.numpy(), k, weights=w64.numpy())
-        ref_cost = objective(x64, w64, torch.from_numpy(np.asarray(ref.centers, dtype=np.float64)),
-                             torch.from_numpy(np.asarray(ref.labels)))
-        assert float(base.cost) == pytest.approx(float(ref_cost), rel=1e-9)
-        assert float(base.cost) <= float(ref_cost) * (1 + 1e-12)
+        assert_cost_matches(base.cost, ckwrap_cost(x64.numpy(), w64.numpy(), k), rel=1e-9)
 
 
 def test_exact_small_demand_problems_match_ckwrap():
     """From 2048 distinct values the DP runs in demand mode (bands of rows guided by a coarse
     DP): sizes at and just above that, with per-row codebooks' sizes among them."""
-    ckwrap = pytest.importorskip("ckwrap")
     rng = np.random.default_rng(5)
     for n, k in [(2048, 16), (2600, 3), (4096, 16), (4096, 40), (9000, 33)]:
         for x in (rng.standard_normal(n), rng.standard_cauchy(n),
                   rng.normal(0, 10, 6)[rng.integers(0, 6, n)] + 0.05 * rng.standard_normal(n)):
             w = rng.random(n) + 0.01
-            ref = ckwrap.ckmeans(x, k, weights=w)
-            ref_cost = objective(torch.from_numpy(x), torch.from_numpy(w),
-                                 torch.from_numpy(np.asarray(ref.centers, dtype=np.float64)),
-                                 torch.from_numpy(np.asarray(ref.labels)))
             r = popcomp.kmeans1d(torch.from_numpy(x), k, torch.from_numpy(w), method="exact")
-            assert float(r.cost) == pytest.approx(ref_cost, rel=1e-9)
-            assert float(r.cost) <= ref_cost * (1 + 1e-12)
+            assert_cost_matches(r.cost, ckwrap_cost(x, w, k), rel=1e-9)
 
 
 def test_exact_wide_rows_match_ckwrap():
     """Problems large enough for the lower-bound blocks of wide DP rows (>= 2048 columns), for
     the split across threads and for the demand mode (rows the answer cannot use are skipped,
-    guided by a coarse DP; tight mixtures make that guess fail and take the full DP): normal
+    guided by a coarse DP; tight mixtures make that guess fail and take another way): normal
     values, gapped clusters (where a row's values are far from unimodal), heavy tails with
     outliers in clusters of their own, tight mixtures and repeated values."""
-    ckwrap = pytest.importorskip("ckwrap")
+    pytest.importorskip("ckwrap")
     rng = np.random.default_rng(11)
     n = 60000
     gapped = np.concatenate([rng.normal(c, 0.05, n // 6) for c in (-9, -4, -3.5, 0, 6, 6.2)])
@@ -180,10 +179,7 @@ def test_exact_wide_rows_match_ckwrap():
     for x, k in cases:
         w = rng.random(x.size) + 0.01
         w[rng.random(x.size) < 0.05] = 0.0
-        ref = ckwrap.ckmeans(x, k, weights=w)
-        ref_cost = objective(torch.from_numpy(x), torch.from_numpy(w),
-                             torch.from_numpy(np.asarray(ref.centers, dtype=np.float64)),
-                             torch.from_numpy(np.asarray(ref.labels)))
+        ref_cost = ckwrap_cost(x, w, k)
         before = torch.get_num_threads()
         for threads in (1, 2):
             torch.set_num_threads(threads)
@@ -191,8 +187,7 @@ def test_exact_wide_rows_match_ckwrap():
                 r = popcomp.kmeans1d(torch.from_numpy(x), k, torch.from_numpy(w), method="exact")
             finally:
                 torch.set_num_threads(before)
-            assert float(r.cost) == pytest.approx(ref_cost, rel=1e-9)
-            assert float(r.cost) <= ref_cost * (1 + 1e-12)
+            assert_cost_matches(r.cost, ref_cost, rel=1e-9)
 
 
 @pytest.mark.parametrize("beta,diameter", [(0.0, "squared"), (5.0, "squared"), (2.0, "linear")])
