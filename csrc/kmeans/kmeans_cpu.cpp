@@ -664,6 +664,7 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G,
         // (the previous layer's argmins are set up to row rhi; past its last solved row
         // Hprev they are only lower bounds)
         const int64_t xhi = std::min(rfull - 1, rhi);
+        if (xhi < Lprev) return refuse(3);  // the upper demand below the lower one
         rlo = first_at_least(Jprev, Lprev, xhi, clo);
         if (rlo > xhi) return refuse(Hprev < xhi ? 3 : 1);
       }
@@ -842,10 +843,11 @@ void solve_layers(Work& w, int64_t u, int k, int threads, LayerValues* out, doub
     if (demand_hint(w, u, k, threads, G.data(), X.data(), slack > 0.0 ? slack : kCapSlack)) {
       int why = 2;
       if (dp_layers(w, u, k, threads, G.data(), X.data(), out, &why)) return;
+      const int first = why;
       // lower demands too high (tight, well separated clusters): the upper ones alone
-      if (why != 2 && dp_layers(w, u, k, threads, nullptr, X.data(), out, &why)) return;
-      // upper demands too low: the lower ones alone
-      if (why == 2 && dp_layers(w, u, k, threads, G.data(), nullptr, out)) return;
+      if (first != 2 && dp_layers(w, u, k, threads, nullptr, X.data(), out)) return;
+      // upper demands too low: the lower ones alone (not when those were to blame)
+      if (first != 1 && dp_layers(w, u, k, threads, G.data(), nullptr, out)) return;
     }
   }
   dp_layers(w, u, k, threads, nullptr, nullptr, out);
