@@ -77,25 +77,34 @@ void check_sumsq(const char* fn, uintptr_t g, uintptr_t x, uintptr_t acc, int64_
   }
 }
 
-void check_cov_accum(const char* fn, uintptr_t x, int x_dtype, int64_t B, int64_t S, int64_t m,
-                     uintptr_t acc, int acc_dtype) {
+void check_cov_sizes(const char* fn, int x_dtype, int64_t B, int64_t S, int64_t m,
+                     int acc_dtype) {
   check_size(fn, "B", B);
   check_size(fn, "S", S);
   check_size(fn, "m", m);
   check_dtype(fn, "x_dtype", x_dtype);
   check_dtype(fn, "acc_dtype", acc_dtype, 0, 1);
+}
+
+void check_cov_accum(const char* fn, uintptr_t x, int x_dtype, int64_t B, int64_t S, int64_t m,
+                     uintptr_t acc, int acc_dtype) {
+  check_cov_sizes(fn, x_dtype, B, S, m, acc_dtype);
   if (B > 0 && S > 0 && m > 0) {
     check_ptr(fn, "x", x);
     check_ptr(fn, "acc", acc);
   }
 }
 
-void check_greedy(const char* fn, uintptr_t cov, int dtype, int64_t m, int64_t k, uintptr_t tau,
-                  uintptr_t n0, uintptr_t L0, double rel_guard, uintptr_t idx, uintptr_t obj) {
+void check_greedy_sizes(const char* fn, int dtype, int64_t m, int64_t k) {
   check_size(fn, "m", m);
   check_size(fn, "k", k);
   require(k <= m, fn, "k must be <= m (" + std::to_string(m) + "), got " + std::to_string(k));
   check_dtype(fn, "dtype", dtype, 0, 1);
+}
+
+void check_greedy(const char* fn, uintptr_t cov, int dtype, int64_t m, int64_t k, uintptr_t tau,
+                  uintptr_t n0, uintptr_t L0, double rel_guard, uintptr_t idx, uintptr_t obj) {
+  check_greedy_sizes(fn, dtype, m, k);
   check_real(fn, "rel_guard", rel_guard);
   if (k > 0) {  // M may be null: Z = I
     check_ptr(fn, "cov", cov);
@@ -216,7 +225,7 @@ PYBIND11_MODULE(_C, m) {
          int device, uintptr_t stream) {
         const char* fn = "kmeans1d_cuda";
         check_device(fn, device);
-        require(workspace != 0 || workspace_bytes == 0, fn, "workspace is a null address");
+        check_workspace(fn, workspace, workspace_bytes, 0);  // its size: run_cuda, from the plan
         auto p = kmeans_params(rows, n, k, beta, method, init, diameter, max_iter, tol, seed,
                                x_dtype, w_dtype);
         kmeans::run_cuda(p, kmeans_buffers(x, w, init_centers, centers, labels, cost, n_iter),
@@ -287,9 +296,7 @@ PYBIND11_MODULE(_C, m) {
 #if defined(POPCOMP_WITH_CUDA)
   m.def("covariance_accumulate_cuda_workspace",
         [](int x_dtype, int64_t B, int64_t S, int64_t mm, int acc_dtype, int device) {
-          check_cov_accum("covariance_accumulate_cuda_workspace", 0, x_dtype, B, 0, mm, 0,
-                          acc_dtype);
-          check_size("covariance_accumulate_cuda_workspace", "S", S);
+          check_cov_sizes("covariance_accumulate_cuda_workspace", x_dtype, B, S, mm, acc_dtype);
           check_device("covariance_accumulate_cuda_workspace", device);
           return covariance::accumulate_cuda_workspace_bytes(
               cov_accum_params(B, S, mm, 0, 0, 1, x_dtype, acc_dtype), device);
@@ -303,18 +310,14 @@ PYBIND11_MODULE(_C, m) {
         check_cov_accum(fn, x, x_dtype, B, S, mm, acc, acc_dtype);
         check_device(fn, device);
         // a workspace below accumulate_cuda_workspace_bytes is allowed: one pass, no splits
-        require(workspace != 0 || workspace_bytes == 0, fn, "workspace is a null address");
+        check_workspace(fn, workspace, workspace_bytes, 0);
         covariance::accumulate_cuda(cov_accum_params(B, S, mm, sB, sS, sm, x_dtype, acc_dtype),
                                     ptr<const void>(x), ptr<void>(acc), ptr<void>(workspace),
                                     workspace_bytes, device, ptr<void>(stream));
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("greedy_select_cuda_workspace", [](int dtype, int64_t mm, int64_t k) {
-    const char* fn = "greedy_select_cuda_workspace";
-    check_size(fn, "m", mm);
-    check_size(fn, "k", k);
-    require(k <= mm, fn, "k must be <= m (" + std::to_string(mm) + "), got " + std::to_string(k));
-    check_dtype(fn, "dtype", dtype, 0, 1);
+    check_greedy_sizes("greedy_select_cuda_workspace", dtype, mm, k);
     return covariance::greedy_cuda_workspace_bytes(greedy_params(mm, k, dtype, 0.0));
   });
   m.def(

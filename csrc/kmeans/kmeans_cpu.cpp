@@ -410,6 +410,13 @@ inline __attribute__((always_inline)) void group(const DnC& L, int64_t r1, int64
 #pragma GCC target("avx512f,avx512vl")
 namespace dp_avx512 {
 #define PC_LAYER_TARGET
+// Segment costs of eight (w, s, q) at once, as seg_cost_dp: zero weight gives zero, rounding
+// below zero is clamped.
+inline __attribute__((always_inline)) __m512d seg_cost8(__m512d w, __m512d s, __m512d q) {
+  const __m512d zero = _mm512_setzero_pd();
+  w = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(w, zero, _CMP_GT_OQ), _mm512_set1_pd(1.0), w);
+  return _mm512_max_pd(_mm512_sub_pd(q, _mm512_div_pd(_mm512_mul_pd(s, s), w)), zero);
+}
 // Eight columns a step in registers: running minimum and its column per lane (strict <
 // keeps the first), a masked final step, then the least column among the lanes at the
 // minimum. No stores and no second pass; rows of at most 4 columns take one 4-wide step.
@@ -439,17 +446,14 @@ inline __attribute__((always_inline)) void scan(const DnC& L, int64_t i, int64_t
   }
   const __m512d a0 = _mm512_set1_pd(L.s0[i + 1]), a1 = _mm512_set1_pd(L.s1[i + 1]),
                 a2 = _mm512_set1_pd(L.s2[i + 1]);
-  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0),
-                inf = _mm512_set1_pd(kInf);
+  const __m512d one = _mm512_set1_pd(1.0), inf = _mm512_set1_pd(kInf);
   __m512d best = inf;
   __m512i bidx = _mm512_setzero_si512();
   __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(lo), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
   auto step = [&](__mmask8 m, int64_t j) {
-    __m512d w = _mm512_sub_pd(a0, _mm512_mask_loadu_pd(one, m, L.s0 + j));
-    const __m512d s = _mm512_sub_pd(a1, _mm512_maskz_loadu_pd(m, L.s1 + j));
-    const __m512d q = _mm512_sub_pd(a2, _mm512_maskz_loadu_pd(m, L.s2 + j));
-    w = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(w, zero, _CMP_GT_OQ), one, w);
-    const __m512d c = _mm512_max_pd(_mm512_sub_pd(q, _mm512_div_pd(_mm512_mul_pd(s, s), w)), zero);
+    const __m512d c = seg_cost8(_mm512_sub_pd(a0, _mm512_mask_loadu_pd(one, m, L.s0 + j)),
+                                _mm512_sub_pd(a1, _mm512_maskz_loadu_pd(m, L.s1 + j)),
+                                _mm512_sub_pd(a2, _mm512_maskz_loadu_pd(m, L.s2 + j)));
     const __m512d v = _mm512_add_pd(_mm512_mask_loadu_pd(inf, m, L.d + j), c);
     const __mmask8 lt = _mm512_mask_cmp_pd_mask(m, v, best, _CMP_LT_OQ);
     best = _mm512_mask_blend_pd(lt, best, v);
@@ -484,16 +488,13 @@ inline __attribute__((always_inline)) void pair4(const DnC& L, int64_t i1, int64
   const __m512d a0 = two(_mm256_set1_pd(L.s0[i1 + 1]), _mm256_set1_pd(L.s0[i2 + 1]));
   const __m512d a1 = two(_mm256_set1_pd(L.s1[i1 + 1]), _mm256_set1_pd(L.s1[i2 + 1]));
   const __m512d a2 = two(_mm256_set1_pd(L.s2[i1 + 1]), _mm256_set1_pd(L.s2[i2 + 1]));
-  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0),
-                inf = _mm512_set1_pd(kInf);
-  __m512d w = _mm512_sub_pd(a0, two(_mm256_mask_loadu_pd(one4, m1, L.s0 + lo1),
-                                    _mm256_mask_loadu_pd(one4, m2, L.s0 + lo2)));
-  const __m512d s = _mm512_sub_pd(a1, two(_mm256_maskz_loadu_pd(m1, L.s1 + lo1),
-                                          _mm256_maskz_loadu_pd(m2, L.s1 + lo2)));
-  const __m512d q = _mm512_sub_pd(a2, two(_mm256_maskz_loadu_pd(m1, L.s2 + lo1),
-                                          _mm256_maskz_loadu_pd(m2, L.s2 + lo2)));
-  w = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(w, zero, _CMP_GT_OQ), one, w);
-  const __m512d c = _mm512_max_pd(_mm512_sub_pd(q, _mm512_div_pd(_mm512_mul_pd(s, s), w)), zero);
+  const __m512d inf = _mm512_set1_pd(kInf);
+  const __m512d c = seg_cost8(_mm512_sub_pd(a0, two(_mm256_mask_loadu_pd(one4, m1, L.s0 + lo1),
+                                                   _mm256_mask_loadu_pd(one4, m2, L.s0 + lo2))),
+                              _mm512_sub_pd(a1, two(_mm256_maskz_loadu_pd(m1, L.s1 + lo1),
+                                                   _mm256_maskz_loadu_pd(m2, L.s1 + lo2))),
+                              _mm512_sub_pd(a2, two(_mm256_maskz_loadu_pd(m1, L.s2 + lo1),
+                                                   _mm256_maskz_loadu_pd(m2, L.s2 + lo2))));
   const __m512d dv = two(_mm256_mask_loadu_pd(inf4, m1, L.d + lo1), _mm256_mask_loadu_pd(inf4, m2, L.d + lo2));
   const __m512d v = _mm512_mask_blend_pd(m, inf, _mm512_add_pd(dv, c));
   // least value of each half in all its lanes, then the first lane holding it
@@ -513,7 +514,6 @@ inline __attribute__((always_inline)) void pair4(const DnC& L, int64_t i1, int64
 template <int NV>
 inline __attribute__((always_inline)) void group(const DnC& L, int64_t r1, int64_t r2,
                                                  int64_t c0, int64_t c1) {
-  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
   __mmask8 rm[NV];
   __m512d a0[NV], a1[NV], a2[NV], best[NV];
   __m512i lo[NV], hi[NV], bj[NV];
@@ -542,13 +542,9 @@ inline __attribute__((always_inline)) void group(const DnC& L, int64_t r1, int64
     const __m512d e0 = _mm512_set1_pd(L.s0[c]), e1 = _mm512_set1_pd(L.s1[c]),
                   e2 = _mm512_set1_pd(L.s2[c]), dc = _mm512_set1_pd(L.d[c]);
     for (int h = 0; h < NV; ++h) {
-      __m512d w = _mm512_sub_pd(a0[h], e0);
-      const __m512d s = _mm512_sub_pd(a1[h], e1);
-      const __m512d q = _mm512_sub_pd(a2[h], e2);
-      w = _mm512_mask_blend_pd(_mm512_cmp_pd_mask(w, zero, _CMP_GT_OQ), one, w);
-      const __m512d cost =
-          _mm512_max_pd(_mm512_sub_pd(q, _mm512_div_pd(_mm512_mul_pd(s, s), w)), zero);
-      const __m512d v = _mm512_add_pd(dc, cost);
+      const __m512d v = _mm512_add_pd(
+          dc, seg_cost8(_mm512_sub_pd(a0[h], e0), _mm512_sub_pd(a1[h], e1),
+                        _mm512_sub_pd(a2[h], e2)));
       const __mmask8 in = _mm512_cmp_epi64_mask(lo[h], cv, _MM_CMPINT_LE) &
                           _mm512_cmp_epi64_mask(hi[h], cv, _MM_CMPINT_NLT);
       const __mmask8 lt = _mm512_mask_cmp_pd_mask(in, v, best[h], _CMP_LT_OQ);
@@ -750,7 +746,7 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G,
   return true;
 }
 
-// Demand hints for dp_layers, G[1..k-2] and (with X) X[1..k-2]: the rows of each layer that
+// Demand hints for dp_layers, G[1..k-2] and X[1..k-2]: the rows of each layer that
 // the answer is expected to need. The last layer reads only row u - 1, whose columns start at
 // J_{k-1}(u - 1) >= J_{k-2}(u - 2), so layer k - 2 is needed from about J_{k-2}(u - 2) - 1 on,
 // layer k - 3 from J_{k-3} of that row, and so on down: layer m from about u m / (k - 1).
@@ -764,12 +760,12 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G,
 // D values, which bound the fine ones from above (a coarse partition is a fine one), plus a
 // relative slack for the fine ones being lower. A wrong estimate costs time only (dp_layers
 // checks every row it skips). Returns false where the problem is too small for that to pay.
-void solve_layers(Work& w, int64_t u, int k, int threads, LayerValues* out = nullptr,
-                  double slack = 0.0);
 constexpr int64_t kGroup = 32;
 constexpr int64_t kMarginRows = 3 * kGroup;  // margin: this many rows or 1/16 of the cluster
 constexpr double kCapSlack = 4e-3;  // relative slack of the upper demands
 constexpr double kCoarseSlack = 4;   // the coarse DP's own upper demands: this many times wider
+void solve_layers(Work& w, int64_t u, int k, int threads, LayerValues* out = nullptr,
+                  double slack = kCapSlack);
 bool demand_hint(Work& w, int64_t u, int k, int threads, int64_t* G, int64_t* X,
                  double slack = kCapSlack) {
   const int64_t E = std::min<int64_t>(4 * (int64_t)k, u / 8);
@@ -791,14 +787,14 @@ bool demand_hint(Work& w, int64_t u, int k, int threads, int64_t* G, int64_t* X,
     c.s1[t] = w.s1[start[t]];
     c.s2[t] = w.s2[start[t]];
   }
-  c.Dl.resize(X ? (size_t)k * uc : 0);
+  c.Dl.resize((size_t)k * uc);
   c.top.assign(k, -1);
   const double* Dc = c.Dl.data();
   const int64_t* top = c.top.data();
   LayerValues vals{c.Dl.data(), c.top.data()};
   // in demand mode itself where it is large enough, with upper demands wide enough for the
   // rows X below is drawn from to be among those it knows exact
-  solve_layers(c, uc, k, threads, X ? &vals : nullptr, kCoarseSlack * slack);
+  solve_layers(c, uc, k, threads, &vals, kCoarseSlack * slack);
   std::vector<int64_t> chain(k);  // the coarse backtrack's row of each layer
   int64_t x = uc - 2;
   for (int m = k - 2; m >= 1; --m) {
@@ -811,36 +807,33 @@ bool demand_hint(Work& w, int64_t u, int k, int threads, int64_t* G, int64_t* X,
     G[m] = g > m ? g : m;
     x = jc - 1;
   }
-  if (X) {
-    double tau = Dc[(size_t)(k - 1) * uc + uc - 1];  // >= D_{k-1}(u - 1)
-    for (int m = k - 2; m >= 1; --m) {
-      const int64_t rh = uc - 1 - (k - 1 - m);
-      const int64_t rt = std::min(rh, top[m]);  // the coarse rows known exact end here
-      const double* Dm = Dc + (size_t)m * uc;
-      const double target = tau + slack * std::fabs(tau);
-      // the first coarse row from the chain up whose D reaches the target (D non-decreasing)
-      const int64_t r = chain[m] > rt ? rt + 1
-                        : std::partition_point(Dm + chain[m], Dm + rt + 1,
-                                               [&](double v) { return v < target; }) - Dm;
-      if (r > rt) {  // not reached: the layer's every row; past the coarse top row (a
-        X[m] = u;    // single value) D_m is bounded by nothing known here
-        tau = rt == rh ? Dm[rh] : kInf;
-      } else {
-        X[m] = start[r + 1] - 1;
-        tau = Dm[r];  // >= D_m(X[m])
-      }
+  double tau = Dc[(size_t)(k - 1) * uc + uc - 1];  // >= D_{k-1}(u - 1)
+  for (int m = k - 2; m >= 1; --m) {
+    const int64_t rh = uc - 1 - (k - 1 - m);
+    const int64_t rt = std::min(rh, top[m]);  // the coarse rows known exact end here
+    const double* Dm = Dc + (size_t)m * uc;
+    const double target = tau + slack * std::fabs(tau);
+    // the first coarse row from the chain up whose D reaches the target (D non-decreasing)
+    const int64_t r = chain[m] > rt ? rt + 1
+                      : std::partition_point(Dm + chain[m], Dm + rt + 1,
+                                             [&](double v) { return v < target; }) - Dm;
+    if (r > rt) {  // not reached: the layer's every row; past the coarse top row (a
+      X[m] = u;    // single value) D_m is bounded by nothing known here
+      tau = rt == rh ? Dm[rh] : kInf;
+    } else {
+      X[m] = start[r + 1] - 1;
+      tau = Dm[r];  // >= D_m(X[m])
     }
   }
   return true;
 }
 
 // The DP's layers into w.J: in demand mode where the problem is large enough, else (or when
-// the hints were wrong) every row. out: see dp_layers; slack: that of the upper demands
-// (0: kCapSlack).
+// the hints were wrong) every row. out: see dp_layers; slack: that of the upper demands.
 void solve_layers(Work& w, int64_t u, int k, int threads, LayerValues* out, double slack) {
   if (k >= 3 && u >= kDemandMin) {
     std::vector<int64_t> G(k, 0), X(k, 0);
-    if (demand_hint(w, u, k, threads, G.data(), X.data(), slack > 0.0 ? slack : kCapSlack)) {
+    if (demand_hint(w, u, k, threads, G.data(), X.data(), slack)) {
       int why = 2;
       if (dp_layers(w, u, k, threads, G.data(), X.data(), out, &why)) return;
       const int first = why;
