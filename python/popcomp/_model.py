@@ -1,0 +1,236 @@
+"""Model and batch handling shared by every model-level API: modes, devices, batches, progress, module paths, ranks.
+
+A leaf module (it imports nothing from popcomp), so ``hessian``, ``quantize``, ``spectral``,
+``theory`` and the experiments all use one definition of each of these rules:
+
+* a batch is ``(inputs, target)`` or ``inputs`` alone; ``inputs`` is a tensor, a tuple/list
+  (positional arguments of ``model``) or a dict (keyword arguments, as Hugging Face models take
+  them) -- :func:`split_batch`, :func:`input_of`, :func:`call_model`;
+* :func:`eval_mode` puts every submodule in eval mode and restores each one's own mode after;
+* :data:`ACTIVATIONS` is the one table of element-wise activation modules; the modules that
+  compose it (the Hessian chain, spectral pruning) add what *their* rule allows.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "ACTIVATIONS", "LAYER_TYPES", "all_names", "all_reduce_sum", "batch_size", "call_model",
+    "eval_mode", "get_submodule", "input_of", "is_layer", "module_device", "own_forward",
+    "progress", "set_submodule", "slice_sample", "split_batch", "to_device",
+]
+
+# ---- module tables ----------------------------------------------------------------------------
+
+# Activations applied element by element (their Jacobian is diagonal; they commute with the
+# selection of units).
+ACTIVATIONS: Tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.LogSigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink,
+)
+
+# The weight layers that popcomp quantizes, prunes or measures (a weight of shape (out, fan-in...)).
+LAYER_TYPES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+def own_forward(mod: nn.Module, classes: Iterable[type]) -> bool:
+    """``mod`` is an instance of one of ``classes`` and does not override its ``forward``
+    (a subclass with its own forward computes something else)."""
+    return any(isinstance(mod, c) and type(mod).forward is c.forward for c in classes)
+
+
+def is_layer(mod: nn.Module, classes: Iterable[type] = LAYER_TYPES) -> bool:
+    """``mod`` is one of the weight layers ``classes`` with the stock forward."""
+    return own_forward(mod, classes)
+
+
+# ---- modes and devices ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run the block with every module of ``model`` in eval mode (no dropout noise, BatchNorm on
+    its running statistics and not updating them); each module's own mode is restored after,
+    also when the block raises (modes may be mixed)."""
+    if not enabled:
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def module_device(model: nn.Module) -> Optional[torch.device]:
+    """The device of the first parameter (else buffer) of ``model``; None when it has neither."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None
+
+
+def to_device(obj: Any, device: Optional[torch.device]) -> Any:
+    """``obj`` with every tensor in it (nested tuples, lists, dicts) moved to ``device``
+    (None: unchanged). Tensors already there are not copied."""
+    if device is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device) if obj.device != device else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+# ---- batches ------------------------------------------------------------------------------------
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict, else ``model(inputs)``."""
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+def split_batch(batch: Any, name: str = "data") -> Tuple[Any, Any]:
+    """``(inputs, target)`` of a batch that must carry a target (a pair)."""
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"{name} must yield (input, target) pairs, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
+    )
+
+
+_INPUT_KEYS = ("input", "inputs", "x")
+
+
+def input_of(batch: Any) -> Any:
+    """The model input of a batch that may carry a target: the first element of a tuple/list,
+    the ``input``/``inputs``/``x`` entry of a dict, else the batch itself."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in _INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+        raise ValueError(f"dict batches need one of the entries {_INPUT_KEYS} (or pass forward=)")
+    return batch
+
+
+def batch_size(*objs: Any, name: str = "data") -> int:
+    """The leading dimension of the first tensor found in ``objs`` (tensors, or tuples/lists/
+    dicts of them, searched in order)."""
+    for obj in objs:
+        if isinstance(obj, torch.Tensor) and obj.dim() > 0:
+            return int(obj.shape[0])
+        if isinstance(obj, (list, tuple, dict)):
+            items = obj.values() if isinstance(obj, dict) else obj
+            for o in items:
+                if isinstance(o, torch.Tensor) and o.dim() > 0:
+                    return int(o.shape[0])
+    raise ValueError(f"{name}: cannot find the batch size (no tensor with a leading batch dimension)")
+
+
+def slice_sample(obj: Any, s: int) -> Any:
+    """Sample ``s`` of a batch (every tensor sliced to ``[s:s+1]``, nested containers kept)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[s : s + 1]
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(slice_sample(o, s) for o in obj)
+    if isinstance(obj, dict):
+        return {k: slice_sample(v, s) for k, v in obj.items()}
+    return obj
+
+
+# ---- progress -----------------------------------------------------------------------------------
+
+
+def progress(it: Iterable, desc: str = "", *, enabled: bool = True, total: Optional[int] = None,
+             **kw: Any) -> Iterable:
+    """``it`` wrapped in a tqdm bar on stderr; no bar when ``enabled`` is False or the
+    environment variable POPCOMP_NO_PROGRESS is set."""
+    if not enabled or os.environ.get("POPCOMP_NO_PROGRESS"):
+        return it
+    from tqdm.auto import tqdm
+
+    if total is None:
+        try:
+            total = len(it)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    kw.setdefault("leave", False)
+    return tqdm(it, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, **kw)
+
+
+# ---- module paths -------------------------------------------------------------------------------
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path`` ('' is the model itself)."""
+    return model.get_submodule(path) if path else model
+
+
+def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` (not '') by ``new``."""
+    parent, _, child = path.rpartition(".")
+    setattr(get_submodule(model, parent), child, new)
+
+
+def all_names(model: nn.Module) -> Dict[int, List[str]]:
+    """id(module) -> every name it is reachable under (a module reused at several places of the
+    model is one object: replacing it means replacing it at all of them)."""
+    names: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        lst = names.setdefault(id(m), [])
+        if n not in lst:
+            lst.append(n)
+    return names
+
+
+# ---- ranks --------------------------------------------------------------------------------------
+
+
+def all_reduce_sum(tensors: List[torch.Tensor], count: float = 0.0) -> Tuple[List[torch.Tensor], float]:
+    """Sums ``tensors`` (copies, in one flat all-reduce) and ``count`` over the ranks of
+    torch.distributed when it is initialized; otherwise returns copies and ``count`` as given.
+    With the NCCL backend CPU tensors travel through the current CUDA device."""
+    out = [t.clone() for t in tensors]
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return out, count
+    import torch.distributed as dist
+
+    dev = out[0].device if out else torch.device("cpu")
+    if dist.get_backend() == "nccl" and dev.type != "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    cnt = torch.tensor([float(count)], dtype=torch.float64, device=dev)
+    dist.all_reduce(cnt)
+    count = float(cnt.item())
+    if out:
+        # one all-reduce per dtype (a flat buffer of mixed dtypes would upcast)
+        by_dtype: Dict[torch.dtype, List[int]] = {}
+        for i, t in enumerate(out):
+            by_dtype.setdefault(t.dtype, []).append(i)
+        for idx in by_dtype.values():
+            flat = torch.cat([out[i].reshape(-1) for i in idx]).to(dev)
+            dist.all_reduce(flat)
+            off = 0
+            for i in idx:
+                n = out[i].numel()
+                out[i] = flat[off : off + n].view_as(out[i]).to(out[i].device).clone()
+                off += n
+    return out, count
