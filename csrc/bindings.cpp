@@ -2,15 +2,22 @@
 // raw addresses (tensor.data_ptr()) plus sizes and dtype codes; CUDA entry points also take
 // the device index and the cudaStream_t (torch.cuda.current_stream().cuda_stream).
 //
-// The callers (popcomp/_impl/*.py) check the tensors behind the addresses first (shapes,
-// dtypes, devices: popcomp/_impl/checks.py); every entry point here still checks what it can
-// see -- sizes, dtype and enum codes, null addresses, workspace sizes -- and throws
+// The callers (popcomp/ops/backends/{cpu,cuda}/*.py) check the tensors behind the addresses
+// first (shapes, dtypes, devices: popcomp/ops/checks.py); every entry point here still checks
+// what it can see -- sizes, dtype and enum codes, null addresses, workspace sizes -- and throws
 // std::invalid_argument (a ValueError in Python) naming the function and the argument, before
-// any kernel runs.
+// any kernel runs. Every argument is named (py::arg): the Python callers pass them by keyword.
+//
+// The codes and constants the Python layer shares with the kernels (dtype codes, the K-means
+// enums and status messages, the greedy gain guard) are exported here, from the C++ enums, as
+// plain dicts that Python reads (its fallback copy serves only an unbuilt checkout, and
+// tests/test_op_checks.py keeps it equal to these; see "codes" in PYBIND11_MODULE).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <initializer_list>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -62,8 +69,8 @@ void check_sumsq(const char* fn, uintptr_t g, uintptr_t x, uintptr_t acc, int64_
   check_size(fn, "B", B);
   check_size(fn, "R", R);
   check_size(fn, "T", T);
-  check_size(fn, "out", out);
-  check_size(fn, "in", in);
+  check_size(fn, "out_features", out);
+  check_size(fn, "in_features", in);
   require(gs.size() == 4, fn, "g_strides must hold 4 strides (b, r, t, o), got " +
                                   std::to_string(gs.size()));
   require(xs.size() == 3, fn, "x_strides must hold 3 strides (b, t, i), got " +
@@ -162,6 +169,17 @@ covariance::AccumParams cov_accum_params(int64_t B, int64_t S, int64_t m, int64_
   return p;
 }
 
+// ---- codes and constants shared with the Python layer --------------------------------------
+py::dict codes(std::initializer_list<std::pair<const char*, int>> items) {
+  py::dict d;
+  for (const auto& it : items) d[py::str(it.first)] = it.second;
+  return d;
+}
+
+// The greedy gain guard (covariance_math.h, greedy_explained): a unit whose residual variance
+// and ridge are both within this many machine epsilons (of cov's dtype) of Sigma_jj scores 0.
+constexpr double kGreedyRelGuardEps = 1e3;
+
 covariance::GreedyParams greedy_params(int64_t m, int64_t k, int dtype, double rel_guard) {
   covariance::GreedyParams p;
   p.m = m;
@@ -185,6 +203,41 @@ PYBIND11_MODULE(_C, m) {
   m.attr("has_openmp") = false;
 #endif
   m.def("max_threads", &max_threads);
+
+  // ---- codes: read by popcomp/_backend.py (dtype_codes) and popcomp/ops/checks.py --------
+  m.attr("dtype_codes") = codes({{"float64", static_cast<int>(DType::f64)},
+                                 {"float32", static_cast<int>(DType::f32)},
+                                 {"float16", static_cast<int>(DType::f16)},
+                                 {"bfloat16", static_cast<int>(DType::bf16)}});
+  m.attr("kmeans_methods") = codes({{"lloyd", static_cast<int>(kmeans::Method::lloyd)},
+                                    {"exact", static_cast<int>(kmeans::Method::exact)}});
+  m.attr("kmeans_inits") = codes({{"kmeans++", static_cast<int>(kmeans::Init::kmeanspp)},
+                                  {"linear", static_cast<int>(kmeans::Init::linear)},
+                                  {"quantile", static_cast<int>(kmeans::Init::quantile)},
+                                  {"given", static_cast<int>(kmeans::Init::given)}});
+  m.attr("kmeans_diameters") = codes({{"squared", static_cast<int>(kmeans::Diameter::squared)},
+                                      {"linear", static_cast<int>(kmeans::Diameter::linear)}});
+  m.attr("kmeans_status") = codes({{"ok", kmeans::kOk},
+                                   {"nonfinite_x", kmeans::kNonFiniteX},
+                                   {"nonfinite_w", kmeans::kNonFiniteW},
+                                   {"negative_w", kmeans::kNegativeW},
+                                   {"zero_w", kmeans::kZeroW}});
+  {  // the ValueError message of every failing status of kmeans::Result
+    py::dict msg;
+    msg[py::int_(static_cast<int>(kmeans::kNonFiniteX))] = "x contains NaN or Inf";
+    msg[py::int_(static_cast<int>(kmeans::kNonFiniteW))] = "weights contains NaN or Inf";
+    msg[py::int_(static_cast<int>(kmeans::kNegativeW))] =
+        "weights must be non-negative (found negative entries)";
+    msg[py::int_(static_cast<int>(kmeans::kZeroW))] =
+        "weights are all zero: the objective has no minimizer";
+    m.attr("kmeans_status_messages") = msg;
+  }
+  {  // rel_guard of greedy_select_{cpu,cuda} by the dtype of cov
+    py::dict g;
+    g["float64"] = kGreedyRelGuardEps * std::numeric_limits<double>::epsilon();
+    g["float32"] = kGreedyRelGuardEps * static_cast<double>(std::numeric_limits<float>::epsilon());
+    m.attr("greedy_rel_guard") = g;
+  }
 #if defined(POPCOMP_WITH_CUDA)
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_build_version", &cuda_build_version);
@@ -206,7 +259,11 @@ PYBIND11_MODULE(_C, m) {
             p, kmeans_buffers(x, w, init_centers, centers, labels, cost, n_iter), num_threads);
         return std::make_pair(r.status, r.row);
       },
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("x"), py::arg("w"), py::arg("x_dtype"), py::arg("w_dtype"), py::arg("rows"),
+      py::arg("n"), py::arg("k"), py::arg("beta"), py::arg("method"), py::arg("init"),
+      py::arg("diameter"), py::arg("max_iter"), py::arg("tol"), py::arg("seed"),
+      py::arg("init_centers"), py::arg("centers"), py::arg("labels"), py::arg("cost"),
+      py::arg("n_iter"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
 #if defined(POPCOMP_WITH_CUDA)
   m.def("kmeans1d_cuda_workspace",
         [](int64_t rows, int64_t n, int k, int method, int x_dtype, int device) {
@@ -231,7 +288,12 @@ PYBIND11_MODULE(_C, m) {
         kmeans::run_cuda(p, kmeans_buffers(x, w, init_centers, centers, labels, cost, n_iter),
                          ptr<void>(workspace), workspace_bytes, device, ptr<void>(stream));
       },
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("x"), py::arg("w"), py::arg("x_dtype"), py::arg("w_dtype"), py::arg("rows"),
+      py::arg("n"), py::arg("k"), py::arg("beta"), py::arg("method"), py::arg("init"),
+      py::arg("diameter"), py::arg("max_iter"), py::arg("tol"), py::arg("seed"),
+      py::arg("init_centers"), py::arg("centers"), py::arg("labels"), py::arg("cost"),
+      py::arg("n_iter"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 #endif
 
   // ---- fused squared per-sample gradients (Fisher / GGN diagonal) -----------------------
@@ -256,7 +318,10 @@ PYBIND11_MODULE(_C, m) {
           py::gil_scoped_release release;
           hessian::sumsq_outer_cpu(p, ptr<const void>(g), ptr<const void>(x), ptr<float>(acc),
                                    num_threads);
-        });
+        },
+        py::arg("g"), py::arg("x"), py::arg("acc"), py::arg("B"), py::arg("R"), py::arg("T"),
+        py::arg("out_features"), py::arg("in_features"), py::arg("g_strides"),
+        py::arg("x_strides"), py::arg("g_dtype"), py::arg("x_dtype"), py::arg("num_threads"));
 #if defined(POPCOMP_WITH_CUDA)
   m.def("sumsq_outer_cuda",
         [sumsq_params](uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R, int64_t T,
@@ -268,7 +333,11 @@ PYBIND11_MODULE(_C, m) {
           py::gil_scoped_release release;
           hessian::sumsq_outer_cuda(p, ptr<const void>(g), ptr<const void>(x), ptr<float>(acc),
                                     device, ptr<void>(stream));
-        });
+        },
+        py::arg("g"), py::arg("x"), py::arg("acc"), py::arg("B"), py::arg("R"), py::arg("T"),
+        py::arg("out_features"), py::arg("in_features"), py::arg("g_strides"),
+        py::arg("x_strides"), py::arg("g_dtype"), py::arg("x_dtype"), py::arg("device"),
+        py::arg("stream"));
 #endif
 
   // ---- spectral pruning: covariance accumulation and greedy selection --------------------
@@ -280,7 +349,9 @@ PYBIND11_MODULE(_C, m) {
         covariance::accumulate_cpu(cov_accum_params(B, S, mm, sB, sS, sm, x_dtype, acc_dtype),
                                    ptr<const void>(x), ptr<void>(acc), num_threads);
       },
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("x"), py::arg("x_dtype"), py::arg("B"), py::arg("S"), py::arg("m"),
+      py::arg("stride_b"), py::arg("stride_s"), py::arg("stride_m"), py::arg("acc"),
+      py::arg("acc_dtype"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
   m.def(
       "greedy_select_cpu",
       [](uintptr_t cov, uintptr_t M, int dtype, int64_t mm, int64_t k, uintptr_t tau,
@@ -292,7 +363,9 @@ PYBIND11_MODULE(_C, m) {
                                ptr<const double>(n0), ptr<const double>(L0), ptr<int64_t>(idx),
                                ptr<double>(obj), num_threads);
       },
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("cov"), py::arg("M"), py::arg("dtype"), py::arg("m"), py::arg("k"), py::arg("tau"),
+      py::arg("n0"), py::arg("L0"), py::arg("rel_guard"), py::arg("idx"), py::arg("obj"),
+      py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
 #if defined(POPCOMP_WITH_CUDA)
   m.def("covariance_accumulate_cuda_workspace",
         [](int x_dtype, int64_t B, int64_t S, int64_t mm, int acc_dtype, int device) {
@@ -300,7 +373,9 @@ PYBIND11_MODULE(_C, m) {
           check_device("covariance_accumulate_cuda_workspace", device);
           return covariance::accumulate_cuda_workspace_bytes(
               cov_accum_params(B, S, mm, 0, 0, 1, x_dtype, acc_dtype), device);
-        });
+        },
+        py::arg("x_dtype"), py::arg("B"), py::arg("S"), py::arg("m"), py::arg("acc_dtype"),
+        py::arg("device"));
   m.def(
       "covariance_accumulate_cuda",
       [](uintptr_t x, int x_dtype, int64_t B, int64_t S, int64_t mm, int64_t sB, int64_t sS,
@@ -315,11 +390,14 @@ PYBIND11_MODULE(_C, m) {
                                     ptr<const void>(x), ptr<void>(acc), ptr<void>(workspace),
                                     workspace_bytes, device, ptr<void>(stream));
       },
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("x"), py::arg("x_dtype"), py::arg("B"), py::arg("S"), py::arg("m"),
+      py::arg("stride_b"), py::arg("stride_s"), py::arg("stride_m"), py::arg("acc"),
+      py::arg("acc_dtype"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"),
+      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
   m.def("greedy_select_cuda_workspace", [](int dtype, int64_t mm, int64_t k) {
     check_greedy_sizes("greedy_select_cuda_workspace", dtype, mm, k);
     return covariance::greedy_cuda_workspace_bytes(greedy_params(mm, k, dtype, 0.0));
-  });
+  }, py::arg("dtype"), py::arg("m"), py::arg("k"));
   m.def(
       "greedy_select_cuda",
       [](uintptr_t cov, uintptr_t M, int dtype, int64_t mm, int64_t k, uintptr_t tau,
@@ -337,6 +415,9 @@ PYBIND11_MODULE(_C, m) {
                                 ptr<double>(obj), ptr<void>(workspace), workspace_bytes, device,
                                 ptr<void>(stream));
       },
+      py::arg("cov"), py::arg("M"), py::arg("dtype"), py::arg("m"), py::arg("k"), py::arg("tau"),
+      py::arg("n0"), py::arg("L0"), py::arg("rel_guard"), py::arg("idx"), py::arg("obj"),
+      py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
 #endif
 }
