@@ -182,19 +182,22 @@ def test_bad_input_leaves_model_unchanged():
     cfg = popcomp.PalettizeConfig(bits=2)
 
     def check(exc, match, **kw):
+        # config: a PalettizeConfig, or a function building one (a config that is bad in
+        # itself raises when it is built, inside the pytest.raises too)
         args = dict(config=cfg, hessian=None)
         args.update(kw)
         with pytest.raises(exc, match=match):
-            popcomp.quantize_(model, args["config"], hessian=args["hessian"], filter_fn=args.get("filter_fn"))
+            config = args["config"]() if callable(args["config"]) else args["config"]
+            popcomp.quantize_(model, config, hessian=args["hessian"], filter_fn=args.get("filter_fn"))
         assert set(model.state_dict()) == set(before)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
-    check(ValueError, "bits", config=popcomp.PalettizeConfig(bits=0))
-    check(ValueError, "bits", config=popcomp.PalettizeConfig(bits=9))
-    check(ValueError, "k", config=popcomp.PalettizeConfig(k=1))
+    check(ValueError, "bits", config=lambda: popcomp.PalettizeConfig(bits=0))
+    check(ValueError, "bits", config=lambda: popcomp.PalettizeConfig(bits=9))
+    check(ValueError, "k", config=lambda: popcomp.PalettizeConfig(k=1))
     check(ValueError, "group_size", config=popcomp.PalettizeConfig(bits=2, granularity="per_group", group_size=7))
-    check(ValueError, "group_size", config=popcomp.PalettizeConfig(bits=2, granularity="per_group"))
-    check(ValueError, "granularity", config=popcomp.PalettizeConfig(bits=2, granularity="per_row"))
+    check(ValueError, "group_size", config=lambda: popcomp.PalettizeConfig(bits=2, granularity="per_group"))
+    check(ValueError, "granularity", config=lambda: popcomp.PalettizeConfig(bits=2, granularity="per_row"))
     missing = {k: v for k, v in h.items() if k != "fc.weight"}
     check(ValueError, r"hessian.*fc\.weight", hessian=missing)
     check(ValueError, r"hessian\['fc\.weight'\].*shape", hessian={**h, "fc.weight": h["fc.weight"].t()})
@@ -566,3 +569,122 @@ def test_selecting_one_side_of_a_tie_warns():
         warnings.simplefilter("error")
         popcomp.quantize_(both, popcomp.PalettizeConfig(bits=2))
     assert both[0].weight_packed is both[1].weight_packed
+
+
+# --- config, granularity objects, handler registry, file format -------------------------------
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(bits=2, sensitivity="fisher"), ValueError, "sensitivity"),
+    (dict(bits=2, codebook_dtype=torch.bfloat16), ValueError, "codebook_dtype"),
+    (dict(bits=2, beta=-1.0), ValueError, "beta"),
+    (dict(bits=2, beta=float("nan")), ValueError, "beta"),
+    (dict(bits=2, max_iter=-1), ValueError, "max_iter"),
+    (dict(bits=2, tol=-0.1), ValueError, "tol"),
+    (dict(bits=2, seed=1.5), TypeError, "seed"),
+    (dict(bits=2, method=None), TypeError, "method"),
+    (dict(bits=2, granularity="per_group", group_size=0), ValueError, "group_size"),
+    (dict(bits=2, granularity=3), TypeError, "granularity"),
+    (dict(k=5, bits=2), ValueError, "k"),
+    (dict(), ValueError, "k or bits"),
+])
+def test_a_bad_config_fails_when_built_naming_the_field(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        popcomp.PalettizeConfig(**kw)
+
+
+def test_granularity_objects_are_the_strings():
+    from popcomp.quantize import PerChannel, PerGroup, PerTensor
+
+    with pytest.raises(ValueError, match="group_size"):
+        PerGroup(0)
+    with pytest.raises(ValueError, match="group_size=4 contradicts"):
+        popcomp.PalettizeConfig(bits=2, granularity=PerGroup(2), group_size=4)
+    cfg = popcomp.PalettizeConfig(bits=2, granularity="per_group", group_size=2)
+    assert cfg.granularity_spec == PerGroup(2) and cfg.resolve() == (4, 2)
+    # replace() re-validates and recomputes (the fields keep what was given)
+    import dataclasses
+
+    assert dataclasses.replace(cfg, granularity="per_tensor").granularity_spec == PerTensor()
+    with pytest.raises(ValueError, match="granularity"):
+        dataclasses.replace(cfg, granularity="per_row")
+    for obj, name, gs in [(PerTensor(), "per_tensor", None), (PerChannel(), "per_channel", None),
+                          (PerGroup(2), "per_group", 2)]:
+        a, b = _net(), _net()
+        popcomp.quantize_(a, popcomp.PalettizeConfig(bits=2, granularity=obj))
+        popcomp.quantize_(b, popcomp.PalettizeConfig(bits=2, granularity=name, group_size=gs))
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert a.fc.palette == b.fc.palette and a.fc.palette.granularity == name
+
+
+def test_handler_registry_dispatches_on_the_config_type():
+    # a scheme is a config plus a handler: it gets each group of modules sharing one weight, the
+    # Hessian of that weight, and its replacements go in only after every handler has returned
+    from dataclasses import dataclass
+
+    from popcomp.quantize import QuantizeConfig, register_handler
+
+    @dataclass
+    class Round(QuantizeConfig):
+        decimals: int = 1
+        fail_on: str = ""
+
+    calls = []
+
+    @register_handler(Round)
+    def _round(modules, config, hessian):
+        calls.append(([n for n, _ in modules], hessian))
+        if modules[0][0] == config.fail_on:
+            raise ValueError(f"cannot round {config.fail_on}")
+        out = []
+        for _, m in modules:
+            new = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            new.load_state_dict(m.state_dict())
+            with torch.no_grad():
+                new.weight.copy_(torch.round(m.weight, decimals=config.decimals))
+            out.append(new)
+        return out
+
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 4))
+    model[3].weight = model[2].weight  # tied: one group
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    h = {n: torch.rand(p.shape) for n, p in model.named_parameters() if n.endswith("weight")}
+    with pytest.raises(ValueError, match="cannot round 2"):
+        popcomp.quantize_(model, Round(fail_on="2"), hessian=h)
+    assert model[0] is lin and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    calls.clear()
+    popcomp.quantize_(model, Round(decimals=1), hessian=h)
+    assert [names for names, _ in calls] == [["0"], ["2", "3"]]
+    assert calls[0][1] is h["0.weight"] and calls[1][1] is h["2.weight"]
+    assert torch.equal(model[0].weight, torch.round(before["0.weight"], decimals=1))
+    calls.clear()
+    popcomp.quantize_(model, Round())  # (this handler does not keep ties: three groups now)
+    assert [hh for _, hh in calls] == [None, None, None]
+    with pytest.raises(TypeError, match=r"config must be a popcomp quantization config.*PalettizeConfig.*got dict"):
+        popcomp.quantize_(model, {"bits": 2})
+
+
+def test_load_refuses_an_unknown_format_and_a_corrupt_packed_buffer(tmp_path):
+    import json
+
+    src, path = _saved_2bit(tmp_path, lambda: nn.Sequential(nn.Linear(4, 6)))
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        info, tensors = json.loads(f.metadata()["popcomp"]), {k: f.get_tensor(k) for k in f.keys()}
+    assert info["format"] == 1
+    newer = tmp_path / "newer.safetensors"
+    save_file(tensors, str(newer), metadata={"popcomp": json.dumps({**info, "format": 2})})
+    dst = nn.Sequential(nn.Linear(4, 6))
+    with pytest.raises(ValueError, match=r"format 2.*reads formats \(1,\)"):
+        popcomp.load(dst, newer)
+    bad = tmp_path / "bad.safetensors"
+    save_file({**tensors, "0.weight_packed": tensors["0.weight_packed"][:-1].clone()}, str(bad),
+              metadata={"popcomp": json.dumps(info)})
+    with pytest.raises(ValueError, match=r"corrupt.*0\.weight_packed.*needs 6 uint8"):
+        popcomp.load(dst, bad)
+    assert type(dst[0]) is nn.Linear
+    popcomp.load(dst, path)
+    assert torch.equal(dst[0].weight, src[0].weight)

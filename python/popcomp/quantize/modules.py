@@ -1,0 +1,185 @@
+"""The palettized modules (Linear, Conv1d, Conv2d, Embedding holding packed indices and codebooks) and the swaps between them and the dense modules.
+
+A palettized module subclasses its dense module and exposes ``weight`` as the dequantized
+tensor, so the dense forward is reused as is and computes exactly what the dense module with
+the dequantized weight computes. The ``padding_idx`` row of an Embedding (which PyTorch never
+updates) is kept exact, in a buffer ``weight_padding``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .._model import own_forward, set_submodule
+from .packing import unpack_indices
+
+__all__ = [
+    "PaletteMeta", "Palettized", "PalettizedLinear", "PalettizedConv1d", "PalettizedConv2d",
+    "PalettizedEmbedding", "PALETTIZED", "PAL_BUFFERS", "DTYPE_NAMES", "dense_base",
+    "to_palettized", "to_dense", "replace_module", "palettized_modules",
+]
+
+# the dtypes a palettized weight dequantizes to, by the names the file metadata uses
+DTYPE_NAMES: Dict[torch.dtype, str] = {torch.float32: "float32", torch.float16: "float16",
+                                       torch.bfloat16: "bfloat16", torch.float64: "float64"}
+_NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+# the buffers a palettized module adds to its dense module
+PAL_BUFFERS = ("weight_packed", "weight_codebook", "weight_padding")
+
+
+@dataclass
+class PaletteMeta:
+    """What a palettized weight is: its dense shape and dtype, k centers per codebook, index
+    bits, the granularity (name and group size), the number of codebooks and the rows kept
+    exact."""
+
+    weight_shape: Tuple[int, ...]
+    weight_dtype: torch.dtype
+    k: int
+    bits: int
+    granularity: str
+    group_size: Optional[int]
+    rows: int
+    padding_rows: Tuple[int, ...] = ()  # rows of the weight kept exact (Embedding padding_idx)
+
+    def to_json(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["weight_shape"] = list(self.weight_shape)
+        d["weight_dtype"] = DTYPE_NAMES[self.weight_dtype]
+        d["padding_rows"] = list(self.padding_rows)
+        return d
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> "PaletteMeta":
+        d = dict(d)
+        d["weight_shape"] = tuple(d["weight_shape"])
+        d["weight_dtype"] = _NAME_DTYPES[d["weight_dtype"]]
+        d["padding_rows"] = tuple(d.get("padding_rows", ()))
+        return PaletteMeta(**d)
+
+    @property
+    def numel(self) -> int:
+        return int(math.prod(self.weight_shape))
+
+
+class Palettized:
+    """Mixin of the palettized modules: buffers ``weight_packed`` (uint8) and
+    ``weight_codebook`` (rows, k), with ``palette.padding_rows`` also ``weight_padding`` (those
+    rows of the weight, exact), metadata ``palette``; ``weight`` is the dequantized tensor (so
+    the dense forward is reused as is)."""
+
+    _dense_cls: type = nn.Module
+    palette: PaletteMeta
+
+    def labels(self) -> torch.Tensor:
+        """The index of every weight in its codebook, int64 ``(codebooks, values per codebook)``."""
+        m = self.palette
+        return unpack_indices(self.weight_packed, m.bits, m.numel).view(m.rows, -1)
+
+    def dequantize_weight(self) -> torch.Tensor:
+        m = self.palette
+        w = torch.gather(self.weight_codebook, 1, self.labels())
+        w = w.reshape(m.weight_shape).to(m.weight_dtype)
+        if m.padding_rows:
+            w[list(m.padding_rows)] = self.weight_padding.to(m.weight_dtype)
+        return w
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.dequantize_weight()
+
+    def extra_repr(self) -> str:
+        m = self.palette
+        base = self._dense_cls.extra_repr(self)
+        return (f"{base}, k={m.k}, bits={m.bits}, {m.granularity}"
+                + (f"(group_size={m.group_size})" if m.group_size else "")
+                + f", codebook={DTYPE_NAMES[self.weight_codebook.dtype]}")
+
+
+class PalettizedLinear(Palettized, nn.Linear):
+    _dense_cls = nn.Linear
+
+
+class PalettizedConv1d(Palettized, nn.Conv1d):
+    _dense_cls = nn.Conv1d
+
+
+class PalettizedConv2d(Palettized, nn.Conv2d):
+    _dense_cls = nn.Conv2d
+
+
+class PalettizedEmbedding(Palettized, nn.Embedding):
+    _dense_cls = nn.Embedding
+
+
+# dense module type -> its palettized module type
+PALETTIZED: Dict[type, type] = {nn.Linear: PalettizedLinear, nn.Conv1d: PalettizedConv1d,
+                                nn.Conv2d: PalettizedConv2d, nn.Embedding: PalettizedEmbedding}
+
+
+def dense_base(mod: nn.Module) -> Optional[type]:
+    """The dense type of :data:`PALETTIZED` that ``mod`` is (with its stock forward), or None
+    (also for a module that is already palettized)."""
+    if isinstance(mod, Palettized):
+        return None
+    return next((c for c in PALETTIZED if own_forward(mod, (c,))), None)
+
+
+def to_palettized(mod: nn.Module, packed: torch.Tensor, codebook: torch.Tensor,
+                  meta: PaletteMeta, padding: Optional[torch.Tensor] = None) -> nn.Module:
+    """A palettized module with ``mod``'s other parameters, buffers, submodules and attributes
+    (shared, not copied) and the given packed weight; ``mod`` is not modified."""
+    cls = PALETTIZED[dense_base(mod)]
+    new = cls.__new__(cls)
+    d = dict(mod.__dict__)
+    d["_parameters"] = {k: v for k, v in mod._parameters.items() if k != "weight"}
+    d["_buffers"] = dict(mod._buffers)
+    d["_non_persistent_buffers_set"] = set(mod._non_persistent_buffers_set)
+    d["_modules"] = dict(mod._modules)
+    new.__dict__.update(d)
+    new._weight_requires_grad = bool(mod.weight.requires_grad)  # for dequantize_
+    new.register_buffer("weight_packed", packed)
+    new.register_buffer("weight_codebook", codebook)
+    if padding is not None:
+        new.register_buffer("weight_padding", padding)
+    new.palette = meta
+    return new
+
+
+def to_dense(mod: Palettized, weight: Optional[nn.Parameter] = None) -> nn.Module:
+    """The dense module, with ``weight`` (a Parameter shared with a module it is tied to) or
+    the dequantized weight."""
+    cls = mod._dense_cls
+    new = cls.__new__(cls)
+    d = dict(mod.__dict__)
+    d.pop("palette", None)
+    requires_grad = d.pop("_weight_requires_grad", True)
+    d["_parameters"] = dict(mod._parameters)
+    d["_buffers"] = {k: v for k, v in mod._buffers.items() if k not in PAL_BUFFERS}
+    d["_modules"] = dict(mod._modules)
+    new.__dict__.update(d)
+    if weight is None:
+        weight = nn.Parameter(mod.dequantize_weight().detach(), requires_grad=requires_grad)
+    new.weight = weight
+    # keep the parameter order of a dense module (weight first)
+    new._parameters = {"weight": new._parameters.pop("weight"), **new._parameters}
+    return new
+
+
+def replace_module(model: nn.Module, names: Mapping[int, List[str]], old: nn.Module,
+                   new: nn.Module) -> None:
+    """Put ``new`` at every name of ``old`` in ``model`` (``names``: ``_model.all_names``)."""
+    for n in names.get(id(old), []):
+        if n:
+            set_submodule(model, n, new)
+
+
+def palettized_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """name -> module for every palettized module of ``model``."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, Palettized)}
