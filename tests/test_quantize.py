@@ -589,6 +589,16 @@ def test_selecting_one_side_of_a_tie_warns():
 def test_a_bad_config_fails_when_built_naming_the_field(kw, exc, match):
     with pytest.raises(exc, match=match):
         popcomp.PalettizeConfig(**kw)
+    # a field assigned after the config was built is checked again by quantize_
+    cfg = popcomp.PalettizeConfig(bits=2)
+    for key, value in kw.items():
+        setattr(cfg, key, value)
+    if not kw:
+        cfg.bits = None
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(exc, match=match):
+        popcomp.quantize_(model, cfg)
+    assert type(model[0]) is nn.Linear
 
 
 def test_granularity_objects_are_the_strings():

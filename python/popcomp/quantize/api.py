@@ -172,6 +172,7 @@ def quantize_(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     handler = _handler_for(config)
+    config.validate()
     use_hessian = config.uses_hessian(hessian is not None)
     targets = select_modules(model, filter_fn)
     if any(n == "" for n, _ in targets):

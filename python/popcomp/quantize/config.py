@@ -123,6 +123,13 @@ class QuantizeConfig:
     """Base of the configs ``quantize_`` accepts; ``quantize_`` calls the handler registered
     for the config's type (``popcomp.quantize.register_handler``)."""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError/TypeError naming the first bad field. Run when the config is built
+        and again by ``quantize_`` (a field may have been assigned since)."""
+
     def uses_hessian(self, given: bool) -> bool:
         """Whether the handler gets the Hessian diagonal of each weight (``given``: a mapping
         was passed to ``quantize_``). Raises ValueError where the config needs one."""
@@ -172,7 +179,7 @@ class PalettizeConfig(QuantizeConfig):
     sensitivity: str = "auto"
     codebook_dtype: torch.dtype = torch.float16
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         self.resolve()
         granularity_of(self.granularity, self.group_size)
         check_real("beta", self.beta, lo=0.0)
