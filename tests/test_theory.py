@@ -7,6 +7,7 @@ from torch import nn
 
 import popcomp
 from popcomp import theory as T
+from popcomp.theory.zhang2020 import _preacts
 
 D_, N_ = 50, 80  # bu2020 §5.3
 
@@ -178,7 +179,7 @@ def test_cushions_and_effective_params():
     # J^{i,j} x^i = x^j without biases: check interlayer cushion on a biasless net
     nb = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False))
     c2 = T.mlp_cushions(nb, x)
-    ins, outs = T._preacts(nb, x)
+    ins, outs = _preacts(nb, x)
     J = nb[2].weight.double().unsqueeze(0) * (outs[0] > 0).double().unsqueeze(1)
     assert torch.allclose((J @ outs[0].double().unsqueeze(-1)).squeeze(-1), outs[1].double(), atol=1e-5)
     e51 = T.effective_params_thm51(model, x, gamma=1.0)
