@@ -9,11 +9,10 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-import popcomp
 import popcomp.hessian as H
-from popcomp._reference.hessian import sumsq_outer_acc_reference
-
-CUDA = popcomp.backends()["cuda"]["usable"]
+from popcomp._model import eval_mode
+from popcomp.hessian.losses import loss_factor
+from popcomp.ops.backends.reference.sumsq_outer_acc import sumsq_outer_acc_reference
 
 
 # ---- oracles ---------------------------------------------------------------------------------
@@ -77,27 +76,27 @@ def assert_close_maps(h, ref, tol=1e-5):
 # ---- the fused op ----------------------------------------------------------------------------
 @pytest.mark.parametrize("B,R,T,o,i", [(5, 1, 1, 70, 130), (3, 2, 7, 65, 3), (4, 3, 1, 10, 100), (2, 1, 9, 33, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_sumsq_op_matches_reference(B, R, T, o, i, dtype):
+def test_sumsq_op_matches_reference(B, R, T, o, i, dtype, devices):
     torch.manual_seed(0)
-    g = torch.randn(B, R, T, o).to(dtype)
-    x = torch.randn(B, T, i).to(dtype)
-    a = torch.rand(o, i)
+    g = torch.randn(B, R, T, o).to(dtype).to(devices)
+    x = torch.randn(B, T, i).to(dtype).to(devices)
+    a = torch.rand(o, i, device=devices)
     b = a.clone()
     torch.ops.popcomp.sumsq_outer_acc(a, g, x)
     sumsq_outer_acc_reference(b, g, x)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
     # float64 definition (the ops add to what acc held)
     m = torch.einsum("brto,bti->broi", g.double(), x.double()).square().sum((0, 1))
-    c = torch.zeros(o, i)
+    c = torch.zeros(o, i, device=devices)
     torch.ops.popcomp.sumsq_outer_acc(c, g, x)
     torch.testing.assert_close(c.double(), m, rtol=1e-4, atol=1e-5 * float(m.abs().max()))
 
 
-def test_sumsq_op_definition_and_strides():
+def test_sumsq_op_definition_and_strides(devices):
     torch.manual_seed(1)
-    g = torch.randn(3, 2, 5, 8).permute(0, 1, 3, 2)  # (3, 2, 8, 5), non-contiguous
-    x = torch.randn(3, 7, 8).transpose(1, 2)  # (3, 8, 7)
-    acc = torch.zeros(5, 7)
+    g = torch.randn(3, 2, 5, 8, device=devices).permute(0, 1, 3, 2)  # (3, 2, 8, 5), non-contiguous
+    x = torch.randn(3, 7, 8, device=devices).transpose(1, 2)  # (3, 8, 7)
+    acc = torch.zeros(5, 7, device=devices)
     torch.ops.popcomp.sumsq_outer_acc(acc, g, x)
     ref = torch.einsum("brto,bti->broi", g.double(), x.double()).square().sum((0, 1))
     torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-6)
@@ -105,7 +104,7 @@ def test_sumsq_op_definition_and_strides():
 
 def test_sumsq_op_t1_in_chunks_of_samples(monkeypatch):
     # T == 1 on CPU is a GEMM over bounded chunks of samples: several chunks, strided g
-    from popcomp._impl import hessian as impl
+    from popcomp.ops.backends.cpu import sumsq_outer_acc as impl
 
     monkeypatch.setattr(impl, "_GEMM_CHUNK_FLOATS", 3 * (3 * 6 + 7))  # 3 samples per chunk
     torch.manual_seed(2)
@@ -117,64 +116,62 @@ def test_sumsq_op_t1_in_chunks_of_samples(monkeypatch):
     torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_sumsq_op_opcheck_and_errors():
+def test_sumsq_op_opcheck_and_errors(devices):
+    kw = {"device": devices}
     torch.library.opcheck(torch.ops.popcomp.sumsq_outer_acc.default,
-                          (torch.zeros(5, 7), torch.randn(3, 2, 4, 5), torch.randn(3, 4, 7)))
+                          (torch.zeros(5, 7, **kw), torch.randn(3, 2, 4, 5, **kw), torch.randn(3, 4, 7, **kw)))
     torch.library.opcheck(torch.ops.popcomp.sumsq_outer_acc.default,
-                          (torch.zeros(6, 3), torch.randn(4, 1, 1, 6), torch.randn(4, 1, 3)))
+                          (torch.zeros(6, 3, **kw), torch.randn(4, 1, 1, 6, **kw), torch.randn(4, 1, 3, **kw)))
     with pytest.raises(ValueError, match="acc"):
-        torch.ops.popcomp.sumsq_outer_acc(torch.zeros(5, 6), torch.randn(3, 1, 4, 5), torch.randn(3, 4, 7))
+        torch.ops.popcomp.sumsq_outer_acc(torch.zeros(5, 6, **kw), torch.randn(3, 1, 4, 5, **kw),
+                                          torch.randn(3, 4, 7, **kw))
     with pytest.raises(ValueError, match="B or T"):
-        torch.ops.popcomp.sumsq_outer_acc(torch.zeros(5, 7), torch.randn(3, 1, 4, 5), torch.randn(2, 4, 7))
+        torch.ops.popcomp.sumsq_outer_acc(torch.zeros(5, 7, **kw), torch.randn(3, 1, 4, 5, **kw),
+                                          torch.randn(2, 4, 7, **kw))
 
 
-@pytest.mark.skipif(not CUDA, reason="CUDA backend not usable")
 @pytest.mark.parametrize("B,R,T,o,i", [(300, 1, 1, 70, 130), (3, 2, 37, 65, 3), (1000, 3, 1, 10, 100), (5, 1, 300, 129, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_sumsq_op_cpu_equals_cuda(B, R, T, o, i, dtype):
+def test_sumsq_op_cpu_equals_cuda(B, R, T, o, i, dtype, cuda_device):
+    # (opcheck on CUDA: test_sumsq_op_opcheck_and_errors)
     torch.manual_seed(0)
     g = torch.randn(B, R, T, o).to(dtype)
     x = torch.randn(B, T, i).to(dtype)
     a = torch.rand(o, i)
-    c = a.cuda()
+    c = a.to(cuda_device)
     torch.ops.popcomp.sumsq_outer_acc(a, g, x)
-    torch.ops.popcomp.sumsq_outer_acc(c, g.cuda(), x.cuda())
+    torch.ops.popcomp.sumsq_outer_acc(c, g.to(cuda_device), x.to(cuda_device))
     torch.testing.assert_close(c.cpu(), a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
     # strided (conv-like) operands
     gt = g.transpose(2, 3).contiguous().transpose(2, 3)
-    c2 = torch.zeros(o, i, device="cuda")
+    c2 = torch.zeros(o, i, device=cuda_device)
     a2 = torch.zeros(o, i)
-    torch.ops.popcomp.sumsq_outer_acc(c2, gt.cuda(), x.cuda())
+    torch.ops.popcomp.sumsq_outer_acc(c2, gt.to(cuda_device), x.to(cuda_device))
     torch.ops.popcomp.sumsq_outer_acc(a2, gt, x)
     torch.testing.assert_close(c2.cpu(), a2, rtol=1e-4, atol=1e-5 * float(a2.abs().max()))
-    torch.library.opcheck(torch.ops.popcomp.sumsq_outer_acc.default,
-                          (torch.zeros(5, 7, device="cuda"), torch.randn(3, 2, 4, 5, device="cuda"),
-                           torch.randn(3, 4, 7, device="cuda")))
 
 
-@pytest.mark.skipif(not CUDA, reason="CUDA backend not usable")
 @pytest.mark.parametrize("T", [1, 2])
-def test_sumsq_op_cuda_more_than_65535_row_tiles(T):
+def test_sumsq_op_cuda_more_than_65535_row_tiles(T, cuda_device):
     # 65535 * 64 + 70 output rows: 65537 tiles of 64 rows, past the gridDim.y limit (it raised)
     o, i, B = 65535 * 64 + 70, 3, 2
     torch.manual_seed(0)
-    g = torch.randn(B, 1, T, o, device="cuda")
-    x = torch.randn(B, T, i, device="cuda")
-    c = torch.zeros(o, i, device="cuda")
+    g = torch.randn(B, 1, T, o, device=cuda_device)
+    x = torch.randn(B, T, i, device=cuda_device)
+    c = torch.zeros(o, i, device=cuda_device)
     torch.ops.popcomp.sumsq_outer_acc(c, g, x)
     want = (torch.einsum("brto,bti->broi", g.double(), x.double()) ** 2).sum((0, 1))
     torch.testing.assert_close(c.double(), want, rtol=1e-4, atol=1e-4)
     assert bool((c[-70:] > 0).all())  # the rows of the last tiles were written
 
 
-@pytest.mark.skipif(not CUDA, reason="CUDA backend not usable")
-def test_diagonal_cpu_equals_cuda():
+def test_diagonal_cpu_equals_cuda(cuda_device):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
     X, Y = torch.randn(16, 3, 6, 6), torch.randint(0, 5, (16,))
     for method in ("fisher", "ggn"):
         hc = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method, progress=False)
-        hg = H.diagonal(model.cuda(), nn.CrossEntropyLoss(), [(X, Y)], method, progress=False)
+        hg = H.diagonal(model.to(cuda_device), nn.CrossEntropyLoss(), [(X, Y)], method, progress=False)
         model.cpu()
         for k in hc:
             torch.testing.assert_close(hg[k].cpu(), hc[k], rtol=1e-4, atol=1e-6 * float(hc[k].abs().max()))
@@ -463,8 +460,8 @@ def test_ce_loss_factor_has_rank_c_minus_1_and_squares_to_the_softmax_hessian(sc
     B, C, P = 6, 5, 3
     logits = torch.randn(B, C, P, dtype=torch.float64) * scale
     logits[0, -1] += 100.0
-    acc = H.HessianAccumulator(_relu_net(), nn.CrossEntropyLoss(reduction="sum"), "ggn")
-    A = acc._loss_factor(logits.float(), torch.zeros(B, P, dtype=torch.long))
+    A = loss_factor(nn.CrossEntropyLoss(reduction="sum"), "ggn").exact(
+        logits.float(), torch.zeros(B, P, dtype=torch.long))
     assert A.shape == ((C - 1) * P, B, C, P)
     got = torch.einsum("rbip,rbjq->bpiqj", A.double(), A.double())
     p = torch.softmax(logits, 1).permute(0, 2, 1)  # (B, P, C)
@@ -479,8 +476,8 @@ def _generic(model, lf, data, method, **kw):
     h = model.register_forward_hook(lambda *a: None)
     try:
         acc = H.HessianAccumulator(model, lf, method, **kw)
-        with H._eval_mode(model):
-            assert not acc._chain.ready(data[0][0])
+        with eval_mode(model):
+            assert not acc._estimator.chain.ready(data[0][0])
         return acc.accumulate(data, progress=False).result()
     finally:
         h.remove()
@@ -504,8 +501,8 @@ def test_chain_equals_generic_path(method, loss):
              "bce": (nn.BCEWithLogitsLoss(), torch.rand(9, 4).round())}[loss]
     data = [(X[:4], Y[:4]), (X[4:], Y[4:])]
     acc = H.HessianAccumulator(model, lf, method, seed=3, mc_samples=2)
-    with H._eval_mode(model):
-        assert acc._chain.ready(X)
+    with eval_mode(model):
+        assert acc._estimator.chain.ready(X)
     fast = acc.accumulate(data, progress=False).result()
     ref = _generic(model, lf, data, method, seed=3, mc_samples=2)
     assert not any(v.requires_grad for v in list(fast.values()) + list(ref.values()))
@@ -528,7 +525,7 @@ def test_chain_ggn_equals_hessian_on_relu_sequences_and_subsets(loss):
     else:
         lf, Y, scale = nn.MSELoss(), torch.randn(5, 3, 4), 5
     acc = H.HessianAccumulator(model, lf, "ggn")
-    assert acc._chain.ready(X)
+    assert acc._estimator.chain.ready(X)
     h = acc.accumulate([(X, Y)], progress=False).result()
     assert_close_maps(h, hessian_diag_oracle(model, lf, X, Y, scale), tol=1e-4)
     sub = H.diagonal(model, lf, [(X, Y)], method="ggn", params=["2.weight"], progress=False)
@@ -544,18 +541,18 @@ def test_models_outside_the_chain_take_the_generic_path():
                   nn.Sequential(nn.Flatten(0), nn.Linear(4, 4)),
                   nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.Flatten()),
                   nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2), nn.Flatten())):
-        assert H.HessianAccumulator(model, nn.MSELoss(), "ggn")._chain is None
+        assert H.HessianAccumulator(model, nn.MSELoss(), "ggn")._estimator.chain is None
     # a chain in train mode with active dropout takes the generic path (and is right there)
     model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Dropout(0.0), nn.Linear(6, 3))
     X, Y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     acc = H.HessianAccumulator(model, nn.CrossEntropyLoss(), "ggn", eval_mode=False)
     model[2].p = 0.5
-    assert not acc._chain.ready(X)
+    assert not acc._estimator.chain.ready(X)
     model[2].p = 0.0
-    assert acc._chain.ready(X)
+    assert acc._estimator.chain.ready(X)
     bn = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, track_running_stats=False).eval(),
                        nn.Linear(6, 3))  # batch statistics even in eval mode
-    assert not H.HessianAccumulator(bn, nn.CrossEntropyLoss(), "ggn", params=["0.weight"])._chain.ready(X)
+    assert not H.HessianAccumulator(bn, nn.CrossEntropyLoss(), "ggn", params=["0.weight"])._estimator.chain.ready(X)
     h = acc.accumulate([(X, Y)], progress=False).result()
     assert_close_maps(h, hessian_diag_oracle(model, nn.CrossEntropyLoss(), X, Y, 8), tol=1e-4)
 
@@ -570,7 +567,7 @@ def test_chain_convolutions_equal_the_hessian_and_the_generic_path(dim):
                           nn.Linear(4 * 4**dim, 3))
     X, Y = torch.randn(5, 4, *([9] * dim)), torch.randint(0, 3, (5,))
     acc = H.HessianAccumulator(model, nn.CrossEntropyLoss(), "ggn")
-    assert acc._chain.ready(X)
+    assert acc._estimator.chain.ready(X)
     h = acc.accumulate([(X, Y)], progress=False).result()
     assert_close_maps(h, hessian_diag_oracle(model, nn.CrossEntropyLoss(), X, Y, 5), tol=1e-4)
     ref = _generic(model, nn.CrossEntropyLoss(), [(X, Y)], "ggn")

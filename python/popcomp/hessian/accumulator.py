@@ -1,0 +1,183 @@
+"""The streaming Hessian-diagonal accumulator (HessianAccumulator), its result (HessianDiagonal) and the one-call ``diagonal``."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from .._model import all_reduce_sum, batch_size, module_device, split_batch, to_device
+from .._model import eval_mode as _eval_mode, progress as _progress  # names of arguments here
+from .._validate import check_int
+from .methods import REGISTRY, Options
+
+__all__ = ["HessianAccumulator", "HessianDiagonal", "diagonal"]
+
+
+class HessianDiagonal(dict):
+    """parameter name -> float32 tensor shaped like the parameter (a sum over samples).
+
+    ``num_samples`` is the number of samples accumulated; ``mean()`` returns the per-sample
+    average as a new mapping."""
+
+    def __init__(self, data: Mapping[str, torch.Tensor], num_samples: int, method: str):
+        super().__init__(data)
+        self.num_samples = int(num_samples)
+        self.method = method
+
+    def mean(self) -> "HessianDiagonal":
+        if self.num_samples <= 0:
+            raise ValueError("cannot take the mean over 0 samples")
+        return HessianDiagonal(
+            {k: v / self.num_samples for k, v in self.items()}, self.num_samples, self.method
+        )
+
+    def __repr__(self) -> str:
+        return (f"HessianDiagonal(method={self.method!r}, num_samples={self.num_samples}, "
+                f"params={list(self.keys())})")
+
+
+class HessianAccumulator:
+    """Streaming accumulator of the Hessian diagonal of ``loss_fn(model(input), target)``.
+
+    ``update(input, target)`` adds one batch, ``accumulate(data)`` a whole iterable (with a
+    tqdm progress bar), ``result()`` returns the sums so far (all-reduced over ranks when
+    torch.distributed is initialized) while the accumulator can keep going.
+
+    Args:
+      model, loss_fn: the network and a loss ``loss_fn(output, target) -> scalar``.
+      method: "fisher", "ggn", "ggn_mc" or "hutchinson" (see :mod:`popcomp.hessian`).
+      params: names of the parameters to accumulate (default: all parameters of the supported
+        modules for fisher/ggn/ggn_mc, all trainable parameters for hutchinson).
+      reduction: "mean" or "sum", how loss_fn reduces over the batch; None reads
+        ``loss_fn.reduction`` or probes the first batch.
+      num_probes: Rademacher probes per batch (hutchinson).
+      mc_samples: sampled columns per sample (ggn_mc).
+      seed: seed of the probes / sampled labels.
+      max_columns: limit on the columns of the loss-Hessian factor per sample (ggn).
+      eval_mode: evaluate the model in eval mode (default; dropout off, BatchNorm on its running
+        statistics), each module's mode restored after every batch; False keeps the modules'
+        current modes (e.g. to include dropout noise).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        method: str = "fisher",
+        *,
+        params: Optional[Iterable[str]] = None,
+        reduction: Optional[str] = None,
+        num_probes: int = 1,
+        mc_samples: int = 1,
+        seed: Optional[int] = None,
+        max_columns: int = 4096,
+        eval_mode: bool = True,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable (output, target) -> scalar loss")
+        if method not in REGISTRY:
+            raise ValueError(f"method must be one of {tuple(REGISTRY)}, got {method!r}")
+        if reduction not in (None, "mean", "sum"):
+            raise ValueError(f"reduction must be None, 'mean' or 'sum', got {reduction!r}")
+        if not isinstance(eval_mode, bool):
+            raise TypeError(f"eval_mode must be a bool, got {type(eval_mode).__name__}")
+        opts = Options(reduction=reduction, num_probes=check_int("num_probes", num_probes, lo=1),
+                       mc_samples=check_int("mc_samples", mc_samples, lo=1), seed=seed,
+                       max_columns=check_int("max_columns", max_columns, lo=1))
+        named = dict(model.named_parameters())
+        if params is not None:
+            params = list(params)
+            missing = [p for p in params if p not in named]
+            if missing:
+                raise ValueError(f"params: no parameters named {missing} in the model")
+        self.model, self.loss_fn, self.method, self.eval_mode = model, loss_fn, method, eval_mode
+        self.options = opts
+        self._estimator = REGISTRY[method](model, loss_fn, params, opts)
+        names = self._estimator.names
+        if not names:
+            raise ValueError("params: nothing to accumulate (the model has no selected parameters)")
+        self._params = [named[n] for n in names]
+        self._acc: Dict[str, torch.Tensor] = {
+            n: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            for n, p in zip(names, self._params)}
+        self.num_samples = 0
+
+    def update(self, inputs, targets) -> None:
+        """Add one batch (inputs, targets) to the accumulators."""
+        device = module_device(self.model)
+        inputs, targets = to_device(inputs, device), to_device(targets, device)
+        B = batch_size(inputs, targets)
+        if B == 0:
+            return
+        flags = [p.requires_grad for p in self._params]
+        try:
+            for p in self._params:
+                p.requires_grad_(True)
+            with torch.enable_grad(), _eval_mode(self.model, self.eval_mode):
+                self._estimator.update(self._acc, inputs, targets, B)
+        finally:
+            for p, f in zip(self._params, flags):
+                p.requires_grad_(f)
+        self.num_samples += B
+
+    def accumulate(self, data: Iterable, progress: bool = True) -> "HessianAccumulator":
+        """Add every (input, target) batch of ``data``; a tqdm bar shows the progress."""
+        for batch in _progress(data, f"hessian ({self.method})", enabled=progress, unit="batch"):
+            self.update(*split_batch(batch))
+        return self
+
+    def result(self, mean: bool = False, all_reduce: bool = True) -> HessianDiagonal:
+        """The accumulated diagonal (copies), summed over ranks when torch.distributed is
+        initialized (and ``all_reduce``); ``mean=True`` divides by the sample count."""
+        names = list(self._acc)  # the same order on every rank
+        tensors = list(self._acc.values())
+        count = self.num_samples
+        if all_reduce:
+            tensors, total = all_reduce_sum(tensors, float(count))
+            count = int(round(total))
+        else:
+            tensors = [t.clone() for t in tensors]
+        res = HessianDiagonal({n: t for n, t in zip(names, tensors)}, count, self.method)
+        return res.mean() if mean else res
+
+    def reset(self) -> None:
+        """Zero the sums and the sample count."""
+        for t in self._acc.values():
+            t.zero_()
+        self.num_samples = 0
+
+
+def diagonal(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Iterable,
+    method: str = "fisher",
+    *,
+    mean: bool = False,
+    progress: bool = True,
+    params: Optional[Iterable[str]] = None,
+    reduction: Optional[str] = None,
+    num_probes: int = 1,
+    mc_samples: int = 1,
+    seed: Optional[int] = None,
+    max_columns: int = 4096,
+    eval_mode: bool = True,
+) -> HessianDiagonal:
+    """Diagonal of the loss Hessian of ``model`` over ``data`` (an iterable / DataLoader of
+    (input, target) batches), as a mapping parameter name -> float32 tensor shaped like the
+    parameter, holding the sum over samples (``mean=True``: divided by ``num_samples``).
+
+    The model is evaluated in eval mode unless ``eval_mode=False`` (each module's mode is
+    restored). See :mod:`popcomp.hessian` for the methods; keyword arguments go to
+    HessianAccumulator."""
+    acc = HessianAccumulator(model, loss_fn, method, params=params, reduction=reduction,
+                             num_probes=num_probes, mc_samples=mc_samples, seed=seed,
+                             max_columns=max_columns, eval_mode=eval_mode)
+    acc.accumulate(data, progress=progress)
+    res = acc.result()
+    if res.num_samples == 0:
+        raise ValueError("data: no samples (the iterable was empty)")
+    return res.mean() if mean else res

@@ -1,0 +1,225 @@
+"""Loss factors -- per loss type, columns whose outer products give each sample's loss Hessian in the model output -- and the per-sample scale of the batch loss.
+
+A sample's loss is what ``loss_fn`` returns on a batch holding that sample alone. The batch loss
+is their sum (``reduction="sum"``) or their mean, so ``scale * batch loss`` is their sum with
+scale = B or 1 (:class:`SampleScale`, read from the loss or probed on the first batch).
+
+:data:`LOSS_FACTORS` maps a loss type to its factor class; ``ggn``/``ggn_mc`` accept the losses
+in it, and supporting another loss is adding one entry: a :class:`LossFactor` subclass that
+knows ``num_columns``, ``exact`` (A with A A^T = H_s, the columns batched first) and
+``sampled`` (columns drawn from the model's predictive distribution, E[A A^T] = H_s).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Optional, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._model import slice_sample
+
+__all__ = ["LOSS_FACTORS", "LossFactor", "SampleScale", "loss_factor", "probe_reduction"]
+
+
+class LossFactor:
+    """A square root of the per-sample loss Hessians of one ``loss_fn`` in the model output.
+
+    Constructed from the loss module, whose settings it checks (a ValueError naming
+    ``loss_fn`` when the factor does not apply). ``out`` is the model output (B, ...); columns
+    come back shaped (R, *out.shape) in ``out``'s dtype, computed in float32."""
+
+    def __init__(self, loss_fn: nn.Module, method: str):
+        if loss_fn.reduction not in ("mean", "sum"):
+            raise ValueError("loss_fn: reduction='none' is not supported; use 'mean' or 'sum'")
+        self.loss_fn = loss_fn
+        self.mean = loss_fn.reduction == "mean"
+
+    def num_columns(self, out: torch.Tensor) -> int:
+        """Columns per sample of :meth:`exact`."""
+        raise NotImplementedError
+
+    def exact(self, out: torch.Tensor, targets: Any) -> torch.Tensor:
+        """A (R, *out.shape) with sum_r A[r, s] A[r, s]^T = H_s for every sample s."""
+        raise NotImplementedError
+
+    def sampled(self, out: torch.Tensor, targets: Any, M: int,
+                gen: torch.Generator) -> torch.Tensor:
+        """M columns per sample with E[sum_r A[r, s] A[r, s]^T] = H_s."""
+        raise NotImplementedError
+
+
+class CrossEntropyFactor(LossFactor):
+    """nn.CrossEntropyLoss on logits (B, C, ...): per position, diag(p) - p p^T (rank C - 1),
+    weighted by 1 / (valid positions of the sample) under a mean; ``ignore_index`` positions
+    have no columns' weight."""
+
+    def __init__(self, loss_fn: nn.CrossEntropyLoss, method: str):
+        super().__init__(loss_fn, method)
+        if loss_fn.weight is not None:
+            raise ValueError(f"loss_fn: CrossEntropyLoss with class weights is not supported by {method}")
+
+    @staticmethod
+    def _shape(out: torch.Tensor):
+        if out.dim() == 1:
+            raise ValueError("model: CrossEntropyLoss needs batched logits (B, C, ...)")
+        return out.shape[0], out.shape[1], int(math.prod(out.shape[2:]))
+
+    def num_columns(self, out):
+        _, C, P = self._shape(out)
+        return (C - 1) * P
+
+    def _probs(self, out, targets):
+        """Softmax (B, C, P) and the square roots of the positions' weights (B, P)."""
+        B, C, P = self._shape(out)
+        p = torch.softmax(out.float(), dim=1).reshape(B, C, P)
+        if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            w = (targets.reshape(B, P) != self.loss_fn.ignore_index).to(p.dtype)
+        else:
+            w = torch.ones(B, P, dtype=p.dtype, device=p.device)
+        if self.mean:
+            w = w / w.sum(1, keepdim=True).clamp_min(1.0)
+        return p, w.sqrt()
+
+    def exact(self, out, targets):
+        # The Hessian diag(p) - p p^T = D (I - q q^T) D with q = sqrt(p), D = diag(q), has rank
+        # C - 1: its factor is D U, U = the first C - 1 columns of the Householder reflection
+        # I - v v^T / (1 + q_C), v = q + e_C, which maps q to -e_C (so U U^T = I - q q^T):
+        # A[j, b, i, p] = q_i (delta_ij - q_j v_i / (1 + q_C)), j < C - 1.
+        B, C, P = self._shape(out)
+        p, sw = self._probs(out, targets)
+        q = p.sqrt()
+        v = torch.cat([q[:, :-1], q[:, -1:] + 1], 1)
+        coef = (q[:, :-1] / v[:, -1:]).permute(1, 0, 2).unsqueeze(2)  # (C-1, B, 1, P)
+        eye = torch.eye(C - 1, C, dtype=p.dtype, device=p.device).view(C - 1, 1, C, 1)
+        A = q.unsqueeze(0) * (eye - coef * v.unsqueeze(0))
+        A = A * sw.view(1, B, 1, P)
+        if P > 1:  # the columns of position p are zero at the other positions
+            A = torch.einsum("cbkp,pq->cpbkq", A, torch.eye(P, dtype=p.dtype, device=p.device))
+        return A.reshape((C - 1) * P, *out.shape).to(out.dtype)
+
+    def sampled(self, out, targets, M, gen):
+        B, C, P = self._shape(out)
+        p, sw = self._probs(out, targets)
+        idx = torch.multinomial(p.permute(0, 2, 1).reshape(-1, C), M, replacement=True,
+                                generator=gen)  # (B*P, M)
+        onehot = F.one_hot(idx.t().reshape(M, B, P), C).permute(0, 1, 3, 2).to(p.dtype)
+        cols = (p.unsqueeze(0) - onehot) * sw.view(1, B, 1, P) / math.sqrt(M)
+        return cols.reshape(M, *out.shape).to(out.dtype)
+
+
+class _ElementwiseFactor(LossFactor):
+    """A loss whose Hessian in the outputs is diagonal, d = :meth:`diag` (B, n) per output
+    element; the exact factor is sqrt(d) on one output per column."""
+
+    def _n_w(self, out):
+        n = int(math.prod(out.shape[1:]))
+        return n, (1.0 / n if self.mean else 1.0)
+
+    def num_columns(self, out):
+        return self._n_w(out)[0]
+
+    def diag(self, f: torch.Tensor, w: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def exact(self, out, targets):
+        n, w = self._n_w(out)
+        d = self.diag(out.float(), w).reshape(out.shape[0], n)
+        cols = torch.diag_embed(d.sqrt()).permute(1, 0, 2)  # (n, B, n): cols[j, b, j]
+        return cols.reshape(n, *out.shape).to(out.dtype)
+
+
+class MSEFactor(_ElementwiseFactor):
+    """nn.MSELoss: H = 2 w I (w = 1 / outputs per sample under a mean); sampled columns are
+    Gaussian, sqrt(2 w) eps."""
+
+    def diag(self, f, w):
+        return torch.full_like(f, 2.0 * w)
+
+    def sampled(self, out, targets, M, gen):
+        n, w = self._n_w(out)
+        f = out.float()
+        d = self.diag(f, w).reshape(out.shape[0], n)
+        eps = torch.randn((M, out.shape[0], n), generator=gen, device=f.device, dtype=f.dtype)
+        return (eps * d.sqrt() / math.sqrt(M)).reshape(M, *out.shape).to(out.dtype)
+
+
+class BCEWithLogitsFactor(_ElementwiseFactor):
+    """nn.BCEWithLogitsLoss: H = w s (1 - s), s = sigmoid(logits); sampled columns are
+    sqrt(w) (s - y) with y ~ Bernoulli(s)."""
+
+    def __init__(self, loss_fn: nn.BCEWithLogitsLoss, method: str):
+        super().__init__(loss_fn, method)
+        if loss_fn.weight is not None or loss_fn.pos_weight is not None:
+            raise ValueError(f"loss_fn: BCEWithLogitsLoss with weight/pos_weight is not supported by {method}")
+
+    def diag(self, f, w):
+        s = torch.sigmoid(f)
+        return s * (1 - s) * w
+
+    def sampled(self, out, targets, M, gen):
+        n, w = self._n_w(out)
+        s = torch.sigmoid(out.float()).reshape(out.shape[0], n)
+        y = torch.bernoulli(s.expand(M, *s.shape), generator=gen)
+        return ((s - y) * math.sqrt(w) / math.sqrt(M)).reshape(M, *out.shape).to(out.dtype)
+
+
+LOSS_FACTORS: Dict[Type[nn.Module], Type[LossFactor]] = {
+    nn.MSELoss: MSEFactor,
+    nn.CrossEntropyLoss: CrossEntropyFactor,
+    nn.BCEWithLogitsLoss: BCEWithLogitsFactor,
+}
+
+
+def loss_factor(loss_fn: Callable, method: str) -> LossFactor:
+    """The factor of ``loss_fn`` (its type or nearest base class in :data:`LOSS_FACTORS`);
+    a ValueError naming ``loss_fn`` when there is none or its settings are not supported."""
+    for cls in type(loss_fn).__mro__:
+        factor = LOSS_FACTORS.get(cls)
+        if factor is not None:
+            return factor(loss_fn, method)
+    names = ", ".join(f"nn.{c.__name__}" for c in LOSS_FACTORS)
+    raise ValueError(
+        f"loss_fn: method {method!r} supports {names}, got {type(loss_fn).__name__}; use "
+        "method='fisher' or 'hutchinson' for other losses"
+    )
+
+
+# ---- the per-sample scale of the batch loss ------------------------------------------------------
+
+
+def probe_reduction(loss_fn: Callable, out: Any, targets: Any, B: int) -> str:
+    """'sum' or 'mean': how ``loss_fn`` reduces over the batch, found by comparing the batch
+    loss with the losses of its samples one by one (a batch of one is 'sum')."""
+    if B == 1:
+        return "sum"
+    with torch.no_grad():
+        total = float(loss_fn(out, targets))
+        parts = sum(float(loss_fn(slice_sample(out, s), slice_sample(targets, s)))
+                    for s in range(B))
+    if math.isclose(parts, total, rel_tol=1e-4, abs_tol=1e-12):
+        return "sum"
+    if math.isclose(parts, B * total, rel_tol=1e-4, abs_tol=1e-12):
+        return "mean"
+    raise ValueError(
+        "loss_fn: the batch loss is neither the sum nor the mean of the per-sample losses; "
+        "pass reduction='sum' or 'mean' explicitly"
+    )
+
+
+class SampleScale:
+    """``scale(out, targets, B)``: the factor (B for a mean, 1 for a sum) that makes
+    ``scale * loss_fn(out, targets)`` the sum of the per-sample losses. The reduction is the
+    one given, else ``loss_fn.reduction``, else probed on the first batch (and kept)."""
+
+    def __init__(self, loss_fn: Callable, reduction: Optional[str] = None):
+        self.loss_fn = loss_fn
+        self.reduction = reduction
+
+    def __call__(self, out: Any, targets: Any, B: int) -> float:
+        if self.reduction is None:
+            red = getattr(self.loss_fn, "reduction", None)
+            self.reduction = red if red in ("mean", "sum") else probe_reduction(
+                self.loss_fn, out, targets, B)
+        return float(B) if self.reduction == "mean" else 1.0

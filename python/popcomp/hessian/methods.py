@@ -1,0 +1,233 @@
+"""The estimators of the Hessian diagonal -- fisher, ggn, ggn_mc, hutchinson -- one class each, registered by name in :data:`REGISTRY`.
+
+An estimator is bound to a model and a loss at construction, where it chooses the parameters it
+accumulates (``names``) and refuses what it cannot handle; ``update(acc, inputs, targets, B)``
+adds one batch to the float32 accumulators ``acc`` (parameter name -> tensor). The accumulator
+calls it with autograd enabled, the model in the mode it should run in and the selected
+parameters requiring grad. A new method is one subclass of :class:`Method` and one entry.
+
+fisher/ggn/ggn_mc share :class:`ThroughModules`: columns at the model output (the per-sample
+loss gradient, or a factor of the per-sample loss Hessian from :mod:`.losses`) are carried to
+each accumulated module's output -- by the hand-written :class:`~.chain.Chain` when the model is
+a plain Sequential, by autograd (:mod:`.generic`) otherwise -- and reduced there with the
+module's input by its reducer (:mod:`.modules`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+from .._model import call_model
+from .chain import Chain
+from .generic import backprop_columns, record
+from .losses import LossFactor, SampleScale, loss_factor
+from .modules import Site, select_sites, site_accumulators
+
+__all__ = ["REGISTRY", "Fisher", "GGN", "GGNMC", "Hutchinson", "Method", "Options",
+           "ThroughModules"]
+
+Acc = Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Options:
+    """The accumulator's validated settings (each method reads the ones it uses)."""
+
+    reduction: Optional[str] = None  # how loss_fn reduces over the batch; None: read or probe
+    num_probes: int = 1  # hutchinson: Rademacher probes per batch
+    mc_samples: int = 1  # ggn_mc: sampled columns per sample
+    seed: Optional[int] = None  # of the probes / sampled labels
+    max_columns: int = 4096  # ggn: limit on the loss-factor columns per sample
+
+
+class Method:
+    """Base of the estimators; ``names`` are the parameters it accumulates."""
+
+    name = ""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, params: Optional[List[str]],
+                 opts: Options):
+        self.model, self.loss_fn, self.opts = model, loss_fn, opts
+        self.scale = SampleScale(loss_fn, opts.reduction)
+        self._gen: Dict[torch.device, torch.Generator] = {}
+        self.names: List[str] = []
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The generator of ``device``, seeded with ``opts.seed`` (random when None)."""
+        g = self._gen.get(device)
+        if g is None:
+            g = torch.Generator(device=device)
+            if self.opts.seed is None:
+                g.seed()
+            else:
+                g.manual_seed(int(self.opts.seed))
+            self._gen[device] = g
+        return g
+
+    def update(self, acc: Acc, inputs: Any, targets: Any, B: int) -> None:
+        raise NotImplementedError
+
+
+@torch.no_grad()  # recorded inputs may require grad: the accumulators must not
+def _reduce(site: Site, pairs: Sequence[Tuple[Any, torch.Tensor]], acc: Acc) -> None:
+    site.reducer(site.module, pairs, site_accumulators(site, acc))
+
+
+class ThroughModules(Method):
+    """Columns at the model output, carried to the accumulated modules and reduced there."""
+
+    def __init__(self, model, loss_fn, params, opts):
+        super().__init__(model, loss_fn, params, opts)
+        self.sites, self.names = select_sites(model, params, self.name)
+        self.chain = Chain.build(model, self.sites)
+
+    def output_columns(self, out: torch.Tensor, targets: Any, B: int) -> Optional[torch.Tensor]:
+        """The columns (R, *out.shape) to backpropagate from the model output; None when there
+        is nothing to backpropagate."""
+        raise NotImplementedError
+
+    def layer_grads(self, out: Any, targets: Any, B: int, layer_outs: List[torch.Tensor]
+                    ) -> List[Optional[torch.Tensor]]:
+        """The columns (R, *layer_out.shape) at each recorded module output (generic path)."""
+        cols = self.output_columns(out, targets, B)
+        if cols is None:
+            return [None] * len(layer_outs)
+        return backprop_columns(out, layer_outs, cols)
+
+    def update(self, acc, inputs, targets, B):
+        if self.chain is not None and self.chain.ready(inputs):
+            out, saved = self.chain.forward(inputs)
+            cols = self.output_columns(out, targets, B)
+            if cols is not None:
+                for site, inp, g in self.chain.backprop(saved, cols):
+                    _reduce(site, [(inp, g)], acc)
+            return
+        out, calls = record(self.model, inputs, self.sites)
+        layer_outs = [o for _, pairs in calls for _, o in pairs]
+        if not layer_outs:
+            return
+        grads = iter(self.layer_grads(out, targets, B, layer_outs))
+        for site, pairs in calls:
+            got = [(x, g) for (x, _), g in zip(pairs, grads) if g is not None]
+            if got:
+                _reduce(site, got, acc)
+
+
+class Fisher(ThroughModules):
+    """sum_s (d l_s / d w)^2, exact: the per-sample gradients at each module's output combined
+    with its input by the fused op, never materializing per-sample parameter gradients."""
+
+    name = "fisher"
+
+    def output_columns(self, out, targets, B):
+        with torch.enable_grad():
+            o = out.detach().requires_grad_()
+            loss = self.loss_fn(o, targets) * self.scale(o, targets, B)
+            return torch.autograd.grad(loss, o)[0].unsqueeze(0)
+
+    def layer_grads(self, out, targets, B, layer_outs):
+        # from the loss itself: the model output need not be one tensor
+        loss = self.loss_fn(out, targets)
+        scale = self.scale(out, targets, B)
+        grads = torch.autograd.grad(loss * scale, layer_outs, allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+
+
+class GGN(ThroughModules):
+    """Exact diagonal of the generalized Gauss-Newton matrix sum_s J_s^T H_s J_s: the columns
+    of a square root of each H_s (:mod:`.losses`) backpropagated and reduced."""
+
+    name = "ggn"
+
+    def __init__(self, model, loss_fn, params, opts):
+        super().__init__(model, loss_fn, params, opts)
+        self.factor: LossFactor = loss_factor(loss_fn, self.name)
+
+    def output_columns(self, out, targets, B):
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"model: method {self.name!r} needs the model to return a single tensor")
+        cols = self.columns(out.detach(), targets)
+        return cols if cols.shape[0] > 0 else None  # none: CrossEntropy of one class (zero Hessian)
+
+    def columns(self, out: torch.Tensor, targets: Any) -> torch.Tensor:
+        R = self.factor.num_columns(out)
+        if R > self.opts.max_columns:
+            raise ValueError(
+                f"method 'ggn' needs {R} backpropagated columns per sample (outputs per sample), "
+                f"more than max_columns={self.opts.max_columns}; use method='ggn_mc' or raise "
+                "max_columns"
+            )
+        return self.factor.exact(out, targets)
+
+
+class GGNMC(GGN):
+    """Monte-Carlo GGN: ``mc_samples`` columns per sample drawn from the model's predictive
+    distribution (sampled labels), an unbiased estimate of ``ggn``."""
+
+    name = "ggn_mc"
+
+    def columns(self, out, targets):
+        return self.factor.sampled(out, targets, self.opts.mc_samples, self.generator(out.device))
+
+
+class Hutchinson(Method):
+    """E[z * (H z)] with Rademacher probes z, for any differentiable model and any parameter
+    (the Hessian of sum_s l_s); the probes of a batch go through one vmapped double backward
+    per chunk of ``probe_chunk`` where the graph allows it."""
+
+    name = "hutchinson"
+    probe_chunk = 64
+
+    def __init__(self, model, loss_fn, params, opts):
+        super().__init__(model, loss_fn, params, opts)
+        named = dict(model.named_parameters())
+        self.names = list(params) if params is not None else [
+            n for n, p in named.items() if p.requires_grad]
+        self._params = [named[n] for n in self.names]
+        self._vmap_ok = True
+
+    def update(self, acc, inputs, targets, B):
+        out = call_model(self.model, inputs)
+        loss = self.loss_fn(out, targets) * self.scale(out, targets, B)
+        grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
+        pairs = [(n, p, g) for n, p, g in zip(self.names, self._params, grads)
+                 if g is not None and g.requires_grad]
+        if not pairs:
+            return
+        ps = [p for _, p, _ in pairs]
+        gs = [g for _, _, g in pairs]
+        left = self.opts.num_probes
+        while left > 0:
+            n = min(left, self.probe_chunk)
+            left -= n
+            last = left == 0
+            zs = []
+            for p in ps:
+                z = torch.randint(0, 2, (n, *p.shape), generator=self.generator(p.device),
+                                  device=p.device).to(p.dtype)
+                zs.append(z.mul_(2).sub_(1))
+            hz = None
+            if n > 1 and self._vmap_ok:
+                try:  # all probes of the chunk in one vmapped double-backward
+                    hz = torch.autograd.grad(gs, ps, zs, retain_graph=not last, allow_unused=True,
+                                             is_grads_batched=True)
+                except RuntimeError:
+                    self._vmap_ok = False
+            if hz is None:
+                cols: List[List[Optional[torch.Tensor]]] = [[] for _ in ps]
+                for j in range(n):
+                    hj = torch.autograd.grad(gs, ps, [z[j] for z in zs],
+                                             retain_graph=not (last and j == n - 1),
+                                             allow_unused=True)
+                    for c, h in zip(cols, hj):
+                        c.append(h)
+                hz = [None if c[0] is None else torch.stack(c) for c in cols]
+            for (name, _, _), z, h in zip(pairs, zs, hz):
+                if h is not None:
+                    acc[name].add_((z * h).float().sum(0), alpha=1.0 / self.opts.num_probes)
+
+
+REGISTRY: Dict[str, Type[Method]] = {c.name: c for c in (Fisher, GGN, GGNMC, Hutchinson)}
