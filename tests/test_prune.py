@@ -1,5 +1,5 @@
-"""popcomp.prune: spectral quantities, reconstruction and spectral_prune on MLPs, CNNs and
-ResNet blocks, checked against the closed-form formulas of Suzuki et al. (2020)."""
+"""popcomp.spectral (popcomp.prune): spectral quantities, reconstruction and spectral_prune on MLPs,
+CNNs and ResNet blocks, checked against the closed-form formulas of Suzuki et al. (2020)."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import popcomp
-from popcomp import prune as P
+from popcomp import spectral as P
 
 F64 = torch.float64
 
@@ -63,6 +63,61 @@ def test_lambda_width_relation_eq3():
         assert P.width_from_lambda(S, lam) <= width
     assert P.lambda_from_width(S, 10) > P.lambda_from_width(S, 120)
     assert P.lambda_from_width(torch.eye(2, dtype=F64), 100) == 0.0
+
+
+def test_degrees_of_freedom_at_lambda_zero_is_the_rank():
+    # eq. (3) takes the infimum over lambda >= 0, so N(0) is evaluated: the limit lambda -> 0+,
+    # the number of positive eigenvalues; negative lambda is refused (by every name of N)
+    S = torch.diag(torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=F64))
+    for x in (S, torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=F64)):
+        for dof in (P.degrees_of_freedom, popcomp.theory.degrees_of_freedom):
+            assert float(dof(x, 0.0)) == 2.0
+            assert float(dof(x, 1e-12)) == pytest.approx(2.0, rel=1e-11)  # continuous at 0
+            with pytest.raises(ValueError, match="lam"):
+                dof(x, -1e-3)
+    lev = P.leverage_scores(S, 0.0)
+    torch.testing.assert_close(lev, torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=F64))
+    torch.testing.assert_close(lev, P.leverage_scores(S, 1e-14), rtol=0, atol=1e-13)
+    # eq. (3) at lambda = 0: 5 N(0) log(80 N(0)) = 10 log 160 = 50.75, so a width of 51 needs no
+    # ridge (the infimum is 0) and 50 does; from lambda = 0 the width 51 is clipped to m = 4
+    for lam_of, width_of in ((P.lambda_from_width, P.width_from_lambda),
+                             (popcomp.theory.lambda_for_width, popcomp.theory.width_for_lambda)):
+        assert lam_of(S, 51) == 0.0 and lam_of(S, 50) > 0.0
+        assert width_of(S, 0.0) == 4
+
+
+def test_eq3_has_one_rule_under_both_names():
+    # popcomp.theory's width_for_lambda / lambda_for_width are the paper's constants 5 and 80 of
+    # spectral's rule; covariance or its eigenvalues, the answer is the same infimum
+    S = _cov(60, seed=8)
+    mu = torch.linalg.eigvalsh(S)
+    for width in (3, 17, 45):
+        lam = P.lambda_from_width(S, width)
+        for got in (popcomp.theory.lambda_for_width(S, width), popcomp.theory.lambda_for_width(mu, width),
+                    P.lambda_from_width(mu, width, c1=5.0, c2=80.0)):
+            assert got == pytest.approx(lam, rel=1e-8)
+        n = P.degrees_of_freedom(S, lam)
+        assert width >= 5 * n * math.log(80 * n) - 1e-6
+        assert popcomp.theory.width_for_lambda(mu, lam) == P.width_from_lambda(S, lam) <= width
+    # other constants are the caller's: a smaller c1 asks less, so a smaller lambda suffices
+    assert P.lambda_from_width(S, 17, c1=1.0) < P.lambda_from_width(S, 17)
+
+
+def test_compatibility_namespaces_name_the_same_objects():
+    # popcomp.prune and popcomp.covariance keep every public name they had; each is spectral's
+    old_prune = ["spectral_prune", "PruneReport", "LayerReport", "find_sites", "reconstruction",
+                 "reconstruction_error", "pruned_next_weight", "degrees_of_freedom",
+                 "output_degrees_of_freedom", "leverage_scores", "lambda_from_width", "width_from_lambda",
+                 "default_lambda", "default_tau", "output_matrix", "DEFAULT_LAMBDA_REL", "DEFAULT_THETA"]
+    for name in old_prune:
+        assert getattr(popcomp.prune, name) is getattr(P, name), name
+    import popcomp.covariance as C
+
+    for name in ["covariance_accumulate", "CovarianceAccumulator", "all_reduce_covariance", "greedy_select",
+                 "GreedyResult"]:
+        assert getattr(C, name) is getattr(P, name), name
+    assert popcomp.spectral_prune is P.spectral_prune and popcomp.greedy_select is P.greedy_select
+    assert (P.DEFAULT_LAMBDA_REL, P.DEFAULT_THETA, P.EQ3_C1, P.EQ3_C2) == (1e-6, 0.5, 5.0, 80.0)
 
 
 def test_reconstruction_closed_form_and_error():

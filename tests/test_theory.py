@@ -220,6 +220,36 @@ def test_spectral_capacity_and_table1():
     assert rows[0]["original"] == 36 and math.isnan(rows[0]["arora"])
 
 
+def test_layer_covariances_are_second_moments_of_the_layer_inputs():
+    # against a direct float64 computation on the inputs of an eval-mode run: a Conv2d (channels,
+    # every position a sample), a Conv1d (likewise), a Linear on (B, C, L) inputs (its last
+    # axis); dropout is off during the pass and every module's own mode is restored after
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(2), nn.Conv1d(3, 4, 2),
+                          nn.ReLU(), nn.Linear(19, 6))
+    model.train()
+    model[0].eval()  # mixed modes; the Dropout is in train mode
+    modes = [m.training for m in model.modules()]
+    xs = [torch.randn(5, 2, 6, 7), torch.randn(3, 2, 6, 7)]
+    got = T.layer_covariances(model, [(x, torch.zeros(len(x))) for x in xs])
+    assert [m.training for m in model.modules()] == modes
+    ins = {0: [], 4: [], 6: []}
+    hooks = [model[i].register_forward_pre_hook(lambda mod, a, i=i: ins[i].append(a[0].double())) for i in ins]
+    model.eval()
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    for h in hooks:
+        h.remove()
+    assert [c["layer"] for c in got] == ["0", "4", "6"]
+    for c, i in zip(got, (0, 4, 6)):
+        a = torch.cat([t.movedim(1, -1).reshape(-1, t.shape[1]) if i != 6 else t.reshape(-1, t.shape[-1])
+                       for t in ins[i]])
+        torch.testing.assert_close(c["cov"], a.T @ a / a.shape[0], rtol=1e-12, atol=1e-12)
+        assert c["cov"].dtype == torch.float64 and c["n"] == a.shape[0] and c["n_inputs"] == 8
+        assert c["max_input_norm"] == pytest.approx(max(float(t.flatten(1).norm(dim=1).max()) for t in ins[i]))
+
+
 def test_oracle_printed_convention_gives_distortion_D():
     # with α = nD/(dσ'²) as printed under eq. (25), E[d_S] = D exactly (for D ≤ dσ'²/n)
     g, w, X, Y, W = _sim(4000, seed=9)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._model import eval_mode, is_layer
+
 
 def make_mlp(n_in: int, hidden: Sequence[int], n_out: int, dropout: float = 0.0) -> nn.Sequential:
     """Linear-ReLU(-Dropout) stack: n_in → hidden... → n_out (bu2020 §7 uses 256-256, Dropout 0.2)."""
@@ -54,16 +56,15 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, float]:
-    """(mean cross-entropy, accuracy) in eval mode."""
-    was = model.training
-    model.eval()
-    out = model(x)
-    model.train(was)
+    """(mean cross-entropy, accuracy) in eval mode (every module's mode restored)."""
+    with eval_mode(model):
+        out = model(x)
     return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
 
 
 def weight_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    """``(name, module)`` of the Linear / Conv2d layers the experiments quantize."""
+    return [(n, m) for n, m in model.named_modules() if is_layer(m, (nn.Linear, nn.Conv2d))]
 
 
 def hessian_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -74,12 +75,8 @@ def hessian_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     from ..hessian import diagonal
 
     batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)]
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         res = diagonal(model, nn.CrossEntropyLoss(reduction="sum"), batches, method=method, progress=False)
-    finally:
-        model.train(was)
     return {k: v.detach().float() for k, v in res.items()}, f"popcomp.hessian.diagonal(method={method!r})"
 
 

@@ -91,11 +91,11 @@ def _quantize_copy(model: nn.Module, H: Dict[str, torch.Tensor], bits: int, beta
 
 
 def _spectral_prune(model: nn.Sequential, x: torch.Tensor, keep: float):
-    """``popcomp.prune.spectral_prune`` (issue 4), backward procedure, paper defaults."""
-    from ..prune import spectral_prune
+    """``popcomp.spectral_prune`` (issue 4), backward procedure, paper defaults."""
+    from ..spectral import spectral_prune
 
     pm, rep = spectral_prune(model, x, widths=float(keep), progress=False)
-    return pm, "popcomp.prune.spectral_prune (backward, θ = 0.5, λ = 1e-6 Tr Σ)"
+    return pm, "popcomp.spectral_prune (backward, θ = 0.5, λ = 1e-6 Tr Σ)"
 
 
 def resolve(args) -> None:

@@ -7,7 +7,7 @@
 * Fig. 1b: relative compression error ‖f − f♯‖_n/‖f‖_n (training inputs) vs the width of one
   compressed layer (MLP: the 3rd hidden layer as in the paper; CNN: the first conv's channels and
   the hidden Linear units), λ = 1e-6·Tr Σ̂, θ = 0.5.
-* Pruning is ``popcomp.prune.spectral_prune`` (backward procedure, the paper's τ).
+* Pruning is ``popcomp.spectral_prune`` (backward procedure, the paper's τ).
 * Fig. 2: test accuracy (no fine-tuning) vs λ (θ = 0.5) and vs θ (at the λ that is best for
   each rate), when every hidden layer (conv channels included) keeps the same fraction of its units ("rate" = kept
   fraction of units; the parameter ratio is reported in the table). The paper chose per-λ the
@@ -33,8 +33,8 @@ PRESETS = {"epochs": (30, 8), "rates": ("0.1,0.25,0.5", "0.25,0.5")}
 
 
 def _prune(model, x, widths, lam_rel=1e-6, theta=0.5):
-    """popcomp.prune.spectral_prune (issue 4): (pruned copy, report)."""
-    from ..prune import spectral_prune
+    """popcomp.spectral_prune (issue 4): (pruned copy, report)."""
+    from ..spectral import spectral_prune
 
     return spectral_prune(model, x, widths=widths, lam_rel=lam_rel, theta=theta, progress=False)
 
@@ -190,7 +190,7 @@ def run(args) -> Dict[str, object]:
                              "test_acc": evaluate(mdl, d.x_test, d.y_test)[1]})
     notes = [f"unpruned test accuracy: MLP {base['MLP'][1]:.4f}, CNN {base['CNN'][1]:.4f}; no fine-tuning "
              "after pruning; widths uniform per rate (simplification of the paper's per-λ width search).",
-             "pruning: popcomp.prune.spectral_prune (backward procedure, τ = m♯·λ·leverage); every "
+             "pruning: popcomp.spectral_prune (backward procedure, τ = m♯·λ·leverage); every "
              "Linear/Conv2d output that feeds another keeps the rate (conv channels included)."]
     write_table(acc_rows, out, "spectral_accuracy", "Fig. 2 analogue: test accuracy vs λ and θ", notes)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
