@@ -1,5 +1,7 @@
 """Tests of popcomp.kmeans1d against independent oracles: brute force over all contiguous
-partitions, the pure-torch float64 reference, ckwrap (Ckmeans.1d.dp) and closed forms."""
+partitions, the pure-torch float64 reference, ckwrap (Ckmeans.1d.dp) and closed forms, on every
+device (the `devices` fixture); and of the CUDA kernel against the CPU kernel (same seed, same
+inputs)."""
 import itertools
 
 import numpy as np
@@ -7,9 +9,33 @@ import pytest
 import torch
 
 import popcomp
-from popcomp._reference.kmeans import kmeans1d_reference
+from popcomp.ops.backends.reference.kmeans1d import kmeans1d_reference
+from popcomp.ops.checks import check_kmeans1d_values
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def op(x, w, k, beta=0.0, method="lloyd", init="kmeans++", init_centers=None, max_iter=300,
+       tol=0.0, seed=1234, diameter="squared"):
+    return torch.ops.popcomp.kmeans1d(x, w, k, beta, method, init, init_centers, max_iter, tol,
+                                      seed, diameter)
+
+
+def data(rows, n, dtype, seed, weighted=True, zero_frac=0.0, levels=None):
+    g = torch.Generator().manual_seed(seed)
+    if levels is not None:
+        x = torch.randint(-levels, levels + 1, (rows, n), generator=g).double() / 4
+    else:
+        x = torch.randn(rows, n, generator=g, dtype=torch.float64)
+    x = x.to(dtype)
+    w = None
+    if weighted:
+        w = torch.rand(rows, n, generator=g, dtype=torch.float64) + 0.01
+        if zero_frac > 0:
+            w[torch.rand(rows, n, generator=g) < zero_frac] = 0.0
+            w[:, 0] = 1.0
+        w = w.to(torch.float32)
+    return x, w
 
 
 def brute_force_cost(x, w, k):
@@ -60,7 +86,7 @@ def assert_cost_matches(ours, ref_cost, rel):
 
 
 @pytest.mark.parametrize("trial", range(60))
-def test_exact_is_globally_optimal_brute_force(trial):
+def test_exact_is_globally_optimal_brute_force(trial, devices):
     g = torch.Generator().manual_seed(trial)
     n = int(torch.randint(1, 10, (1,), generator=g))
     k = int(torch.randint(1, 5, (1,), generator=g))
@@ -71,7 +97,8 @@ def test_exact_is_globally_optimal_brute_force(trial):
     w = torch.rand(n, generator=g, dtype=torch.float64) + 0.05
     if trial % 4 == 1 and n > 1:
         w[0] = 0.0  # a zero-weight value
-    r = popcomp.kmeans1d(x, k, w, method="exact")
+    r = popcomp.kmeans1d(x.to(devices), k, w.to(devices), method="exact")
+    r = popcomp.KMeansResult(*(t.cpu() for t in (r.centers, r.labels, r.cost, r.n_iter)))
     bf = brute_force_cost(x, w, k)
     assert float(r.cost) == pytest.approx(bf, rel=1e-10, abs=1e-12)
     # the reported cost is the objective of the returned centers and labels
@@ -273,9 +300,9 @@ def test_seed_reproducible():
 
 
 @pytest.mark.parametrize("method", ["exact", "lloyd"])
-def test_k1_is_weighted_mean(method):
-    x = torch.randn(500, dtype=torch.float64)
-    w = torch.rand(500, dtype=torch.float64)
+def test_k1_is_weighted_mean(method, devices):
+    x = torch.randn(500, dtype=torch.float64, device=devices)
+    w = torch.rand(500, dtype=torch.float64, device=devices)
     r = popcomp.kmeans1d(x, 1, w, method=method)
     mean = (w * x).sum() / w.sum()
     torch.testing.assert_close(r.centers, mean.reshape(1))
@@ -284,16 +311,16 @@ def test_k1_is_weighted_mean(method):
 
 
 @pytest.mark.parametrize("method", ["exact", "lloyd"])
-def test_k_at_least_distinct_values(method):
-    x = torch.tensor([3.0, 1.0, 2.0, 1.0, 3.0])
+def test_k_at_least_distinct_values(method, devices):
+    x = torch.tensor([3.0, 1.0, 2.0, 1.0, 3.0], device=devices)
     r = popcomp.kmeans1d(x, 5, method=method)
     assert float(r.cost) == 0.0
-    torch.testing.assert_close(r.centers, torch.tensor([1.0, 2.0, 3.0, 3.0, 3.0]))
+    torch.testing.assert_close(r.centers, torch.tensor([1.0, 2.0, 3.0, 3.0, 3.0], device=devices))
     torch.testing.assert_close(r.dequantize(), x)
 
 
-def test_all_values_equal():
-    x = torch.full((100,), 0.25)
+def test_all_values_equal(devices):
+    x = torch.full((100,), 0.25, device=devices)
     for method in ["exact", "lloyd"]:
         r = popcomp.kmeans1d(x, 4, method=method, beta=1.0)
         assert float(r.cost) == 0.0
@@ -315,9 +342,9 @@ def test_zero_weight_values_get_labels_but_do_not_move_centers():
         assert int(lab) == int(torch.argmin((ra.centers - v).abs()))
 
 
-def test_inputs_not_modified_and_noncontiguous():
-    x = torch.randn(64, 50).t()  # non-contiguous (50, 64)
-    w = torch.rand(64, 50).t()
+def test_inputs_not_modified_and_noncontiguous(devices):
+    x = torch.randn(64, 50, device=devices).t()  # non-contiguous (50, 64)
+    w = torch.rand(64, 50, device=devices).t()
     x0, w0 = x.clone(), w.clone()
     r = popcomp.kmeans1d(x, 4, w, method="exact")
     assert torch.equal(x, x0) and torch.equal(w, w0)
@@ -326,22 +353,23 @@ def test_inputs_not_modified_and_noncontiguous():
     assert r.centers.shape == (50, 4) and r.labels.shape == (50, 64) and r.cost.shape == (50,)
 
 
-def test_result_dtypes_and_shapes():
+def test_result_dtypes_and_shapes(devices):
     for dt in DTYPES:
-        r = popcomp.kmeans1d(torch.randn(100).to(dt), 3)
+        r = popcomp.kmeans1d(torch.randn(100, device=devices).to(dt), 3)
         assert r.centers.dtype == (torch.float64 if dt == torch.float64 else torch.float32)
         assert r.labels.dtype == torch.int32 and r.labels.shape == (100,)
         assert r.cost.dtype == torch.float64 and r.cost.shape == ()
         assert r.n_iter.shape == ()
 
 
-def test_opcheck():
-    x = torch.randn(3, 200)
-    w = torch.rand(3, 200)
+def test_opcheck(devices):
+    x = torch.randn(3, 200, device=devices)
+    w = torch.rand(3, 200, device=devices)
     for args in [
         (x, w, 4, 0.0, "exact", "kmeans++", None, 50, 0.0, 1, "squared"),
         (x, None, 4, 1.0, "lloyd", "linear", None, 50, 0.0, 1, "squared"),
-        (x.double(), w, 3, 2.0, "lloyd", "given", torch.randn(3, 3, dtype=torch.float64), 50, 0.0, 1, "linear"),
+        (x.double(), w, 3, 2.0, "lloyd", "given", torch.randn(3, 3, dtype=torch.float64, device=devices),
+         50, 0.0, 1, "linear"),
     ]:
         torch.library.opcheck(torch.ops.popcomp.kmeans1d.default, args)
 
@@ -417,10 +445,9 @@ def test_non_finite_and_negative_found_in_every_dtype(dtype, n):
 @pytest.mark.parametrize("case", ["x_nan", "w_inf", "w_neg", "w_zero", "x_and_w", "ok"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_checks_match_the_cpu_kernel(case, dtype):
-    """check_values (run by the op on CUDA and on the reference fallback) raises what the CPU
+    """check_kmeans1d_values (run by the op on CUDA and by the reference) raises what the CPU
     kernel raises, for the same first bad row."""
-    from popcomp._impl.kmeans import check_values
-
+    check_values = check_kmeans1d_values
     x = torch.randn(5, 50).to(dtype)
     w = torch.rand(5, 50).to(dtype) + 0.1
     if case in ("x_nan", "x_and_w"):
@@ -447,9 +474,9 @@ def test_torch_checks_match_the_cpu_kernel(case, dtype):
         assert "(row " in expected
 
 
-def test_bad_row_is_named():
-    x = torch.randn(3, 10)
-    w = torch.rand(3, 10)
+def test_bad_row_is_named(devices):
+    x = torch.randn(3, 10, device=devices)
+    w = torch.rand(3, 10, device=devices)
     w[2] = 0
     with pytest.raises(ValueError, match=r"all zero.*row 2"):
         popcomp.kmeans1d(x, 2, w)
@@ -469,10 +496,11 @@ def test_backends_report():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_negative_zero_is_zero(dtype):
-    x = torch.tensor([-0.0, 0.0, 1.0, 2.0] * 3).to(dtype)
+def test_negative_zero_is_zero(dtype, devices):
+    x = torch.tensor([-0.0, 0.0, 1.0, 2.0] * 3, device=devices).to(dtype)
     r = popcomp.kmeans1d(x, 4, method="exact")
-    torch.testing.assert_close(r.centers, torch.tensor([0.0, 1.0, 2.0, 2.0], dtype=r.centers.dtype))
+    torch.testing.assert_close(r.centers, torch.tensor([0.0, 1.0, 2.0, 2.0], dtype=r.centers.dtype,
+                                                       device=devices))
     assert int(r.labels[0]) == int(r.labels[1]) == 0
 
 
@@ -486,3 +514,153 @@ def test_exact_does_not_read_an_earlier_problems_dp_table():
     r = popcomp.kmeans1d(xv, 3, method="exact")
     assert float(r.cost) == pytest.approx(fresh, rel=1e-10)
     torch.testing.assert_close(r.centers, torch.tensor([0.05, 10.05, 20.15], dtype=torch.float64))
+
+
+def test_against_reference_small(devices):
+    for seed in range(10):
+        x, w = data(3, 40, torch.float64, 100 + seed, zero_frac=0.2)
+        for method in ("lloyd", "exact"):
+            for beta in (0.0, 0.2):
+                ref = kmeans1d_reference(x, w, 4, beta, method, "linear", None, 300, 0.0, 0,
+                                         "squared")
+                got = op(x.to(devices), w.to(devices), 4, beta=beta, method=method, init="linear")
+                torch.testing.assert_close(got[0].cpu(), ref[0], rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(got[2].cpu(), ref[2], rtol=1e-8, atol=1e-10)
+                assert torch.equal(got[1].cpu().long(), ref[1].long())
+
+
+def test_signed_zero_is_one_value(devices):  # torch.unique (the reference) merges -0.0 and +0.0
+    x = torch.tensor([[-0.0, 0.0, 1.0, 1.0, 2.0]], dtype=torch.float32)
+    ref = kmeans1d_reference(x, None, 3, 0.0, "exact", "kmeans++", None, 300, 0.0, 0, "squared")
+    got = op(x.to(devices), None, 3, method="exact")
+    torch.testing.assert_close(got[0].cpu(), ref[0])
+    assert torch.equal(got[1].cpu().long(), ref[1].long())
+
+
+def test_bad_values_on_every_device(devices):
+    x = torch.randn(2, 10, device=devices)
+    with pytest.raises(ValueError):
+        popcomp.kmeans1d(torch.full((10,), float("nan"), device=devices), 2)
+    with pytest.raises(ValueError):
+        popcomp.kmeans1d(x, 2, -torch.ones_like(x))
+    with pytest.raises(ValueError):
+        popcomp.kmeans1d(x, 2, torch.zeros_like(x))
+    with pytest.raises(ValueError):
+        popcomp.kmeans1d(x, 0)
+
+
+# ---- the CUDA kernel against the CPU kernel ---------------------------------------------------
+def both(x, w, k, **kw):
+    ic = kw.get("init_centers")
+    cpu = op(x.cpu(), None if w is None else w.cpu(), k,
+             **{**kw, "init_centers": None if ic is None else ic.cpu()})
+    gpu = op(x.cuda(), None if w is None else w.cuda(), k,
+             **{**kw, "init_centers": None if ic is None else ic.cuda()})
+    torch.cuda.synchronize()
+    return cpu, tuple(t.cpu() for t in gpu)
+
+
+def assert_same(cpu, gpu, label_frac=1.0):
+    c0, l0, f0, i0 = cpu
+    c1, l1, f1, i1 = gpu
+    assert c1.dtype == torch.float64 and l1.dtype == l0.dtype and i1.dtype == torch.int64
+    assert c1.shape == c0.shape and l1.shape == l0.shape
+    scale = float(c0.abs().max()) + 1e-300
+    torch.testing.assert_close(c1, c0, rtol=1e-9, atol=1e-9 * scale)
+    torch.testing.assert_close(f1, f0, rtol=1e-8, atol=1e-12 * (float(f0.abs().max()) + 1.0))
+    same = (l1 == l0).double().mean().item()
+    assert same >= label_frac, f"labels agree on {same:.6f}"
+    assert torch.equal(i1, i0)
+    assert bool((c1[:, 1:] >= c1[:, :-1]).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["lloyd", "exact"])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cuda_rows_match_cpu(dtype, method, beta, weighted, cuda_device):
+    x, w = data(8, 300, dtype, 1, weighted)
+    cpu, gpu = both(x, w, 5, beta=beta, method=method)
+    assert_same(cpu, gpu)
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "linear", "quantile"])
+@pytest.mark.parametrize("diameter", ["squared", "linear"])
+def test_cuda_inits_and_diameters(init, diameter, cuda_device):
+    x, w = data(6, 500, torch.float32, 2)
+    cpu, gpu = both(x, w, 7, beta=0.3, init=init, diameter=diameter)
+    assert_same(cpu, gpu)
+
+
+def test_cuda_given_init(cuda_device):
+    x, w = data(4, 200, torch.float64, 3)
+    ic = torch.linspace(-1, 1, 6, dtype=torch.float64).expand(4, 6).contiguous()
+    cpu, gpu = both(x, w, 6, init="given", init_centers=ic, beta=0.1)
+    assert_same(cpu, gpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("method", ["lloyd", "exact"])
+def test_cuda_single_large_problem(dtype, method, cuda_device):
+    n = (1 << 18) if method == "lloyd" else (1 << 15)
+    x, w = data(1, n, dtype, 4)
+    cpu, gpu = both(x, w, 16, method=method, max_iter=100)
+    assert_same(cpu, gpu, label_frac=0.9999)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_few_long_rows(dtype, cuda_device):  # the (row, key) composite sort path: n >= 65536, rows > 1
+    x, w = data(3, 70000, dtype, 5)
+    cpu, gpu = both(x, w, 8, method="exact")
+    assert_same(cpu, gpu, label_frac=0.9999)
+    cpu, gpu = both(x, None, 8, method="lloyd", max_iter=50)
+    assert_same(cpu, gpu, label_frac=0.9999)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_many_rows_exact(dtype, cuda_device):
+    x, w = data(256, 1024, dtype, 6)
+    cpu, gpu = both(x, w, 16, method="exact")
+    assert_same(cpu, gpu)
+
+
+@pytest.mark.parametrize("method", ["lloyd", "exact"])
+def test_cuda_ties_and_zero_weights(method, cuda_device):
+    x, w = data(5, 400, torch.float64, 7, zero_frac=0.3, levels=12)
+    cpu, gpu = both(x, w, 6, method=method)
+    assert_same(cpu, gpu)
+
+
+@pytest.mark.parametrize("method", ["lloyd", "exact"])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_cuda_edge_cases(method, beta, cuda_device):
+    # k = 1
+    x, w = data(3, 50, torch.float32, 8)
+    assert_same(*both(x, w, 1, method=method, beta=beta))
+    # k >= u (few distinct values), surplus centers repeat the largest
+    x = torch.tensor([[1.0, 2.0, 2.0, 5.0, 1.0], [3.0, 3.0, 3.0, 3.0, 4.0]])
+    cpu, gpu = both(x, None, 4, method=method, beta=beta)
+    assert_same(cpu, gpu)
+    # all values equal
+    x = torch.full((2, 64), 0.75, dtype=torch.float16)
+    assert_same(*both(x, None, 3, method=method, beta=beta))
+    # one value per problem
+    x = torch.randn(7, 1)
+    assert_same(*both(x, None, 2, method=method, beta=beta))
+
+
+def test_cuda_public_api_and_stream(cuda_device):
+    x, w = data(4, 1000, torch.bfloat16, 9)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        r = popcomp.kmeans1d(x.cuda(), 8, w.cuda(), method="exact", beta=0.1)
+    s.synchronize()
+    c = popcomp.kmeans1d(x, 8, w, method="exact", beta=0.1)
+    torch.testing.assert_close(r.centers.cpu(), c.centers, rtol=1e-6, atol=1e-6)
+    assert torch.equal(r.labels.cpu(), c.labels)
+
+
+def test_cuda_workspace_bound_is_enough(cuda_device):
+    C = popcomp._backend.compiled()
+    for rows, n, k, method, dt in [(1, 1, 1, 0, 1), (4096, 4096, 16, 1, 2), (1, 10**6, 16, 0, 0)]:
+        assert C.kmeans1d_cuda_workspace(rows=rows, n=n, k=k, method=method, x_dtype=dt) > 0

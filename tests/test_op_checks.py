@@ -1,25 +1,28 @@
 """The ops ``torch.ops.popcomp.*`` called directly with bad arguments raise a TypeError or
 ValueError naming the argument, on every device and from every kernel (CPU, CUDA, the
 reference default, the fake/meta kernel), before any address reaches a compiled kernel; the
-raw bindings of popcomp._C check their sizes, codes and addresses too.
+raw bindings of popcomp._C check their sizes, codes and addresses too, and the codes popcomp
+reads from popcomp._C equal the copies it falls back on without a build.
 
 Before these checks, a wrong ``acc`` shape corrupted the heap (covariance_accumulate), wrong
 ``weights``/``init_centers``/``tau`` shapes were read out of bounds, tensors on another device
 were silently read through their addresses, and other mistakes gave KeyErrors or unpacking
 errors. The CUDA kernels are checked here without a GPU by handing them a stand-in compiled
 module that fails the test if any of its functions is reached."""
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 import popcomp
+from popcomp import _backend
 from popcomp._backend import compiled
-from popcomp._impl import checks
-from popcomp._impl import covariance as impl_cov
-from popcomp._impl import hessian as impl_hess
-from popcomp._impl import kmeans as impl_km
+from popcomp.ops import checks
 
-requires_cuda = pytest.mark.skipif(not popcomp.backends()["cuda"]["usable"],
-                                   reason="needs a CUDA device and a CUDA build")
 OPS = torch.ops.popcomp
 F64 = torch.float64
 I64 = torch.int64
@@ -136,11 +139,14 @@ def test_shared_check_names_the_argument(op, build, exc, match):
 
 
 @pytest.mark.parametrize("op, build, exc, match", CASES, ids=IDS)
-@pytest.mark.parametrize("device, other", [("cpu", "meta"), ("meta", "cpu")])
-def test_op_raises_before_the_kernel(op, build, exc, match, device, other):
-    """The CPU kernel and the fake (meta) kernel of every op."""
+def test_op_raises_before_the_kernel(op, build, exc, match, devices):
+    """The device's kernel and the fake (meta) kernel of every op."""
     with pytest.raises(exc, match=match):
-        getattr(OPS, op)(*build(device, other))
+        getattr(OPS, op)(*build(devices, "meta" if devices == "cpu" else "cpu"))
+    with pytest.raises(exc, match=match):
+        getattr(OPS, op)(*build("meta", devices))
+    if devices == "cuda":
+        torch.cuda.synchronize()  # nothing was launched that could have failed asynchronously
 
 
 class _NoKernel:
@@ -152,47 +158,66 @@ class _NoKernel:
         raise AssertionError(f"popcomp._C.{name} reached with bad arguments")
 
 
-KERNELS = {
-    "kmeans1d": (impl_km, [impl_km.kmeans1d_cpu, impl_km.kmeans1d_cuda, impl_km.kmeans1d_default]),
-    "covariance_accumulate": (impl_cov, [impl_cov.covariance_accumulate_cpu, impl_cov.covariance_accumulate_cuda,
-                                         impl_cov.covariance_accumulate_default]),
-    "greedy_select": (impl_cov, [impl_cov.greedy_select_cpu, impl_cov.greedy_select_cuda,
-                                 impl_cov.greedy_select_default]),
-    "sumsq_outer_acc": (impl_hess, [impl_hess.sumsq_outer_acc_cpu, impl_hess.sumsq_outer_acc_cuda,
-                                    impl_hess.sumsq_outer_acc_reference]),
-}
+def _kernels(op):
+    """The CPU, CUDA and default (reference) kernel functions of an op, with their modules.
+    (Importing the CUDA modules registers their kernels, also in a build without CUDA: there no
+    CUDA tensor can reach them.)"""
+    found = []
+    for backend, name in (("cpu", f"{op}_cpu"), ("cuda", f"{op}_cuda"),
+                          ("reference", f"{op}_default")):
+        module = importlib.import_module(f"popcomp.ops.backends.{backend}.{op}")
+        found.append((module, getattr(module, name)))
+    return found
 
 
 @pytest.mark.parametrize("op, build, exc, match", CASES, ids=IDS)
 def test_every_kernel_checks_before_the_compiled_core(op, build, exc, match, monkeypatch):
     """The CUDA kernels (and the CPU ones) run the shared checks before any address reaches
     popcomp._C, whatever the build: here _C is a stand-in that fails if reached."""
-    module, kernels = KERNELS[op]
-    monkeypatch.setattr(module, "compiled", lambda: _NoKernel())
-    for kernel in kernels:
+    for module, kernel in _kernels(op):
+        if hasattr(module, "compiled"):
+            monkeypatch.setattr(module, "compiled", lambda: _NoKernel())
         with pytest.raises(exc, match=match):
             kernel(*build("cpu", "meta"))
 
 
-def test_value_checks_of_the_direct_ops():
-    x = torch.randn(2, 5)
+def test_value_checks_of_the_direct_ops(devices):
+    d = devices
+    x = torch.randn(2, 5, device=d)
     with pytest.raises(ValueError, match="init_centers contains NaN or Inf"):
-        OPS.kmeans1d(x, None, 2, 0.0, "lloyd", "given", torch.tensor([[0.0, float("nan")]] * 2, dtype=F64),
-                     10, 0.0, 0, "squared")
+        OPS.kmeans1d(x, None, 2, 0.0, "lloyd", "given",
+                     torch.tensor([[0.0, float("nan")]] * 2, dtype=F64, device=d), 10, 0.0, 0, "squared")
     x[1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"x contains NaN or Inf \(row 1\)"):
         OPS.kmeans1d(x, None, 2, 0.0, "lloyd", "kmeans++", None, 10, 0.0, 0, "squared")
-    tau = torch.zeros(4, dtype=F64)
+    x = torch.randn(2, 6, device=d)
+    x[0, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"x contains NaN or Inf \(row 0\)"):
+        OPS.kmeans1d(x, None, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")
+    w = -torch.ones(2, 6, device=d)
+    with pytest.raises(ValueError, match="weights must be non-negative"):
+        OPS.kmeans1d(torch.randn(2, 6, device=d), w, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")
+    tau = torch.zeros(4, dtype=F64, device=d)
     with pytest.raises(ValueError, match="cov contains NaN or Inf"):
-        OPS.greedy_select(torch.full((4, 4), float("nan"), dtype=F64), 2, tau, 1.0, None)
+        OPS.greedy_select(torch.full((4, 4), float("nan"), dtype=F64, device=d), 2, tau, 1.0, None)
     with pytest.raises(ValueError, match="tau must be non-negative"):
-        OPS.greedy_select(torch.eye(4, dtype=F64), 2, tau - 1, 1.0, None)
+        OPS.greedy_select(torch.eye(4, dtype=F64, device=d), 2, tau - 1, 1.0, None)
     with pytest.raises(ValueError, match="Z contains NaN or Inf"):
-        OPS.greedy_select(torch.eye(4, dtype=F64), 2, tau, 0.5, torch.full((2, 4), float("inf"), dtype=F64))
+        OPS.greedy_select(torch.eye(4, dtype=F64, device=d), 2, tau, 0.5,
+                          torch.full((2, 4), float("inf"), dtype=F64, device=d))
 
 
-def test_valid_direct_calls_still_work_on_cpu_and_meta():
-    for dev in ("cpu", "meta"):
+def test_cuda_non_contiguous_inputs(cuda_device):
+    # non-contiguous inputs are fine (copied or read through their strides), as on CPU
+    xt = torch.randn(8, 3, device=cuda_device).t()
+    c_gpu = OPS.kmeans1d(xt, None, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")[0]
+    c_cpu = OPS.kmeans1d(xt.cpu(), None, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")[0]
+    torch.testing.assert_close(c_gpu.cpu(), c_cpu, rtol=1e-6, atol=1e-9)
+    torch.cuda.synchronize()
+
+
+def test_valid_direct_calls_still_work_on_every_device_and_meta(devices):
+    for dev in (devices, "meta"):
         c, lab, cost, it = OPS.kmeans1d(*_km(dev, None, init="given",
                                              init_centers=torch.zeros(3, 2, dtype=F64, device=dev)))
         assert c.shape == (3, 2) and lab.shape == (3, 8)
@@ -201,8 +226,111 @@ def test_valid_direct_calls_still_work_on_cpu_and_meta():
         idx, obj = OPS.greedy_select(*_greedy(dev, None, k=0))
         assert idx.shape == (0,)
         OPS.sumsq_outer_acc(*_sumsq(dev, None))
-        if dev == "cpu":
+        if dev != "meta":
             assert int(count) == 10
+
+
+# ---- torch.library.opcheck of every op on every device ---------------------------------------
+def _opcheck_args(d):
+    g = torch.Generator().manual_seed(0)
+
+    def rn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(d)
+
+    S = rn(40, 9, dtype=F64)
+    S = S.T @ S / 40
+    tau = torch.full((9,), 0.1, dtype=F64, device=d)
+    return {
+        "kmeans1d": [
+            (rn(3, 200), rn(3, 200).abs(), 4, 0.0, "exact", "kmeans++", None, 50, 0.0, 1, "squared"),
+            (rn(3, 200), None, 4, 1.0, "lloyd", "linear", None, 50, 0.0, 1, "squared"),
+            (rn(3, 200, dtype=F64), rn(3, 200).abs(), 3, 2.0, "lloyd", "given", rn(3, 3, dtype=F64), 50,
+             0.0, 1, "linear"),
+        ],
+        "sumsq_outer_acc": [
+            (torch.zeros(5, 7, device=d), rn(3, 2, 4, 5), rn(3, 4, 7)),
+            (torch.zeros(6, 3, device=d), rn(4, 1, 1, 6), rn(4, 1, 3)),  # T = 1
+        ],
+        "covariance_accumulate": [
+            (rn(20, 6), torch.zeros(6, 6, device=d), torch.zeros((), dtype=I64, device=d)),
+            (rn(2, 6, 5, dtype=torch.float16), torch.zeros(6, 6, dtype=F64, device=d),
+             torch.zeros((), dtype=I64, device=d)),
+        ],
+        "greedy_select": [
+            (S, 4, tau, 1.0, None),
+            (S.float(), 3, tau, 0.5, rn(5, 9)),
+            (S, 0, tau, 1.0, None),
+        ],
+    }
+
+
+@pytest.mark.parametrize("op", ["kmeans1d", "sumsq_outer_acc", "covariance_accumulate", "greedy_select"])
+def test_opcheck_every_op(op, devices):
+    for args in _opcheck_args(devices)[op]:
+        torch.library.opcheck(getattr(OPS, op).default, args)
+
+
+# ---- the codes popcomp reads from the compiled core --------------------------------------------
+def test_fallback_codes_equal_the_compiled_ones():
+    """Without a build popcomp falls back on its own copy of every code it reads from _C; each
+    copy must equal the compiled value (a mismatch would make an unbuilt checkout accept, or
+    word, something else than the kernels)."""
+    fallbacks = _backend.core_fallbacks()
+    assert {"dtype_codes", "kmeans_methods", "kmeans_inits", "kmeans_diameters", "kmeans_status",
+            "kmeans_status_messages", "greedy_rel_guard"} <= set(fallbacks)
+    if compiled() is None:
+        pytest.skip("compiled core not built")
+    for name, fallback in fallbacks.items():
+        assert getattr(compiled(), name) == fallback, name
+    assert checks.KMEANS_METHODS == compiled().kmeans_methods  # what popcomp uses is the core's
+    assert _backend.DTYPE_CODES == {getattr(torch, n): c for n, c in compiled().dtype_codes.items()}
+    assert checks.GREEDY_REL_GUARD[torch.float32] == 1e3 * torch.finfo(torch.float32).eps
+
+
+_WITHOUT_CORE = textwrap.dedent("""
+    import sys, importlib.abc
+
+    class NoCore(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "popcomp._C":
+                raise ImportError("the compiled core is not built")
+
+    sys.meta_path.insert(0, NoCore())
+    import torch, popcomp
+    from popcomp.ops.backends.reference.greedy_select import greedy_select_reference
+
+    assert popcomp._backend.compiled() is None and not popcomp.backends()["cpu"]["usable"]
+    r = popcomp.kmeans1d(torch.tensor([0.0, 0.1, 5.0, 5.2]), 2, method="exact")
+    assert torch.allclose(r.centers, torch.tensor([0.05, 5.1])) and r.labels.tolist() == [0, 0, 1, 1], r
+    x = torch.randn(10, 4)
+    acc, count = torch.zeros(4, 4), torch.zeros((), dtype=torch.int64)
+    torch.ops.popcomp.covariance_accumulate(x, acc, count)
+    assert int(count) == 10 and torch.allclose(acc, x.T @ x)
+    acc = torch.zeros(5, 7)
+    g, xs = torch.randn(3, 2, 4, 5), torch.randn(3, 4, 7)
+    torch.ops.popcomp.sumsq_outer_acc(acc, g, xs)
+    want = torch.einsum("brto,bti->broi", g, xs).square().sum((0, 1))
+    assert torch.allclose(acc, want, rtol=1e-5, atol=1e-5)
+    idx, obj = torch.ops.popcomp.greedy_select(torch.diag(torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)),
+                                               2, torch.zeros(3, dtype=torch.float64), 1.0, None)
+    assert idx.tolist() == [1, 2], idx
+    try:
+        popcomp.kmeans1d(torch.tensor([1.0, float("nan")]), 1)
+    except ValueError as e:
+        assert "x contains NaN or Inf" in str(e)
+    else:
+        raise AssertionError("NaN accepted")
+    print("ok")
+""")
+
+
+def test_popcomp_runs_on_its_references_without_the_compiled_core():
+    """An unbuilt checkout (no popcomp._C) imports, and every op runs on its reference, with the
+    checks and codes of a build (the fallback copies)."""
+    env = {**os.environ, "POPCOMP_NO_PROGRESS": "1"}
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_CORE], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 # ---- the raw bindings (popcomp._C) -----------------------------------------------------------
@@ -264,32 +392,3 @@ def test_bindings_check_their_arguments(fn, args, match):
 def test_cuda_bindings_check_their_arguments(fn, args, match):
     with pytest.raises(ValueError, match=f"{fn}: .*{match}"):
         getattr(C, fn)(*args)
-
-
-# ---- on a GPU: the same answers from the CUDA kernels ----------------------------------------
-@requires_cuda
-@pytest.mark.parametrize("op, build, exc, match", CASES, ids=IDS)
-def test_cuda_op_raises_before_the_kernel(op, build, exc, match):
-    with pytest.raises(exc, match=match):
-        getattr(OPS, op)(*build("cuda", "cpu"))
-    torch.cuda.synchronize()  # nothing was launched that could have failed asynchronously
-
-
-@requires_cuda
-def test_cuda_value_checks_and_non_contiguous_inputs():
-    x = torch.randn(2, 6, device="cuda")
-    x[0, 3] = float("inf")
-    with pytest.raises(ValueError, match=r"x contains NaN or Inf \(row 0\)"):
-        OPS.kmeans1d(x, None, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")
-    w = -torch.ones(2, 6, device="cuda")
-    with pytest.raises(ValueError, match="weights must be non-negative"):
-        OPS.kmeans1d(torch.randn(2, 6, device="cuda"), w, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")
-    with pytest.raises(ValueError, match="cov contains NaN or Inf"):
-        OPS.greedy_select(torch.full((4, 4), float("nan"), dtype=F64, device="cuda"), 2,
-                          torch.zeros(4, dtype=F64, device="cuda"), 1.0, None)
-    # non-contiguous inputs are fine (copied or read through their strides), as on CPU
-    xt = torch.randn(8, 3, device="cuda").t()
-    c_gpu = OPS.kmeans1d(xt, None, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")[0]
-    c_cpu = OPS.kmeans1d(xt.cpu(), None, 2, 0.0, "exact", "kmeans++", None, 10, 0.0, 0, "squared")[0]
-    torch.testing.assert_close(c_gpu.cpu(), c_cpu, rtol=1e-6, atol=1e-9)
-    torch.cuda.synchronize()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import _ops  # noqa: F401  (registers the torch.library ops)
+from . import ops  # noqa: F401  (registers the ops)
 from ._backend import backends
 from .kmeans import KMeansResult, kmeans1d
 from . import hessian

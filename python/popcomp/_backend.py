@@ -15,8 +15,35 @@ except ImportError as _err:  # pragma: no cover - exercised only without a build
 else:
     _IMPORT_ERROR = None
 
-# Element type codes shared with csrc/common/hd.h (enum class DType).
-DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+# Constants shared with the kernels (dtype codes, op codes, ...) are read from the compiled
+# core, which exports them from its C++ enums (csrc/bindings.cpp). Only an unbuilt checkout
+# (no _C: popcomp runs on its pure-torch references) uses the fallback copy its reader passes
+# to core_constant; tests/test_op_checks.py checks every such copy against the compiled value.
+_CORE_FALLBACKS: Dict[str, Any] = {}
+
+
+def core_constant(name: str, fallback: Any) -> Any:
+    """``_C.<name>`` (a copy), or ``fallback`` when the compiled core is not built."""
+    _CORE_FALLBACKS[name] = fallback
+    value = getattr(_C, name) if _C is not None else fallback
+    return dict(value) if isinstance(value, dict) else value
+
+
+def core_fallbacks() -> Dict[str, Any]:
+    """name -> the fallback copy of every constant read with core_constant so far."""
+    return dict(_CORE_FALLBACKS)
+
+
+# Element type codes of csrc/common/hd.h (enum class DType), by torch dtype, in code order.
+DTYPE_CODES = {
+    getattr(torch, name): code
+    for name, code in sorted(
+        core_constant(
+            "dtype_codes", {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
+        ).items(),
+        key=lambda item: item[1],
+    )
+}
 FLOAT_DTYPES = tuple(DTYPE_CODES)
 
 

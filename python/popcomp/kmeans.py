@@ -15,7 +15,7 @@ import torch
 
 from . import _validate as V
 from ._backend import FLOAT_DTYPES
-from ._impl.checks import KMEANS_DIAMETERS, KMEANS_INITS, KMEANS_METHODS
+from .ops.checks import KMEANS_DIAMETERS, KMEANS_INITS, KMEANS_METHODS
 
 _METHODS = tuple(KMEANS_METHODS)
 _INITS = tuple(i for i in KMEANS_INITS if i != "given")  # given: a tensor of centers

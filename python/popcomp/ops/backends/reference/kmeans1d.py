@@ -1,4 +1,4 @@
-"""Pure-torch reference of popcomp::kmeans1d (float64, any device).
+"""The pure-torch reference of popcomp::kmeans1d (float64, any device), and its default kernel.
 
 Written independently of the compiled kernels so that it serves as their test oracle:
   * exact: the DP  D_m(i) = min_j D_{m-1}(j-1) + cost(j, i)  solved per layer by the
@@ -10,6 +10,9 @@ Written independently of the compiled kernels so that it serves as their test or
 from __future__ import annotations
 
 import torch
+
+from ..._library import LIB
+from ...checks import check_kmeans1d, check_kmeans1d_values
 
 
 def _prefix(W, v):
@@ -218,3 +221,16 @@ def kmeans1d_reference(x, weights, k, beta, method, init, init_centers, max_iter
         cost[r] = (wr * (xr - c[lab]) ** 2).sum() + _penalty(c[-1] - c[0], beta, diameter)
         n_iter[r] = it
     return centers, labels, cost, n_iter
+
+
+def kmeans1d_default(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed,
+                     diameter):
+    """The default kernel (every device without its own): the checks, then the reference."""
+    check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
+    check_kmeans1d_values(x, weights, init_centers)
+    return kmeans1d_reference(
+        x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter
+    )
+
+
+LIB.impl("kmeans1d", kmeans1d_default, "CompositeExplicitAutograd")

@@ -1,31 +1,59 @@
-"""Device-independent argument checks of the popcomp ops, shared by all their kernels.
+"""The argument checks of the popcomp ops, and the op codes they accept, shared by every kernel.
 
 The public functions (``popcomp.kmeans1d``, ``covariance_accumulate``, ...) check their
 arguments, but the ops ``torch.ops.popcomp.*`` can be called directly, and their compiled
 kernels receive raw addresses and sizes: a tensor of the wrong shape or dtype, or on another
 device, would be read or written out of bounds (or a host address handed to a GPU kernel)
 instead of raising. So every kernel of an op -- CPU, CUDA, the pure-torch default, and the fake
-(meta) kernel used by torch.compile -- runs the op's ``check_*`` here first.
+(meta) kernel used by torch.compile -- runs the op's ``check_<op>`` here first.
 
 These checks read only metadata (shapes, dtypes, devices), never the data: they cost nothing,
 never synchronize a device and behave the same on every device, meta tensors included. Each
 error names the argument: TypeError for a wrong type or dtype, ValueError for a wrong shape,
 device or value. Checks of the values (NaN/Inf, negative weights, ...) need the data; they are
-the ``check_*_values`` functions, run by the real kernels only.
+the ``check_<op>_values`` functions, run by the real kernels only (the CPU K-means kernel checks
+x and the weights itself, in the pass that reads them: ``kmeans1d_status_error`` words its
+answer).
+
+The op codes (K-means methods, inits, diameters, statuses and their messages, the greedy gain
+guard) come from the compiled core (``popcomp._C``, from its C++ enums); the literal tables
+passed to ``core_constant`` below serve only a checkout without the compiled core, and
+tests/test_op_checks.py keeps them equal to the compiled ones.
 """
 from __future__ import annotations
 
 import torch
 
-from .._backend import FLOAT_DTYPES
-from .._reference.hessian import check_sumsq_args
-from .._validate import check_float, check_int as _int, check_real as _real, check_same_device
+from .._backend import FLOAT_DTYPES, core_constant
+from .._validate import check_float, check_int, check_real, check_same_device
 
-# name -> code of the enums of csrc/kmeans/kmeans.h
-KMEANS_METHODS = {"lloyd": 0, "exact": 1}
-KMEANS_INITS = {"kmeans++": 0, "linear": 1, "quantile": 2, "given": 3}
-KMEANS_DIAMETERS = {"squared": 0, "linear": 1}
-ACC_DTYPES = (torch.float32, torch.float64)
+# ---- op codes, from the compiled core (csrc/kmeans/kmeans.h, csrc/bindings.cpp) -------------
+KMEANS_METHODS = core_constant("kmeans_methods", {"lloyd": 0, "exact": 1})
+KMEANS_INITS = core_constant("kmeans_inits", {"kmeans++": 0, "linear": 1, "quantile": 2, "given": 3})
+KMEANS_DIAMETERS = core_constant("kmeans_diameters", {"squared": 0, "linear": 1})
+KMEANS_STATUS = core_constant(
+    "kmeans_status", {"ok": 0, "nonfinite_x": 1, "nonfinite_w": 2, "negative_w": 3, "zero_w": 4}
+)
+KMEANS_STATUS_MESSAGES = core_constant("kmeans_status_messages", {
+    1: "x contains NaN or Inf",
+    2: "weights contains NaN or Inf",
+    3: "weights must be non-negative (found negative entries)",
+    4: "weights are all zero: the objective has no minimizer",
+})
+# init_centers are checked before any kernel (no kernel reads them for NaN/Inf)
+INIT_CENTERS_NONFINITE = "init_centers contains NaN or Inf"
+
+# The greedy gain guard by cov's dtype (1e3 machine epsilons; covariance_math.h, greedy_gain): a
+# unit whose residual variance and ridge tau_j are both rel_guard * Sigma_jj or below scores 0.
+GREEDY_REL_GUARD = {
+    getattr(torch, name): guard
+    for name, guard in core_constant(
+        "greedy_rel_guard", {"float64": 1e3 * 2.0**-52, "float32": 1e3 * 2.0**-23}
+    ).items()
+}
+
+ACC_DTYPES = (torch.float32, torch.float64)  # covariance accumulators, greedy_select's cov
+SUMSQ_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # sumsq_outer_acc's g and x
 
 
 def _tensor(name: str, t) -> torch.Tensor:
@@ -59,14 +87,14 @@ def check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, to
             raise ValueError(
                 f"weights must have the shape of x {tuple(x.shape)}, got {tuple(weights.shape)}"
             )
-    _int("k", k, lo=1)
-    _real("beta", beta, lo=0.0)
+    check_int("k", k, lo=1)
+    check_real("beta", beta, lo=0.0)
     _choice("method", method, KMEANS_METHODS)
     _choice("init", init, KMEANS_INITS)
     _choice("diameter", diameter, KMEANS_DIAMETERS)
-    _int("max_iter", max_iter, lo=0)
-    _real("tol", tol, lo=0.0)
-    _int("seed", seed)
+    check_int("max_iter", max_iter, lo=0)
+    check_real("tol", tol, lo=0.0)
+    check_int("seed", seed)
     if init_centers is not None:
         _tensor("init_centers", init_centers)
         check_float("init_centers", init_centers)
@@ -78,6 +106,40 @@ def check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, to
         raise ValueError("init 'given' needs init_centers (rows, k)")
 
 
+def kmeans1d_status_error(message: str, row: int, rows: int) -> ValueError:
+    """The ValueError of a bad problem: the message, and the row when there are several."""
+    return ValueError(message + (f" (row {row})" if rows > 1 else ""))
+
+
+def check_init_centers_values(init_centers) -> None:
+    """init_centers (None or a tensor) finite; one transfer to the host."""
+    if init_centers is not None and not bool(torch.isfinite(init_centers).all()):
+        raise ValueError(INIT_CENTERS_NONFINITE)
+
+
+def check_kmeans1d_values(x, weights, init_centers=None) -> None:
+    """The checks of the CPU kernel, with torch ops, for the kernels that do not run it (CUDA,
+    the reference): per problem (row) the first of NaN/Inf in init_centers (which no kernel
+    checks), NaN/Inf in x, NaN/Inf in weights, a negative weight, all weights zero; raises the
+    CPU kernel's ValueError for the first bad row. One transfer to the host."""
+    S, M = KMEANS_STATUS, KMEANS_STATUS_MESSAGES
+    checks = [] if init_centers is None else [
+        (INIT_CENTERS_NONFINITE, ~torch.isfinite(init_centers).all(dim=1))]
+    checks += [(M[S["nonfinite_x"]], ~torch.isfinite(x).all(dim=1))]
+    if weights is not None:
+        checks += [(M[S["nonfinite_w"]], ~torch.isfinite(weights).all(dim=1)),
+                   (M[S["negative_w"]], (weights < 0).any(dim=1)),
+                   (M[S["zero_w"]], ~(weights > 0).any(dim=1))]
+    first = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)  # 1 + index in checks
+    for i in reversed(range(len(checks))):  # the first failing check of a row wins
+        first = torch.where(checks[i][1], i + 1, first)
+    first = first.cpu()
+    bad = torch.nonzero(first)
+    if bad.numel():
+        row = int(bad[0, 0])
+        raise kmeans1d_status_error(checks[int(first[row]) - 1][0], row, x.shape[0])
+
+
 # ---- popcomp::sumsq_outer_acc -------------------------------------------------------------
 def check_sumsq_outer_acc(acc, g, x) -> None:
     """acc (out, in) float32 contiguous; g (B, R, T, out), x (B, T, in) float32/16, bfloat16,
@@ -85,7 +147,26 @@ def check_sumsq_outer_acc(acc, g, x) -> None:
     _tensor("acc", acc)
     _tensor("g", g)
     _tensor("x", x)
-    check_sumsq_args(acc, g, x)
+    if acc.dtype != torch.float32 or acc.dim() != 2 or not acc.is_contiguous():
+        raise ValueError(
+            f"acc must be a contiguous 2-D float32 tensor, got {acc.dtype} {tuple(acc.shape)}"
+        )
+    if g.dim() != 4:
+        raise ValueError(f"g must be 4-D (B, R, T, out), got shape {tuple(g.shape)}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D (B, T, in), got shape {tuple(x.shape)}")
+    for name, t in (("g", g), ("x", x)):
+        if t.dtype not in SUMSQ_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        check_same_device(name, t, "acc", acc)
+    B, R, T, out = g.shape
+    if x.shape[0] != B or x.shape[1] != T:
+        raise ValueError(f"g (B, R, T, out) = {tuple(g.shape)} and x (B, T, in) = "
+                         f"{tuple(x.shape)} disagree on B or T")
+    if acc.shape != (out, x.shape[2]):
+        raise ValueError(
+            f"acc must have shape (out, in) = {(out, x.shape[2])}, got {tuple(acc.shape)}"
+        )
 
 
 # ---- popcomp::covariance_accumulate -------------------------------------------------------
@@ -121,13 +202,13 @@ def check_greedy_select(cov, k, tau, theta, Z) -> None:
     if cov.dim() != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"cov must be a square (m, m) matrix, got shape {tuple(cov.shape)}")
     m = cov.shape[0]
-    _int("k", k, lo=0, hi=m)
+    check_int("k", k, lo=0, hi=m)
     _tensor("tau", tau)
     check_float("tau", tau)
     check_same_device("tau", tau, "cov", cov)
     if tuple(tau.shape) != (m,):
         raise ValueError(f"tau must have shape (m,) = ({m},), got {tuple(tau.shape)}")
-    _real("theta", theta, lo=0.0, hi=1.0)
+    check_real("theta", theta, lo=0.0, hi=1.0)
     if Z is not None:
         _tensor("Z", Z)
         check_float("Z", Z)
@@ -151,10 +232,10 @@ def check_greedy_select_values(cov, tau, Z) -> None:
 
 
 __all__ = [
-    "FLOAT_DTYPES",
-    "check_kmeans1d",
-    "check_sumsq_outer_acc",
-    "check_covariance_accumulate",
-    "check_greedy_select",
-    "check_greedy_select_values",
+    "FLOAT_DTYPES", "ACC_DTYPES", "SUMSQ_DTYPES",
+    "KMEANS_METHODS", "KMEANS_INITS", "KMEANS_DIAMETERS", "KMEANS_STATUS",
+    "KMEANS_STATUS_MESSAGES", "INIT_CENTERS_NONFINITE", "GREEDY_REL_GUARD",
+    "check_kmeans1d", "check_kmeans1d_values", "check_init_centers_values",
+    "kmeans1d_status_error", "check_sumsq_outer_acc", "check_covariance_accumulate",
+    "check_greedy_select", "check_greedy_select_values",
 ]

@@ -1,26 +1,21 @@
-"""Schemas and fake (meta) implementations of every popcomp op, in one place.
+"""The schema and the fake (meta) kernel of every popcomp op.
 
-Each op ``popcomp::NAME`` has
-  * its schema and ``register_fake`` here (shape/dtype propagation for torch.compile, opcheck);
-  * a CPU kernel and a CUDA kernel (``popcomp/_impl/<family>.py``) calling the compiled core;
-  * a pure-torch reference (``popcomp/_reference/<family>.py``) registered as the ``default``
-    kernel, so every device works, and used as the oracle in the tests;
-  * device-independent argument checks (``popcomp/_impl/checks.py``: shapes, dtypes, devices,
-    bounds; metadata only) run by every one of these kernels, the fake one included, before
-    anything reaches a compiled kernel.
+Each op ``popcomp::NAME`` is defined here (``LIB.define``) with its ``register_fake`` (shape and
+dtype propagation for torch.compile and opcheck), which runs the op's argument checks
+(``checks.check_<op>``) like every other kernel of the op. The kernels themselves live in
+``backends/{reference,cpu,cuda}/<op>.py``.
 """
 from __future__ import annotations
 
 import torch
 
-from ._impl.checks import (
+from ._library import LIB
+from .checks import (
     check_covariance_accumulate,
     check_greedy_select,
     check_kmeans1d,
     check_sumsq_outer_acc,
 )
-
-LIB = torch.library.Library("popcomp", "DEF")
 
 # ---- weighted 1-D K-means (HW / DRHW K-means) ---------------------------------------------
 # x: (rows, n) floating; weights: (rows, n) floating or None (all ones); init_centers:
@@ -82,9 +77,3 @@ def _greedy_select_fake(cov, k, tau, theta, Z):
         cov.new_empty((k,), dtype=torch.int64),
         cov.new_empty((k,), dtype=torch.float64),
     )
-
-
-# Device kernels and references register themselves on import.
-from ._impl import kmeans as _impl_kmeans  # noqa: E402,F401
-from ._impl import hessian as _impl_hessian  # noqa: E402,F401
-from ._impl import covariance as _impl_covariance  # noqa: E402,F401

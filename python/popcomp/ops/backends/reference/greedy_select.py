@@ -1,32 +1,15 @@
-"""Pure-torch references of popcomp::covariance_accumulate and popcomp::greedy_select.
+"""The pure-torch reference of popcomp::greedy_select (the test oracle), and its default kernel.
 
-Written independently of the compiled kernels so that they serve as test oracles:
-  * accumulation: one matmul in the accumulator dtype;
-  * greedy: the explicit residual R and MR (M = theta I + (1 - theta) Z^T Z) in float64, both
-    updated by rank-one terms every step (the textbook form of the algorithm; the kernels
-    keep R in factored form instead).
+Written independently of the compiled kernels: the explicit residual R and MR
+(M = theta I + (1 - theta) Z^T Z) in float64, both updated by rank-one terms every step (the
+textbook form of the algorithm; the kernels keep R in factored form instead).
 """
 from __future__ import annotations
 
 import torch
 
-# Gain guard shared with the kernels (csrc/covariance/covariance_math.h, greedy_gain): a unit
-# whose residual variance and ridge tau_j are both rel_guard * Sigma_jj or below scores 0.
-REL_GUARD = {torch.float64: 1e3 * torch.finfo(torch.float64).eps,
-             torch.float32: 1e3 * torch.finfo(torch.float32).eps}
-
-
-def as_samples(x: torch.Tensor) -> torch.Tensor:
-    """(N, m) or (B, m, S) -> (N, m) samples (a copy for the 3-D layout)."""
-    if x.dim() == 2:
-        return x
-    return x.transpose(1, 2).reshape(-1, x.shape[1])
-
-
-def covariance_accumulate_reference(x, acc, count):
-    xs = as_samples(x).to(acc.dtype)
-    acc.add_(xs.T @ xs)
-    count.add_(xs.shape[0])
+from ..._library import LIB
+from ...checks import GREEDY_REL_GUARD, check_greedy_select, check_greedy_select_values
 
 
 def greedy_operator(cov, theta, Z):
@@ -43,7 +26,7 @@ def greedy_select_reference(cov, k, tau, theta, Z):
     S = cov.to(torch.float64)
     m = S.shape[0]
     dev = S.device
-    rel = REL_GUARD.get(cov.dtype, REL_GUARD[torch.float32])
+    rel = GREEDY_REL_GUARD.get(cov.dtype, GREEDY_REL_GUARD[torch.float32])
     tau = tau.to(torch.float64).to(dev)
     M = greedy_operator(S, theta, Z)
     R = S.clone()
@@ -72,3 +55,13 @@ def greedy_select_reference(cov, k, tau, theta, Z):
             P -= torch.outer(pr, r) / dj
         obj[t] = P.diagonal().sum()
     return idx, obj
+
+
+def greedy_select_default(cov, k, tau, theta, Z):
+    """The default kernel (every device without its own): the checks, then the reference."""
+    check_greedy_select(cov, k, tau, theta, Z)
+    check_greedy_select_values(cov, tau, Z)
+    return greedy_select_reference(cov, k, tau, theta, Z)
+
+
+LIB.impl("greedy_select", greedy_select_default, "CompositeExplicitAutograd")

@@ -1,1 +1,0 @@
-"""Pure-torch reference implementations: the `default` kernels of the ops and the test oracles."""

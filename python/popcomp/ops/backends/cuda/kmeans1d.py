@@ -1,0 +1,31 @@
+"""The CUDA kernel of popcomp::kmeans1d (the compiled core, on torch's current stream)."""
+from __future__ import annotations
+
+from ...._backend import compiled, cuda_stream_args, cuda_workspace
+from ..._library import LIB
+from ...checks import check_kmeans1d, check_kmeans1d_values
+from .. import compiled_args
+
+
+def kmeans1d_cuda(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter):
+    # before any device address reaches the kernel: shapes, dtypes, devices, then the values
+    check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
+    check_kmeans1d_values(x, weights, init_centers)  # one transfer to the host for all of them
+    C = compiled()
+
+    def run(**kwargs):
+        device, stream = cuda_stream_args(x)
+        nbytes = C.kmeans1d_cuda_workspace(
+            rows=kwargs["rows"], n=kwargs["n"], k=kwargs["k"], method=kwargs["method"],
+            x_dtype=kwargs["x_dtype"], device=device,
+        )
+        ws = cuda_workspace(nbytes, x.device)
+        C.kmeans1d_cuda(**kwargs, workspace=ws.data_ptr(), workspace_bytes=ws.numel(),
+                        device=device, stream=stream)
+
+    return compiled_args.kmeans1d(
+        x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter, run
+    )
+
+
+LIB.impl("kmeans1d", kmeans1d_cuda, "CUDA")
