@@ -1,4 +1,5 @@
-"""The streaming Hessian-diagonal accumulator (HessianAccumulator), its result (HessianDiagonal) and the one-call ``diagonal``."""
+"""The streaming accumulator of Hessian diagonals (HessianAccumulator), its result
+(HessianDiagonal) and the one-call ``diagonal``."""
 from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, Mapping, Optional

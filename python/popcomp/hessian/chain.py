@@ -1,4 +1,5 @@
-"""The hand-written backprop engine of fisher/ggn/ggn_mc: columns at the output of a Sequential of weight layers and elementwise layers carried down to the lowest accumulated layer without autograd.
+"""The hand-written backprop engine of fisher/ggn/ggn_mc: columns carried from the output of a
+plain Sequential down to its lowest accumulated layer, without autograd.
 
 The forward pass keeps each accumulated layer's input, each other weight layer's input shape
 and each elementwise layer's derivative; the columns at the output are then backpropagated by
@@ -130,7 +131,7 @@ class Chain:
         if any(getattr(_m, f"_global_{k}_hooks", None) for k in ("forward", "forward_pre",
                                                                  "backward", "backward_pre")):
             return False
-        if any(_has_hooks(c) for c in self.containers) or any(_has_hooks(m) for _, m in self.layers):
+        if any(_has_hooks(m) for m in self.containers + [m for _, m in self.layers]):
             return False
         return not any((isinstance(m, nn.Dropout) and m.training and m.p > 0) or (
             isinstance(m, nn.BatchNorm1d) and (m.training or m.running_mean is None))

@@ -1,4 +1,5 @@
-"""The generic autograd path of fisher/ggn/ggn_mc for any model: each accumulated module's inputs and outputs recorded by forward hooks, and columns at the model output backpropagated to those outputs by (vmapped) autograd."""
+"""The generic autograd path of fisher/ggn/ggn_mc for any model: module inputs and outputs
+recorded by forward hooks, columns backpropagated to those outputs by (vmapped) autograd."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple

@@ -1,4 +1,5 @@
-"""Loss factors -- per loss type, columns whose outer products give each sample's loss Hessian in the model output -- and the per-sample scale of the batch loss.
+"""Loss factors keyed by loss type (each sample's loss Hessian in the model output as a sum of
+column outer products) and the per-sample scale of the batch loss.
 
 A sample's loss is what ``loss_fn`` returns on a batch holding that sample alone. The batch loss
 is their sum (``reduction="sum"``) or their mean, so ``scale * batch loss`` is their sum with
@@ -58,7 +59,8 @@ class CrossEntropyFactor(LossFactor):
     def __init__(self, loss_fn: nn.CrossEntropyLoss, method: str):
         super().__init__(loss_fn, method)
         if loss_fn.weight is not None:
-            raise ValueError(f"loss_fn: CrossEntropyLoss with class weights is not supported by {method}")
+            raise ValueError(
+                f"loss_fn: CrossEntropyLoss with class weights is not supported by {method}")
 
     @staticmethod
     def _shape(out: torch.Tensor):
@@ -152,7 +154,8 @@ class BCEWithLogitsFactor(_ElementwiseFactor):
     def __init__(self, loss_fn: nn.BCEWithLogitsLoss, method: str):
         super().__init__(loss_fn, method)
         if loss_fn.weight is not None or loss_fn.pos_weight is not None:
-            raise ValueError(f"loss_fn: BCEWithLogitsLoss with weight/pos_weight is not supported by {method}")
+            raise ValueError(
+                f"loss_fn: BCEWithLogitsLoss with weight/pos_weight is not supported by {method}")
 
     def diag(self, f, w):
         s = torch.sigmoid(f)

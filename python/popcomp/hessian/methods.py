@@ -1,4 +1,5 @@
-"""The estimators of the Hessian diagonal -- fisher, ggn, ggn_mc, hutchinson -- one class each, registered by name in :data:`REGISTRY`.
+"""The estimators of the Hessian diagonal (fisher, ggn, ggn_mc, hutchinson), one class each,
+registered by name in :data:`REGISTRY`.
 
 An estimator is bound to a model and a loss at construction, where it chooses the parameters it
 accumulates (``names``) and refuses what it cannot handle; ``update(acc, inputs, targets, B)``
@@ -24,7 +25,7 @@ from .._model import call_model
 from .chain import Chain
 from .generic import backprop_columns, record
 from .losses import LossFactor, SampleScale, loss_factor
-from .modules import Site, select_sites, site_accumulators
+from .modules import Site, select_sites
 
 __all__ = ["REGISTRY", "Fisher", "GGN", "GGNMC", "Hutchinson", "Method", "Options",
            "ThroughModules"]
@@ -73,7 +74,7 @@ class Method:
 
 @torch.no_grad()  # recorded inputs may require grad: the accumulators must not
 def _reduce(site: Site, pairs: Sequence[Tuple[Any, torch.Tensor]], acc: Acc) -> None:
-    site.reducer(site.module, pairs, site_accumulators(site, acc))
+    site.reducer(site.module, pairs, site.accumulators(acc))
 
 
 class ThroughModules(Method):
@@ -148,7 +149,8 @@ class GGN(ThroughModules):
 
     def output_columns(self, out, targets, B):
         if not isinstance(out, torch.Tensor):
-            raise ValueError(f"model: method {self.name!r} needs the model to return a single tensor")
+            raise ValueError(
+                f"model: method {self.name!r} needs the model to return a single tensor")
         cols = self.columns(out.detach(), targets)
         return cols if cols.shape[0] > 0 else None  # none: CrossEntropy of one class (zero Hessian)
 

@@ -1,4 +1,6 @@
-"""Per-module reducers -- a module's parameter terms sum_b sum_r (sum_t g x)^2 from its inputs and the columns at its output -- as a map keyed by module type, and the choice of the modules a model accumulates.
+"""Per-module reducers keyed by module type (a module's parameter terms from its inputs and the
+columns at its output, through popcomp::sumsq_outer_acc) and the choice of the modules to
+accumulate.
 
 A reducer is called with ``pairs``, one (input, columns) pair per call of the module in the
 batch, the columns shaped (R, B, ..., out) like R stacked gradients of the module's output, and
@@ -14,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["REDUCERS", "ModuleReducer", "Site", "reducer_for", "select_sites"]
+__all__ = ["REDUCERS", "ModuleReducer", "Site", "bias_sumsq", "reducer_for", "select_sites",
+           "sumsq"]
 
 _OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -170,6 +173,15 @@ class Site(NamedTuple):
     module: nn.Module
     reducer: ModuleReducer
 
+    def param_names(self) -> List[Tuple[str, str]]:
+        """(name in the model, name in the module) of each of the module's own parameters."""
+        pre = f"{self.name}." if self.name else ""
+        return [(pre + pn, pn) for pn, _ in self.module.named_parameters(recurse=False)]
+
+    def accumulators(self, acc: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The accumulators in ``acc`` of this module's parameters, by their name in the module."""
+        return {pn: acc[fn] for fn, pn in self.param_names() if fn in acc}
+
 
 def select_sites(model: nn.Module, params: Optional[Iterable[str]], method: str
                  ) -> Tuple[List[Site], List[str]]:
@@ -184,7 +196,8 @@ def select_sites(model: nn.Module, params: Optional[Iterable[str]], method: str
     unsupported: List[str] = []
     seen: Dict[int, str] = {}
     for mname, mod in model.named_modules():
-        own = [(f"{mname}.{pn}" if mname else pn, p) for pn, p in mod.named_parameters(recurse=False)]
+        pre = f"{mname}." if mname else ""
+        own = [(pre + pn, p) for pn, p in mod.named_parameters(recurse=False)]
         if not own:
             continue
         red = reducer_for(mod)
@@ -211,7 +224,7 @@ def select_sites(model: nn.Module, params: Optional[Iterable[str]], method: str
             f"{', '.join(unsupported)}. Use method='hutchinson', freeze them "
             "(requires_grad=False), or restrict params=."
         )
-    names = [fn for s in sites for fn, _ in _own_names(s)
+    names = [fn for s in sites for fn, _ in s.param_names()
              if fn in named and (sel is None or fn in sel)]  # not in named: shared elsewhere
     if sel is not None:
         bad = [p for p in params if p not in names]
@@ -220,12 +233,3 @@ def select_sites(model: nn.Module, params: Optional[Iterable[str]], method: str
     keep = {n.rpartition(".")[0] for n in names}
     return [s for s in sites if s.name in keep], names
 
-
-def _own_names(site: Site):
-    pre = f"{site.name}." if site.name else ""
-    return [(pre + pn, pn) for pn, _ in site.module.named_parameters(recurse=False)]
-
-
-def site_accumulators(site: Site, acc: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The accumulators of ``site``'s selected parameters, by their name in the module."""
-    return {pn: acc[fn] for fn, pn in _own_names(site) if fn in acc}
