@@ -11,6 +11,7 @@ errors. The CUDA kernels are checked here without a GPU by handing them a stand-
 module that fails the test if any of its functions is reached."""
 import importlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -336,6 +337,63 @@ def test_popcomp_runs_on_its_references_without_the_compiled_core():
 # ---- the raw bindings (popcomp._C) -----------------------------------------------------------
 C = compiled()
 needs_core = pytest.mark.skipif(C is None, reason="compiled core not built")
+
+
+def _bound_names(fn):
+    """The argument names of the binding popcomp._C.<fn>, from its pybind11 signature."""
+    sig = getattr(C, fn).__doc__.splitlines()[0]
+    return {p.split(":")[0].strip() for p in re.match(r"\w+\((.*)\) ->", sig).group(1).split(", ")}
+
+
+class _Recorder:
+    """Stands in for the compiled module: checks that every call names exactly the arguments
+    of the real binding, and records it."""
+
+    has_cuda = True
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            assert not args, f"{name} called with positional arguments"
+            assert set(kwargs) == _bound_names(name), (name, set(kwargs) ^ _bound_names(name))
+            self.calls.append(name)
+            return (0, -1) if name == "kmeans1d_cpu" else 64
+        return call
+
+
+@needs_core
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_kernels_call_the_core_by_its_argument_names(backend, monkeypatch):
+    """The CPU and CUDA kernels of every op call their entry points with keyword arguments that
+    are exactly the bound ones -- the CUDA kernels too, without a GPU (the stand-in core touches
+    no memory)."""
+    if backend == "cuda" and not C.has_cuda:
+        pytest.skip("CUDA bindings not built")
+    args = {
+        "kmeans1d": (torch.randn(3, 20), torch.rand(3, 20), 2, 0.0, "lloyd", "given",
+                     torch.zeros(3, 2, dtype=F64), 5, 0.0, 1, "squared"),
+        "sumsq_outer_acc": (torch.zeros(5, 7), torch.randn(3, 2, 4, 5), torch.randn(3, 4, 7)),
+        "covariance_accumulate": (torch.randn(2, 4, 5), torch.zeros(4, 4), torch.zeros((), dtype=I64)),
+        "greedy_select": (torch.eye(4, dtype=F64), 2, torch.zeros(4, dtype=F64), 0.5,
+                          torch.randn(3, 4, dtype=F64)),
+    }
+    rec = _Recorder()
+    for op, op_args in args.items():
+        module = importlib.import_module(f"popcomp.ops.backends.{backend}.{op}")
+        monkeypatch.setattr(module, "compiled", lambda: rec)
+        if backend == "cuda":
+            monkeypatch.setattr(module, "cuda_stream_args", lambda t: (0, 0))
+            if hasattr(module, "cuda_workspace"):
+                monkeypatch.setattr(module, "cuda_workspace",
+                                    lambda n, device: torch.empty(int(n), dtype=torch.uint8))
+        getattr(module, f"{op}_{backend}")(*op_args)
+    want = {"cpu": ["kmeans1d_cpu", "sumsq_outer_cpu", "covariance_accumulate_cpu", "greedy_select_cpu"],
+            "cuda": ["kmeans1d_cuda_workspace", "kmeans1d_cuda", "sumsq_outer_cuda",
+                     "covariance_accumulate_cuda_workspace", "covariance_accumulate_cuda",
+                     "greedy_select_cuda_workspace", "greedy_select_cuda"]}[backend]
+    assert rec.calls == want
 
 
 @needs_core
