@@ -66,18 +66,24 @@ def test_quantize_modules_compute_the_dequantized_dense_module(gran, gs):
         w = m.weight
         assert w.dtype == torch.float32
         rows = {"per_tensor": 1, "per_channel": w.shape[0], "per_group": w.numel() // 2}[gran]
-        assert m.weight_codebook.shape == (rows, 5) and m.weight_codebook.dtype == torch.float16
-        assert m.weight_packed.numel() == math.ceil(w.numel() * 3 / 8)  # ceil(log2 5) = 3 bits
-        # at most k distinct values per codebook, all from the codebook
+        # k = 5 centers, padded to 2**3 entries with copies of the last one
+        assert m.weight_codebook.shape == (rows, 8) and m.weight_codebook.dtype == torch.float16
+        assert torch.equal(m.weight_codebook[:, 5:], m.weight_codebook[:, 4:5].expand(-1, 3))
+        # ceil(log2 5) = 3 bits, each row of the (out, fan-in) index matrix in blocks of 32
+        fan_in = w[0].numel()
+        assert m.weight_packed.dtype == torch.uint8
+        assert m.weight_packed.shape == (w.shape[0], math.ceil(fan_in / 32) * 32 * 3 // 8)
+        # at most k distinct values per codebook, all from the codebook's k centers
         vals = w.reshape(rows, -1)
-        cb = m.weight_codebook.float()
+        cb = m.weight_codebook[:, :5].float()
         assert bool((vals.unsqueeze(-1) == cb.unsqueeze(1)).any(-1).all())
     # exactly what dense modules with the dequantized weights compute
     tok, img = x
     ref_fc = nn.Linear(76, 5)
     ref_fc.weight.data, ref_fc.bias.data = model.fc.weight.clone(), model.fc.bias.clone()
     inp = torch.randn(3, 76)
-    assert torch.equal(model.fc(inp), ref_fc(inp))
+    # (the lookup-table matmul sums in another order than F.linear: float32 rounding apart)
+    torch.testing.assert_close(model.fc(inp), ref_fc(inp), rtol=1e-5, atol=1e-5)
     assert torch.equal(model.c2(img), F.conv2d(img, model.c2.weight, model.c2.bias, 2, 1))
     e = model.emb(tok)
     assert torch.equal(e, F.embedding(tok, model.emb.weight))
@@ -154,7 +160,9 @@ def test_size_report_arithmetic():
     assert [r.name for r in rep.layers] == ["0", "2"]
     r0 = rep.layers[0]
     assert r0.numel == 60 and r0.index_bits == 2 and r0.codebooks == 6
-    assert r0.packed_bytes == math.ceil(60 * 2 / 8) + 6 * 3 * 2  # indices + fp16 codebooks
+    # indices (each of the 6 rows padded to a block of 32 2-bit indices: 8 bytes) + fp16
+    # codebooks (3 centers padded to 2**2 entries)
+    assert r0.packed_bytes == 6 * math.ceil(10 / 32) * 32 * 2 // 8 + 6 * 4 * 2
     assert r0.bits_per_weight == pytest.approx(r0.packed_bytes * 8 / 60)
     assert r0.original_bits == 60 * 32
     assert r0.ratio_packed == pytest.approx(60 * 32 / (r0.packed_bytes * 8))
@@ -675,26 +683,161 @@ def test_handler_registry_dispatches_on_the_config_type():
         popcomp.quantize_(model, {"bits": 2})
 
 
+def _read_file(path):
+    """(popcomp metadata, tensors) of a file written by popcomp.save."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["popcomp"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _write_format1(path, info, tensors, out):
+    """Rewrite a format-2 file as popcomp 0.x's format 1 wrote it: each packed weight one
+    layout-1 bit stream (the old packer, pack_indices), codebooks of k columns."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from popcomp.quantize import unpack_rows
+
+    t1 = dict(tensors)
+    for n, d in info["palettized"].items():
+        fan_in = math.prod(d["weight_shape"][1:])
+        for key in (f"{n}.weight_packed", f"{n}.weight_codebook"):
+            key = info["shared"].get(key, key)
+            if key.endswith("packed") and t1[key] is tensors[key]:
+                t1[key] = pack_indices(unpack_rows(tensors[key], d["bits"], fan_in), d["bits"])
+            elif key.endswith("codebook") and t1[key] is tensors[key]:
+                t1[key] = tensors[key][:, : d["k"]].contiguous()
+    save_file(t1, str(out), metadata={"popcomp": json.dumps({**info, "format": 1})})
+    return t1
+
+
 def test_load_refuses_an_unknown_format_and_a_corrupt_packed_buffer(tmp_path):
     import json
 
     src, path = _saved_2bit(tmp_path, lambda: nn.Sequential(nn.Linear(4, 6)))
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(str(path), framework="pt") as f:
-        info, tensors = json.loads(f.metadata()["popcomp"]), {k: f.get_tensor(k) for k in f.keys()}
-    assert info["format"] == 1
+    info, tensors = _read_file(path)
+    assert info["format"] == 2
     newer = tmp_path / "newer.safetensors"
-    save_file(tensors, str(newer), metadata={"popcomp": json.dumps({**info, "format": 2})})
+    save_file(tensors, str(newer), metadata={"popcomp": json.dumps({**info, "format": 3})})
     dst = nn.Sequential(nn.Linear(4, 6))
-    with pytest.raises(ValueError, match=r"format 2.*reads formats \(1,\)"):
+    with pytest.raises(ValueError, match=r"format 3.*reads formats \(1, 2\)"):
         popcomp.load(dst, newer)
     bad = tmp_path / "bad.safetensors"
+    # format 2: 6 rows of one block of 32 2-bit indices (8 bytes each)
     save_file({**tensors, "0.weight_packed": tensors["0.weight_packed"][:-1].clone()}, str(bad),
               metadata={"popcomp": json.dumps(info)})
+    with pytest.raises(ValueError, match=r"corrupt.*0\.weight_packed.*needs uint8 of shape \(6, 8\)"):
+        popcomp.load(dst, bad)
+    assert type(dst[0]) is nn.Linear
+    # format 1: one bit stream of 24 2-bit indices (6 bytes)
+    old = tmp_path / "old.safetensors"
+    t1 = _write_format1(path, info, tensors, old)
+    save_file({**t1, "0.weight_packed": t1["0.weight_packed"][:-1].clone()}, str(bad),
+              metadata={"popcomp": json.dumps({**info, "format": 1})})
     with pytest.raises(ValueError, match=r"corrupt.*0\.weight_packed.*needs 6 uint8"):
         popcomp.load(dst, bad)
     assert type(dst[0]) is nn.Linear
+    popcomp.load(dst, path)
+    assert torch.equal(dst[0].weight, src[0].weight)
+
+
+# --- file formats 1 (layout-1 bit streams) and 2 (layout-2 rows) --------------------------------
+@pytest.mark.parametrize("gran,gs", [("per_tensor", None), ("per_channel", None), ("per_group", 2)])
+def test_a_format1_file_loads_as_format2_and_computes_the_same(tmp_path, gran, gs):
+    pytest.importorskip("safetensors")
+    model = _net()
+    x, _ = _data()
+    popcomp.quantize_(model, popcomp.PalettizeConfig(k=5, granularity=gran, group_size=gs))
+    path, old = tmp_path / "m.safetensors", tmp_path / "old.safetensors"
+    popcomp.save(model, path)
+    info, tensors = _read_file(path)
+    t1 = _write_format1(path, info, tensors, old)
+    assert t1["fc.weight_packed"].numel() == math.ceil(5 * 76 * 3 / 8)  # a layout-1 stream
+    assert t1["fc.weight_codebook"].shape[1] == 5
+    fresh = _net()
+    popcomp.load(fresh, old)
+    sd1, sd2 = model.state_dict(), fresh.state_dict()
+    assert sd1.keys() == sd2.keys()
+    for k in sd1:  # repacked as layout 2, codebooks padded: what quantize_ made
+        assert sd1[k].dtype == sd2[k].dtype and torch.equal(sd1[k], sd2[k]), k
+    assert torch.equal(fresh(*x), model(*x))
+    # and saved again, it is a format-2 file
+    popcomp.save(fresh, tmp_path / "again.safetensors")
+    assert _read_file(tmp_path / "again.safetensors")[0]["format"] == 2
+
+
+def test_a_format1_file_with_tied_weights_stays_tied(tmp_path):
+    pytest.importorskip("safetensors")
+    torch.manual_seed(0)
+
+    def tied():
+        m = nn.Sequential(nn.Embedding(10, 4, padding_idx=0), nn.Linear(4, 10, bias=False))
+        m[1].weight = m[0].weight
+        return m
+
+    model = popcomp.quantize_(tied(), popcomp.PalettizeConfig(k=3))
+    path, old = tmp_path / "m.safetensors", tmp_path / "old.safetensors"
+    popcomp.save(model, path)
+    info, tensors = _read_file(path)
+    _write_format1(path, info, tensors, old)
+    fresh = tied()
+    popcomp.load(fresh, old)
+    assert fresh[1].weight_packed is fresh[0].weight_packed
+    assert fresh[1].weight_codebook is fresh[0].weight_codebook
+    assert torch.equal(fresh[0].weight_packed, model[0].weight_packed)
+    tok = torch.tensor([[0, 3, 9]])
+    assert torch.equal(fresh(tok), model(tok))
+
+
+def test_load_refuses_indices_beyond_k_and_inconsistent_metadata(tmp_path):
+    # a corrupt file is refused before the model is touched, naming the layer and the tensor;
+    # no index can read outside a codebook at run time
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = popcomp.quantize_(nn.Sequential(nn.Linear(40, 6)), popcomp.PalettizeConfig(k=3))
+    path = tmp_path / "m.safetensors"
+    popcomp.save(src, path)
+    info, tensors = _read_file(path)
+    bad = tmp_path / "bad.safetensors"
+    dst = nn.Sequential(nn.Linear(40, 6))
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+
+    def refused(t, meta, match, fmt=2):
+        save_file(t, str(bad), metadata={"popcomp": json.dumps({**info, "format": fmt,
+                                                                "palettized": {"0": meta}})})
+        with pytest.raises(ValueError, match=match):
+            popcomp.load(dst, bad)
+        assert type(dst[0]) is nn.Linear
+        assert all(torch.equal(dst.state_dict()[k], v) for k, v in before.items())
+
+    meta = info["palettized"]["0"]
+    # format 1 with k = 3 < 2**2 centers: an index 3 is refused
+    t1 = _write_format1(path, info, tensors, bad)
+    labels = unpack_indices(t1["0.weight_packed"], 2, 240)
+    labels[17] = 3
+    refused({**t1, "0.weight_packed": pack_indices(labels, 2)}, meta, r"corrupt.*0\.weight_packed.*>= k = 3",
+            fmt=1)
+    refused(tensors, {**meta, "bits": 9}, r"corrupt.*metadata of 0")
+    refused(tensors, {**meta, "k": 5}, r"corrupt.*metadata of 0")
+    refused(tensors, {**meta, "rows": 1}, r"corrupt.*0: 1 codebooks")
+    refused(tensors, {**meta, "granularity": "per_group", "group_size": 7}, r"corrupt.*group_size 7")
+    refused({**tensors, "0.weight_codebook": tensors["0.weight_codebook"][:, :3].clone()}, meta,
+            r"corrupt.*0\.weight_codebook.*\(6, 4\)")
+    refused({**tensors, "0.weight_codebook": tensors["0.weight_codebook"].double()}, meta,
+            r"corrupt.*0\.weight_codebook.*float16 or float32")
+    refused({**tensors, "0.weight_packed": tensors["0.weight_packed"].to(torch.int16)}, meta,
+            r"corrupt.*0\.weight_packed.*uint8")
+    t = dict(tensors)
+    del t["0.weight_codebook"]
+    refused(t, meta, r"corrupt.*0 has no \['0\.weight_codebook'\]")
     popcomp.load(dst, path)
     assert torch.equal(dst[0].weight, src[0].weight)

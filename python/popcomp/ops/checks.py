@@ -26,6 +26,7 @@ import torch
 
 from .._backend import FLOAT_DTYPES, core_constant
 from .._validate import check_float, check_int, check_real, check_same_device
+from ..quantize.packing import row_bytes
 
 # ---- op codes, from the compiled core (csrc/kmeans/kmeans.h, csrc/bindings.cpp) -------------
 KMEANS_METHODS = core_constant("kmeans_methods", {"lloyd": 0, "exact": 1})
@@ -231,6 +232,77 @@ def check_greedy_select_values(cov, tau, Z) -> None:
             raise ValueError(msg)
 
 
+# ---- popcomp::palettized_linear / popcomp::palettized_decode (notes/lut_spec.md) -----------
+PALETTIZED_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # activations, decoded
+PALETTIZED_CB_DTYPES = (torch.float32, torch.float16)  # codebooks
+
+
+def _check_palettized_weight(packed, codebook, bits, in_features, group_size, ref_name, ref):
+    """packed uint8 (rows, row_bytes(in_features, bits)); codebook float16/float32
+    (cb_rows, 2**bits) with cb_rows 1 or rows (group_size 0) or rows * ceil(in_features /
+    group_size); both on ``ref``'s device. Returns rows."""
+    bits = check_int("bits", bits, lo=1, hi=8)
+    check_int("in_features", in_features, lo=1)
+    check_int("group_size", group_size, lo=0)
+    _tensor("packed", packed)
+    _tensor("codebook", codebook)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
+    nbytes = row_bytes(in_features, bits)
+    if packed.dim() != 2 or packed.shape[1] != nbytes:
+        raise ValueError(f"packed must have shape (out_features, {nbytes}) for in_features="
+                         f"{in_features} at {bits} bits, got {tuple(packed.shape)}")
+    if codebook.dtype not in PALETTIZED_CB_DTYPES:
+        raise TypeError(f"codebook must be float16 or float32, got {codebook.dtype}")
+    rows = packed.shape[0]
+    K = 1 << bits
+    if group_size > 0:
+        G = (in_features + group_size - 1) // group_size
+        allowed = f"out_features * ceil(in_features / group_size) = {rows * G}"
+        ok = codebook.dim() == 2 and codebook.shape[0] == rows * G
+    else:
+        allowed = f"1 (per tensor) or out_features = {rows} (per channel)"
+        ok = codebook.dim() == 2 and (codebook.shape[0] == 1 or codebook.shape[0] == rows)
+    if not ok:
+        raise ValueError(f"codebook must be 2-D with {allowed} rows, got shape "
+                         f"{tuple(codebook.shape)}")
+    if codebook.shape[1] != K:
+        raise ValueError(f"codebook must have 2**bits = {K} columns (pad a codebook of fewer "
+                         f"centers with copies of its last one), got {codebook.shape[1]}")
+    if ref is not None:
+        check_same_device("packed", packed, ref_name, ref)
+    check_same_device("codebook", codebook, "packed", packed)
+    return rows
+
+
+def check_palettized_linear(x, packed, codebook, bias, bits, in_features, group_size) -> None:
+    """x (..., in_features) float32/float16/bfloat16; packed, codebook as
+    ``_check_palettized_weight``, on x's device; bias None or (out_features,) of x's dtype or
+    float32 on x's device."""
+    _tensor("x", x)
+    if x.dtype not in PALETTIZED_X_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., in_features) = (..., {in_features}), got "
+                         f"{tuple(x.shape)}")
+    rows = _check_palettized_weight(packed, codebook, bits, in_features, group_size, "x", x)
+    if bias is not None:
+        _tensor("bias", bias)
+        if bias.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"bias must have x's dtype ({x.dtype}) or float32, got {bias.dtype}")
+        if tuple(bias.shape) != (rows,):
+            raise ValueError(f"bias must have shape (out_features,) = ({rows},), got "
+                             f"{tuple(bias.shape)}")
+        check_same_device("bias", bias, "x", x)
+
+
+def check_palettized_decode(packed, codebook, bits, in_features, group_size, dtype) -> None:
+    """packed, codebook as ``_check_palettized_weight``; dtype float32/float16/bfloat16."""
+    if dtype not in PALETTIZED_X_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    _check_palettized_weight(packed, codebook, bits, in_features, group_size, None, None)
+
+
 __all__ = [
     "FLOAT_DTYPES", "ACC_DTYPES", "SUMSQ_DTYPES",
     "KMEANS_METHODS", "KMEANS_INITS", "KMEANS_DIAMETERS", "KMEANS_STATUS",
@@ -238,4 +310,6 @@ __all__ = [
     "check_kmeans1d", "check_kmeans1d_values", "check_init_centers_values",
     "kmeans1d_status_error", "check_sumsq_outer_acc", "check_covariance_accumulate",
     "check_greedy_select", "check_greedy_select_values",
+    "PALETTIZED_X_DTYPES", "PALETTIZED_CB_DTYPES", "check_palettized_linear",
+    "check_palettized_decode",
 ]

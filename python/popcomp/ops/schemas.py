@@ -14,6 +14,8 @@ from .checks import (
     check_covariance_accumulate,
     check_greedy_select,
     check_kmeans1d,
+    check_palettized_decode,
+    check_palettized_linear,
     check_sumsq_outer_acc,
 )
 
@@ -77,3 +79,30 @@ def _greedy_select_fake(cov, k, tau, theta, Z):
         cov.new_empty((k,), dtype=torch.int64),
         cov.new_empty((k,), dtype=torch.float64),
     )
+
+
+# ---- palettized (lookup-table) matmul: notes/lut_spec.md ----------------------------------
+# palettized_linear: y = x @ W_hat^T (+ bias), W_hat[r, c] = codebook[g(r, c), idx[r, c]] read
+# from packed (out, row_bytes) uint8 layout-v2 indices and codebook (cb_rows, 2**bits) fp16/fp32;
+# x (..., in_features) fp32/fp16/bf16, any strides; returns (..., out) in x's dtype.
+# palettized_decode: W_hat (rows, in_features) in dtype. group_size 0: per tensor / per channel.
+LIB.define(
+    "palettized_linear(Tensor x, Tensor packed, Tensor codebook, Tensor? bias, int bits, "
+    "int in_features, int group_size) -> Tensor"
+)
+LIB.define(
+    "palettized_decode(Tensor packed, Tensor codebook, int bits, int in_features, "
+    "int group_size, ScalarType dtype) -> Tensor"
+)
+
+
+@torch.library.register_fake("popcomp::palettized_linear")
+def _palettized_linear_fake(x, packed, codebook, bias, bits, in_features, group_size):
+    check_palettized_linear(x, packed, codebook, bias, bits, in_features, group_size)
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.register_fake("popcomp::palettized_decode")
+def _palettized_decode_fake(packed, codebook, bits, in_features, group_size, dtype):
+    check_palettized_decode(packed, codebook, bits, in_features, group_size, dtype)
+    return packed.new_empty((packed.shape[0], in_features), dtype=dtype)

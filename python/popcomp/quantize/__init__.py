@@ -5,14 +5,17 @@
     print(popcomp.size_report(model))
     popcomp.save(model, "model.safetensors")
 
-Each selected weight becomes indices packed at ceil(log2 k) bits per weight plus one codebook
-(fp16 or fp32) per tensor / output row / group. The package:
+Each selected weight becomes indices packed at ceil(log2 k) bits per weight (rows padded to
+blocks of 32 indices) plus one codebook (fp16 or fp32, 2**bits entries) per tensor / output row /
+group; the palettized modules compute with them directly (``popcomp::palettized_linear``, a
+lookup-table matmul, and ``popcomp::palettized_decode``). The package:
 
 * ``config``: PalettizeConfig (validated when built) and the granularities PerTensor,
   PerChannel, PerGroup;
 * ``api``: quantize_ / dequantize_, module selection, Hessian matching, tied weights, and the
   config -> handler registry (``register_handler``);
-* ``packing``: index packing (the only place bits are packed);
+* ``packing``: index packing, layout 2 (``pack_rows`` / ``unpack_rows``) and the layout 1 of
+  format-1 files (the only place bits are packed);
 * ``modules``: the palettized modules and the dense <-> palettized swaps;
 * ``serialization``: save / load (versioned safetensors);
 * ``report``: size_report;
@@ -28,7 +31,7 @@ from .modules import (
     PaletteMeta, Palettized, PalettizedConv1d, PalettizedConv2d, PalettizedEmbedding,
     PalettizedLinear, palettized_modules,
 )
-from .packing import pack_indices, unpack_indices
+from .packing import pack_indices, pack_rows, row_bytes, unpack_indices, unpack_rows
 from .report import LayerSize, SizeReport, size_report
 from .select_beta import BetaSelection, evaluate_loss, select_beta
 from .serialization import load, save
@@ -38,5 +41,6 @@ __all__ = [
     "quantize_", "dequantize_", "register_handler", "save", "load", "size_report", "SizeReport",
     "LayerSize", "select_beta", "BetaSelection", "evaluate_loss", "PaletteMeta", "Palettized",
     "PalettizedLinear", "PalettizedConv1d", "PalettizedConv2d", "PalettizedEmbedding",
-    "palettized_modules", "pack_indices", "unpack_indices",
+    "palettized_modules", "pack_rows", "unpack_rows", "row_bytes", "pack_indices",
+    "unpack_indices",
 ]

@@ -19,7 +19,7 @@ from .config import PalettizeConfig, QuantizeConfig
 from .modules import (
     PaletteMeta, Palettized, dense_base, replace_module, to_dense, to_palettized,
 )
-from .packing import pack_indices
+from .packing import pack_rows
 
 __all__ = ["quantize_", "dequantize_", "register_handler", "select_modules"]
 
@@ -250,8 +250,10 @@ def _palettize_weight(w: torch.Tensor, h: Optional[torch.Tensor], cfg: Palettize
             f"codebook_dtype={cfg.codebook_dtype}: a center of {name} ({big:.6g}) is outside its "
             f"range (max {torch.finfo(cfg.codebook_dtype).max:.6g}); use codebook_dtype=torch.float32"
         )
-    # the indices as the (out, fan-in) matrix of the weight: the packing works row by row of it
-    packed = pack_indices(res.labels.reshape(w.shape[0], -1), bits)
+    # the indices as the (out, fan-in) matrix of the weight, packed row by row (layout 2)
+    packed = pack_rows(res.labels.reshape(w.shape[0], -1), bits)
+    if k < 1 << bits:  # every index a packed byte can hold reads a center (copies of the last)
+        centers = torch.cat([centers, centers[:, -1:].expand(-1, (1 << bits) - k)], 1)
     meta = PaletteMeta(tuple(w.shape), w.dtype, k, bits, gran.name, gran.group_size, x.shape[0],
                        tuple(padding_rows))
     padding = w.detach()[list(padding_rows)].clone() if padding_rows else None

@@ -1,9 +1,13 @@
 """The palettized modules (Linear, Conv1d, Conv2d, Embedding holding packed indices and codebooks) and the swaps between them and the dense modules.
 
-A palettized module subclasses its dense module and exposes ``weight`` as the dequantized
-tensor, so the dense forward is reused as is and computes exactly what the dense module with
-the dequantized weight computes. The ``padding_idx`` row of an Embedding (which PyTorch never
-updates) is kept exact, in a buffer ``weight_padding``.
+A palettized module subclasses its dense module and holds only its packed indices (layout 2,
+``packing``) and its codebooks, as buffers: no dense weight is kept. ``PalettizedLinear`` runs the
+op ``popcomp::palettized_linear`` (a lookup-table matmul reading the packed weight),
+``PalettizedEmbedding`` decodes only the rows it looks up, ``PalettizedConv1d/2d`` decode their
+weight with ``popcomp::palettized_decode`` for each forward; ``weight`` is the dequantized tensor,
+so each module computes what the dense module with that weight computes. The ``padding_idx`` row
+of an Embedding (which PyTorch never updates) is kept exact, in a buffer ``weight_padding``, and
+so are those rows of a Linear tied to it.
 """
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .._model import own_forward, set_submodule
-from .packing import unpack_indices
+from .packing import unpack_rows
 
 __all__ = [
     "PaletteMeta", "Palettized", "PalettizedLinear", "PalettizedConv1d", "PalettizedConv2d",
@@ -31,6 +36,9 @@ _NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 # the buffers a palettized module adds to its dense module
 PAL_BUFFERS = ("weight_packed", "weight_codebook", "weight_padding")
+# the dtypes the palettized ops compute in (activations, decoded weights); another dtype (float64)
+# runs the dense forward on the dequantized weight
+OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -69,26 +77,41 @@ class PaletteMeta:
 
 
 class Palettized:
-    """Mixin of the palettized modules: buffers ``weight_packed`` (uint8) and
-    ``weight_codebook`` (rows, k), with ``palette.padding_rows`` also ``weight_padding`` (those
-    rows of the weight, exact), metadata ``palette``; ``weight`` is the dequantized tensor (so
-    the dense forward is reused as is)."""
+    """Mixin of the palettized modules: buffers ``weight_packed`` (uint8 ``(out, row_bytes)``,
+    layout 2) and ``weight_codebook`` (codebooks, 2**bits; a codebook of k < 2**bits centers
+    padded with copies of its last one), with ``palette.padding_rows`` also ``weight_padding``
+    (those rows of the weight, exact), metadata ``palette``; ``weight`` is the dequantized
+    tensor."""
 
     _dense_cls: type = nn.Module
     palette: PaletteMeta
 
+    @property
+    def fan_in(self) -> int:
+        """Columns of the packed ``(out, fan-in)`` index matrix: the product of the weight's
+        other dims."""
+        return int(math.prod(self.palette.weight_shape[1:]))
+
     def labels(self) -> torch.Tensor:
         """The index of every weight in its codebook, int64 ``(codebooks, values per codebook)``."""
         m = self.palette
-        return unpack_indices(self.weight_packed, m.bits, m.numel).view(m.rows, -1)
+        return unpack_rows(self.weight_packed, m.bits, self.fan_in).view(m.rows, -1)
+
+    def _decode(self, packed, codebook) -> torch.Tensor:
+        """The dequantized rows of ``packed`` (reading ``codebook``) in the weight's dtype,
+        through ``popcomp::palettized_decode``."""
+        m = self.palette
+        dt = m.weight_dtype if m.weight_dtype in OP_DTYPES else torch.float32
+        w = torch.ops.popcomp.palettized_decode(packed, codebook, m.bits, self.fan_in,
+                                                m.group_size or 0, dt)
+        return w.to(m.weight_dtype)
 
     def dequantize_weight(self) -> torch.Tensor:
         m = self.palette
-        w = torch.gather(self.weight_codebook, 1, self.labels())
-        w = w.reshape(m.weight_shape).to(m.weight_dtype)
+        w = self._decode(self.weight_packed, self.weight_codebook)
         if m.padding_rows:
-            w[list(m.padding_rows)] = self.weight_padding.to(m.weight_dtype)
-        return w
+            w[list(m.padding_rows)] = self.weight_padding.to(w.dtype)
+        return w.reshape(m.weight_shape)
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
@@ -105,17 +128,55 @@ class Palettized:
 class PalettizedLinear(Palettized, nn.Linear):
     _dense_cls = nn.Linear
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dtype not in OP_DTYPES:
+            return F.linear(input, self.weight, self.bias)
+        m = self.palette
+        y = torch.ops.popcomp.palettized_linear(input, self.weight_packed, self.weight_codebook,
+                                                self.bias, m.bits, self.fan_in, m.group_size or 0)
+        pad = m.padding_rows
+        if pad:  # rows kept exact (tied to an Embedding's padding_idx): their outputs exactly
+            rows = torch.tensor(pad, device=y.device)
+            b = None if self.bias is None else self.bias.index_select(0, rows).to(input.dtype)
+            exact = F.linear(input, self.weight_padding.to(input.dtype), b)
+            y = y.index_copy(-1, rows, exact)
+        return y
+
 
 class PalettizedConv1d(Palettized, nn.Conv1d):
     _dense_cls = nn.Conv1d
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self.weight, self.bias)
 
 
 class PalettizedConv2d(Palettized, nn.Conv2d):
     _dense_cls = nn.Conv2d
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(input, self.weight, self.bias)
+
 
 class PalettizedEmbedding(Palettized, nn.Embedding):
     _dense_cls = nn.Embedding
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.max_norm is not None:  # renormalizes the rows it reads: the dense path
+            return F.embedding(input, self.weight, self.padding_idx, self.max_norm,
+                               self.norm_type, self.scale_grad_by_freq, self.sparse)
+        m = self.palette
+        ids = input.reshape(-1)
+        packed = self.weight_packed.index_select(0, ids)  # (also rejects ids out of range)
+        cb = self.weight_codebook
+        if m.group_size:  # (rows, groups) codebooks per row
+            cb = cb.view(m.weight_shape[0], -1, cb.shape[1]).index_select(0, ids)
+            cb = cb.reshape(-1, cb.shape[2])
+        elif m.granularity == "per_channel":
+            cb = cb.index_select(0, ids)
+        rows = self._decode(packed, cb)
+        for j, r in enumerate(m.padding_rows):  # rows kept exact
+            rows = torch.where((ids == r).unsqueeze(1), self.weight_padding[j].to(rows.dtype), rows)
+        return rows.view(*input.shape, rows.shape[1])
 
 
 # dense module type -> its palettized module type

@@ -1,7 +1,8 @@
 """size_report: the bits per weight, bytes and compression ratios (packed and entropy-coded) of a model's palettized layers.
 
-Computed from the modules as they are in memory (their packed indices and codebooks), so it
-counts exactly what ``popcomp.save`` writes for them.
+Computed from the modules as they are in memory (their packed indices, layout 2: rows padded to
+blocks of 32 indices, and their codebooks of 2**bits entries), so it counts exactly what
+``popcomp.save`` writes for them and what they hold in memory.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class LayerSize:
     k: int
     codebooks: int
     index_bits: int
-    packed_bytes: int          # indices + codebooks (+ the exact padding rows)
+    packed_bytes: int          # packed indices + codebooks as held (+ the exact padding rows)
     bits_per_weight: float     # packed_bytes * 8 / numel
     original_bits: int         # numel * bits of the original dtype
     entropy_bits: float        # sum over codebooks of n_row * H(labels_row) + 32 per center
@@ -81,7 +82,7 @@ def size_report(model: nn.Module) -> SizeReport:
         cb = m.weight_codebook
         packed_bytes = m.weight_packed.numel() + cb.numel() * cb.element_size()
         orig_bits = numel * torch.finfo(meta.weight_dtype).bits
-        ent = _entropy_bits(m.labels(), meta.k) + 32.0 * meta.rows * meta.k
+        ent = _entropy_bits(m.labels(), cb.shape[1]) + 32.0 * meta.rows * meta.k
         if meta.padding_rows:  # kept exact
             pal_ids.add(id(m.weight_padding))
             pad_bytes = m.weight_padding.numel() * m.weight_padding.element_size()

@@ -1,30 +1,36 @@
 """save and load: a model's state with its palettized layers in packed form, in one versioned safetensors file.
 
 The file's metadata entry ``"popcomp"`` is JSON ``{"format": N, "palettized": {name:
-PaletteMeta}, "shared": {alias: name}}``. ``format`` says how the packed indices are laid out
-(format 1: ``packing``'s layout 1, one bit stream per weight); ``load`` reads every format in
-:data:`READ_FORMATS` and refuses any other, naming it.
+PaletteMeta}, "shared": {alias: name}}``. ``format`` says how the packed indices are laid out:
+format 2 (written now): ``packing``'s layout 2, ``weight_packed`` uint8 ``(out, row_bytes)`` and
+``weight_codebook`` ``(codebooks, 2**bits)``; format 1: layout 1 (one bit stream per weight)
+and codebooks ``(codebooks, k)``, repacked as format 2 when loaded. ``load`` reads every format in
+:data:`READ_FORMATS`, refuses any other naming it, and checks every palettized layer's metadata
+against its tensors before it touches the model.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable, Dict, List, Tuple
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .._model import all_names
+from .config import GRANULARITIES
 from .modules import (
     DTYPE_NAMES, PAL_BUFFERS, PaletteMeta, Palettized, dense_base, palettized_modules,
     replace_module, to_palettized,
 )
-from .packing import packed_bytes
+from .packing import pack_rows, packed_bytes, row_bytes, unpack_indices
 
 __all__ = ["save", "load", "FORMAT", "READ_FORMATS"]
 
-FORMAT = 1             # the format save writes
-READ_FORMATS = (1,)    # the formats load reads
+FORMAT = 2               # the format save writes
+READ_FORMATS = (1, 2)    # the formats load reads
+CODEBOOK_DTYPES = (torch.float16, torch.float32)
 
 
 def _safetensors():
@@ -68,15 +74,89 @@ def save(model: nn.Module, path: str) -> None:
     st.save_file(tensors, str(path), metadata={"popcomp": json.dumps(info)})
 
 
-def _check_packed(path, n: str, meta: PaletteMeta, packed: torch.Tensor, cb: torch.Tensor) -> None:
-    """The sizes a format-1 layer of ``meta`` must have in the file."""
-    need = packed_bytes(meta.numel, meta.bits)
-    if packed.dtype != torch.uint8 or packed.numel() != need:
-        raise ValueError(f"path: the file {path} is corrupt ({n}.weight_packed holds "
-                         f"{packed.numel()} {packed.dtype} values, the layer needs {need} uint8)")
-    if tuple(cb.shape) != (meta.rows, meta.k):
-        raise ValueError(f"path: the file {path} is corrupt ({n}.weight_codebook has shape "
-                         f"{tuple(cb.shape)}, the layer needs {(meta.rows, meta.k)})")
+def _corrupt(path, what: str) -> ValueError:
+    return ValueError(f"path: the file {path} is corrupt ({what})")
+
+
+def _meta(path, n: str, d: Any) -> PaletteMeta:
+    """The PaletteMeta of layer ``n``, each field checked (ValueError naming the layer)."""
+    try:
+        meta = PaletteMeta.from_json(d)
+        shape = tuple(int(v) for v in meta.weight_shape)
+        ok = (len(shape) >= 2 and all(v >= 1 for v in shape) and isinstance(meta.bits, int)
+              and 1 <= meta.bits <= 8 and isinstance(meta.k, int) and 2 <= meta.k <= 1 << meta.bits
+              and meta.granularity in GRANULARITIES and isinstance(meta.rows, int))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise _corrupt(path, f"the metadata of {n} cannot be read: {d!r}") from None
+    if not ok:
+        raise _corrupt(path, f"the metadata of {n} is out of range: {d!r}")
+    fan_in = math.prod(shape[1:])
+    g = meta.group_size
+    if meta.granularity == "per_group":
+        if not isinstance(g, int) or g < 1 or fan_in % g:
+            raise _corrupt(path, f"{n}: group_size {g!r} does not divide the {fan_in} inputs "
+                                 "per row")
+        rows = shape[0] * (fan_in // g)
+    else:
+        if g is not None:
+            raise _corrupt(path, f"{n}: group_size {g!r} with granularity {meta.granularity}")
+        rows = 1 if meta.granularity == "per_tensor" else shape[0]
+    if meta.rows != rows:
+        raise _corrupt(path, f"{n}: {meta.rows} codebooks, its granularity makes {rows}")
+    if any(not isinstance(r, int) or not 0 <= r < shape[0] for r in meta.padding_rows):
+        raise _corrupt(path, f"{n}: padding_rows {list(meta.padding_rows)} outside "
+                             f"0..{shape[0] - 1}")
+    return dataclasses.replace(meta, weight_shape=shape)
+
+
+def _layer(path, fmt: int, n: str, meta: PaletteMeta, tensors: Mapping[str, torch.Tensor],
+           repacked: Dict[int, Tuple[torch.Tensor, torch.Tensor]]
+           ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(packed, codebook, padding) of layer ``n`` in format 2, checked against ``meta``; a
+    format-1 layer is repacked (``repacked``: id of a file tensor -> (it, its format-2 form), so
+    tensors shared by tied layers stay shared)."""
+    pre = f"{n}."
+    names = [pre + "weight_packed", pre + "weight_codebook"]
+    if meta.padding_rows:
+        names.append(pre + "weight_padding")
+    missing = [k for k in names if k not in tensors]
+    if missing:
+        raise _corrupt(path, f"the palettized layer {n} has no {missing}")
+    packed, cb = tensors[names[0]], tensors[names[1]]
+    out, fan_in, K = meta.weight_shape[0], math.prod(meta.weight_shape[1:]), 1 << meta.bits
+    if fmt == 1:
+        need = packed_bytes(meta.numel, meta.bits)
+        if packed.dtype != torch.uint8 or packed.numel() != need:
+            raise _corrupt(path, f"{n}.weight_packed holds {packed.numel()} {packed.dtype} "
+                                 f"values, the layer needs {need} uint8")
+        cb_shape = (meta.rows, meta.k)
+    else:
+        need_shape = (out, row_bytes(fan_in, meta.bits))
+        if packed.dtype != torch.uint8 or tuple(packed.shape) != need_shape:
+            raise _corrupt(path, f"{n}.weight_packed is {packed.dtype} of shape "
+                                 f"{tuple(packed.shape)}, the layer needs uint8 of shape {need_shape}")
+        cb_shape = (meta.rows, K)
+    if cb.dtype not in CODEBOOK_DTYPES or tuple(cb.shape) != cb_shape:
+        raise _corrupt(path, f"{n}.weight_codebook is {cb.dtype} of shape {tuple(cb.shape)}, "
+                             f"the layer needs float16 or float32 of shape {cb_shape}")
+    padding = None
+    if meta.padding_rows:
+        padding = tensors[names[2]]
+        pshape = (len(meta.padding_rows), *meta.weight_shape[1:])
+        if not padding.is_floating_point() or tuple(padding.shape) != pshape:
+            raise _corrupt(path, f"{n}.weight_padding is {padding.dtype} of shape "
+                                 f"{tuple(padding.shape)}, the layer needs {pshape}")
+    if fmt == 1:
+        if id(packed) not in repacked:
+            labels = unpack_indices(packed, meta.bits, meta.numel)
+            if meta.k < K and bool((labels >= meta.k).any()):
+                raise _corrupt(path, f"{n}.weight_packed holds indices >= k = {meta.k}")
+            repacked[id(packed)] = (packed, pack_rows(labels.view(out, fan_in), meta.bits))
+        if id(cb) not in repacked and meta.k < K:  # padded with copies of the last center
+            repacked[id(cb)] = (cb, torch.cat([cb, cb[:, -1:].expand(-1, K - meta.k)], 1))
+        packed = repacked[id(packed)][1]
+        cb = repacked[id(cb)][1] if id(cb) in repacked else cb
+    return packed, cb, padding
 
 
 def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
@@ -87,50 +167,64 @@ def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     model's, and a palettized layer keeps the file's codebooks and dequantizes to the dtype of
     the model's weight. Palettized weights tied in the file (one tensor under
     several names) are tied again: the modules share one ``weight_packed`` / ``weight_codebook``.
-    On any error the model is left as it was. Returns the model."""
+    Files of format 1 are repacked as format 2 (an index >= k is refused). Every palettized
+    layer's metadata is checked against its tensors and the model before the model is touched;
+    on any error the model is left as it was. Returns the model."""
     st, safe_open = _safetensors()
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    info = json.loads(md.get("popcomp", '{"palettized": {}}'))
-    fmt = info.get("format", 1)
+    try:
+        info = json.loads(md.get("popcomp", '{"palettized": {}}'))
+        fmt = info.get("format", 1)
+        shared = dict(info.get("shared", {}))
+        pal = dict(info.get("palettized", {}))
+    except (ValueError, TypeError, AttributeError):
+        raise _corrupt(path, "its popcomp metadata cannot be read") from None
     if fmt not in READ_FORMATS:
         raise ValueError(f"path: the file {path} has popcomp format {fmt!r}; this version of "
                          f"popcomp reads formats {READ_FORMATS} (a newer popcomp wrote it?)")
-    shared = info.get("shared", {})
     for alias, key in shared.items():
         if key not in tensors:
-            raise ValueError(f"path: the file {path} is corrupt (the alias {alias!r} names "
-                             f"{key!r}, which it does not hold)")
+            raise _corrupt(path, f"the alias {alias!r} names {key!r}, which it does not hold")
         tensors[alias] = tensors[key]
+    # every palettized layer checked against its tensors (format 1 repacked), then against the
+    # model, before anything is changed
+    repacked: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+    layers = []
+    for n, d in pal.items():
+        meta = _meta(path, n, d)
+        packed, cb, padding = _layer(path, fmt, n, meta, tensors, repacked)
+        try:
+            mod = model.get_submodule(n)
+        except AttributeError:
+            raise ValueError(f"model: it has no module {n!r}, which the file holds palettized") from None
+        # the model's weight dtype wins (as in load_state_dict): the file's codebooks are
+        # kept and dequantize to it
+        if isinstance(mod, Palettized):
+            shape, dtype = mod.palette.weight_shape, mod.palette.weight_dtype
+        elif dense_base(mod) is None:
+            raise ValueError(f"model: {n} ({type(mod).__name__}) cannot hold a palettized weight")
+        else:
+            shape, dtype = tuple(mod.weight.shape), mod.weight.dtype
+        if shape != meta.weight_shape:
+            raise ValueError(f"model: {n}.weight has shape {shape}, the file holds "
+                             f"{meta.weight_shape}")
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"model: {n}.weight has dtype {dtype}; a palettized weight "
+                             f"dequantizes to one of {list(DTYPE_NAMES)}")
+        meta = dataclasses.replace(meta, weight_dtype=dtype)
+        layers.append((n, mod, meta, packed, cb, None if padding is None else padding.to(dtype)))
+    for key, t in list(tensors.items()):  # the format-2 forms, under every name
+        if id(t) in repacked:
+            tensors[key] = repacked[id(t)][1]
     names = all_names(model)
     undo: List[Callable[[], None]] = []  # on any error the model is put back as it was
     try:
-        for n, d in info.get("palettized", {}).items():
-            meta = PaletteMeta.from_json(d)
-            mod = model.get_submodule(n)
+        for n, mod, meta, packed, cb, padding in layers:
             pre = f"{n}."
-            packed = tensors[pre + "weight_packed"]
-            cb = tensors[pre + "weight_codebook"]
-            padding = tensors[pre + "weight_padding"] if meta.padding_rows else None
-            _check_packed(path, n, meta, packed, cb)
-            # the model's weight dtype wins (as in load_state_dict): the file's codebooks are
-            # kept and dequantize to it
-            if isinstance(mod, Palettized):
-                shape, dtype = mod.palette.weight_shape, mod.palette.weight_dtype
-            elif dense_base(mod) is None:
-                raise ValueError(f"model: {n} ({type(mod).__name__}) cannot hold a palettized weight")
-            else:
-                shape, dtype = tuple(mod.weight.shape), mod.weight.dtype
-            if shape != meta.weight_shape:
-                raise ValueError(f"model: {n}.weight has shape {shape}, the file holds "
-                                 f"{meta.weight_shape}")
-            if dtype not in DTYPE_NAMES:
-                raise ValueError(f"model: {n}.weight has dtype {dtype}; a palettized weight "
-                                 f"dequantizes to one of {list(DTYPE_NAMES)}")
-            meta = dataclasses.replace(meta, weight_dtype=dtype)
             if padding is not None:
-                padding = padding.to(dtype)
+                tensors[pre + "weight_padding"] = padding
             if isinstance(mod, Palettized):
                 def restore(mod=mod, b=dict(mod._buffers), m=mod.palette):
                     mod._buffers.clear()
