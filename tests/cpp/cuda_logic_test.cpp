@@ -1,5 +1,6 @@
-// CPU checks of the pure index arithmetic of the CUDA kernels (built and run by
-// tests/test_kernel_index_logic.py with the host compiler; no GPU, no CUDA toolkit needed):
+// CPU checks of the pure index arithmetic of the CUDA kernels (built by tests/cpp/CMakeLists.txt
+// with the host compiler, run by ctest from tests/test_kernel_index_logic.py; no GPU, no CUDA
+// toolkit needed):
 //   1. kmeans_cuda.cu phase C: the level-synchronous divide and conquer (dp_levels.h), emulated
 //      launch by launch on packed problems, equals the recursive divide and conquer bit for bit,
 //      writes every row of every layer exactly once, reads only entries written at earlier

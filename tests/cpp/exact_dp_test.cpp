@@ -1,12 +1,18 @@
-// CPU checks of the exact DP's demand mode (csrc/kmeans/kmeans_cpu.cpp, dp_layers with hints):
-// whatever the hints (lower demands G, upper demands X), dp_layers either refuses (returns
-// false) or gives boundaries identical to the plain DP that solves every row; exact_partition (coarse-DP hints, fallback) always
-// gives them. Random problems of several shapes, sizes below and above kDemandMin (some
-// large enough for the coarse DP's own demand mode), 1 to 3 threads. Built by tests/test_kernel_index_logic.py with the host compiler; exit 1 on failure.
-#include "kmeans/kmeans_cpu.cpp"
-
+// CPU checks of the exact DP's demand mode (csrc/kmeans/exact_dp_cpu.cpp, dp_layers with
+// hints): whatever the hints (lower demands G, upper demands X), dp_layers either refuses
+// (returns false) or gives boundaries identical to the plain DP that solves every row;
+// exact_partition (coarse-DP hints, fallback) always gives them. Random problems of several
+// shapes, sizes below and above kDemandMin (some large enough for the coarse DP's own demand
+// mode), 1 to 3 threads; and every layer solver against brute force. Built by
+// tests/cpp/CMakeLists.txt (ctest; run by tests/test_kernel_index_logic.py); exit 1 on failure.
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <random>
+#include <utility>
+#include <vector>
+
+#include "kmeans/exact_dp_cpu.h"
 
 using namespace popcomp::kmeans;
 
@@ -100,11 +106,7 @@ void layer_with(LayerFn f, const Work& w, int64_t u, int m, const double* d,
 // the value of the column it returns and equal the brute-force minimum (a different column
 // only at a tie within rounding). Layers chained from the brute-force values.
 void check_layer_solvers(int trial, const Work& w, int64_t u, int k) {
-  std::vector<std::pair<const char*, LayerFn>> solvers{{"portable", &dp_portable::solve}};
-#if defined(PC_X86_DISPATCH)
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
-    solvers.push_back({"avx512", &dp_avx512::solve});
-#endif
+  const std::vector<std::pair<const char*, LayerFn>> solvers = layer_solvers();
   const double* s0 = w.s0.data();
   const double* s1 = w.s1.data();
   const double* s2 = w.s2.data();
