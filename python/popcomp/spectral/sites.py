@@ -36,7 +36,6 @@ POOLS: Tuple[type, ...] = (
     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
 )
 NORMS: Tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
-PRODUCERS: Tuple[type, ...] = (nn.Linear, nn.Conv2d)
 _SUPPORTED = ("Linear, Conv2d (groups=1), BatchNorm1d/2d, element-wise activations, PReLU, Dropout, "
               "pooling, Flatten and ResNet BasicBlock/Bottleneck blocks")
 
@@ -77,7 +76,9 @@ def _is_block(mod: nn.Module) -> bool:
 
 
 def _is_producer(mod: nn.Module) -> bool:
-    return is_layer(mod, PRODUCERS) and getattr(mod, "groups", 1) == 1
+    """A Linear with the stock forward, or a plain Conv2d with groups = 1 (a Conv2d subclass may
+    change ``_conv_forward``; the rewrite builds plain Conv2d modules)."""
+    return is_layer(mod, (nn.Linear,)) or (type(mod) is nn.Conv2d and mod.groups == 1)
 
 
 def _channel_count(mod: nn.Module) -> int:
