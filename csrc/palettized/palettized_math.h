@@ -1,0 +1,125 @@
+// Host/device math of the palettized kernels: layout v2 of the packed indices (the pieces of a
+// 32-index block and the scalar decode of one index or a whole block), codebook addressing, and
+// float -> fp16 / bf16 rounding (round to nearest even) for the outputs.
+//
+// Layout v2 (the spec: /work/notes/lut_spec.md): a row is padded to a multiple of 32 indices
+// (pad index 0) and cut into blocks of 32; a block takes 4 * bits bytes. bits is written as a
+// sum of "pieces" of widths 8 (bits == 8 alone) or 4, 2, 1 in descending order -- exactly the set
+// bits of `bits` -- each piece laid out as a pure piece of its width w: 4 * w bytes, byte
+// t < 4w holding the indices t + j * 4w (j < 8 / w) in its bits [j w, (j + 1) w). The first
+// piece holds the low bits of each index: idx = p0 | p1 << w0 | p2 << (w0 + w1).
+#pragma once
+#include <cstdint>
+
+#include "common/hd.h"
+
+namespace popcomp {
+namespace palettized {
+
+constexpr int kBlock = 32;  // indices per block
+
+// ---- pieces of layout v2 -------------------------------------------------------------------
+PC_HD constexpr int piece_count(int bits) {
+  return (bits & 1) + ((bits >> 1) & 1) + ((bits >> 2) & 1) + ((bits >> 3) & 1);
+}
+// Width of piece i (0 = the low bits of the index): the i-th highest set bit of `bits`.
+PC_HD constexpr int piece_width(int bits, int i) {
+  int seen = 0;
+  for (int w = 8; w >= 1; w >>= 1)
+    if (bits & w) {
+      if (seen == i) return w;
+      ++seen;
+    }
+  return 0;
+}
+// Bit offset of piece i inside the index (sum of the widths before it); its byte offset inside
+// the block is 4 times that.
+PC_HD constexpr int piece_shift(int bits, int i) {
+  int s = 0;
+  for (int j = 0; j < i; ++j) s += piece_width(bits, j);
+  return s;
+}
+
+// Index i (0..31) of the block at `blk` (4 * bits bytes).
+PC_HD int block_index(const uint8_t* blk, int bits, int i) {
+  int idx = 0, shift = 0;
+  for (int w = 8; w >= 1; w >>= 1) {
+    if (!(bits & w)) continue;
+    const int per = 4 * w;  // bytes of this piece
+    const int field = (blk[i % per] >> ((i / per) * w)) & ((1 << w) - 1);
+    idx |= field << shift;
+    shift += w;
+    blk += per;
+  }
+  return idx;
+}
+
+// All 32 indices of the block at `blk`.
+PC_HD void decode_block(const uint8_t* blk, int bits, uint8_t* idx) {
+  for (int i = 0; i < kBlock; ++i) idx[i] = 0;
+  int shift = 0;
+  for (int w = 8; w >= 1; w >>= 1) {
+    if (!(bits & w)) continue;
+    const int per = 4 * w, mask = (1 << w) - 1;
+    for (int t = 0; t < per; ++t) {
+      const int byte = blk[t];
+      for (int j = 0; j < 8 / w; ++j) idx[t + j * per] |= (uint8_t)(((byte >> (j * w)) & mask) << shift);
+    }
+    shift += w;
+    blk += per;
+  }
+}
+
+// ---- codebook addressing -----------------------------------------------------------------
+// First entry of the codebook row of element (r, c): per tensor (cb_rows == 1 with
+// group_size 0), per channel (row r) or per group (row r * G + c / g).
+PC_HD int64_t codebook_row(int64_t r, int64_t c, int64_t group_size, int64_t groups,
+                           int64_t cb_rows) {
+  if (group_size > 0) return r * groups + c / group_size;
+  return cb_rows == 1 ? 0 : r;
+}
+
+// Entry e of the codebook row at `row` (fp32 or fp16), 0 when e >= k.
+PC_HD float codebook_value(const void* cb, DType t, int64_t row, int k, int e) {
+  if (e >= k) return 0.f;
+  const int64_t i = row * k + e;
+  return t == DType::f16 ? half_bits_to_float(static_cast<const uint16_t*>(cb)[i])
+                         : static_cast<const float*>(cb)[i];
+}
+
+// ---- float -> 16-bit floats (round to nearest even; inf and nan kept, nan made quiet) -------
+PC_HD uint16_t float_to_half_bits(float f) {
+  uint32_t u = float_to_bits(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint32_t o;
+  if (u >= 0x47800000u) {  // >= 65536 (rounds to inf), inf or nan
+    o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (u < 0x38800000u) {  // below 2^-14: fp16 subnormal or zero
+    // adding 0.5 aligns the 10 fraction bits at the bottom of the float; the float addition
+    // rounds to nearest even
+    const float g = bits_to_float(u) + 0.5f;
+    o = float_to_bits(g) - 0x3f000000u;
+  } else {
+    const uint32_t odd = (u >> 13) & 1u;
+    u += 0xc8000fffu + odd;  // exponent rebias (-112 << 23) and the rounding bias
+    o = u >> 13;
+  }
+  return (uint16_t)(o | (sign >> 16));
+}
+
+PC_HD uint16_t float_to_bf16_bits(float f) {
+  const uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Store v as element i of an fp32 / fp16 / bf16 buffer.
+PC_HD void store_as(void* p, DType t, int64_t i, float v) {
+  if (t == DType::f32) static_cast<float*>(p)[i] = v;
+  else if (t == DType::f16) static_cast<uint16_t*>(p)[i] = float_to_half_bits(v);
+  else static_cast<uint16_t*>(p)[i] = float_to_bf16_bits(v);
+}
+
+}  // namespace palettized
+}  // namespace popcomp
