@@ -161,11 +161,10 @@ def slice_sample(obj: Any, s: int) -> Any:
 
 
 def progress(it: Iterable, desc: str = "", *, enabled: bool = True, total: Optional[int] = None,
-             **kw: Any) -> Iterable:
-    """``it`` wrapped in a tqdm bar on stderr; no bar when ``enabled`` is False or the
-    environment variable POPCOMP_NO_PROGRESS is set."""
-    if not enabled or os.environ.get("POPCOMP_NO_PROGRESS"):
-        return it
+             **kw: Any) -> Any:
+    """``it`` wrapped in a tqdm bar on stderr (a tqdm object either way, so ``.update()`` and
+    ``.close()`` work); the bar is disabled when ``enabled`` is False or the environment variable
+    POPCOMP_NO_PROGRESS is set."""
     from tqdm.auto import tqdm
 
     if total is None:
@@ -174,7 +173,8 @@ def progress(it: Iterable, desc: str = "", *, enabled: bool = True, total: Optio
         except TypeError:
             total = None
     kw.setdefault("leave", False)
-    return tqdm(it, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, **kw)
+    return tqdm(it, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True,
+                disable=not enabled or bool(os.environ.get("POPCOMP_NO_PROGRESS")), **kw)
 
 
 # ---- module paths -------------------------------------------------------------------------------

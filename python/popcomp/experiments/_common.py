@@ -5,10 +5,11 @@ import csv
 import json
 import math
 import os
-import sys
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+
+from .._model import progress  # noqa: F401  (the experiments' progress bars)
 
 
 class UserError(ValueError):
@@ -78,14 +79,6 @@ def int_list(flag: str, s: str) -> List[int]:
 def float_list(flag: str, s: str) -> List[float]:
     """A comma-separated list of numbers of option ``flag`` (a UserError naming it if not)."""
     return _list(flag, s, float, "numbers")
-
-
-def progress(it, **kw):
-    """tqdm progress bar on stderr (disabled when POPCOMP_NO_PROGRESS is set)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(it, disable=bool(os.environ.get("POPCOMP_NO_PROGRESS")), file=sys.stderr,
-                dynamic_ncols=True, leave=False, **kw)
 
 
 def start(args):
