@@ -237,13 +237,17 @@ PALETTIZED_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # activati
 PALETTIZED_CB_DTYPES = (torch.float32, torch.float16)  # codebooks
 
 
+def _check_palettized_ints(bits, in_features, group_size):
+    check_int("in_features", in_features, lo=1)
+    check_int("group_size", group_size, lo=0)
+    return check_int("bits", bits, lo=1, hi=8)
+
+
 def _check_palettized_weight(packed, codebook, bits, in_features, group_size, ref_name, ref):
     """packed uint8 (rows, row_bytes(in_features, bits)); codebook float16/float32
     (cb_rows, 2**bits) with cb_rows 1 or rows (group_size 0) or rows * ceil(in_features /
     group_size); both on ``ref``'s device. Returns rows."""
-    bits = check_int("bits", bits, lo=1, hi=8)
-    check_int("in_features", in_features, lo=1)
-    check_int("group_size", group_size, lo=0)
+    bits = _check_palettized_ints(bits, in_features, group_size)
     _tensor("packed", packed)
     _tensor("codebook", codebook)
     if packed.dtype != torch.uint8:
@@ -279,6 +283,7 @@ def check_palettized_linear(x, packed, codebook, bias, bits, in_features, group_
     """x (..., in_features) float32/float16/bfloat16; packed, codebook as
     ``_check_palettized_weight``, on x's device; bias None or (out_features,) of x's dtype or
     float32 on x's device."""
+    _check_palettized_ints(bits, in_features, group_size)
     _tensor("x", x)
     if x.dtype not in PALETTIZED_X_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
