@@ -104,18 +104,15 @@ def test_eq3_has_one_rule_under_both_names():
 
 
 def test_compatibility_namespaces_name_the_same_objects():
-    # popcomp.prune and popcomp.covariance keep every public name they had; each is spectral's
+    # popcomp.prune keeps every public name it had; each is spectral's
     old_prune = ["spectral_prune", "PruneReport", "LayerReport", "find_sites", "reconstruction",
                  "reconstruction_error", "pruned_next_weight", "degrees_of_freedom",
                  "output_degrees_of_freedom", "leverage_scores", "lambda_from_width", "width_from_lambda",
                  "default_lambda", "default_tau", "output_matrix", "DEFAULT_LAMBDA_REL", "DEFAULT_THETA"]
     for name in old_prune:
         assert getattr(popcomp.prune, name) is getattr(P, name), name
-    import popcomp.covariance as C
-
-    for name in ["covariance_accumulate", "CovarianceAccumulator", "all_reduce_covariance", "greedy_select",
-                 "GreedyResult"]:
-        assert getattr(C, name) is getattr(P, name), name
+    for name in ["covariance_accumulate", "CovarianceAccumulator", "greedy_select", "GreedyResult"]:
+        assert getattr(popcomp, name) is getattr(P, name), name
     assert popcomp.spectral_prune is P.spectral_prune and popcomp.greedy_select is P.greedy_select
     assert (P.DEFAULT_LAMBDA_REL, P.DEFAULT_THETA, P.EQ3_C1, P.EQ3_C2) == (1e-6, 0.5, 5.0, 80.0)
 

@@ -15,9 +15,11 @@ from . import hessian
 from .quantize import (
     PalettizeConfig, dequantize_, load, quantize_, save, select_beta, size_report,
 )
-from .covariance import CovarianceAccumulator, GreedyResult, covariance_accumulate, greedy_select
-from . import prune
-from .prune import spectral_prune
+from . import spectral
+from .spectral import (
+    CovarianceAccumulator, GreedyResult, covariance_accumulate, greedy_select, spectral_prune,
+)
+from . import prune  # noqa: F401  (compatibility: popcomp.prune names spectral's objects)
 from . import data, theory  # noqa: F401  (bounds/diagnostics; bundled digits)
 
 __all__ = [
@@ -25,5 +27,5 @@ __all__ = [
     "hessian", "PalettizeConfig", "quantize_", "dequantize_", "save", "load", "size_report",
     "select_beta",
     "covariance_accumulate", "CovarianceAccumulator", "greedy_select", "GreedyResult",
-    "prune", "spectral_prune", "theory", "data",
+    "spectral", "prune", "spectral_prune", "theory", "data",
 ]
