@@ -3,7 +3,7 @@
 // The output (out x in) is cut into TO x TI tiles handed to OpenMP threads. Inside a tile, for
 // each (b, r): M = sum_t g[b,r,t,:]^T x[b,t,:] on the tile (chunks of KC positions), then
 // acc_tile += M * M. (T == 1, where the sum is an ordinary GEMM on squared operands, is done by
-// torch's BLAS in python/popcomp/_impl/hessian.py; this loop is also right for T == 1.)
+// torch's BLAS in python/popcomp/ops/backends/cpu/sumsq_outer_acc.py; this loop is also right for T == 1.)
 // Extra memory is a few tile-sized buffers per thread, whatever B, R and T are.
 #include <algorithm>
 #include <cstring>
