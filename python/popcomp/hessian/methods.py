@@ -72,11 +72,6 @@ class Method:
         raise NotImplementedError
 
 
-@torch.no_grad()  # recorded inputs may require grad: the accumulators must not
-def _reduce(site: Site, pairs: Sequence[Tuple[Any, torch.Tensor]], acc: Acc) -> None:
-    site.reducer(site.module, pairs, site.accumulators(acc))
-
-
 class ThroughModules(Method):
     """Columns at the model output, carried to the accumulated modules and reduced there."""
 
@@ -84,6 +79,15 @@ class ThroughModules(Method):
         super().__init__(model, loss_fn, params, opts)
         self.sites, self.names = select_sites(model, params, self.name)
         self.chain = Chain.build(model, self.sites)
+        self._bound: Optional[Acc] = None  # the accumulators _site_acc was built for
+        self._site_acc: Dict[str, Acc] = {}
+
+    @torch.no_grad()  # recorded inputs may require grad: the accumulators must not
+    def _reduce(self, site: Site, pairs: Sequence[Tuple[Any, torch.Tensor]], acc: Acc) -> None:
+        if acc is not self._bound:
+            self._site_acc = {s.name: s.accumulators(acc) for s in self.sites}
+            self._bound = acc
+        site.reducer(site.module, pairs, self._site_acc[site.name])
 
     def output_columns(self, out: torch.Tensor, targets: Any, B: int) -> Optional[torch.Tensor]:
         """The columns (R, *out.shape) to backpropagate from the model output; None when there
@@ -104,7 +108,7 @@ class ThroughModules(Method):
             cols = self.output_columns(out, targets, B)
             if cols is not None:
                 for site, inp, g in self.chain.backprop(saved, cols):
-                    _reduce(site, [(inp, g)], acc)
+                    self._reduce(site, [(inp, g)], acc)
             return
         out, calls = record(self.model, inputs, self.sites)
         layer_outs = [o for _, pairs in calls for _, o in pairs]
@@ -114,7 +118,7 @@ class ThroughModules(Method):
         for site, pairs in calls:
             got = [(x, g) for (x, _), g in zip(pairs, grads) if g is not None]
             if got:
-                _reduce(site, got, acc)
+                self._reduce(site, got, acc)
 
 
 class Fisher(ThroughModules):
