@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import popcomp
 from popcomp.ops.backends.reference.palettized import (
@@ -28,6 +29,34 @@ GRANULARITIES = {"tensor": 0, "channel": 0, "g32": 32, "g128": 128, "g50": 50}
 # float32 products summed in float32: a bound on the accumulation error relative to sum |x w|
 ACC_EPS = 2e-6
 OUT_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Row chunks of 2 KiB in the chunked paths (backward, decode + GEMM), so that small test
+    layers take several chunks."""
+    from popcomp.ops.backends.reference import palettized as ref
+
+    monkeypatch.setattr(ref, "CHUNK_BYTES", 2048)
+    try:
+        from popcomp.ops.backends.cuda import palettized as cuda_pal
+    except ImportError:
+        return
+    monkeypatch.setattr(cuda_pal, "CHUNK_BYTES", 2048)
+
+
+class DecodeCalls(TorchDispatchMode):
+    """Records the rows of every popcomp::palettized_decode call made inside it."""
+
+    def __enter__(self):
+        self.rows = []
+        super().__enter__()
+        return self.rows
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is OPS.palettized_decode.default:
+            self.rows.append(args[0].shape[0])
+        return func(*args, **(kwargs or {}))
 
 
 # ---- oracles ---------------------------------------------------------------------------------
@@ -153,7 +182,7 @@ def test_linear_matches_the_oracle(devices, bits, gran, n):
 
 @pytest.mark.parametrize("bits,gran,n", [(4, "channel", 100), (3, "g50", 100), (2, "g32", 64),
                                          (4, "g128", 300), (8, "tensor", 33)])
-def test_linear_every_batch_size(devices, bits, gran, n):
+def test_linear_every_batch_size(devices, bits, gran, n, small_chunks):
     # batch 1..40: the kernel (small batches) and the chunked decode + GEMM (large) paths
     packed, cb, gs, W = make_weight(40, n, bits, gran, torch.float16, devices)
     bias = torch.randn(40, device=devices)
@@ -193,14 +222,16 @@ def test_empty_batch(devices):
 
 # ---- autograd --------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits,gran", [(4, "channel"), (3, "g50"), (2, "tensor")])
-def test_gradient_wrt_x_matches_autograd_of_the_reference(devices, bits, gran):
+def test_gradient_wrt_x_matches_autograd_of_the_reference(devices, bits, gran, small_chunks):
     n = 100
-    packed, cb, gs, W = make_weight(600, n, bits, gran, device=devices)  # several row chunks
+    packed, cb, gs, W = make_weight(60, n, bits, gran, device=devices)  # 12 row chunks
     x = torch.randn(2, 5, n, device=devices, requires_grad=True)
-    bias = torch.randn(600, device=devices, requires_grad=True)
-    dy = torch.randn(2, 5, 600, device=devices)
+    bias = torch.randn(60, device=devices, requires_grad=True)
+    dy = torch.randn(2, 5, 60, device=devices)
     y = OPS.palettized_linear(x, packed, cb, bias, bits, n, gs)
-    gx, gb = torch.autograd.grad(y, (x, bias), dy)
+    with DecodeCalls() as calls:
+        gx, gb = torch.autograd.grad(y, (x, bias), dy)
+    assert len(calls) == 12 and max(calls) == 5  # 2 KiB chunks: 5 rows of 100 float32
     xr, br = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
     w = palettized_decode_reference(packed, cb, bits, n, gs)
     gxr, gbr = torch.autograd.grad(F.linear(xr, w, br), (xr, br), dy)
@@ -215,7 +246,7 @@ def test_gradient_wrt_x_matches_autograd_of_the_reference(devices, bits, gran):
     torch.testing.assert_close(gh.float(), dy.half().float() @ w, rtol=2e-3, atol=2e-2)
 
 
-def test_double_backward_through_the_gradient(devices):
+def test_double_backward_through_the_gradient(devices, small_chunks):
     # Hutchinson / Hessian-vector products differentiate the gradient again
     n = 40
     packed, cb, gs, W = make_weight(30, n, 4, "channel", device=devices)

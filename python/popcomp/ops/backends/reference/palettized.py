@@ -12,7 +12,7 @@ so the memory a backward adds does not grow with the layer.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +23,12 @@ from ...checks import check_palettized_decode, check_palettized_linear
 
 __all__ = [
     "palettized_decode_reference", "palettized_linear_reference", "codebook_rows",
-    "row_chunks", "CHUNK_BYTES",
+    "chunk_rows", "CHUNK_BYTES",
 ]
 
 # bytes of one decoded chunk of weight rows (backward, large-batch forward): the extra memory
 # of those paths, whatever the layer size
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 4 << 20
 
 
 def codebook_rows(codebook: torch.Tensor, rows: int, r0: int, r1: int, in_features: int,
@@ -44,11 +44,11 @@ def codebook_rows(codebook: torch.Tensor, rows: int, r0: int, r1: int, in_featur
     return codebook[r0:r1]
 
 
-def row_chunks(rows: int, in_features: int, itemsize: int = 4) -> Iterator[Tuple[int, int]]:
-    """``[r0, r1)`` ranges of weight rows whose decoded values take about CHUNK_BYTES."""
-    step = max(1, CHUNK_BYTES // max(1, in_features * itemsize))
-    for r0 in range(0, rows, step):
-        yield r0, min(rows, r0 + step)
+def chunk_rows(in_features: int, itemsize: int = 4, chunk_bytes: Optional[int] = None) -> int:
+    """Weight rows per chunk: rows of ``in_features`` values of ``itemsize`` bytes that take
+    about ``chunk_bytes`` (default CHUNK_BYTES; at least one row)."""
+    nbytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return max(1, nbytes // max(1, in_features * itemsize))
 
 
 def palettized_decode_reference(packed: torch.Tensor, codebook: torch.Tensor, bits: int,
@@ -110,7 +110,9 @@ def _linear_backward(ctx, grad):
     cdt = torch.float32 if grad.device.type == "cpu" else x_dtype
     dyc = dy.to(cdt)
     dx = dyc.new_zeros((dy.shape[0], in_features))
-    for r0, r1 in row_chunks(rows, in_features, torch.finfo(cdt).bits // 8):
+    step = chunk_rows(in_features, torch.finfo(cdt).bits // 8)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
         w = torch.ops.popcomp.palettized_decode(
             packed[r0:r1], codebook_rows(codebook, rows, r0, r1, in_features, group_size),
             bits, in_features, group_size, cdt)
