@@ -1,9 +1,11 @@
 """Bu, Gao, Zou, Veeravalli, *Information-theoretic understanding of population risk improvement with model compression* (AAAI 2020): the linear-regression theory and bounds, with their equation numbers.
 
 Theorem 1 (eq. 10), eq. (12)/(28), Theorem 2 (eq. 13), Lemma 3 (eq. 17), Theorem 3 (eq. 19),
-Theorem 4 (eqs. 22-23), the Oracle compressor (eq. 25), Corollary 1 (eq. 26), and the linear
-model of eq. (14) (sampling, ERM of eq. 16, exact population and empirical risks). All logarithms
-are natural: mutual informations and rates are in **nats**. Plain torch, any device.
+Theorem 4 (eqs. 22-23), the Oracle compressor (eq. 25), Corollary 1 (eq. 26), the linear
+model of eq. (14) (sampling, ERM of eq. 16, exact population and empirical risks), and a
+Monte-Carlo upper bound on the rate I(W;Ŵ) of a K-means quantizer whose centres are stored at a
+finite resolution (:func:`quantizer_rate_upper`). All logarithms are natural: mutual
+informations and rates are in **nats**. Plain torch, any device.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ __all__ = [
     "theorem1_bound", "eq12_bound", "theorem2_bound", "lemma3_generalization_error", "sigma_ell_sq",
     "theorem3_bound", "theorem4_rate_upper", "theorem4_distortion_upper", "corollary1_bound",
     "oracle_alpha", "oracle_compress", "linreg_sample", "linreg_erm", "linreg_population_risk",
-    "linreg_empirical_risk", "label_entropy",
+    "linreg_empirical_risk", "label_entropy", "discretize", "integer_entropy_upper",
+    "plugin_entropy_upper", "quantizer_rate_upper",
 ]
 
 
@@ -238,3 +241,81 @@ def label_entropy(labels: torch.Tensor, k: int) -> torch.Tensor:
     oh.scatter_add_(-1, labels, torch.ones_like(labels, dtype=torch.float64))
     p = oh / labels.shape[-1]
     return -(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))).sum(-1)
+
+
+def discretize(x, resolution: float) -> torch.Tensor:
+    """``x`` rounded to the grid ``resolution·ℤ`` (each entry moves by at most resolution/2)."""
+    r = _check_pos("resolution", resolution)
+    x = _as_t(x)
+    return torch.round(x / r) * r
+
+
+def integer_entropy_upper(var) -> torch.Tensor:
+    """Massey's bound on the entropy (nats) of an integer-valued random variable N of variance
+    ``var``: H(N) ≤ ½ ln(2πe (Var N + 1/12)).
+
+    Proof: with U ~ Unif(−½, ½) independent of N, h(N + U) = H(N), Var(N + U) = Var N + 1/12,
+    and the Gaussian maximizes differential entropy at a given variance. Elementwise.
+    """
+    v = _as_t(var)
+    if bool((v < 0).any()):
+        raise ValueError("var must be >= 0")
+    return 0.5 * torch.log(2 * math.pi * math.e * (v + 1.0 / 12.0))
+
+
+def plugin_entropy_upper(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Upper bound (in expectation) on Σ_i H(L_i), nats, from T samples ``labels`` (T, d) of a
+    random vector L ∈ {0..k−1}^d: Σ_i [Ĥ_i + ln(1 + (k − 1)/T)], Ĥ_i the plug-in entropy of
+    coordinate i over the T samples.
+
+    The plug-in estimator is biased low by at most ln(1 + (k − 1)/T) (Paninski 2003, Prop. 1:
+    −ln(1 + (m−1)/N) ≤ E[Ĥ_MLE] − H ≤ 0), so the expectation of the result is ≥ Σ_i H(L_i)
+    ≥ H(L) (subadditivity).
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (T, d), got shape {tuple(labels.shape)}")
+    T = labels.shape[0]
+    if T < 2:
+        raise ValueError(f"labels needs T >= 2 samples, got {T}")
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    # per coordinate: counts over the T samples
+    cnt = torch.zeros(labels.shape[1], int(k), dtype=torch.float64, device=labels.device)
+    cnt.scatter_add_(1, labels.long().T.contiguous(), torch.ones(labels.shape[1], T, dtype=torch.float64,
+                                                                 device=labels.device))
+    p = cnt / T
+    h = -(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))).sum(1)
+    return h.sum() + labels.shape[1] * math.log1p((k - 1.0) / T)
+
+
+def quantizer_rate_upper(labels: torch.Tensor, centers: torch.Tensor, resolution: float,
+                         var_margin: float = 3.0) -> dict:
+    """A Monte-Carlo upper bound on I(W; Ŵ_Δ), nats, for a scalar quantizer Ŵ_Δ = c_Δ[labels]
+    whose K centres are stored on the grid Δ·ℤ (Δ = ``resolution``).
+
+    ``labels`` (T, d) and ``centers`` (T, K) are T independent draws (one per training set) of
+    the labels and the (unrounded) centres, the labels indexing the centres in a fixed (e.g.
+    ascending) order. Ŵ_Δ is a deterministic function of (L, N) with N_k = round(c_k/Δ), hence
+
+        I(W; Ŵ_Δ) ≤ H(Ŵ_Δ) ≤ H(L) + H(N) ≤ Σ_i H(L_i) + Σ_k H(N_k),
+
+    bounded by :func:`plugin_entropy_upper` (bias-corrected, an upper bound in expectation) and
+    :func:`integer_entropy_upper` with Var N_k replaced by its sample variance plus
+    ``var_margin`` standard errors (Gaussian approximation of the variance's s.e.). An
+    unrounded continuous Ŵ that is a deterministic function of W has I(W; Ŵ) = ∞, so a finite
+    resolution is what makes the rate finite; Ŵ_Δ differs from Ŵ by at most Δ/2 per entry.
+
+    Returns ``{"rate", "labels_part", "centres_part"}`` (floats, nats).
+    """
+    if centers.dim() != 2 or centers.shape[0] != labels.shape[0]:
+        raise ValueError(f"centers must be (T, K) with T = labels.shape[0] = {labels.shape[0]}, "
+                         f"got shape {tuple(centers.shape)}")
+    r = _check_pos("resolution", resolution)
+    K = centers.shape[1]
+    T = centers.shape[0]
+    lab = plugin_entropy_upper(labels, K)
+    N = torch.round(centers.double() / r)
+    v = N.var(0)
+    v = v + float(var_margin) * v * math.sqrt(2.0 / (T - 1))
+    cen = integer_entropy_upper(v).sum()
+    return {"rate": float(lab + cen), "labels_part": float(lab), "centres_part": float(cen)}
