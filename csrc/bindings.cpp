@@ -241,9 +241,13 @@ PYBIND11_MODULE(_C, m) {
 #if defined(POPCOMP_WITH_CUDA)
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_build_version", &cuda_build_version);
+  m.def("cuda_driver_version", &cuda_driver_version);
+  m.def("cuda_device_error", &cuda_device_error);
 #else
   m.def("cuda_device_count", []() { return 0; });
   m.def("cuda_build_version", []() { return 0; });
+  m.def("cuda_driver_version", []() { return 0; });
+  m.def("cuda_device_error", []() { return std::string(); });
 #endif
 
   // ---- weighted 1-D K-means -------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Loading of the compiled core and the report of which backends are built and usable."""
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -53,12 +54,69 @@ def compiled() -> Any:
 
 
 def cuda_built() -> bool:
+    """The compiled core has CUDA kernels."""
     return _C is not None and bool(_C.has_cuda)
 
 
+def _version(v: int) -> str:
+    """A CUDA version number (12040) as text ("12.4")."""
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_runtime_state() -> Tuple[int, str]:
+    """(devices popcomp's CUDA runtime sees, why it sees none or ""), queried once."""
+    if not cuda_built():
+        return 0, "popcomp was built without CUDA"
+    count = int(_C.cuda_device_count())
+    return count, "" if count > 0 else (str(_C.cuda_device_error()) or "no CUDA device")
+
+
 def cuda_usable() -> bool:
-    """CUDA kernels were built and torch sees a CUDA device."""
-    return cuda_built() and torch.cuda.is_available() and _C.cuda_device_count() > 0
+    """CUDA kernels were built, torch sees a CUDA device and so does popcomp's CUDA runtime
+    (linked statically: it needs a driver that supports the CUDA version it was built with)."""
+    return cuda_built() and torch.cuda.is_available() and _cuda_runtime_state()[0] > 0
+
+
+def cuda_unusable_reason() -> Optional[str]:
+    """Why popcomp's CUDA kernels cannot run (with the fix), or None when they can."""
+    if cuda_usable():
+        return None
+    if not cuda_built():
+        return ("popcomp was built without CUDA kernels (no nvcc at build time); reinstall from "
+                "source with a CUDA toolkit: pip install --no-build-isolation .")
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    build, driver = int(_C.cuda_build_version()), int(_C.cuda_driver_version())
+    why = _cuda_runtime_state()[1]
+    if driver and driver < build:
+        why = (f"its CUDA runtime (built with CUDA {_version(build)}, linked statically) needs a "
+               f"driver that supports CUDA {_version(build)} or newer, and the installed driver "
+               f"supports CUDA {_version(driver)} ({why})")
+    else:
+        why = (f"its CUDA runtime (built with CUDA {_version(build)}) cannot use the device: "
+               f"{why}; driver: {'CUDA ' + _version(driver) if driver else 'not found'}")
+    return (f"torch sees a CUDA device but popcomp cannot use it: {why}. Update the driver, or "
+            "rebuild popcomp from source with a CUDA toolkit the driver supports (CUDACXX="
+            "<that toolkit>/bin/nvcc pip install --no-build-isolation --force-reinstall "
+            "--no-deps <popcomp source>)")
+
+
+_FALLBACK_WARNED = False
+
+
+def cuda_fallback(t: torch.Tensor, op: str) -> bool:
+    """True when t is a CUDA tensor that popcomp's compiled CUDA kernels cannot run on (see
+    cuda_unusable_reason); the kernel of ``op`` then runs the op's pure-torch reference on the
+    device instead. The first such call of the process warns (RuntimeWarning) with the reason."""
+    global _FALLBACK_WARNED
+    if t.device.type != "cuda" or cuda_usable():
+        return False
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED = True
+        warnings.warn(f"popcomp::{op} on CUDA runs its pure-torch reference (slower): "
+                      f"{cuda_unusable_reason()}", RuntimeWarning, stacklevel=3)
+    return True
 
 
 def num_threads() -> int:
@@ -89,12 +147,15 @@ def backends() -> Dict[str, Dict[str, Any]]:
             "built": cuda_built(),
             "usable": cuda_usable(),
             "build_cuda_version": int(_C.cuda_build_version()) if _C is not None else 0,
-            "devices": int(_C.cuda_device_count()) if cuda_built() else 0,
+            "driver_cuda_version": int(_C.cuda_driver_version()) if cuda_built() else 0,
+            "devices": _cuda_runtime_state()[0],
         },
         "reference": {"built": True, "usable": True},
     }
     if _IMPORT_ERROR is not None:
         info["cpu"]["error"] = repr(_IMPORT_ERROR)
+    if cuda_built() and not info["cuda"]["usable"]:
+        info["cuda"]["error"] = cuda_unusable_reason()
     return info
 
 

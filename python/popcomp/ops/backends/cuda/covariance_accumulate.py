@@ -2,14 +2,17 @@
 stream)."""
 from __future__ import annotations
 
-from ...._backend import compiled, cuda_stream_args, cuda_workspace
+from ...._backend import compiled, cuda_fallback, cuda_stream_args, cuda_workspace
 from ..._library import LIB
 from ...checks import check_covariance_accumulate
 from .. import compiled_args
+from ..reference.covariance_accumulate import covariance_accumulate_reference
 
 
 def covariance_accumulate_cuda(x, acc, count):
     check_covariance_accumulate(x, acc, count)  # before any device address reaches the kernel
+    if cuda_fallback(x, "covariance_accumulate"):  # popcomp's CUDA runtime cannot use the device
+        return covariance_accumulate_reference(x, acc, count)
     C = compiled()
 
     def run(**kwargs):

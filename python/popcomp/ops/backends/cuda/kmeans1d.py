@@ -1,16 +1,20 @@
 """The CUDA kernel of popcomp::kmeans1d (the compiled core, on torch's current stream)."""
 from __future__ import annotations
 
-from ...._backend import compiled, cuda_stream_args, cuda_workspace
+from ...._backend import compiled, cuda_fallback, cuda_stream_args, cuda_workspace
 from ..._library import LIB
 from ...checks import check_kmeans1d, check_kmeans1d_values
 from .. import compiled_args
+from ..reference.kmeans1d import kmeans1d_reference
 
 
 def kmeans1d_cuda(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter):
     # before any device address reaches the kernel: shapes, dtypes, devices, then the values
     check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
     check_kmeans1d_values(x, weights, init_centers)  # one transfer to the host for all of them
+    if cuda_fallback(x, "kmeans1d"):  # popcomp's CUDA runtime cannot use the device
+        return kmeans1d_reference(x, weights, k, beta, method, init, init_centers, max_iter, tol,
+                                  seed, diameter)
     C = compiled()
 
     def run(**kwargs):
