@@ -4,8 +4,11 @@ A leaf module (it imports nothing from popcomp), so ``hessian``, ``quantize``, `
 ``theory`` and the experiments all use one definition of each of these rules:
 
 * a batch is ``(inputs, target)`` or ``inputs`` alone; ``inputs`` is a tensor, a tuple/list
-  (positional arguments of ``model``) or a dict (keyword arguments, as Hugging Face models take
-  them) -- :func:`split_batch`, :func:`input_of`, :func:`call_model`;
+  (positional arguments of ``model``) or a dict / Mapping (keyword arguments, as Hugging Face
+  models take them) -- :func:`split_batch`, :func:`input_of`, :func:`call_model`;
+* what a model returns (a tensor, a dict, a ``ModelOutput``-like dataclass or mapping, a tuple)
+  is reduced to the one tensor a loss sees by :func:`output_tensor` (``.logits``, else the only
+  tensor);
 * :func:`eval_mode` puts every submodule in eval mode and restores each one's own mode after;
 * :data:`ACTIVATIONS` is the one table of element-wise activation modules; the modules that
   compose it (the Hessian chain, spectral pruning) add what *their* rule allows.
@@ -13,8 +16,10 @@ A leaf module (it imports nothing from popcomp), so ``hessian``, ``quantize``, `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
@@ -22,8 +27,8 @@ import torch.nn as nn
 
 __all__ = [
     "ACTIVATIONS", "LAYER_TYPES", "all_names", "all_reduce_sum", "batch_size", "call_model",
-    "eval_mode", "get_submodule", "input_of", "is_layer", "module_device", "own_forward",
-    "progress", "set_submodule", "slice_sample", "split_batch", "to_device",
+    "eval_mode", "get_submodule", "input_of", "is_layer", "module_device", "output_tensor",
+    "own_forward", "progress", "set_submodule", "slice_sample", "split_batch", "to_device",
 ]
 
 # ---- module tables ----------------------------------------------------------------------------
@@ -89,31 +94,90 @@ def to_device(obj: Any, device: Optional[torch.device]) -> Any:
         return obj.to(device) if obj.device != device else obj
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, Mapping):
+        return _same_mapping(obj, {k: to_device(v, device) for k, v in obj.items()})
     return obj
+
+
+def _same_mapping(obj: Mapping, items: Dict[Any, Any]) -> Any:
+    """``items`` in a mapping of ``obj``'s type where that type can be rebuilt from them
+    (dict, OrderedDict, a ModelOutput-like dataclass), else a plain dict."""
+    if type(obj) is dict:
+        return items
+    try:
+        if dataclasses.is_dataclass(obj):
+            return type(obj)(**items)
+        return type(obj)(items)
+    except Exception:  # a mapping type that cannot be rebuilt this way
+        return items
 
 
 # ---- batches ------------------------------------------------------------------------------------
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict, else ``model(inputs)``."""
+    """``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict (any Mapping), else
+    ``model(inputs)``."""
     if isinstance(inputs, (list, tuple)):
         return model(*inputs)
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return model(**inputs)
     return model(inputs)
 
 
-def split_batch(batch: Any, name: str = "data") -> Tuple[Any, Any]:
-    """``(inputs, target)`` of a batch that must carry a target (a pair)."""
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return batch[0], batch[1]
+def split_batch(batch: Any, name: str = "data", target_optional: bool = False) -> Tuple[Any, Any]:
+    """``(inputs, target)`` of a batch.
+
+    A tuple/list batch is ``(inputs, target)`` (with ``target_optional``, ``(inputs,)`` too,
+    target None); positional arguments go in a tuple as its ``inputs``: ``((a, b), target)``.
+    With ``target_optional`` a tensor or a dict (keyword arguments) is ``inputs`` alone, target
+    None. Anything else is a ValueError naming ``name``."""
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == 2:
+            return batch[0], batch[1]
+        if target_optional and len(batch) == 1:
+            return batch[0], None
+    elif target_optional and isinstance(batch, (torch.Tensor, Mapping)):
+        return batch, None
+    allowed = ("(input, target) pairs, (input,) or inputs alone (a tensor or a dict of keyword "
+               "arguments)" if target_optional else "(input, target) pairs")
     raise ValueError(
-        f"{name} must yield (input, target) pairs, got {type(batch).__name__}"
+        f"{name} must yield {allowed}, got {type(batch).__name__}"
         + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
     )
+
+
+def _tensor_items(out: Any) -> List[Tuple[str, torch.Tensor]]:
+    """The (name, tensor) entries of a mapping, dataclass, tuple or list (not nested)."""
+    if isinstance(out, Mapping):
+        items = list(out.items())
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        items = [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    elif isinstance(out, (list, tuple)):
+        items = [(f"[{i}]", o) for i, o in enumerate(out)]
+    else:
+        return []
+    return [(str(k), v) for k, v in items if isinstance(v, torch.Tensor)]
+
+
+def output_tensor(out: Any, name: str = "output_fn") -> torch.Tensor:
+    """The tensor a loss sees of what a model returned: a tensor as is, else its ``logits``
+    (attribute or entry), else the only tensor of a mapping / ModelOutput-like dataclass /
+    tuple. Anything else is a TypeError naming ``name`` (the argument that picks the tensor)
+    and listing the tensors found."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    items = _tensor_items(out)
+    if len(items) == 1:
+        return items[0][1]
+    found = ", ".join(f"{k} {tuple(v.shape)}" for k, v in items) or "none"
+    raise TypeError(
+        f"{name}: cannot tell which tensor of the model's output ({type(out).__name__}; tensors: "
+        f"{found}) the loss should see; pass {name}=, e.g. {name}=lambda out: "
+        "out['last_hidden_state']")
 
 
 _INPUT_KEYS = ("input", "inputs", "x")
@@ -138,8 +202,8 @@ def batch_size(*objs: Any, name: str = "data") -> int:
     for obj in objs:
         if isinstance(obj, torch.Tensor) and obj.dim() > 0:
             return int(obj.shape[0])
-        if isinstance(obj, (list, tuple, dict)):
-            items = obj.values() if isinstance(obj, dict) else obj
+        if isinstance(obj, (list, tuple, Mapping)):
+            items = obj.values() if isinstance(obj, Mapping) else obj
             for o in items:
                 if isinstance(o, torch.Tensor) and o.dim() > 0:
                     return int(o.shape[0])
@@ -147,13 +211,14 @@ def batch_size(*objs: Any, name: str = "data") -> int:
 
 
 def slice_sample(obj: Any, s: int) -> Any:
-    """Sample ``s`` of a batch (every tensor sliced to ``[s:s+1]``, nested containers kept)."""
+    """Sample ``s`` of a batch (every tensor with a batch dimension sliced to ``[s:s+1]``,
+    nested containers kept: tuples, lists, dicts and other mappings such as ModelOutput)."""
     if isinstance(obj, torch.Tensor):
-        return obj[s : s + 1]
+        return obj[s : s + 1] if obj.dim() > 0 else obj
     if isinstance(obj, (list, tuple)):
         return type(obj)(slice_sample(o, s) for o in obj)
-    if isinstance(obj, dict):
-        return {k: slice_sample(v, s) for k, v in obj.items()}
+    if isinstance(obj, Mapping):
+        return _same_mapping(obj, {k: slice_sample(v, s) for k, v in obj.items()})
     return obj
 
 

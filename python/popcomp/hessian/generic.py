@@ -2,11 +2,10 @@
 recorded by forward hooks, columns backpropagated to those outputs by (vmapped) autograd."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._model import call_model
 from .modules import Site
 
 __all__ = ["backprop_columns", "record"]
@@ -28,7 +27,7 @@ class _Record:
             isinstance(self.inp, torch.Tensor) and self.inp._version != self.inp_version)
 
 
-def _forward(model, inputs, sites: Sequence[Site], safe: bool):
+def _forward(forward: Callable[[Any], Any], inputs, sites: Sequence[Site], safe: bool):
     recs: Dict[str, List[_Record]] = {s.name: [] for s in sites}
     handles = []
 
@@ -47,7 +46,7 @@ def _forward(model, inputs, sites: Sequence[Site], safe: bool):
     try:
         for s in sites:
             handles.append(s.module.register_forward_hook(make_hook(s.name)))
-        out = call_model(model, inputs)
+        out = forward(inputs)
     finally:
         for h in handles:
             h.remove()
@@ -56,14 +55,15 @@ def _forward(model, inputs, sites: Sequence[Site], safe: bool):
     return out, recs
 
 
-def record(model, inputs: Any, sites: Sequence[Site]
+def record(forward: Callable[[Any], Any], inputs: Any, sites: Sequence[Site]
            ) -> Tuple[Any, List[Tuple[Site, List[Tuple[Any, torch.Tensor]]]]]:
-    """Runs ``model`` on ``inputs`` (autograd on) and returns its output and, for each site the
-    forward called, its calls as (input, output) pairs. When the model modifies a recorded
-    tensor in place, the forward is rerun with copies."""
-    res = _forward(model, inputs, sites, safe=False)
+    """Runs ``forward(inputs)`` (the model and what picks the loss's view of its output;
+    autograd on) and returns its output and, for each site the forward called, its calls as
+    (input, output) pairs. When the model modifies a recorded tensor in place, the forward is
+    rerun with copies."""
+    res = _forward(forward, inputs, sites, safe=False)
     if res is None:  # an output/input was modified in place: rerun with copies
-        res = _forward(model, inputs, sites, safe=True)
+        res = _forward(forward, inputs, sites, safe=True)
     out, recs = res
     return out, [(s, [(r.inp, r.out) for r in recs[s.name]]) for s in sites if recs[s.name]]
 

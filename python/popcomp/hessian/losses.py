@@ -9,6 +9,9 @@ scale = B or 1 (:class:`SampleScale`, read from the loss or probed on the first 
 in it, and supporting another loss is adding one entry: a :class:`LossFactor` subclass that
 knows ``num_columns``, ``exact`` (A with A A^T = H_s, the columns batched first) and
 ``sampled`` (columns drawn from the model's predictive distribution, E[A A^T] = H_s).
+
+``loss_fn=None`` is the label-free loss l_s = 1/2 ||f_s - f_s0||^2 around the current outputs
+f_s0, whose Hessian in the outputs is I (:class:`OutputFactor`): its GGN is diag(J_s^T J_s).
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import torch.nn.functional as F
 
 from .._model import slice_sample
 
-__all__ = ["LOSS_FACTORS", "LossFactor", "SampleScale", "loss_factor", "probe_reduction"]
+__all__ = ["LOSS_FACTORS", "LossFactor", "OutputFactor", "SampleScale", "loss_factor",
+           "probe_reduction"]
 
 
 class LossFactor:
@@ -147,6 +151,26 @@ class MSEFactor(_ElementwiseFactor):
         return (eps * d.sqrt() / math.sqrt(M)).reshape(M, *out.shape).to(out.dtype)
 
 
+class OutputFactor(_ElementwiseFactor):
+    """The label-free loss (``loss_fn=None``), H_s = I on every output: the exact factor is one
+    unit column per output of a sample; sampled columns are Rademacher probes eps / sqrt(M)
+    (E[eps eps^T] = I; lower variance than Gaussian probes: Var[(eps^T a)^2] = 2 (|a|^4 -
+    sum_j a_j^4) against 2 |a|^4), M per sample, whatever the output width."""
+
+    def __init__(self, method: str):
+        self.loss_fn = None
+        self.mean = False
+
+    def diag(self, f, w):
+        return torch.ones_like(f)
+
+    def sampled(self, out, targets, M, gen):
+        n = int(math.prod(out.shape[1:]))
+        eps = torch.randint(0, 2, (M, out.shape[0], n), generator=gen, device=out.device)
+        eps = eps.to(torch.float32).mul_(2).sub_(1).div_(math.sqrt(M))
+        return eps.reshape(M, *out.shape).to(out.dtype)
+
+
 class BCEWithLogitsFactor(_ElementwiseFactor):
     """nn.BCEWithLogitsLoss: H = w s (1 - s), s = sigmoid(logits); sampled columns are
     sqrt(w) (s - y) with y ~ Bernoulli(s)."""
@@ -175,54 +199,92 @@ LOSS_FACTORS: Dict[Type[nn.Module], Type[LossFactor]] = {
 }
 
 
-def loss_factor(loss_fn: Callable, method: str) -> LossFactor:
-    """The factor of ``loss_fn`` (its type or nearest base class in :data:`LOSS_FACTORS`);
-    a ValueError naming ``loss_fn`` when there is none or its settings are not supported."""
+def loss_factor(loss_fn: Optional[Callable], method: str) -> LossFactor:
+    """The factor of ``loss_fn`` (its type or nearest base class in :data:`LOSS_FACTORS`;
+    None: the label-free :class:`OutputFactor`); a ValueError naming ``loss_fn`` when there is
+    none or its settings are not supported."""
+    if loss_fn is None:
+        return OutputFactor(method)
     for cls in type(loss_fn).__mro__:
         factor = LOSS_FACTORS.get(cls)
         if factor is not None:
             return factor(loss_fn, method)
     names = ", ".join(f"nn.{c.__name__}" for c in LOSS_FACTORS)
     raise ValueError(
-        f"loss_fn: method {method!r} supports {names}, got {type(loss_fn).__name__}; use "
-        "method='fisher' or 'hutchinson' for other losses"
+        f"loss_fn: method {method!r} supports {names} (and loss_fn=None, label-free), got "
+        f"{type(loss_fn).__name__}; use method='fisher' or 'hutchinson' for other losses"
     )
 
 
 # ---- the per-sample scale of the batch loss ------------------------------------------------------
 
 
-def probe_reduction(loss_fn: Callable, out: Any, targets: Any, B: int) -> str:
+_IN_BATCH = (
+    "{method} needs per-sample losses (the batch loss a sum or mean of losses each computed on "
+    "one sample alone); an in-batch loss (contrastive, InfoNCE, anything comparing samples of "
+    "a batch) has none. Use method='hutchinson' with reduction='mean' (the Hessian of the batch "
+    "loss times the batch size: a batch-level estimate) or loss_fn=None (label-free)")
+
+
+def _per_sample_losses(loss_fn: Callable, out: Any, targets: Any, B: int, method: str) -> float:
+    """The sum of the losses of the samples one by one; a ValueError explaining per-sample
+    losses when ``loss_fn`` fails on a batch of one sample."""
+    try:
+        with torch.no_grad():
+            return sum(float(loss_fn(slice_sample(out, s), slice_sample(targets, s)))
+                       for s in range(B))
+    except (IndexError, RuntimeError, ValueError) as e:
+        raise ValueError(f"loss_fn fails on a batch holding one sample ({type(e).__name__}: "
+                         f"{e}); " + _IN_BATCH.format(method=method)) from e
+
+
+def probe_reduction(loss_fn: Callable, out: Any, targets: Any, B: int,
+                    method: str = "this method") -> str:
     """'sum' or 'mean': how ``loss_fn`` reduces over the batch, found by comparing the batch
     loss with the losses of its samples one by one (a batch of one is 'sum')."""
     if B == 1:
         return "sum"
     with torch.no_grad():
         total = float(loss_fn(out, targets))
-        parts = sum(float(loss_fn(slice_sample(out, s), slice_sample(targets, s)))
-                    for s in range(B))
+    parts = _per_sample_losses(loss_fn, out, targets, B, method)
     if math.isclose(parts, total, rel_tol=1e-4, abs_tol=1e-12):
         return "sum"
     if math.isclose(parts, B * total, rel_tol=1e-4, abs_tol=1e-12):
         return "mean"
     raise ValueError(
         "loss_fn: the batch loss is neither the sum nor the mean of the per-sample losses; "
-        "pass reduction='sum' or 'mean' explicitly"
+        "pass reduction='sum' or 'mean' explicitly if it is one of them. "
+        + _IN_BATCH.format(method=method)
     )
 
 
 class SampleScale:
     """``scale(out, targets, B)``: the factor (B for a mean, 1 for a sum) that makes
     ``scale * loss_fn(out, targets)`` the sum of the per-sample losses. The reduction is the
-    one given, else ``loss_fn.reduction``, else probed on the first batch (and kept)."""
+    one given, else ``loss_fn.reduction``, else probed on the first batch (and kept). For a
+    per-sample method (``per_sample``) the first batch with several samples also checks that
+    ``loss_fn`` can be evaluated on one sample (an in-batch loss cannot). The label-free loss
+    (``loss_fn`` None) is a sum."""
 
-    def __init__(self, loss_fn: Callable, reduction: Optional[str] = None):
+    def __init__(self, loss_fn: Optional[Callable], reduction: Optional[str] = None,
+                 per_sample: bool = False, method: str = "this method"):
         self.loss_fn = loss_fn
         self.reduction = reduction
+        self.per_sample = per_sample
+        self.method = method
+        self._checked = loss_fn is None or not per_sample
 
     def __call__(self, out: Any, targets: Any, B: int) -> float:
+        if self.loss_fn is None:
+            return 1.0
         if self.reduction is None:
             red = getattr(self.loss_fn, "reduction", None)
-            self.reduction = red if red in ("mean", "sum") else probe_reduction(
-                self.loss_fn, out, targets, B)
+            if red in ("mean", "sum"):
+                self.reduction = red
+            else:
+                self.reduction = probe_reduction(self.loss_fn, out, targets, B, self.method)
+                self._checked = True
+        if not self._checked and B > 1:
+            _per_sample_losses(self.loss_fn, out, targets, B, self.method)
+            self._checked = True
         return float(B) if self.reduction == "mean" else 1.0

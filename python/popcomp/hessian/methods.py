@@ -15,19 +15,21 @@ module's input by its reducer (:mod:`.modules`).
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 
-from .._model import call_model
+from .._model import call_model, output_tensor
 from .chain import Chain
 from .generic import backprop_columns, record
 from .losses import LossFactor, SampleScale, loss_factor
-from .modules import Site, select_sites
+from .modules import FilterFn, Site, select_sites
 
-__all__ = ["REGISTRY", "Fisher", "GGN", "GGNMC", "Hutchinson", "Method", "Options",
+__all__ = ["LABEL_FREE", "REGISTRY", "Fisher", "GGN", "GGNMC", "Hutchinson", "Method", "Options",
            "ThroughModules"]
 
 Acc = Dict[str, torch.Tensor]
@@ -42,19 +44,54 @@ class Options:
     mc_samples: int = 1  # ggn_mc: sampled columns per sample
     seed: Optional[int] = None  # of the probes / sampled labels
     max_columns: int = 4096  # ggn: limit on the loss-factor columns per sample
+    filter_fn: Optional[FilterFn] = None  # filter_fn(module, name): the modules accumulated
+    output_fn: Optional[Callable[[Any], Any]] = None  # model output -> what the loss sees
 
 
 class Method:
-    """Base of the estimators; ``names`` are the parameters it accumulates."""
+    """Base of the estimators; ``names`` are the parameters it accumulates. ``loss_fn`` None
+    is the label-free loss (the output-preserving Gauss-Newton, :mod:`popcomp.hessian`)."""
 
     name = ""
+    per_sample = True  # the estimate needs per-sample losses
+    needs_tensor = False  # the loss must see one tensor (else a structured output may pass)
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, params: Optional[List[str]],
+    def __init__(self, model: nn.Module, loss_fn: Optional[Callable], params: Optional[List[str]],
                  opts: Options):
         self.model, self.loss_fn, self.opts = model, loss_fn, opts
-        self.scale = SampleScale(loss_fn, opts.reduction)
+        self.scale = SampleScale(loss_fn, opts.reduction, per_sample=self.per_sample,
+                                 method=f"method {self.name!r}")
         self._gen: Dict[torch.device, torch.Generator] = {}
         self.names: List[str] = []
+
+    def output(self, out: Any) -> Any:
+        """What the loss sees of the model's output ``out``: ``output_fn(out)``, else
+        :func:`popcomp._model.output_tensor` (a structured output passes unchanged to a loss
+        that may take it, for methods that do not need one tensor)."""
+        fn = self.opts.output_fn
+        if fn is not None:
+            o = fn(out)
+            if self.needs_tensor and not isinstance(o, torch.Tensor):
+                raise TypeError(f"output_fn must return a tensor for method {self.name!r} "
+                                f"{'without a loss ' if self.loss_fn is None else ''}"
+                                f"(got {type(o).__name__})")
+            return o
+        if isinstance(out, torch.Tensor):
+            return out
+        try:
+            return output_tensor(out, "output_fn")
+        except TypeError:
+            if self.needs_tensor:
+                raise
+            return out
+
+    def forward(self, inputs: Any) -> Any:
+        """The model on ``inputs`` (:func:`popcomp._model.call_model`), through :meth:`output`."""
+        return self.output(call_model(self.model, inputs))
+
+    def warning(self) -> Optional[str]:
+        """Why the estimate so far may not be what the user wants (None: no reason)."""
+        return None
 
     def generator(self, device: torch.device) -> torch.Generator:
         """The generator of ``device``, seeded with ``opts.seed`` (random when None)."""
@@ -77,8 +114,9 @@ class ThroughModules(Method):
 
     def __init__(self, model, loss_fn, params, opts):
         super().__init__(model, loss_fn, params, opts)
-        self.sites, self.names = select_sites(model, params, self.name)
-        self.chain = Chain.build(model, self.sites)
+        self.sites, self.names = select_sites(model, params, self.name, opts.filter_fn)
+        # the chain runs the model by hand: only when the loss sees its output as is
+        self.chain = None if opts.output_fn is not None else Chain.build(model, self.sites)
         self._bound: Optional[Acc] = None  # the accumulators _site_acc was built for
         self._site_acc: Dict[str, Acc] = {}
 
@@ -110,7 +148,7 @@ class ThroughModules(Method):
                 for site, inp, g in self.chain.backprop(saved, cols):
                     self._reduce(site, [(inp, g)], acc)
             return
-        out, calls = record(self.model, inputs, self.sites)
+        out, calls = record(self.forward, inputs, self.sites)
         layer_outs = [o for _, pairs in calls for _, o in pairs]
         if not layer_outs:
             return
@@ -126,19 +164,49 @@ class Fisher(ThroughModules):
     with its input by the fused op, never materializing per-sample parameter gradients."""
 
     name = "fisher"
+    # all loss gradients at the output below this fraction of the output: "zero" Fisher
+    zero_ratio = 1e-6
+
+    def __init__(self, model, loss_fn, params, opts):
+        super().__init__(model, loss_fn, params, opts)
+        self._gmax = 0.0  # max |d l_s / d out| seen
+        self._omax = 0.0  # max |out| seen
+
+    def _track(self, out: torch.Tensor, g: Optional[torch.Tensor]) -> None:
+        self._omax = max(self._omax, float(out.detach().abs().max()) if out.numel() else 0.0)
+        if g is not None and g.numel():
+            self._gmax = max(self._gmax, float(g.abs().max()))
 
     def output_columns(self, out, targets, B):
         with torch.enable_grad():
             o = out.detach().requires_grad_()
             loss = self.loss_fn(o, targets) * self.scale(o, targets, B)
-            return torch.autograd.grad(loss, o)[0].unsqueeze(0)
+            g = torch.autograd.grad(loss, o)[0]
+        self._track(out, g)
+        return g.unsqueeze(0)
 
     def layer_grads(self, out, targets, B, layer_outs):
         # from the loss itself: the model output need not be one tensor
         loss = self.loss_fn(out, targets)
         scale = self.scale(out, targets, B)
-        grads = torch.autograd.grad(loss * scale, layer_outs, allow_unused=True)
+        at_out = isinstance(out, torch.Tensor) and out.requires_grad
+        grads = torch.autograd.grad(loss * scale, list(layer_outs) + ([out] if at_out else []),
+                                    allow_unused=True)
+        if at_out:
+            self._track(out, grads[-1])
+            grads = grads[:-1]
         return [None if g is None else g.unsqueeze(0) for g in grads]
+
+    def warning(self):
+        if self._omax > 0 and self._gmax <= self.zero_ratio * self._omax:
+            return (f"hessian: the fisher diagonal is (nearly) zero: the per-sample loss "
+                    f"gradients at the model output are all tiny (max |dl/dout| = "
+                    f"{self._gmax:.3g}, max |out| = {self._omax:.3g}), as for a loss whose "
+                    "targets are the model's own outputs (e.g. MSE to the original embedding); "
+                    "the empirical Fisher then carries no sensitivity. For 'keep the outputs "
+                    "unchanged' use loss_fn=None (the label-free Gauss-Newton diag(J^T J)), or "
+                    "method='ggn' / 'ggn_mc'")
+        return None
 
 
 class GGN(ThroughModules):
@@ -146,26 +214,39 @@ class GGN(ThroughModules):
     of a square root of each H_s (:mod:`.losses`) backpropagated and reduced."""
 
     name = "ggn"
+    needs_tensor = True
+    wide = 256  # columns per sample above which the exact GGN warns about its cost
 
     def __init__(self, model, loss_fn, params, opts):
         super().__init__(model, loss_fn, params, opts)
         self.factor: LossFactor = loss_factor(loss_fn, self.name)
+        self._warned = False
 
     def output_columns(self, out, targets, B):
         if not isinstance(out, torch.Tensor):
             raise ValueError(
-                f"model: method {self.name!r} needs the model to return a single tensor")
+                f"model: method {self.name!r} needs the model to return a single tensor "
+                "(pass output_fn= to pick it)")
+        self.scale(out, targets, B)  # the per-sample check on the first batch
         cols = self.columns(out.detach(), targets)
         return cols if cols.shape[0] > 0 else None  # none: CrossEntropy of one class (zero Hessian)
 
     def columns(self, out: torch.Tensor, targets: Any) -> torch.Tensor:
         R = self.factor.num_columns(out)
+        label_free = "loss_fn=None with " if self.loss_fn is None else ""
         if R > self.opts.max_columns:
             raise ValueError(
                 f"method 'ggn' needs {R} backpropagated columns per sample (outputs per sample), "
-                f"more than max_columns={self.opts.max_columns}; use method='ggn_mc' or raise "
-                "max_columns"
+                f"more than max_columns={self.opts.max_columns}; use {label_free}"
+                "method='ggn_mc' (mc_samples columns per sample) or raise max_columns"
             )
+        if R > self.wide and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"hessian: method 'ggn' backpropagates {R} columns per sample (one per output "
+                f"of a sample), about {R} backward passes each; {label_free}method='ggn_mc' "
+                "estimates the same diagonal from mc_samples sampled columns per sample, at a "
+                "cost independent of the output width", stacklevel=5)
         return self.factor.exact(out, targets)
 
 
@@ -185,19 +266,38 @@ class Hutchinson(Method):
     per chunk of ``probe_chunk`` where the graph allows it."""
 
     name = "hutchinson"
+    per_sample = False  # the Hessian of the batch loss: any loss
     probe_chunk = 64
 
     def __init__(self, model, loss_fn, params, opts):
         super().__init__(model, loss_fn, params, opts)
         named = dict(model.named_parameters())
-        self.names = list(params) if params is not None else [
-            n for n, p in named.items() if p.requires_grad]
+        if opts.filter_fn is not None:
+            pid = {id(p): n for n, p in named.items()}
+            chosen = {pid[id(p)] for mn, m in model.named_modules() if opts.filter_fn(m, mn)
+                      for p in m.parameters(recurse=False) if id(p) in pid}
+            names = [n for n in named if n in chosen and (params is None or n in params)]
+        else:
+            names = list(params) if params is not None else [
+                n for n, p in named.items() if p.requires_grad]
+        self.names = names
         self._params = [named[n] for n in self.names]
         self._vmap_ok = True
 
     def update(self, acc, inputs, targets, B):
-        out = call_model(self.model, inputs)
-        loss = self.loss_fn(out, targets) * self.scale(out, targets, B)
+        # fused attention kernels (flash / memory-efficient SDPA) have no double backward: the
+        # forward runs scaled_dot_product_attention on its math kernel
+        with _math_attention():
+            self._update(acc, inputs, targets, B)
+
+    def _update(self, acc, inputs, targets, B):
+        out = self.forward(inputs)
+        if self.loss_fn is None:  # 0.5 ||f - f0||^2 at f = f0: its Hessian is exactly J^T J
+            if not isinstance(out, torch.Tensor):
+                raise TypeError("output_fn: the label-free loss needs one output tensor")
+            loss = 0.5 * (out - out.detach()).float().square().sum()
+        else:
+            loss = self.loss_fn(out, targets) * self.scale(out, targets, B)
         grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
         pairs = [(n, p, g) for n, p, g in zip(self.names, self._params, grads)
                  if g is not None and g.requires_grad]
@@ -236,4 +336,18 @@ class Hutchinson(Method):
                     acc[name].add_((z * h).float().sum(0), alpha=1.0 / self.opts.num_probes)
 
 
+def _math_attention():
+    """A context running scaled_dot_product_attention on its math kernel (twice differentiable)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 REGISTRY: Dict[str, Type[Method]] = {c.name: c for c in (Fisher, GGN, GGNMC, Hutchinson)}
+
+# the estimator of each method without a loss (loss_fn=None): the empirical Fisher of the
+# label-free loss is zero at f = f0, so "fisher" is its sampled Fisher, the ggn_mc probes
+LABEL_FREE: Dict[str, Type[Method]] = {"fisher": GGNMC, "ggn": GGN, "ggn_mc": GGNMC,
+                                       "hutchinson": Hutchinson}

@@ -2,6 +2,10 @@
 columns at its output, through popcomp::sumsq_outer_acc) and the choice of the modules to
 accumulate.
 
+Types of optional libraries are keyed by their qualified name in :data:`LAZY_REDUCERS` (no
+import of the library): Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's Linear
+with the weight stored (in, out)).
+
 A reducer is called with ``pairs``, one (input, columns) pair per call of the module in the
 batch, the columns shaped (R, B, ..., out) like R stacked gradients of the module's output, and
 ``acc``, the float32 accumulators of the module's selected parameters by their own name
@@ -10,14 +14,14 @@ batch, the columns shaped (R, B, ..., out) like R stacked gradients of the modul
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["REDUCERS", "ModuleReducer", "Site", "bias_sumsq", "reducer_for", "select_sites",
-           "sumsq"]
+__all__ = ["LAZY_REDUCERS", "REDUCERS", "ModuleReducer", "Site", "bias_sumsq", "reducer_for",
+           "select_sites", "sumsq"]
 
 _OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -71,6 +75,27 @@ class LinearReducer(ModuleReducer):
             sumsq(acc["weight"], g, x)
         if "bias" in acc:
             acc["bias"].add_(bias_sumsq(g))
+
+
+class TransposedLinearReducer(LinearReducer):
+    """A Linear whose weight is stored transposed, (in, out), with ``y = x @ weight + bias``
+    (Hugging Face's Conv1D in GPT-2): the Linear reducer into the transposed accumulator."""
+
+    def __call__(self, m, pairs, acc):
+        w = m.weight
+        shim = _Dims(in_features=w.shape[0], out_features=w.shape[1])
+        if "weight" in acc:
+            tmp = torch.zeros(w.shape[1], w.shape[0], dtype=torch.float32, device=w.device)
+            sub = dict(acc, weight=tmp)
+            super().__call__(shim, pairs, sub)
+            acc["weight"].add_(tmp.t())
+        else:
+            super().__call__(shim, pairs, acc)
+
+
+class _Dims(NamedTuple):
+    in_features: int
+    out_features: int
 
 
 class ConvReducer(ModuleReducer):
@@ -156,14 +181,27 @@ REDUCERS: Dict[Type[nn.Module], ModuleReducer] = {
 }
 
 
+# qualified class name -> reducer, for types of optional libraries (matched without importing them)
+LAZY_REDUCERS: Dict[str, ModuleReducer] = {
+    "transformers.pytorch_utils.Conv1D": TransposedLinearReducer(),
+}
+
+
 def reducer_for(m: nn.Module) -> Optional[ModuleReducer]:
-    """The reducer of ``m``'s type (or nearest base class in :data:`REDUCERS`), provided ``m``
-    runs that class's own forward (a subclass with its own forward computes something else)."""
+    """The reducer of ``m``'s type (or nearest base class in :data:`REDUCERS` /
+    :data:`LAZY_REDUCERS`), provided ``m`` runs that class's own forward (a subclass with its own
+    forward computes something else)."""
     for cls in type(m).__mro__:
-        r = REDUCERS.get(cls)
+        r = REDUCERS.get(cls) or LAZY_REDUCERS.get(f"{cls.__module__}.{cls.__qualname__}")
         if r is not None:
             return r if type(m).forward is cls.forward else None
     return None
+
+
+def supported_kinds() -> str:
+    """The module types the reducers handle, for messages."""
+    return ", ".join([c.__name__ for c in REDUCERS] + [k.rpartition(".")[2] + " (transformers)"
+                                                      for k in LAZY_REDUCERS])
 
 
 class Site(NamedTuple):
@@ -174,7 +212,8 @@ class Site(NamedTuple):
     reducer: ModuleReducer
 
     def param_names(self) -> List[Tuple[str, str]]:
-        """(name in the model, name in the module) of each of the module's own parameters."""
+        """(name in the model, name in the module) of each of the module's own parameters (the
+        name in the model is "<module name>.<parameter name>")."""
         pre = f"{self.name}." if self.name else ""
         return [(pre + pn, pn) for pn, _ in self.module.named_parameters(recurse=False)]
 
@@ -183,53 +222,65 @@ class Site(NamedTuple):
         return {pn: acc[fn] for fn, pn in self.param_names() if fn in acc}
 
 
-def select_sites(model: nn.Module, params: Optional[Iterable[str]], method: str
-                 ) -> Tuple[List[Site], List[str]]:
-    """The modules of ``model`` to accumulate and the parameter names (in module order):
-    those of ``params``, else every parameter of a supported module. A trainable (or selected)
-    parameter of a module without a reducer, or a parameter shared between modules, is a
-    ValueError naming the modules and the ways out."""
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def select_sites(model: nn.Module, params: Optional[Iterable[str]], method: str,
+                 filter_fn: Optional[FilterFn] = None) -> Tuple[List[Site], List[str]]:
+    """The modules of ``model`` to accumulate and the parameter names (in module order, as in
+    ``model.named_parameters()``): the modules ``filter_fn(module, name)`` selects (the other
+    modules are left alone, supported or not), restricted to ``params`` when given; without
+    either, every parameter of a supported module. A trainable (or selected) parameter of a
+    module without a reducer, or a parameter shared with another module, is a ValueError naming
+    the modules and the ways out."""
     named = dict(model.named_parameters())
+    pname = {id(p): n for n, p in named.items()}
     params = None if params is None else list(params)
     sel = None if params is None else set(params)
+    holders: Dict[int, List[str]] = {}  # id(parameter) -> the modules holding it
+    for mname, mod in model.named_modules():
+        for _, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append(mname or "<root>")
     sites: List[Site] = []
     unsupported: List[str] = []
-    seen: Dict[int, str] = {}
     for mname, mod in model.named_modules():
-        pre = f"{mname}." if mname else ""
-        own = [(pre + pn, p) for pn, p in mod.named_parameters(recurse=False)]
+        own = [(pname.get(id(p), pn), p) for pn, p in mod.named_parameters(recurse=False)]
         if not own:
+            continue
+        chosen = filter_fn is not None and bool(filter_fn(mod, mname))
+        if filter_fn is not None and not chosen:
             continue
         red = reducer_for(mod)
         why = None if red is None else red.refuse(mod)
         if red is None or why is not None:
             if why is not None:
-                unsupported.append(f"{mname} ({why})")
-            elif any((p.requires_grad if sel is None else fn in sel) for fn, p in own):
+                unsupported.append(f"{mname or '<root>'} ({why})")
+            elif chosen or any((p.requires_grad if sel is None else fn in sel) for fn, p in own):
                 unsupported.append(f"{mname or '<root>'} ({type(mod).__name__})")
             continue
         for fn, p in own:
-            if id(p) in seen:
+            if len(holders[id(p)]) > 1 and (sel is None or fn in sel):
                 raise ValueError(
-                    f"model: parameter {fn} is shared with {seen[id(p)]}; method {method!r} needs "
-                    "each parameter in one module, use method='hutchinson'"
+                    f"model: parameter {fn} is shared by the modules {holders[id(p)]}; method "
+                    f"{method!r} needs each accumulated parameter in one module: leave all but "
+                    "one out (filter_fn= / params=), or use method='hutchinson'"
                 )
-            seen[id(p)] = fn
         sites.append(Site(mname, mod, red))
     if unsupported:
-        kinds = ", ".join(c.__name__ for c in REDUCERS)
+        how = ("change filter_fn" if filter_fn is not None else
+               "select the modules with filter_fn=, freeze them (requires_grad=False), or "
+               "restrict params=")
         raise ValueError(
-            f"model: method {method!r} handles {kinds} (with parameter-free activations and "
-            f"containers), but these modules have parameters it cannot handle: "
-            f"{', '.join(unsupported)}. Use method='hutchinson', freeze them "
-            "(requires_grad=False), or restrict params=."
+            f"model: method {method!r} handles {supported_kinds()} (with any other modules in "
+            f"between), but these modules have parameters it cannot handle: "
+            f"{', '.join(unsupported)}. Use method='hutchinson', or {how}."
         )
-    names = [fn for s in sites for fn, _ in s.param_names()
-             if fn in named and (sel is None or fn in sel)]  # not in named: shared elsewhere
+    names = [pname[id(p)] for s in sites for _, p in s.module.named_parameters(recurse=False)
+             if id(p) in pname and (sel is None or pname[id(p)] in sel)]
     if sel is not None:
         bad = [p for p in params if p not in names]
         if bad:
-            raise ValueError(f"params: {bad} do not belong to modules supported by {method!r}")
-    keep = {n.rpartition(".")[0] for n in names}
-    return [s for s in sites if s.name in keep], names
-
+            raise ValueError(f"params: {bad} do not belong to modules supported by {method!r}"
+                             + (" and selected by filter_fn" if filter_fn is not None else ""))
+    keep = {id(p) for p in (named[n] for n in names)}
+    return [s for s in sites if any(id(p) in keep for p in s.module.parameters(recurse=False))], names
