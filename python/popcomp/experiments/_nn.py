@@ -10,8 +10,14 @@ from torch import nn
 from .._model import eval_mode, is_layer
 
 
-def make_mlp(n_in: int, hidden: Sequence[int], n_out: int, dropout: float = 0.0) -> nn.Sequential:
-    """Linear-ReLU(-Dropout) stack: n_in → hidden... → n_out (bu2020 §7 uses 256-256, Dropout 0.2)."""
+def make_mlp(n_in: int, hidden: Sequence[int], n_out: int, dropout: float = 0.0,
+             init: str = "default") -> nn.Sequential:
+    """Linear-ReLU(-Dropout) stack: n_in → hidden... → n_out (bu2020 §7 uses 256-256, Dropout 0.2).
+
+    ``init``: ``"default"`` (torch's Linear initialization) or ``"xavier"`` (Xavier-uniform
+    weights, zero biases, as the paper's code)."""
+    if init not in ("default", "xavier"):
+        raise ValueError(f"init must be 'default' or 'xavier', got {init!r}")
     layers: List[nn.Module] = [nn.Flatten()]
     prev = n_in
     for h in hidden:
@@ -20,6 +26,11 @@ def make_mlp(n_in: int, hidden: Sequence[int], n_out: int, dropout: float = 0.0)
             layers.append(nn.Dropout(dropout))
         prev = h
     layers.append(nn.Linear(prev, n_out))
+    if init == "xavier":
+        for m in layers:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
     return nn.Sequential(*layers)
 
 
