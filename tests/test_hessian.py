@@ -584,3 +584,279 @@ def test_chain_does_not_scale_the_loss_gradient_in_place():
     loss = lambda o, y: (o - y).sum()  # noqa: E731
     h = H.diagonal(model, loss, [(X, Y)], reduction="sum", progress=False)
     assert_close_maps(h, fisher_oracle(model, loss, X, Y))
+
+
+# ---- real-model interfaces: filter_fn, batches, output_fn (issue 16) ---------------------------
+class _KwModel(nn.Module):
+    """A model taking keyword arguments and returning a dict (like a Hugging Face model), with
+    a LayerNorm no method but hutchinson supports."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(5, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x, scale=None):
+        h = self.norm(torch.tanh(self.fc1(x)))
+        if scale is not None:
+            h = h * scale
+        return {"logits": self.fc2(h), "hidden": h}
+
+
+class _Plain(nn.Module):
+    """_KwModel as a plain tensor -> logits model (for the oracles)."""
+
+    def __init__(self, m, scale):
+        super().__init__()
+        self.m, self.scale = m, scale
+
+    def forward(self, x):
+        return self.m(x, scale=self.scale)["logits"]
+
+
+def test_filter_fn_selects_modules_and_leaves_the_others_alone():
+    torch.manual_seed(0)
+    model = _KwModel()
+    X, Y = torch.randn(7, 5), torch.randint(0, 3, (7,))
+    ce = nn.CrossEntropyLoss()
+    with pytest.raises(ValueError, match=r"norm \(LayerNorm\).*filter_fn="):
+        H.diagonal(model, ce, [(X, Y)], progress=False)
+    lin = lambda m, n: isinstance(m, nn.Linear)  # noqa: E731
+    h = H.diagonal(model, ce, [(X, Y)], filter_fn=lin, progress=False)  # default: .logits
+    assert list(h) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    ref = fisher_oracle(_Plain(model, None), ce, X, Y)
+    assert_close_maps(h, {k: ref["m." + k] for k in h})
+    # filter_fn and params both restrict; keys are named_parameters names
+    h2 = H.diagonal(model, ce, [(X, Y)], filter_fn=lambda m, n: n == "fc2", params=["fc2.weight"],
+                    progress=False)
+    assert list(h2) == ["fc2.weight"]
+    torch.testing.assert_close(h2["fc2.weight"], h["fc2.weight"])
+    # a selected module the method cannot handle is named
+    with pytest.raises(ValueError, match=r"norm \(LayerNorm\).*change filter_fn"):
+        H.diagonal(model, ce, [(X, Y)], filter_fn=lambda m, n: n in ("fc1", "norm"), progress=False)
+    with pytest.raises(ValueError, match="filter_fn: nothing"):
+        H.diagonal(model, ce, [(X, Y)], filter_fn=lambda m, n: False, progress=False)
+    with pytest.raises(TypeError, match="filter_fn"):
+        H.HessianAccumulator(model, ce, filter_fn="fc1")
+    # hutchinson takes any selected module
+    hh = H.diagonal(model, ce, [(X, Y)], method="hutchinson", filter_fn=lambda m, n: n == "norm",
+                    progress=False, seed=0)
+    assert list(hh) == ["norm.weight", "norm.bias"]
+
+
+def test_tied_weight_selected_in_one_module_is_refused():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, nn.Flatten(), nn.Linear(8, 4), head)
+    with pytest.raises(ValueError, match=r"0.weight is shared by the modules \['0', '3'\]"):
+        H.HessianAccumulator(model, nn.CrossEntropyLoss(), filter_fn=lambda m, n: n == "3")
+    acc = H.HessianAccumulator(model, nn.CrossEntropyLoss(), filter_fn=lambda m, n: n == "2")
+    assert acc._estimator.names == ["2.weight", "2.bias"]
+
+
+@pytest.mark.parametrize("method", ["fisher", "ggn", "hutchinson"])
+def test_dict_and_tuple_batches_and_structured_outputs(method):
+    torch.manual_seed(1)
+    model = _KwModel()
+    X, Y, S = torch.randn(6, 5), torch.randint(0, 3, (6,)), torch.rand(6, 8) + 0.5
+    ce = nn.CrossEntropyLoss()
+    lin = lambda m, n: isinstance(m, nn.Linear)  # noqa: E731
+    kw = dict(method=method, filter_fn=lin, progress=False, seed=0, num_probes=3)
+    by_dict = H.diagonal(model, ce, [({"x": X[:4], "scale": S[:4]}, Y[:4]),
+                                     ({"x": X[4:], "scale": S[4:]}, Y[4:])], **kw)
+    by_tuple = H.diagonal(model, ce, [((X[:4], S[:4]), Y[:4]), ((X[4:], S[4:]), Y[4:])], **kw)
+    for k in by_dict:
+        torch.testing.assert_close(by_tuple[k], by_dict[k])
+    if method != "ggn":  # a custom loss seeing the whole dict output (the probe slices dicts)
+        by_fn = H.diagonal(
+            model, lambda o, y: nn.functional.cross_entropy(o["logits"], y, reduction="sum"),
+            [({"x": X[:4], "scale": S[:4]}, Y[:4]), ({"x": X[4:], "scale": S[4:]}, Y[4:])],
+            output_fn=lambda o: o, **kw)
+        for k in by_dict:
+            torch.testing.assert_close(by_fn[k], by_dict[k], rtol=1e-5, atol=1e-6)
+    if method == "fisher":
+        ref = {}
+        for s in range(6):  # one sample at a time: its own scale row
+            r = fisher_oracle(_Plain(model, S[s : s + 1]), ce, X[s : s + 1], Y[s : s + 1])
+            ref = {k: ref.get(k, 0) + v for k, v in r.items()}
+        assert_close_maps(by_dict, {k: ref["m." + k] for k in by_dict})
+
+
+def test_output_fn_errors_and_inputs_alone():
+    torch.manual_seed(2)
+
+    class TwoOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return {"a": y, "b": 2 * y}
+
+    model, X = TwoOut(), torch.randn(5, 4)
+    with pytest.raises(TypeError, match=r"output_fn.*a \(5, 3\), b \(5, 3\)"):
+        H.diagonal(model, None, [X], method="ggn", progress=False)
+    with pytest.raises(TypeError, match="output_fn must return a tensor"):
+        H.diagonal(model, None, [X], method="ggn", output_fn=lambda o: o["a"].tolist(), progress=False)
+    # inputs alone: a tensor, a dict, (inputs,): the same label-free diagonal
+    ha = H.diagonal(model, None, [X], method="ggn", output_fn=lambda o: o["a"], progress=False)
+    hb = H.diagonal(model, None, [(X,)], method="ggn", output_fn=lambda o: o["a"], progress=False)
+    hc = H.diagonal(model, None, [{"x": X}], method="ggn", output_fn=lambda o: o["a"], progress=False)
+    hd = H.diagonal(model, None, [X], method="ggn", output_fn=lambda o: o["b"], progress=False)
+    for k in ha:
+        torch.testing.assert_close(hb[k], ha[k])
+        torch.testing.assert_close(hc[k], ha[k])
+        torch.testing.assert_close(hd[k], 4 * ha[k])  # J of 2f: 4 J^T J
+    with pytest.raises(ValueError, match="data must yield"):
+        H.diagonal(model, None, [(X, X, X)], method="ggn", progress=False)
+
+
+# ---- label-free: diag(J^T J) -------------------------------------------------------------------
+def jtj_oracle(model, X):
+    """sum_s diag(J_s^T J_s), J_s the Jacobian of sample s's outputs in the parameters
+    (torch.func.jacrev, float64)."""
+    m = _double(model)
+    params = {n: p.detach() for n, p in m.named_parameters()}
+    res = {n: torch.zeros_like(p) for n, p in params.items()}
+    for s in range(X.shape[0]):
+        f = lambda p: functional_call(m, p, (X[s : s + 1].double(),)).reshape(-1)  # noqa: E731
+        J = torch.func.jacrev(f)(params)
+        for n in res:
+            res[n] += (J[n] ** 2).sum(0)
+    return res
+
+
+def jtj_probe_variance(model, X):
+    """Variance of the one-probe Rademacher estimate per entry, summed over samples:
+    sum_s 2 ((sum_j a_j^2)^2 - sum_j a_j^4), a_j = d f_{s,j} / d w."""
+    m = _double(model)
+    params = {n: p.detach() for n, p in m.named_parameters()}
+    var = {n: torch.zeros_like(p) for n, p in params.items()}
+    for s in range(X.shape[0]):
+        f = lambda p: functional_call(m, p, (X[s : s + 1].double(),)).reshape(-1)  # noqa: E731
+        J = torch.func.jacrev(f)(params)
+        for n in var:
+            a2 = J[n] ** 2
+            var[n] += 2 * (a2.sum(0) ** 2 - (a2**2).sum(0))
+    return var
+
+
+class _Wrap(nn.Module):  # an own forward: takes the generic autograd path
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m(x)
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_label_free_equals_jtj(generic):
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
+    model = _Wrap(net) if generic else net
+    X = torch.randn(9, 4)
+    ref = jtj_oracle(model, X)
+    exact = H.diagonal(model, None, [X[:5], X[5:]], method="ggn", progress=False)
+    assert_close_maps(exact, ref)
+    assert exact.num_samples == 9
+    # probes: unbiased, within the Monte-Carlo standard error computed from the Jacobian
+    M = 200
+    var = jtj_probe_variance(model, X)
+    for method in ("ggn_mc", "fisher"):
+        est = H.diagonal(model, None, [X[:5], X[5:]], method=method, mc_samples=M, seed=1,
+                         progress=False)
+        zs = []
+        for k in ref:
+            se = (var[k] / M).sqrt()
+            d = est[k].double() - ref[k]
+            ok = se > 1e-9 * ref[k].abs().max()
+            assert torch.allclose(d[~ok], torch.zeros_like(d[~ok]), atol=1e-4 * float(ref[k].abs().max()))
+            zs.append(d[ok] / se[ok])
+        z = torch.cat(zs)
+        assert z.abs().max() < 5.5 and 0.3 < float((z**2).mean()) < 2.0, (method, z.abs().max())
+    # hutchinson on the label-free loss: the Hessian at f = f0 is exactly J^T J
+    hh = H.diagonal(model, None, [X], method="hutchinson", num_probes=1000, seed=0, progress=False)
+    assert rel_err(hh, ref) < 0.25
+
+
+def test_zero_fisher_warns_and_label_free_does_not():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5))
+    X = torch.randn(8, 4)
+    with torch.no_grad():
+        Y = model(X)  # "keep the outputs": MSE to the model's own outputs has zero gradient
+    with pytest.warns(UserWarning, match=r"fisher diagonal is \(nearly\) zero.*loss_fn=None"):
+        H.diagonal(model, nn.MSELoss(), [(X, Y)], progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = H.diagonal(model, None, [X], progress=False, seed=0)
+        H.diagonal(model, nn.MSELoss(), [(X, Y + 1)], progress=False)
+    assert all(float(v.min()) >= 0 for v in h.values()) and float(h["0.weight"].sum()) > 0
+
+
+# ---- in-batch losses, wide outputs -----------------------------------------------------------
+def _info_nce(z, partner):
+    """InfoNCE over the batch: sample s's positive is sample partner[s], the others negatives."""
+    zn = nn.functional.normalize(z, dim=1)
+    sim = (zn @ zn.t() / 0.5).masked_fill(torch.eye(z.shape[0], dtype=torch.bool), -1e4)
+    return nn.functional.cross_entropy(sim, partner)
+
+
+def test_in_batch_loss_is_refused_by_per_sample_methods():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    X, Y = torch.randn(6, 4), torch.tensor([1, 0, 3, 2, 5, 4])  # positive pairs
+    # fails on one sample (the issue's raw IndexError), or is neither a sum nor a mean
+    spread = lambda z, y: torch.cdist(z, z).sum()  # noqa: E731
+    for loss, msg in ((_info_nce, "fails on a batch holding one sample"), (spread, "neither")):
+        with pytest.raises(ValueError, match=msg + r".*per-sample losses.*in-batch.*hutchinson"):
+            H.diagonal(model, loss, [(X, Y)], method="fisher", progress=False)
+    # the batch-level estimate: hutchinson with reduction="mean" is B x the batch loss Hessian
+    hh = H.diagonal(model, _info_nce, [(X, Y)], method="hutchinson", reduction="mean",
+                    num_probes=3000, seed=0, progress=False)
+    ref = hessian_diag_oracle(model, _info_nce, X, Y, 6)
+    assert rel_err(hh, ref) < 0.2
+
+
+def test_ggn_on_wide_outputs_warns_with_guidance():
+    model = nn.Sequential(nn.Linear(3, 300))
+    X = torch.randn(2, 3)
+    with pytest.warns(UserWarning, match=r"300 columns per sample.*ggn_mc"):
+        H.diagonal(model, None, [X], method="ggn", progress=False)
+    with pytest.raises(ValueError, match="loss_fn=None with method='ggn_mc'"):
+        H.diagonal(model, None, [X], method="ggn", max_columns=100, progress=False)
+
+
+# ---- hutchinson through fused attention ------------------------------------------------------
+class _Attn(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, 2)
+
+    def forward(self, x):  # (B, T, d)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        a = nn.functional.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1))
+        return self.out(a.squeeze(1).mean(1))
+
+
+def test_hutchinson_through_scaled_dot_product_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(6)
+    model = _Attn()
+    X, Y = torch.randn(4, 5, 8), torch.randint(0, 2, (4,))
+    ce = nn.CrossEntropyLoss()
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = hessian_diag_oracle(model, ce, X, Y, 4)
+    hh = H.diagonal(model, ce, [(X, Y)], method="hutchinson", num_probes=3000, seed=0,
+                    progress=False)
+    assert rel_err(hh, ref) < 0.2
+    c = hh.clamp()
+    assert all(float(v.min()) >= 0 for v in c.values())
+    assert any(float(v.min()) < 0 for v in hh.values())  # the raw estimate is left unclamped
+    for k in hh:
+        torch.testing.assert_close(c[k], hh[k].clamp(min=0))
