@@ -318,7 +318,8 @@ class Hutchinson(Method):
             hz = None
             if n > 1 and self._vmap_ok:
                 try:  # all probes of the chunk in one vmapped double-backward
-                    hz = torch.autograd.grad(gs, ps, zs, retain_graph=not last, allow_unused=True,
+                    # the graph kept: a failed batched backward may have freed part of it
+                    hz = torch.autograd.grad(gs, ps, zs, retain_graph=True, allow_unused=True,
                                              is_grads_batched=True)
                 except RuntimeError:
                     self._vmap_ok = False
