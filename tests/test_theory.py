@@ -401,3 +401,53 @@ def test_suzuki_non_finite_covariance_raises(bad):
               lambda: T.degrees_of_freedom(bad, 0.1)):
         with pytest.raises(ValueError, match="cov_or_eigs"):
             f()
+
+
+def test_suzuki_norm_bounds_paper_definition():
+    # a layer built on the boundary of the paper's class (§4): rows of norm R/√m_out and
+    # ‖b‖_∞ = R_b/√m_out give back exactly (R, R_b); a second, smaller layer does not change them
+    g = torch.Generator().manual_seed(14)
+    R, R_b = 2.5, 0.7
+    big, small = nn.Linear(7, 12), nn.Linear(12, 3)
+    with torch.no_grad():
+        W = torch.randn(12, 7, generator=g)
+        big.weight.copy_(W / W.norm(dim=1, keepdim=True) * R / math.sqrt(12))
+        big.bias.copy_(torch.linspace(-1, 0.5, 12) * R_b / math.sqrt(12))
+        small.weight.mul_(1e-3)
+        small.bias.zero_()
+    nb = T.suzuki_norm_bounds(nn.Sequential(big, nn.ReLU(), small))
+    assert nb["R"] == pytest.approx(R, rel=1e-6) and nb["R_b"] == pytest.approx(R_b, rel=1e-6)
+    op = T.suzuki_norm_bounds([big, small], definition="operator")
+    assert op["R"] == pytest.approx(float(torch.linalg.matrix_norm(big.weight.detach().double(), 2)))
+    assert op["R_b"] == pytest.approx(float(big.bias.detach().double().norm()))
+    with pytest.raises(ValueError, match="definition"):
+        T.suzuki_norm_bounds([big], definition="frobenius")
+    cap = T.spectral_capacity(nn.Sequential(big, nn.ReLU(), small), torch.randn(50, 7, generator=g), ratio=0.5)
+    assert cap["norms"] == "paper" and cap["R"] == pytest.approx(R, rel=1e-6)
+
+
+def test_spectral_prune_reports_theorem1_leverage_constraint():
+    # Σ_{j∈J} τ̃_j⁻¹ <= (5/3) m m♯ (Theorem 1). Units 5..9 of a 10-unit layer carry activations
+    # ~1e-3 of the others, so their leverage scores are tiny: keeping 5 units satisfies the
+    # constraint, keeping 8 forces three tiny units in and violates it (reported and warned).
+    from popcomp.spectral.quantities import leverage_constraint, leverage_scores
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3))
+    with torch.no_grad():
+        m[0].weight[5:] *= 1e-3
+        m[0].bias[5:] *= 1e-3
+    x = torch.randn(400, 6)
+    _, rep = popcomp.spectral_prune(m, [x], widths={"0": 5}, progress=False)
+    l5 = rep.layers[0]
+    assert l5.leverage_ok and l5.leverage_limit == pytest.approx(5 / 3 * 10 * 5)
+    with pytest.warns(UserWarning, match="leverage constraint"):
+        _, rep = popcomp.spectral_prune(m, [x], widths={"0": 8}, progress=False)
+    l8 = rep.layers[0]
+    assert not l8.leverage_ok and l8.leverage_inv_sum > l8.leverage_limit == pytest.approx(5 / 3 * 10 * 8)
+    # against the definition, from the layer's input covariance
+    h = torch.relu(m[0](x)).detach().double()
+    lev = leverage_scores(h.T @ h / h.shape[0], l8.lam)
+    assert l8.leverage_inv_sum == pytest.approx(float((1 / lev[l8.indices]).sum()), rel=1e-6)
+    assert leverage_constraint(torch.tensor([0.5, 0.25, 0.25]), [1, 2]) == (8.0, 5 / 3 * 3 * 2)
+    assert leverage_constraint(torch.tensor([0.5, 0.5, 0.0]), [1, 2]) == (2.0, 5 / 3 * 3 * 2)  # dead unit neglected

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -23,8 +24,8 @@ from .._model import batch_size, eval_mode, get_submodule, input_of, is_layer, p
 from .covariance import CovarianceAccumulator
 from .greedy import check_tau, check_theta, greedy_select
 from .quantities import (
-    DEFAULT_LAMBDA_REL, check_lambda, default_lambda, degrees_of_freedom, eigh, leverage_from_eigh,
-    paper_tau, width_from_lambda,
+    DEFAULT_LAMBDA_REL, check_lambda, default_lambda, degrees_of_freedom, eigh, leverage_constraint,
+    leverage_from_eigh, paper_tau, width_from_lambda,
 )
 from .reconstruct import output_matrix, reconstruction
 from .sites import Site, consumer_weight, rewrite_site, run_batch, structural_sites, units_on_dim1, unsupported
@@ -46,6 +47,15 @@ class LayerReport:
     indices: torch.Tensor
     objective: float
     initial_objective: float
+    # Theorem 1's constraint on the chosen units J: Σ_{j∈J} τ̃_j⁻¹ <= (5/3) m m♯ (τ̃: leverage
+    # scores at λ); checked, not enforced: a violation is reported here and warned about
+    leverage_inv_sum: float = float("nan")
+    leverage_limit: float = float("nan")
+
+    @property
+    def leverage_ok(self) -> bool:
+        """Whether the selection satisfies Theorem 1's leverage constraint."""
+        return bool(self.leverage_inv_sum <= self.leverage_limit)
 
 
 @dataclasses.dataclass
@@ -56,7 +66,9 @@ class PruneReport:
     params_before / params_after: parameter counts. flops_before / flops_after: 2 x the
     multiply-adds of the Linear/Conv2d layers per sample. relative_error:
     ``||f - f#||_n / ||f||_n`` over the data. layers: per-layer details (lambda, N(lambda),
-    the chosen indices in order, the objective before/after the selection).
+    the chosen indices in order, the objective before/after the selection, Theorem 1's leverage
+    constraint Σ_{j∈J} τ̃_j⁻¹ <= (5/3) m m♯ as ``leverage_inv_sum`` / ``leverage_limit`` /
+    ``leverage_ok``).
     """
 
     widths_before: Dict[str, int]
@@ -390,8 +402,13 @@ def spectral_prune(
         Z = _output_matrix(work, p, plans, chosen, procedure) if output_aware and theta < 1.0 else None
         res = greedy_select(p.cov, p.width, tau=t, theta=theta, Z=Z)
         chosen[s.name] = (res.indices, reconstruction(p.cov, res.indices, t))
+        inv_sum, limit = leverage_constraint(p.leverage, res.indices, p.width)
+        if not inv_sum <= limit:
+            warnings.warn(f"spectral_prune: layer '{s.name}': the chosen units violate Theorem 1's "
+                          f"leverage constraint sum(1/tau~_j) = {inv_sum:.4g} > (5/3) m m# = {limit:.4g}; "
+                          "the theorem's error bound does not apply to this selection", stacklevel=2)
         reports[s.name] = LayerReport(s.name, s.m, p.width, p.lam, p.dof, res.indices.cpu(),
-                                      float(res.objective[-1]), res.initial_objective)
+                                      float(res.objective[-1]), res.initial_objective, inv_sum, limit)
 
     for s in active:  # the copy's modules have their own modes again: the new ones take them
         rewrite_site(work, s, *chosen[s.name])

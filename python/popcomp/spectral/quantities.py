@@ -26,10 +26,11 @@ __all__ = [
     "DEFAULT_LAMBDA_REL", "EQ3_C1", "EQ3_C2", "check_covariance", "check_lambda", "eigh",
     "eigenvalues", "shrinkage", "degrees_of_freedom", "output_degrees_of_freedom",
     "leverage_scores", "leverage_from_eigh", "width_from_lambda", "lambda_from_width",
-    "default_lambda", "paper_tau", "default_tau",
+    "default_lambda", "paper_tau", "default_tau", "LEVERAGE_CONSTRAINT", "leverage_constraint",
 ]
 
 DEFAULT_LAMBDA_REL = 1e-6  # the paper's λ = 1e-6 Tr Σ (sec. 5)
+LEVERAGE_CONSTRAINT = 5.0 / 3.0  # Theorem 1: Σ_{j∈J} τ̃_j⁻¹ <= (5/3) m m♯
 EQ3_C1 = 5.0  # eq. (3): m♯ >= c1 N(λ) log(c2 N(λ))
 EQ3_C2 = 80.0
 
@@ -238,3 +239,20 @@ def default_tau(cov, width: int, lam: Optional[float] = None,
     if lam is None:
         lam = default_lambda(cov, lam_rel)
     return paper_tau(width, lam, leverage_scores(cov, lam))
+
+
+def leverage_constraint(leverage: torch.Tensor, indices, width: Optional[int] = None) -> Tuple[float, float]:
+    """Theorem 1's constraint on the chosen units J: ``(Σ_{j∈J} τ̃_j⁻¹, (5/3) m m♯)``, with m the
+    layer's width (``leverage.numel()``) and m♯ = ``width`` (default ``len(indices)``). The
+    selection satisfies the theorem's assumption when the first is <= the second. Units with
+    τ̃_j = 0 (up to 1e-12 of the largest score: units that never activate on the data) are
+    left out of the sum, as the paper says ("we just need to neglect such a node")."""
+    lev = leverage.detach().to(torch.float64).flatten()
+    idx = torch.as_tensor(indices, dtype=torch.long, device=lev.device).flatten()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= lev.numel()):
+        raise ValueError(f"indices must lie in 0..{lev.numel() - 1}")
+    t = lev[idx]
+    t = t[t > 1e-12 * float(lev.max())] if lev.numel() else t
+    total = float((1.0 / t).sum())
+    m_sharp = int(idx.numel() if width is None else width)
+    return total, LEVERAGE_CONSTRAINT * lev.numel() * m_sharp

@@ -22,7 +22,8 @@ from .zhang2020 import _default_gamma, mlp_cushions, spectral_norm
 
 __all__ = [
     "degrees_of_freedom", "lambda_for_width", "width_for_lambda", "suzuki_delta2",
-    "suzuki_bias_proxy", "layer_covariances", "spectral_capacity", "intrinsic_dimensionality_table",
+    "suzuki_bias_proxy", "suzuki_norm_bounds", "layer_covariances", "spectral_capacity",
+    "intrinsic_dimensionality_table",
 ]
 
 
@@ -60,8 +61,9 @@ def suzuki_delta2(widths: Sequence[int], n: int, R: float, R_b: float, D_x: floa
         R̂_∞ = min{R̄^L D_x + Σ_ℓ R̄^{L−ℓ} R̄_b, M},  Ĝ = L R̄^{L−1} D_x + Σ_ℓ R̄^{L−ℓ},
         R̄ = √ĉ R, R̄_b = √ĉ R_b, log₊(x) = max{1, log x}.
 
-    R bounds the layers' operator norms, R_b their bias norms, D_x the input norm; ĉ (the
-    constant of Theorem 1) defaults to 1, so δ₂ is stated up to that constant.
+    R and R_b are the norm bounds of the paper's model class (§4: max_j ‖W_{j,:}‖ ≤ R/√m_{ℓ+1},
+    ‖b‖_∞ ≤ R_b/√m_{ℓ+1}; :func:`suzuki_norm_bounds` measures them), D_x bounds the input norm;
+    ĉ (the constant of Theorem 1) defaults to 1, so δ₂ is stated up to that constant.
     """
     w = [int(v) for v in widths]
     if len(w) < 2 or min(w) < 1:
@@ -73,6 +75,38 @@ def suzuki_delta2(widths: Sequence[int], n: int, R: float, R_b: float, D_x: floa
     arg = 1.0 + 4.0 * G * max(Rb, Rbb) / Rinf if Rinf > 0 else float("inf")
     logp = max(1.0, math.log(arg))
     return math.sqrt(sum(w[l] * w[l + 1] for l in range(L)) / n * logp)
+
+
+def suzuki_norm_bounds(model_or_layers, definition: str = "paper") -> Dict[str, float]:
+    """The smallest R, R_b for which the network lies in suzuki2020's norm-constrained class.
+
+    ``"paper"`` (§4's definition of 𝓕): R = max_ℓ √m_{ℓ+1} max_j ‖W⁽ℓ⁾_{j,:}‖ and
+    R_b = max_ℓ √m_{ℓ+1} ‖b⁽ℓ⁾‖_∞, with m_{ℓ+1} the layer's output width and W_{j,:} the weights
+    of output unit j (for a convolution: its flattened filter). ``"operator"``: R = the largest
+    spectral norm ‖W⁽ℓ⁾‖₂ and R_b = the largest ‖b⁽ℓ⁾‖₂ (this package's earlier choice, kept
+    as an option). ``model_or_layers``: a model (its Linear/Conv layers) or a list of layers.
+    Returns ``{"R", "R_b"}``.
+    """
+    layers = ([m for _, m in weight_layers(model_or_layers)] if isinstance(model_or_layers, nn.Module)
+              else list(model_or_layers))
+    if not layers:
+        raise ValueError("model_or_layers has no Linear/Conv layer")
+    if definition not in ("paper", "operator"):
+        raise ValueError(f"definition must be 'paper' or 'operator', got {definition!r}")
+    R = R_b = 0.0
+    for m in layers:
+        W = m.weight.detach().to(torch.float64)
+        b = m.bias.detach().to(torch.float64) if m.bias is not None else None
+        if definition == "paper":
+            s = math.sqrt(W.shape[0])
+            R = max(R, s * float(W.flatten(1).norm(dim=1).max()))
+            if b is not None and b.numel():
+                R_b = max(R_b, s * float(b.abs().max()))
+        else:
+            R = max(R, spectral_norm(W))
+            if b is not None:
+                R_b = max(R_b, float(b.norm()))
+    return {"R": R, "R_b": R_b}
 
 
 def suzuki_bias_proxy(lams: Iterable[float]) -> float:
@@ -133,14 +167,14 @@ def layer_covariances(model: nn.Module, data, max_batches: Optional[int] = None,
 
 def spectral_capacity(model: nn.Module, data, widths: Optional[Sequence[int]] = None,
                       ratio: Optional[float] = None, n: Optional[int] = None,
-                      lam_factor: Optional[float] = None) -> Dict[str, object]:
+                      lam_factor: Optional[float] = None, norms: str = "paper") -> Dict[str, object]:
     """suzuki2020 Theorem 2 for an MLP/CNN and chosen widths of its hidden layers.
 
     The hidden widths (the inputs of layers 2..L) are ``widths`` or ``ratio``·original, or chosen
     from λ_ℓ = ``lam_factor``·Tr Σ̂_ℓ (default 1e-6) by eq. (3). Returns per layer the eigenvalues,
-    λ_ℓ (eq. 3), N̂_ℓ(λ_ℓ), and the totals: the bias proxy Σ√λ_ℓ, δ₂ (with R = max ‖A‖₂,
-    R_b = max ‖b‖, D_x = max ‖x‖, ĉ = 1), and the VC-like term √(Σ m_ℓ m_{ℓ+1}/n) of the
-    uncompressed network.
+    λ_ℓ (eq. 3), N̂_ℓ(λ_ℓ), and the totals: the bias proxy Σ√λ_ℓ, δ₂ (with R, R_b of
+    :func:`suzuki_norm_bounds` by the definition ``norms``, "paper" by default, D_x = max ‖x‖,
+    ĉ = 1), and the VC-like term √(Σ m_ℓ m_{ℓ+1}/n) of the uncompressed network.
     """
     covs = layer_covariances(model, data)
     hidden = covs[1:]
@@ -163,10 +197,8 @@ def spectral_capacity(model: nn.Module, data, widths: Optional[Sequence[int]] = 
         new_w.append(w)
         rows.append({"layer": c["layer"], "width": m, "width_pruned": w, "lambda": lam,
                      "dof": Q.degrees_of_freedom(mu, lam), "eigs": mu.flip(0)})
-    ws = [l["module"].weight for l in covs]
-    R = max(spectral_norm(w) for w in ws)
-    R_b = max(float(l["module"].bias.detach().norm()) if l["module"].bias is not None else 0.0
-              for l in covs)
+    nb = suzuki_norm_bounds([l["module"] for l in covs], norms)
+    R, R_b = nb["R"], nb["R_b"]
     D_x = covs[0]["max_input_norm"]
     n = int(n if n is not None else covs[0]["n_inputs"])
     first_in = covs[0]["cov"].shape[0]
@@ -178,7 +210,8 @@ def spectral_capacity(model: nn.Module, data, widths: Optional[Sequence[int]] = 
         "delta2": suzuki_delta2(pruned, n, R, R_b, D_x),
         "delta2_original": suzuki_delta2(orig, n, R, R_b, D_x),
         "vc_term_original": math.sqrt(sum(orig[i] * orig[i + 1] for i in range(len(orig) - 1)) / n),
-        "widths_original": orig, "widths_pruned": pruned, "R": R, "R_b": R_b, "D_x": D_x, "n": n,
+        "widths_original": orig, "widths_pruned": pruned, "R": R, "R_b": R_b, "norms": norms,
+        "D_x": D_x, "n": n,
     }
 
 
