@@ -262,9 +262,9 @@ class SampleScale:
     """``scale(out, targets, B)``: the factor (B for a mean, 1 for a sum) that makes
     ``scale * loss_fn(out, targets)`` the sum of the per-sample losses. The reduction is the
     one given, else ``loss_fn.reduction``, else probed on the first batch (and kept). For a
-    per-sample method (``per_sample``) the first batch with several samples also checks that
-    ``loss_fn`` can be evaluated on one sample (an in-batch loss cannot). The label-free loss
-    (``loss_fn`` None) is a sum."""
+    per-sample method (``per_sample``) the first batch with several samples also checks that a
+    ``loss_fn`` other than torch's own losses can be evaluated on one sample (an in-batch loss
+    cannot). The label-free loss (``loss_fn`` None) is a sum."""
 
     def __init__(self, loss_fn: Optional[Callable], reduction: Optional[str] = None,
                  per_sample: bool = False, method: str = "this method"):
@@ -272,7 +272,9 @@ class SampleScale:
         self.reduction = reduction
         self.per_sample = per_sample
         self.method = method
-        self._checked = loss_fn is None or not per_sample
+        # torch's own losses are per-sample by construction (given their reduction)
+        self._checked = loss_fn is None or not per_sample or isinstance(
+            loss_fn, nn.modules.loss._Loss)
 
     def __call__(self, out: Any, targets: Any, B: int) -> float:
         if self.loss_fn is None:

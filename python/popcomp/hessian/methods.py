@@ -12,6 +12,10 @@ loss gradient, or a factor of the per-sample loss Hessian from :mod:`.losses`) a
 each accumulated module's output -- by the hand-written :class:`~.chain.Chain` when the model is
 a plain Sequential, by autograd (:mod:`.generic`) otherwise -- and reduced there with the
 module's input by its reducer (:mod:`.modules`).
+
+Without a loss (``loss_fn=None``, label-free) :data:`LABEL_FREE` picks the estimator of each
+method name: the loss factor is the identity (:class:`~.losses.OutputFactor`) and "fisher" is
+its sampled form (the empirical Fisher of a loss at its own outputs is zero).
 """
 from __future__ import annotations
 
