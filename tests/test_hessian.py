@@ -710,6 +710,30 @@ def test_output_fn_errors_and_inputs_alone():
         torch.testing.assert_close(hd[k], 4 * ha[k])  # J of 2f: 4 J^T J
     with pytest.raises(ValueError, match="data must yield"):
         H.diagonal(model, None, [(X, X, X)], method="ggn", progress=False)
+    # a ModelOutput-like dataclass: its only tensor (None fields ignored); update() without target
+    import dataclasses
+    from typing import Optional
+
+    @dataclasses.dataclass
+    class Out:
+        hidden: torch.Tensor
+        attentions: Optional[torch.Tensor] = None
+
+    class DC(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return Out(self.inner(x)["a"])
+
+    acc = H.HessianAccumulator(DC(model), None, "ggn")
+    acc.update(X[:2])
+    acc.update(X[2:])
+    he = acc.result()
+    assert he.num_samples == 5
+    for k in ha:
+        torch.testing.assert_close(he["inner." + k], ha[k])
 
 
 # ---- label-free: diag(J^T J) -------------------------------------------------------------------
