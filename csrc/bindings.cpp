@@ -270,37 +270,41 @@ PYBIND11_MODULE(_C, m) {
       py::arg("n_iter"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>());
 #if defined(POPCOMP_WITH_CUDA)
   m.def("kmeans1d_cuda_workspace",
-        [](int64_t rows, int64_t n, int k, int method, int x_dtype, int device) {
+        [](int64_t rows, int64_t n, int k, int method, int x_dtype, int device, size_t dp_budget) {
           auto p = kmeans_params(rows, n, k, 0.0, method, 0, 0, 1, 0.0, 0, x_dtype, x_dtype);
           kmeans::check_params(p, "kmeans1d_cuda_workspace");
-          return kmeans::cuda_workspace_bytes(p, device);
+          return kmeans::cuda_workspace_bytes(p, device, dp_budget);
         },
         py::arg("rows"), py::arg("n"), py::arg("k"), py::arg("method"), py::arg("x_dtype"),
-        py::arg("device") = -1);
+        py::arg("device") = -1, py::arg("dp_budget") = kmeans::kCudaDpBudget);
   m.def(
       "kmeans1d_cuda",
       [](uintptr_t x, uintptr_t w, int x_dtype, int w_dtype, int64_t rows, int64_t n, int k,
          double beta, int method, int init, int diameter, int max_iter, double tol,
          uint64_t seed, uintptr_t init_centers, uintptr_t centers, uintptr_t labels,
          uintptr_t cost, uintptr_t n_iter, uintptr_t workspace, size_t workspace_bytes,
-         int device, uintptr_t stream) {
+         int device, uintptr_t stream, size_t dp_budget) {
         const char* fn = "kmeans1d_cuda";
         check_device(fn, device);
         check_workspace(fn, workspace, workspace_bytes, 0);  // its size: run_cuda, from the plan
         auto p = kmeans_params(rows, n, k, beta, method, init, diameter, max_iter, tol, seed,
                                x_dtype, w_dtype);
         kmeans::run_cuda(p, kmeans_buffers(x, w, init_centers, centers, labels, cost, n_iter),
-                         ptr<void>(workspace), workspace_bytes, device, ptr<void>(stream));
+                         ptr<void>(workspace), workspace_bytes, device, ptr<void>(stream),
+                         dp_budget);
       },
       py::arg("x"), py::arg("w"), py::arg("x_dtype"), py::arg("w_dtype"), py::arg("rows"),
       py::arg("n"), py::arg("k"), py::arg("beta"), py::arg("method"), py::arg("init"),
       py::arg("diameter"), py::arg("max_iter"), py::arg("tol"), py::arg("seed"),
       py::arg("init_centers"), py::arg("centers"), py::arg("labels"), py::arg("cost"),
       py::arg("n_iter"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"),
-      py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+      py::arg("stream"), py::arg("dp_budget") = kmeans::kCudaDpBudget,
+      py::call_guard<py::gil_scoped_release>());
 #endif
 
   // ---- fused squared per-sample gradients (Fisher / GGN diagonal) -----------------------
+  // the workspace sumsq_outer_cuda's caller passes (popcomp/ops/backends/cuda/sumsq_outer_acc.py)
+  m.attr("sumsq_outer_cuda_workspace_bytes") = hessian::kSumSqWorkspace;
   // acc[o,i] += sum_b sum_r (sum_t g[b,r,t,o] x[b,t,i])^2; strides in elements.
   auto sumsq_params = [](int64_t B, int64_t R, int64_t T, int64_t out, int64_t in,
                          py::tuple gs, py::tuple xs, int g_dtype, int x_dtype) {
@@ -330,18 +334,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("sumsq_outer_cuda",
         [sumsq_params](uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R, int64_t T,
                        int64_t out, int64_t in, py::tuple gs, py::tuple xs, int g_dtype,
-                       int x_dtype, int device, uintptr_t stream) {
+                       int x_dtype, int device, uintptr_t stream, uintptr_t workspace,
+                       size_t workspace_bytes) {
           check_sumsq("sumsq_outer_cuda", g, x, acc, B, R, T, out, in, gs, xs, g_dtype, x_dtype);
           check_device("sumsq_outer_cuda", device);
+          // any size (null and 0 too): the splits that fit, one pass without room for two
           auto p = sumsq_params(B, R, T, out, in, gs, xs, g_dtype, x_dtype);
           py::gil_scoped_release release;
           hessian::sumsq_outer_cuda(p, ptr<const void>(g), ptr<const void>(x), ptr<float>(acc),
-                                    device, ptr<void>(stream));
+                                    ptr<void>(workspace), workspace_bytes, device,
+                                    ptr<void>(stream));
         },
         py::arg("g"), py::arg("x"), py::arg("acc"), py::arg("B"), py::arg("R"), py::arg("T"),
         py::arg("out_features"), py::arg("in_features"), py::arg("g_strides"),
         py::arg("x_strides"), py::arg("g_dtype"), py::arg("x_dtype"), py::arg("device"),
-        py::arg("stream"));
+        py::arg("stream"), py::arg("workspace") = 0, py::arg("workspace_bytes") = 0);
 #endif
 
   // ---- spectral pruning: covariance accumulation and greedy selection --------------------

@@ -33,8 +33,13 @@ void sumsq_outer_cpu(const SumSqParams& p, const void* g, const void* x, float* 
 
 // CUDA backend: one thread block per 64x64 output tile, samples looped inside the block, the
 // per-sample product squared in registers. Enqueued on `stream` of `device`; no allocation.
-void sumsq_outer_cuda(const SumSqParams& p, const void* g, const void* x, float* acc, int device,
-                      void* stream);
+// workspace (device memory, may be null): room for the per-split partial sums (out x in floats
+// each) when samples are split to fill the GPU; they are added in a fixed order, so repeated
+// runs are bit-identical. With kSumSqWorkspace bytes, as many splits as fill a GPU of up to ~128
+// SMs (fewer with less).
+constexpr size_t kSumSqWorkspace = size_t(16) << 20;
+void sumsq_outer_cuda(const SumSqParams& p, const void* g, const void* x, float* acc,
+                      void* workspace, size_t workspace_bytes, int device, void* stream);
 
 }  // namespace hessian
 }  // namespace popcomp

@@ -8,8 +8,11 @@
 //           time (a GEMM over samples on squared operands);
 //   T  > 1: for each (b, r) the 4 x 4 per-sample product M = sum_t g x^T is built in registers
 //           from 16-position shared-memory chunks, then squared into the accumulator registers.
-// When the output has too few tiles to fill the GPU, samples are split over gridDim.z and the
-// partial tiles are combined with atomicAdd. No scratch memory; every launch on `stream`.
+// When the output has too few tiles to fill the GPU, samples are split over gridDim.z: split z
+// stores its partial tiles in slab z of the caller's workspace, and a second kernel adds the
+// slabs into acc in split order (no atomics: repeated runs on one device are bit-identical).
+// At most as many splits as the workspace holds slabs (one split, written straight into acc,
+// when it holds fewer than two). Every launch on `stream`; no host synchronization.
 #include <algorithm>
 
 #include "common/cuda_utils.cuh"
@@ -118,7 +121,8 @@ __device__ __forceinline__ void tile_sumsq(const SumSqParams& p, const void* __r
       }
     }
   }
-  const bool atomic = gridDim.z > 1;
+  // one split: add into acc; several: store into this split's slab (acc points at it)
+  const bool slab = gridDim.z > 1;
 #pragma unroll
   for (int u = 0; u < 4; ++u) {
     const int o = ty + 16 * u;
@@ -128,12 +132,13 @@ __device__ __forceinline__ void tile_sumsq(const SumSqParams& p, const void* __r
       const int i = tx + 16 * v;
       if (i >= ni) continue;
       float* dst = acc + (o0 + o) * p.in + (i0 + i);
-      if (atomic) atomicAdd(dst, a[u][v]);
+      if (slab) *dst = a[u][v];
       else *dst += a[u][v];
     }
   }
 }
 
+// acc, or with several splits the slabs (split z at slabs + z * out * in).
 __global__ void __launch_bounds__(THREADS)
 sumsq_outer_kernel(SumSqParams p, const void* __restrict__ g, const void* __restrict__ x,
                    float* __restrict__ acc, int64_t samples_per_split) {
@@ -143,17 +148,29 @@ sumsq_outer_kernel(SumSqParams p, const void* __restrict__ g, const void* __rest
   const int64_t b_begin = (int64_t)blockIdx.z * samples_per_split;
   const int64_t b_end = min(p.B, b_begin + samples_per_split);
   const int64_t tiles = output_tiles(p.out, p.in, TILE);
+  float* dst = gridDim.z > 1 ? acc + (int64_t)blockIdx.z * p.out * p.in : acc;
   // t is uniform over the block: the __syncthreads() below are reached by every thread
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
     const OutputTile ot = output_tile(t, p.out, p.in, TILE);
-    tile_sumsq(p, g, x, acc, sa, sb, ot.o0, ot.i0, ot.no, ot.ni, ty, tx, b_begin, b_end);
+    tile_sumsq(p, g, x, dst, sa, sb, ot.o0, ot.i0, ot.no, ot.ni, ty, tx, b_begin, b_end);
+  }
+}
+
+// acc[e] += the splits' partials of element e, added in split order.
+__global__ void sumsq_reduce_kernel(const float* __restrict__ slabs, int64_t elems, int64_t splits,
+                                    float* __restrict__ acc) {
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < elems;
+       e += (int64_t)gridDim.x * blockDim.x) {
+    float s = slabs[e];
+    for (int64_t z = 1; z < splits; ++z) s += slabs[z * elems + e];
+    acc[e] += s;
   }
 }
 
 }  // namespace
 
-void sumsq_outer_cuda(const SumSqParams& p, const void* g, const void* x, float* acc, int device,
-                      void* stream) {
+void sumsq_outer_cuda(const SumSqParams& p, const void* g, const void* x, float* acc,
+                      void* workspace, size_t workspace_bytes, int device, void* stream) {
   if (p.B <= 0 || p.R <= 0 || p.T <= 0 || p.out <= 0 || p.in <= 0) return;
   DeviceGuard guard(device);
   int sms = 0;
@@ -165,11 +182,21 @@ void sumsq_outer_cuda(const SumSqParams& p, const void* g, const void* x, float*
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>((4LL * sms + tiles - 1) / tiles,
                                                           ceil_div(p.B, min_per)));
   splits = std::min<int64_t>(splits, 65535);
+  const int64_t elems = p.out * p.in;
+  const int64_t slabs = workspace != nullptr ? (int64_t)(workspace_bytes / (sizeof(float) * elems)) : 0;
+  splits = std::max<int64_t>(1, std::min(splits, slabs));  // as many as the workspace holds
   const int64_t per = ceil_div(p.B, splits);
   splits = ceil_div(p.B, per);
+  cudaStream_t st = as_stream(stream);
   dim3 grid((unsigned)output_tile_blocks(tiles), 1u, (unsigned)splits);
-  sumsq_outer_kernel<<<grid, THREADS, 0, as_stream(stream)>>>(p, g, x, acc, per);
+  float* dst = splits > 1 ? static_cast<float*>(workspace) : acc;
+  sumsq_outer_kernel<<<grid, THREADS, 0, st>>>(p, g, x, dst, per);
   PC_CUDA_CHECK(cudaGetLastError());
+  if (splits > 1) {
+    const int64_t blocks = std::min<int64_t>(ceil_div(elems, THREADS), 4LL * sms);
+    sumsq_reduce_kernel<<<(unsigned)blocks, THREADS, 0, st>>>(dst, elems, splits, acc);
+    PC_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 }  // namespace hessian

@@ -4,7 +4,9 @@
 //
 // Data layout (all problems packed): problem r has u_r = ustart[r+1] - ustart[r] sorted
 // distinct values at vs[ustart[r] ..), and prefix sums s0/s1/s2 of length u_r + 1 at
-// S*[ustart[r] + r ..) (one extra leading zero per problem).
+// S*[ustart[r] + r ..) (one extra leading zero per problem). The DP runs on chunks of
+// consecutive problems [r0, r1) (as many as the DP workspace budget holds): its D and argmin
+// arrays are indexed from the chunk's first value, ustart[r0] (the "local base").
 #pragma once
 #include <cstdint>
 
@@ -45,20 +47,23 @@ PC_HD int dp_levels(int64_t ucap) {
 
 struct DpNode {
   Prefix P;
-  int64_t base, mid, clo, hc;
+  int64_t base, lbase, mid, clo, hc;  // base: ustart[r]; lbase: base - ustart[r0]
 };
 
-// Node t of recursion level L of problem r = id >> L in layer m (rows [m, u-1] of the layer).
+// Node t of recursion level L of problem r = r0 + (id >> L) in layer m (rows [m, u-1] of the
+// layer).
 // Mirrors the reference: mid = (lo + hi) / 2; left child [lo, mid-1] with columns
 // [clo, J(mid)], right child [mid+1, hi] with columns [J(mid), chi]; so clo = J(lo-1),
 // chi = J(hi+1) (layer bounds at the ends), and the evaluated columns are [clo, min(chi, mid)].
 // Jm holds the argmins of layer m, indexed like vs; rows lo-1 and hi+1 are mids of earlier
-// levels. False when the node does not exist (empty range, or k >= u: no DP for problem r).
+// levels; Jm is indexed from the chunk's local base. False when the node does not exist
+// (empty range, or k >= u: no DP for problem r).
 PC_HD bool dp_node(const RowData& d, const int32_t* Jm, int k, int m, int L, int64_t id,
-                   DpNode& nd) {
-  const int64_t r = id >> L;
+                   DpNode& nd, int64_t r0 = 0) {
+  const int64_t r = r0 + (id >> L);
   const int64_t t = id & (((int64_t)1 << L) - 1);
   nd.P = row_prefix(d, r, &nd.base);
+  nd.lbase = nd.base - d.ustart[r0];
   const int64_t u = nd.P.u;
   if ((int64_t)k >= u) return false;
   int64_t lo = m, hi = u - 1;
@@ -70,20 +75,41 @@ PC_HD bool dp_node(const RowData& d, const int32_t* Jm, int k, int m, int L, int
   }
   if (lo > hi) return false;
   nd.mid = (lo + hi) >> 1;
-  nd.clo = lo > m ? (int64_t)Jm[nd.base + lo - 1] : (int64_t)m;
-  const int64_t chi = hi < u - 1 ? (int64_t)Jm[nd.base + hi + 1] : u - 1;
+  nd.clo = lo > m ? (int64_t)Jm[nd.lbase + lo - 1] : (int64_t)m;
+  const int64_t chi = hi < u - 1 ? (int64_t)Jm[nd.lbase + hi + 1] : u - 1;
   nd.hc = chi < nd.mid ? chi : nd.mid;
   return true;
 }
 
-// D_{m-1}(j-1) + cost of the cluster [j, mid] (Dp indexed like vs).
+// D_{m-1}(j-1) + cost of the cluster [j, mid] (Dp indexed from the chunk's local base).
 PC_HD double dp_val(const DpNode& nd, const double* Dp, int64_t j) {
-  return Dp[nd.base + j - 1] + seg_cost(nd.P, j, nd.mid + 1);
+  return Dp[nd.lbase + j - 1] + seg_cost(nd.P, j, nd.mid + 1);
 }
 
 // (val, j) lexicographic: smaller value, ties to the smaller column.
 PC_HD bool dp_better(double v1, int64_t j1, double v2, int64_t j2) {
   return v1 < v2 || (v1 == v2 && j1 < j2);
+}
+
+// Problems per DP chunk: as many as fit `budget` bytes at dp_row_bytes each (at least one).
+PC_HD int64_t dp_chunk_rows(int64_t rows, int64_t row_bytes, int64_t budget) {
+  int64_t c = row_bytes > 0 ? budget / row_bytes : rows;
+  if (c < 1) c = 1;
+  return c < rows ? c : rows;
+}
+
+// The boundaries B[0..k] of the optimal k-partition of a problem with u > k distinct values,
+// from the argmins of layers 1..k-1 (layer m at J + (m-1) * Uc, indexed from the local base).
+PC_HD void dp_backtrack(const int32_t* J, int64_t Uc, int64_t lbase, int64_t u, int k,
+                        int64_t* B) {
+  B[k] = u;
+  int64_t i = u - 1;
+  for (int m = k - 1; m >= 1; --m) {
+    const int64_t j = J[(int64_t)(m - 1) * Uc + lbase + i];
+    B[m] = j;
+    i = j - 1;
+  }
+  B[0] = 0;
 }
 
 }  // namespace kmeans

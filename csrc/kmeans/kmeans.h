@@ -79,12 +79,16 @@ inline void check_args(const Params& p, const Buffers& b, const char* fn) {
 
 Result run_cpu(const Params& p, const Buffers& b, int num_threads);
 
-// CUDA backend. `workspace` must hold cuda_workspace_bytes(p, device) bytes of device memory
-// (the CUB scratch sizes are queried on `device`; -1: the current device).
+// CUDA backend. `workspace` must hold cuda_workspace_bytes(p, device, dp_budget) bytes of
+// device memory (the CUB scratch sizes are queried on `device`; -1: the current device).
 // All work is enqueued on `stream` (a cudaStream_t) of `device`; nothing synchronizes the host.
-size_t cuda_workspace_bytes(const Params& p, int device = -1);
+// dp_budget: bytes of the exact DP's workspace (its argmins, (k-1) x 4 bytes per distinct value
+// of a row, and two layers of D): rows are solved in chunks that fit it; a single row that
+// needs more is solved alone (its need is the floor of the workspace).
+constexpr size_t kCudaDpBudget = size_t(1) << 30;
+size_t cuda_workspace_bytes(const Params& p, int device = -1, size_t dp_budget = kCudaDpBudget);
 void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspace_bytes,
-              int device, void* stream);
+              int device, void* stream, size_t dp_budget = kCudaDpBudget);
 
 }  // namespace kmeans
 }  // namespace popcomp

@@ -1,16 +1,27 @@
 // CUDA backend of weighted 1-D K-means (HW / DRHW K-means, Bu et al. 2020 eqs. 27, 31).
 //
-// Pipeline (all rows at once, everything enqueued on the caller's stream, no host sync):
-//   A. order-preserving keys (-0.0 folded into +0.0) -> sort per row (CUB radix / segmented
-//      sort, weights as values) -> run heads -> inclusive scan -> run starts; weights of
-//      equal values summed by cub::DeviceReduce::ReduceByKey (keyed by run id).
+// Pipeline (all rows at once, everything enqueued on the caller's stream, no host sync: no
+// CUB entry point that copies to the host, no cudaMemcpy or stream synchronization):
+//   A. order-preserving keys (-0.0 folded into +0.0) -> stable CUB radix sort by (row, key):
+//      one row: the keys; several rows of 16/32-bit keys: composite 64-bit keys
+//      (row << key bits | key); several rows of float64 keys (64 + row bits do not fit 64): two
+//      stable passes, by key carrying the element index, then by row (the index's row)
+//      carrying the index, and a gather of keys and weights -> run heads -> inclusive scan
+//      (integers) -> run starts; the weights of equal values summed in a fixed order
+//      (fixed_sums.h: pieces of kSumChunk elements from the run's start, then the pieces).
 //   B. per run: value, row; per row: u, shift = v[u/2]; shifted values and the prefix sums
-//      s0, s1, s2 (length u+1 per row) by one cub::DeviceScan::InclusiveScanByKey.
+//      s0, s1, s2 (length u+1 per row) in a fixed order (fixed_sums.h: chunks of kSumChunk
+//      values, chunk offsets per row in sequence). Bit-identical run to run, and equal to the
+//      CPU's sequential sums for rows of at most kSumChunk distinct values.
 //   C. method exact: the DP  D_m(i) = min_{m<=j<=i} D_{m-1}(j-1) + seg_cost(j, i+1)  per
 //      layer by the monotone-argmin divide and conquer of the reference (same recursion:
 //      mid = (lo+hi)/2, columns [clo, min(chi, mid)], ties -> smallest j), evaluated level by
-//      level for all rows at once; one launch per (layer, level) with a thread, a warp or
-//      several warps (partials reduced in order) per node depending on the node width.
+//      level for a chunk of rows at once (as many as the DP budget holds; one row at least);
+//      one launch per (chunk, layer, level): where nodes are many, a warp per 32 nodes, each
+//      node scanned by its lane when at most kNarrow columns wide, by the whole warp otherwise
+//      (the width of the node itself decides); where nodes are few, several warps per node
+//      (partials reduced in order). The boundaries are backtracked per chunk into the rows'
+//      scratch, so the argmin arrays hold one chunk only.
 //   D. one warp per problem: k >= u / exact boundaries / init (lane 0), lloyd with the
 //      assignment searches spread over the lanes (same results as kmeans_math.h's lloyd),
 //      then unshift and midpoints.
@@ -18,9 +29,15 @@
 //      distinct values, sum_g W_g (v_g - c_label)^2 in the shifted coordinates as the CPU
 //      backend computes it, per-row sums by CUB reductions, plus the diameter penalty.
 //
-// Workspace: one buffer from the caller, carved by a Plan computed from Params only, so that
-// cuda_workspace_bytes() and run_cuda() agree. Upper bounds used: total values N = rows*n,
-// total distinct values U = rows * min(n, 65536 for 16-bit inputs).
+// Workspace: one buffer from the caller, carved by a Plan computed from Params and the DP
+// budget only, so that cuda_workspace_bytes() and run_cuda() agree. Upper bounds used: total
+// values N = rows*n, total distinct values U = rows * min(n, 65536 for 16-bit inputs).
+//
+// Determinism: every floating-point sum is formed in an order fixed by the input (the sorts
+// are stable, the sums above fixed-order, the DP's argmins reduced lexicographically, the
+// per-row costs by CUB's segmented / device reductions, which use no atomics), so repeated
+// runs on one device give bit-identical results. Compiled with --fmad=false (CMakeLists.txt)
+// to round like the CPU build.
 #include <cub/cub.cuh>
 
 #include <algorithm>
@@ -33,6 +50,8 @@
 #include "kmeans/kmeans.h"
 #include "kmeans/kmeans_math.h"
 #include "kmeans/dp_levels.h"
+#include "kmeans/fixed_sums.h"
+#include "kmeans/sort_keys.h"
 
 namespace popcomp {
 namespace kmeans {
@@ -41,17 +60,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 16;      // grid-stride kernels
 constexpr int64_t kMaxPartials = 1 << 15;    // (node, warp) partial argmins per DP level
-constexpr int kWarpNodesMin = 4096;          // enough nodes for one warp per node
-
-enum class SortMode : int { single = 0, composite = 1, segmented = 2 };
+constexpr int kWarpNodesMin = 4096;          // enough nodes for the mixed kernel
+constexpr int64_t kNarrow = 32;              // columns a lane scans alone (wider: the warp)
 
 size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
-
-int bits_for(uint64_t v) {  // bits needed to represent 0..v
-  int b = 0;
-  while (b < 64 && (v >> b) != 0) ++b;
-  return b;
-}
 
 int key_bits(DType t) {
   switch (t) {
@@ -67,20 +79,12 @@ size_t scratch_row_bytes(int k) {
   return (b + 7) & ~size_t(7);
 }
 
-struct D3 {
-  double a, b, c;
-};
-struct D3Add {
-  __host__ __device__ D3 operator()(const D3& x, const D3& y) const {
-    return D3{x.a + y.a, x.b + y.b, x.c + y.c};
-  }
-};
-struct DSum {
-  __host__ __device__ double operator()(double x, double y) const { return x + y; }
-};
-
 struct Plan {
   int64_t rows = 0, n = 0, N = 0, ucap = 0, U = 0;
+  int64_t nsc = 1;      // fixed-order sum chunks per row: sum_chunks(ucap)
+  int64_t pieces = 0;   // upper bound of the run-weight pieces: U + N / kSumChunk
+  int64_t dp_rows = 0;  // rows per DP chunk
+  int64_t Uc = 0;       // distinct values per DP chunk (upper bound): dp_rows * ucap
   int k = 1;
   int keybits = 32;
   int sort_bits = 32;   // end_bit of the radix sort
@@ -90,13 +94,14 @@ struct Plan {
   int Lmax = 0;         // recursion levels of the DP divide and conquer
   size_t cub_bytes = 0;
   // persistent region
-  size_t o_off = 0, o_ustart = 0, o_nruns = 0, o_shift = 0, o_mids = 0, o_cs = 0, o_scratch = 0,
+  size_t o_ustart = 0, o_nruns = 0, o_shift = 0, o_mids = 0, o_cs = 0, o_scratch = 0,
          o_vo = 0, o_vs = 0,
          o_W = 0, o_runrow = 0, o_S0 = 0, o_S1 = 0, o_S2 = 0, o_cub = 0, o_temp = 0;
   // phase A (sort / dedup), relative to o_temp
-  size_t a_kA = 0, a_kB = 0, a_wA = 0, a_wB = 0, a_pos = 0, a_runpos = 0, a_uniq = 0, a_end = 0;
+  size_t a_kA = 0, a_kB = 0, a_wA = 0, a_wB = 0, a_pos = 0, a_runpos = 0, a_pend = 0,
+         a_psum = 0, a_end = 0;
   // phase B (prefix sums)
-  size_t b_in = 0, b_out = 0, b_end = 0;
+  size_t b_tot = 0, b_end = 0;
   // phase C (DP)
   size_t c_D0 = 0, c_D1 = 0, c_J = 0, c_part = 0, c_end = 0;
   // phase E (cost)
@@ -140,15 +145,37 @@ __device__ __forceinline__ double key_value(uint64_t key, DType t) {
   }
 }
 
+// keys[i] (with the row above composite_shift when > 0); the payload: the element index when
+// idx != nullptr (two-pass sort), else the weight (when weighted).
 template <typename ST>
 __global__ void make_keys_kernel(const void* x, DType xt, const void* w, DType wt, int64_t N,
-                                 int64_t n, int composite_shift, ST* keys, double* wout) {
+                                 int64_t n, int composite_shift, ST* keys, double* wout,
+                                 int64_t* idx) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < N;
        i += (int64_t)gridDim.x * blockDim.x) {
     uint64_t key = raw_key(x, xt, i);
-    if (composite_shift > 0) key |= (uint64_t)(i / n) << composite_shift;
+    if (composite_shift > 0) key = composite_key(key, i / n, composite_shift);
     keys[i] = (ST)key;
-    if (w != nullptr) wout[i] = load_as_double(w, wt, i);
+    if (idx != nullptr) idx[i] = i;
+    else if (w != nullptr) wout[i] = load_as_double(w, wt, i);
+  }
+}
+
+// Two-pass sort, between the passes: the row of each element, from its index.
+__global__ void row_keys_kernel(const int64_t* idx, int64_t N, int64_t n, uint32_t* rowk) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < N;
+       i += (int64_t)gridDim.x * blockDim.x)
+    rowk[i] = (uint32_t)(idx[i] / n);
+}
+
+// Two-pass sort, after the passes: keys (and weights) in (row, key) order from the indices.
+__global__ void gather_kernel(const void* x, DType xt, const void* w, DType wt,
+                              const int64_t* idx, int64_t N, uint64_t* keys, double* wout) {
+  for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < N;
+       t += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t i = idx[t];
+    keys[t] = raw_key(x, xt, i);
+    if (w != nullptr) wout[t] = load_as_double(w, wt, i);
   }
 }
 
@@ -174,6 +201,37 @@ __global__ void run_starts_kernel(const int64_t* pos, int64_t N, int64_t* runpos
   }
 }
 
+// Run weights in a fixed order (fixed_sums.h). pend[g] = pieces of run g (then scanned).
+__global__ void piece_count_kernel(const int64_t* runpos, const int64_t* nruns, int64_t U,
+                                   int64_t* pend) {
+  const int64_t R = *nruns;
+  for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < U;
+       g += (int64_t)gridDim.x * blockDim.x)
+    pend[g] = g < R ? sum_chunks(runpos[g + 1] - runpos[g]) : 0;
+}
+
+__global__ void piece_sum_kernel(const double* w, const int64_t* runpos, const int64_t* nruns,
+                                 const int64_t* pend, int64_t pieces_max, double* psum) {
+  const int64_t R = *nruns;
+  const int64_t P = R > 0 ? pend[R - 1] : 0;
+  for (int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; p < P && p < pieces_max;
+       p += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t g = piece_run(pend, R, p);
+    const int64_t pfirst = g > 0 ? pend[g - 1] : 0;
+    psum[p] = piece_sum(w, runpos[g], runpos[g + 1], pfirst, p);
+  }
+}
+
+__global__ void run_weight_kernel(const int64_t* nruns, const int64_t* pend, const double* psum,
+                                  double* W) {
+  const int64_t R = *nruns;
+  for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < R;
+       g += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t pfirst = g > 0 ? pend[g - 1] : 0;
+    W[g] = run_total(psum, pfirst, pend[g] - pfirst);
+  }
+}
+
 // Per run g: row, value, weight (run length when unweighted), row starts.
 template <typename ST>
 __global__ void runs_kernel(const ST* keys, const int64_t* runpos, const int64_t* nruns, int64_t U,
@@ -186,9 +244,7 @@ __global__ void runs_kernel(const ST* keys, const int64_t* runpos, const int64_t
     if (g < R) {
       const int64_t i0 = runpos[g];
       const int64_t r = i0 / n;
-      uint64_t key = (uint64_t)keys[i0];
-      if (key_mask_bits < 64) key &= ((uint64_t)1 << key_mask_bits) - 1;
-      const double val = key_value(key, xt);
+      const double val = key_value(key_of((uint64_t)keys[i0], (int)key_mask_bits), xt);
       vo[g] = val;
       vs[g] = val;
       runrow[g] = (int32_t)r;
@@ -213,54 +269,58 @@ __global__ void shift_kernel(const int64_t* ustart, int64_t rows, const double* 
   }
 }
 
-__global__ void shift_values_kernel(const int64_t* nruns, int64_t U, const int32_t* runrow,
-                                    const double* shift, const double* W, double* vs, D3* d3) {
+__global__ void shift_values_kernel(const int64_t* nruns, const int32_t* runrow,
+                                    const double* shift, double* vs) {
   const int64_t R = *nruns;
-  for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < U;
-       g += (int64_t)gridDim.x * blockDim.x) {
-    if (g < R) {
-      const double v = vs[g] - shift[runrow[g]];
-      vs[g] = v;
-      const double w = W[g];
-      d3[g] = D3{w, w * v, w * v * v};
-    } else {
-      d3[g] = D3{0.0, 0.0, 0.0};
-    }
+  for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < R;
+       g += (int64_t)gridDim.x * blockDim.x)
+    vs[g] = vs[g] - shift[runrow[g]];
+}
+
+// Prefix sums in a fixed order (fixed_sums.h): thread id = (row, chunk) of nsc chunks per row.
+__global__ void chunk_total_kernel(const int64_t* ustart, int64_t rows, int64_t nsc,
+                                   const double* vs, const double* W, Sum3* tot) {
+  for (int64_t id = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; id < rows * nsc;
+       id += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = id / nsc, c = id - r * nsc;
+    const int64_t b = ustart[r], u = ustart[r + 1] - b;
+    if (c < sum_chunks(u)) tot[id] = chunk_total(vs, W, b, u, c);
   }
 }
 
-__global__ void prefix_scatter_kernel(const int64_t* nruns, const int32_t* runrow,
-                                      const int64_t* ustart, const D3* incl, double* S0,
-                                      double* S1, double* S2) {
-  const int64_t R = *nruns;
-  for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < R;
-       g += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = runrow[g];
-    const D3 s = incl[g];
-    S0[g + r + 1] = s.a;
-    S1[g + r + 1] = s.b;
-    S2[g + r + 1] = s.c;
-    if (g == ustart[r]) {
-      S0[g + r] = 0.0;
-      S1[g + r] = 0.0;
-      S2[g + r] = 0.0;
-    }
+__global__ void chunk_offsets_kernel(const int64_t* ustart, int64_t rows, int64_t nsc,
+                                     Sum3* tot) {
+  for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows;
+       r += (int64_t)gridDim.x * blockDim.x)
+    chunk_offsets(tot + r * nsc, sum_chunks(ustart[r + 1] - ustart[r]));
+}
+
+__global__ void chunk_scan_kernel(const int64_t* ustart, int64_t rows, int64_t nsc,
+                                  const double* vs, const double* W, const Sum3* off, double* S0,
+                                  double* S1, double* S2) {
+  for (int64_t id = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; id < rows * nsc;
+       id += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = id / nsc, c = id - r * nsc;
+    const int64_t b = ustart[r], u = ustart[r + 1] - b;
+    if (c < sum_chunks(u))
+      chunk_scan(vs, W, b, u, c, off[id], S0 + b + r, S1 + b + r, S2 + b + r);
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // Exact DP
 
-__global__ void dp_init_kernel(RowData d, const int64_t* nruns, const int32_t* runrow, int k,
+// D of layer 0 for the rows [r0, r1) (indexed from ustart[r0]).
+__global__ void dp_init_kernel(RowData d, int64_t r0, int64_t r1, const int32_t* runrow, int k,
                                double* D) {
-  const int64_t R = *nruns;
-  for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < R;
+  const int64_t g0 = d.ustart[r0], g1 = d.ustart[r1];
+  for (int64_t g = g0 + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < g1;
        g += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = runrow[g];
     int64_t base;
     Prefix P = row_prefix(d, r, &base);
     if ((int64_t)k >= P.u) continue;
-    D[g] = seg_cost(P, 0, g - base + 1);
+    D[g - g0] = seg_cost(P, 0, g - base + 1);
   }
 }
 
@@ -278,31 +338,60 @@ __device__ __forceinline__ void warp_argmin(double& v, int64_t& j) {
 constexpr double kInf = __builtin_huge_val();
 constexpr int64_t kNoJ = INT64_MAX;
 
-// One thread per node.
-__global__ void dp_level_thread_kernel(RowData d, const double* Dp, double* Dc, int32_t* Jm,
-                                       int k, int m, int L, int64_t nodes) {
-  for (int64_t id = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; id < nodes;
-       id += (int64_t)gridDim.x * blockDim.x) {
-    DpNode nd;
-    if (!dp_node(d, Jm, k, m, L, id, nd)) continue;
-    double best = dp_val(nd, Dp, nd.clo);
-    int64_t bj = nd.clo;
-    for (int64_t j = nd.clo + 1; j <= nd.hc; ++j) {
-      const double v = dp_val(nd, Dp, j);
-      if (v < best) {
-        best = v;
-        bj = j;
-      }
+// The argmin over the columns [clo + first, hc] by steps of `step` (first minimum).
+__device__ __forceinline__ void scan_columns(const DpNode& nd, const double* Dp, int64_t first,
+                                             int64_t step, double& best, int64_t& bj) {
+  best = kInf;
+  bj = kNoJ;
+  for (int64_t j = nd.clo + first; j <= nd.hc; j += step) {
+    const double v = dp_val(nd, Dp, j);
+    if (v < best) {
+      best = v;
+      bj = j;
     }
-    Dc[nd.base + nd.mid] = best;
-    Jm[nd.base + nd.mid] = (int32_t)bj;
   }
 }
 
-// G warps per node (G = 1: the warp writes the result; G > 1: partials, reduced in order).
-__global__ void dp_level_warp_kernel(RowData d, const double* Dp, double* Dc, int32_t* Jm, int k,
-                                     int m, int L, int64_t nodes, int G, double* part_v,
-                                     int64_t* part_j) {
+// Many nodes: warp w takes the nodes 32 w .. 32 w + 31 (node id = 32 w + lane). A node of at
+// most kNarrow columns is scanned by its lane; each wider one by the whole warp, one after the
+// other (the width of the node decides, not the level's average).
+__global__ void dp_level_mixed_kernel(RowData d, int64_t r0, const double* Dp, double* Dc,
+                                      int32_t* Jm, int k, int m, int L, int64_t nodes) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
+  for (int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5; w * 32 < nodes;
+       w += warps) {  // uniform across the warp
+    const int64_t id = w * 32 + lane;
+    DpNode nd;
+    const bool valid = id < nodes && dp_node(d, Jm, k, m, L, id, nd, r0);
+    const bool wide = valid && nd.hc - nd.clo + 1 > kNarrow;
+    if (valid && !wide) {
+      double best;
+      int64_t bj;
+      scan_columns(nd, Dp, 0, 1, best, bj);
+      Dc[nd.lbase + nd.mid] = best;
+      Jm[nd.lbase + nd.mid] = (int32_t)bj;
+    }
+    for (unsigned mask = __ballot_sync(0xffffffffu, wide); mask != 0; mask &= mask - 1) {
+      DpNode wn;  // the same node for every lane (reads only earlier levels' entries)
+      dp_node(d, Jm, k, m, L, w * 32 + (__ffs(mask) - 1), wn, r0);
+      double best;
+      int64_t bj;
+      scan_columns(wn, Dp, lane, 32, best, bj);
+      warp_argmin(best, bj);
+      if (lane == 0) {
+        Dc[wn.lbase + wn.mid] = best;
+        Jm[wn.lbase + wn.mid] = (int32_t)bj;
+      }
+    }
+  }
+}
+
+// Few wide nodes: G warps per node (G = 1: the warp writes the result; G > 1: partials,
+// reduced in order).
+__global__ void dp_level_warp_kernel(RowData d, int64_t r0, const double* Dp, double* Dc,
+                                     int32_t* Jm, int k, int m, int L, int64_t nodes, int G,
+                                     double* part_v, int64_t* part_j) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = ((int64_t)gridDim.x * blockDim.x) >> 5;
   for (int64_t wid = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5; wid < nodes * G;
@@ -310,21 +399,15 @@ __global__ void dp_level_warp_kernel(RowData d, const double* Dp, double* Dc, in
     const int64_t id = wid / G;
     const int g = (int)(wid - id * G);
     DpNode nd;
-    if (!dp_node(d, Jm, k, m, L, id, nd)) continue;  // uniform across the warp
-    double best = kInf;
-    int64_t bj = kNoJ;
-    for (int64_t j = nd.clo + (int64_t)g * 32 + lane; j <= nd.hc; j += (int64_t)G * 32) {
-      const double v = dp_val(nd, Dp, j);
-      if (v < best) {
-        best = v;
-        bj = j;
-      }
-    }
+    if (!dp_node(d, Jm, k, m, L, id, nd, r0)) continue;  // uniform across the warp
+    double best;
+    int64_t bj;
+    scan_columns(nd, Dp, (int64_t)g * 32 + lane, (int64_t)G * 32, best, bj);
     warp_argmin(best, bj);
     if (lane == 0) {
       if (G == 1) {
-        Dc[nd.base + nd.mid] = best;
-        Jm[nd.base + nd.mid] = (int32_t)bj;
+        Dc[nd.lbase + nd.mid] = best;
+        Jm[nd.lbase + nd.mid] = (int32_t)bj;
       } else {
         part_v[wid] = best;
         part_j[wid] = bj;
@@ -333,13 +416,13 @@ __global__ void dp_level_warp_kernel(RowData d, const double* Dp, double* Dc, in
   }
 }
 
-__global__ void dp_level_reduce_kernel(RowData d, double* Dc, int32_t* Jm, int k, int m, int L,
-                                       int64_t nodes, int G, const double* part_v,
+__global__ void dp_level_reduce_kernel(RowData d, int64_t r0, double* Dc, int32_t* Jm, int k,
+                                       int m, int L, int64_t nodes, int G, const double* part_v,
                                        const int64_t* part_j) {
   for (int64_t id = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; id < nodes;
        id += (int64_t)gridDim.x * blockDim.x) {
     DpNode nd;
-    if (!dp_node(d, Jm, k, m, L, id, nd)) continue;
+    if (!dp_node(d, Jm, k, m, L, id, nd, r0)) continue;
     double best = kInf;
     int64_t bj = kNoJ;
     for (int g = 0; g < G; ++g) {
@@ -350,8 +433,21 @@ __global__ void dp_level_reduce_kernel(RowData d, double* Dc, int32_t* Jm, int k
         bj = j;
       }
     }
-    Dc[nd.base + nd.mid] = best;
-    Jm[nd.base + nd.mid] = (int32_t)bj;
+    Dc[nd.lbase + nd.mid] = best;
+    Jm[nd.lbase + nd.mid] = (int32_t)bj;
+  }
+}
+
+// The boundaries of the rows [r0, r1) into their scratch (Scratch::B, read by solve_row).
+__global__ void dp_backtrack_kernel(const int64_t* ustart, int64_t r0, int64_t r1, int k,
+                                    const int32_t* J, int64_t Uc, unsigned char* scratch,
+                                    size_t scratch_stride) {
+  for (int64_t r = r0 + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < r1;
+       r += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t u = ustart[r + 1] - ustart[r];
+    if ((int64_t)k >= u) continue;
+    int64_t* B = reinterpret_cast<int64_t*>(scratch + r * scratch_stride);
+    dp_backtrack(J, Uc, ustart[r] - ustart[r0], u, k, B);
   }
 }
 
@@ -360,8 +456,6 @@ __global__ void dp_level_reduce_kernel(RowData d, double* Dc, int32_t* Jm, int k
 
 struct SolveArgs {
   RowData d;
-  const int32_t* J;  // exact: (k-1) layers of U columns
-  int64_t U;
   int64_t rows;
   int k;
   double beta;
@@ -439,15 +533,11 @@ __device__ void solve_row(const SolveArgs& a, int64_t r, int lane) {
     if (all_values) {
       for (int j = 0; j < k; ++j) c[j] = P.v[(int64_t)j < u ? j : u - 1];
     } else if (a.method == Method::exact) {
-      int64_t* B = s.B;
-      B[k] = u;
-      int64_t i = u - 1;
-      for (int m = k - 1; m >= 1; --m) {
-        const int64_t j = a.J[(int64_t)(m - 1) * a.U + base + i];
-        B[m] = j;
-        i = j - 1;
+      int64_t* B = s.B;  // backtracked by dp_backtrack_kernel (k > 1)
+      if (k == 1) {
+        B[0] = 0;
+        B[1] = u;
       }
-      B[0] = 0;
       for (int j = 0; j < k; ++j) {
         const double H = P.s0[B[j + 1]] - P.s0[B[j]];
         const double S = P.s1[B[j + 1]] - P.s1[B[j]];
@@ -525,12 +615,6 @@ __global__ void run_cost_kernel(const int64_t* nruns, int64_t U, const int32_t* 
   }
 }
 
-__global__ void offsets_kernel(int64_t rows, int64_t n, int64_t* off) {
-  for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r <= rows;
-       r += (int64_t)gridDim.x * blockDim.x)
-    off[r] = r * n;
-}
-
 __global__ void penalty_kernel(int64_t rows, int k, const double* centers, double beta,
                                Diameter dm, double* cost) {
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows;
@@ -548,62 +632,55 @@ unsigned grid_for(int64_t items, int threads = kThreads) {
   return (unsigned)b;
 }
 
-template <typename ST>
-size_t sort_temp_bytes(const Plan& pl, bool pairs) {
+// CUB scratch of one stable radix sort of N keys (with values: pairs) on the bits [0, bits).
+template <typename K, typename V>
+size_t radix_temp(int64_t N, int bits, bool pairs) {
   size_t bytes = 0;
-  const ST* kin = nullptr;
-  ST* kout = nullptr;
-  const double* vin = nullptr;
-  double* vout = nullptr;
-  const int64_t* off = nullptr;
-  if (pl.mode == SortMode::segmented) {
-    if (pairs)
-      PC_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairs(nullptr, bytes, kin, kout, vin, vout,
-                                                              pl.N, pl.rows, off, off + 1));
-    else
-      PC_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortKeys(nullptr, bytes, kin, kout, pl.N,
-                                                             pl.rows, off, off + 1));
-  } else {
-    if (pairs)
-      PC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes, kin, kout, vin, vout, pl.N, 0,
-                                                    pl.sort_bits));
-    else
-      PC_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, bytes, kin, kout, pl.N, 0,
-                                                   pl.sort_bits));
-  }
+  const K* kin = nullptr;
+  K* kout = nullptr;
+  const V* vin = nullptr;
+  V* vout = nullptr;
+  if (pairs)
+    PC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, bytes, kin, kout, vin, vout, N, 0,
+                                                  bits));
+  else
+    PC_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, bytes, kin, kout, N, 0, bits));
   return bytes;
 }
 
-template <typename ST>
-void sort_run(const Plan& pl, void* temp, size_t temp_bytes, const ST* kin, ST* kout,
-              const double* vin, double* vout, const int64_t* off, cudaStream_t st) {
+// One stable radix sort (keys only when vin is null); no host synchronization.
+template <typename K, typename V>
+void radix_sort(void* temp, size_t temp_bytes, const K* kin, K* kout, const V* vin, V* vout,
+                int64_t N, int bits, cudaStream_t st) {
   size_t bytes = temp_bytes;
-  if (pl.mode == SortMode::segmented) {
-    if (vin != nullptr)
-      PC_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortPairs(temp, bytes, kin, kout, vin, vout,
-                                                              pl.N, pl.rows, off, off + 1, st));
-    else
-      PC_CUDA_CHECK(cub::DeviceSegmentedSort::StableSortKeys(temp, bytes, kin, kout, pl.N,
-                                                             pl.rows, off, off + 1, st));
-  } else {
-    if (vin != nullptr)
-      PC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, bytes, kin, kout, vin, vout, pl.N, 0,
-                                                    pl.sort_bits, st));
-    else
-      PC_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(temp, bytes, kin, kout, pl.N, 0,
-                                                   pl.sort_bits, st));
+  if (vin != nullptr)
+    PC_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, bytes, kin, kout, vin, vout, N, 0, bits,
+                                                  st));
+  else
+    PC_CUDA_CHECK(cub::DeviceRadixSort::SortKeys(temp, bytes, kin, kout, N, 0, bits, st));
+}
+
+size_t sort_temp(const Plan& pl) {
+  switch (pl.mode) {
+    case SortMode::twopass:
+      return std::max(radix_temp<uint64_t, int64_t>(pl.N, 64, true),
+                      radix_temp<uint32_t, int64_t>(pl.N, bits_for(pl.rows - 1), true));
+    default:
+      switch (pl.sort_bytes) {
+        case 2: return std::max(radix_temp<uint16_t, double>(pl.N, pl.sort_bits, true),
+                                radix_temp<uint16_t, double>(pl.N, pl.sort_bits, false));
+        case 4: return std::max(radix_temp<uint32_t, double>(pl.N, pl.sort_bits, true),
+                                radix_temp<uint32_t, double>(pl.N, pl.sort_bits, false));
+        default: return std::max(radix_temp<uint64_t, double>(pl.N, pl.sort_bits, true),
+                                 radix_temp<uint64_t, double>(pl.N, pl.sort_bits, false));
+      }
   }
 }
 
-size_t sort_temp_any(const Plan& pl, bool pairs) {
-  switch (pl.sort_bytes) {
-    case 2: return sort_temp_bytes<uint16_t>(pl, pairs);
-    case 4: return sort_temp_bytes<uint32_t>(pl, pairs);
-    default: return sort_temp_bytes<uint64_t>(pl, pairs);
-  }
-}
+// Bytes of DP workspace per row: D of two layers and the argmins of k - 1 layers.
+int64_t dp_row_bytes(int64_t ucap, int k) { return ucap * (16 + 4 * (int64_t)(k - 1)); }
 
-Plan make_plan(const Params& p) {
+Plan make_plan(const Params& p, size_t dp_budget) {
   // the parameters were checked by check_params (kmeans.h); a plan needs values
   if (p.rows < 1 || p.n < 1) throw std::invalid_argument("kmeans1d cuda: rows and n must be >= 1");
   if (p.rows >= ((int64_t)1 << 31) - 1)
@@ -618,54 +695,40 @@ Plan make_plan(const Params& p) {
   pl.U = p.rows * pl.ucap;
   if ((pl.ucap + 1) >= ((int64_t)1 << 31))
     throw std::invalid_argument("kmeans1d cuda: more than 2^31 - 2 values per problem");
-  if (p.rows == 1) {
-    pl.mode = SortMode::single;
+  pl.mode = sort_mode(p.rows, pl.keybits);
+  if (pl.mode == SortMode::single) {
     pl.sort_bits = pl.keybits;
     pl.sort_bytes = pl.keybits / 8;
-  } else if (pl.keybits <= 32 && p.n >= (1 << 16) && pl.keybits + bits_for(p.rows - 1) <= 64) {
-    pl.mode = SortMode::composite;  // few large rows: one radix sort on (row, key)
-    pl.sort_bits = pl.keybits + bits_for(p.rows - 1);
+  } else if (pl.mode == SortMode::composite) {  // one radix sort on (row, key)
+    pl.sort_bits = composite_bits(p.rows, pl.keybits);
     pl.sort_bytes = 8;
-  } else {
-    pl.mode = SortMode::segmented;
-    pl.sort_bits = pl.keybits;
-    pl.sort_bytes = pl.keybits / 8;
+  } else {  // float64: by key, then (stable) by row
+    pl.sort_bits = 64;
+    pl.sort_bytes = 8;
   }
 #if CUB_VERSION < 300000
-  // Before CCCL 3 (CUDA 13) several of the CUB entry points used here (DeviceSegmentedSort in
-  // particular) take an int item count: larger inputs would be silently truncated.
+  // Before CCCL 3 (CUDA 13) several of the CUB entry points used here take an int item count:
+  // larger inputs would be silently truncated.
   if (pl.N > (int64_t)INT32_MAX || pl.U + pl.rows > (int64_t)INT32_MAX)
     throw std::invalid_argument(
         "kmeans1d cuda: more than 2^31 - 1 values in all needs a build with CUDA 13 (CCCL 3)");
 #endif
   pl.need_dp = p.method == Method::exact && (int64_t)p.k < pl.ucap && p.k > 1;
   pl.Lmax = dp_levels(pl.ucap);
+  pl.nsc = sum_chunks(pl.ucap);
+  pl.pieces = pl.U + pl.N / kSumChunk + 1;
+  pl.dp_rows = dp_chunk_rows(pl.rows, dp_row_bytes(pl.ucap, p.k),
+                             (int64_t)std::min<size_t>(dp_budget, (size_t)INT64_MAX));
+  pl.Uc = pl.dp_rows * pl.ucap;
 
   // CUB temporary storage: the largest of all calls.
-  size_t cub = std::max(sort_temp_any(pl, true), sort_temp_any(pl, false));
+  size_t cub = sort_temp(pl);
   {
     size_t b = 0;
     int64_t* pos = nullptr;
     PC_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, b, pos, pos, pl.N));
     cub = std::max(cub, b);
-  }
-  {
-    size_t b = 0;
-    const int64_t* kin = nullptr;
-    int64_t* uo = nullptr;
-    const double* vin = nullptr;
-    double* ao = nullptr;
-    int64_t* nr = nullptr;
-    PC_CUDA_CHECK(cub::DeviceReduce::ReduceByKey(nullptr, b, kin, uo, vin, ao, nr, DSum(), pl.N));
-    cub = std::max(cub, b);
-  }
-  {
-    size_t b = 0;
-    const int32_t* kin = nullptr;
-    const D3* vin = nullptr;
-    D3* vo = nullptr;
-    PC_CUDA_CHECK(cub::DeviceScan::InclusiveScanByKey(nullptr, b, kin, vin, vo, D3Add(), pl.U,
-                                                      ::cuda::std::equal_to<>()));
+    PC_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, b, pos, pos, pl.U));
     cub = std::max(cub, b);
   }
   {
@@ -690,7 +753,6 @@ Plan make_plan(const Params& p) {
     o += align_up(bytes);
     return at;
   };
-  pl.o_off = take((rows + 1) * 8);
   pl.o_ustart = take((rows + 1) * 8);
   pl.o_nruns = take(8);
   pl.o_shift = take(rows * 8);
@@ -713,25 +775,27 @@ Plan make_plan(const Params& p) {
     a += align_up(bytes);
     return at;
   };
+  // two-pass sort: the indices travel in wA / wB, the rows in the two halves of pos
   pl.a_kA = tk(N * pl.sort_bytes);
   pl.a_kB = tk(N * pl.sort_bytes);
   pl.a_wA = tk(N * 8);
   pl.a_wB = tk(N * 8);
   pl.a_pos = tk(N * 8);
   pl.a_runpos = tk((U + 1) * 8);
-  pl.a_uniq = tk(U * 8);
+  pl.a_pend = tk(U * 8);
+  pl.a_psum = tk((size_t)pl.pieces * 8);
   pl.a_end = a;
 
   a = 0;
-  pl.b_in = tk(U * sizeof(D3));
-  pl.b_out = tk(U * sizeof(D3));
+  pl.b_tot = tk(rows * (size_t)pl.nsc * sizeof(Sum3));
   pl.b_end = a;
 
   a = 0;
   if (pl.need_dp) {
-    pl.c_D0 = tk(U * 8);
-    pl.c_D1 = tk(U * 8);
-    pl.c_J = tk((size_t)(p.k - 1) * U * 4);
+    const size_t Uc = (size_t)pl.Uc;
+    pl.c_D0 = tk(Uc * 8);
+    pl.c_D1 = tk(Uc * 8);
+    pl.c_J = tk((size_t)(p.k - 1) * Uc * 4);
     pl.c_part = tk((size_t)kMaxPartials * 16);
   }
   pl.c_end = a;
@@ -754,8 +818,8 @@ void phase_sort(const Plan& pl, const Params& p, const Buffers& b, unsigned char
   double* wB = reinterpret_cast<double*>(T + pl.a_wB);
   int64_t* pos = reinterpret_cast<int64_t*>(T + pl.a_pos);
   int64_t* runpos = reinterpret_cast<int64_t*>(T + pl.a_runpos);
-  int64_t* uniq = reinterpret_cast<int64_t*>(T + pl.a_uniq);
-  int64_t* off = reinterpret_cast<int64_t*>(ws + pl.o_off);
+  int64_t* pend = reinterpret_cast<int64_t*>(T + pl.a_pend);
+  double* psum = reinterpret_cast<double*>(T + pl.a_psum);
   int64_t* ustart = reinterpret_cast<int64_t*>(ws + pl.o_ustart);
   int64_t* nruns = reinterpret_cast<int64_t*>(ws + pl.o_nruns);
   double* vo = reinterpret_cast<double*>(ws + pl.o_vo);
@@ -765,11 +829,32 @@ void phase_sort(const Plan& pl, const Params& p, const Buffers& b, unsigned char
   void* cubtmp = ws + pl.o_cub;
   const bool weighted = b.w != nullptr;
 
-  const int shiftc = pl.mode == SortMode::composite ? pl.keybits : 0;
-  make_keys_kernel<ST><<<grid_for(pl.N), kThreads, 0, st>>>(b.x, p.x_dtype, b.w, p.w_dtype, pl.N,
-                                                            pl.n, shiftc, kA, wA);
-  PC_CUDA_CHECK(cudaGetLastError());
-  sort_run<ST>(pl, cubtmp, pl.cub_bytes, kA, kB, weighted ? wA : nullptr, wB, off, st);
+  if (pl.mode == SortMode::twopass) {  // (ST is uint64_t here: sort_bytes 8)
+    uint64_t* k64A = reinterpret_cast<uint64_t*>(kA);
+    uint64_t* k64B = reinterpret_cast<uint64_t*>(kB);
+    int64_t* idxA = reinterpret_cast<int64_t*>(wA);
+    int64_t* idxB = reinterpret_cast<int64_t*>(wB);
+    uint32_t* rowA = reinterpret_cast<uint32_t*>(pos);
+    uint32_t* rowB = rowA + pl.N;
+    make_keys_kernel<uint64_t><<<grid_for(pl.N), kThreads, 0, st>>>(
+        b.x, p.x_dtype, nullptr, p.w_dtype, pl.N, pl.n, 0, k64A, nullptr, idxA);
+    PC_CUDA_CHECK(cudaGetLastError());
+    radix_sort<uint64_t, int64_t>(cubtmp, pl.cub_bytes, k64A, k64B, idxA, idxB, pl.N, 64, st);
+    row_keys_kernel<<<grid_for(pl.N), kThreads, 0, st>>>(idxB, pl.N, pl.n, rowA);
+    PC_CUDA_CHECK(cudaGetLastError());
+    radix_sort<uint32_t, int64_t>(cubtmp, pl.cub_bytes, rowA, rowB, idxB, idxA, pl.N,
+                                  bits_for(pl.rows - 1), st);
+    gather_kernel<<<grid_for(pl.N), kThreads, 0, st>>>(b.x, p.x_dtype, b.w, p.w_dtype, idxA,
+                                                       pl.N, k64B, wB);
+    PC_CUDA_CHECK(cudaGetLastError());
+  } else {
+    const int shiftc = pl.mode == SortMode::composite ? pl.keybits : 0;
+    make_keys_kernel<ST><<<grid_for(pl.N), kThreads, 0, st>>>(
+        b.x, p.x_dtype, b.w, p.w_dtype, pl.N, pl.n, shiftc, kA, wA, nullptr);
+    PC_CUDA_CHECK(cudaGetLastError());
+    radix_sort<ST, double>(cubtmp, pl.cub_bytes, kA, kB, weighted ? wA : nullptr, wB, pl.N,
+                           pl.sort_bits, st);
+  }
   heads_kernel<ST><<<grid_for(pl.N), kThreads, 0, st>>>(kB, pl.N, pl.n, pos);
   PC_CUDA_CHECK(cudaGetLastError());
   {
@@ -778,35 +863,63 @@ void phase_sort(const Plan& pl, const Params& p, const Buffers& b, unsigned char
   }
   run_starts_kernel<<<grid_for(pl.N), kThreads, 0, st>>>(pos, pl.N, runpos, nruns);
   PC_CUDA_CHECK(cudaGetLastError());
-  if (weighted) {
-    // Sum of the weights of each run, keyed by run id (pos); writes nruns again (same value).
-    size_t bytes = pl.cub_bytes;
-    PC_CUDA_CHECK(cub::DeviceReduce::ReduceByKey(cubtmp, bytes, static_cast<const int64_t*>(pos),
-                                                 uniq, static_cast<const double*>(wB), W, nruns,
-                                                 DSum(), pl.N, st));
-  }
   runs_kernel<ST><<<grid_for(pl.U), kThreads, 0, st>>>(kB, runpos, nruns, pl.U, pl.n, pl.rows,
                                                        p.x_dtype, pl.keybits, weighted, vo, vs,
                                                        W, runrow, ustart);
+  PC_CUDA_CHECK(cudaGetLastError());
+  if (weighted) {  // the weight of each run, in a fixed order (fixed_sums.h)
+    piece_count_kernel<<<grid_for(pl.U), kThreads, 0, st>>>(runpos, nruns, pl.U, pend);
+    PC_CUDA_CHECK(cudaGetLastError());
+    size_t bytes = pl.cub_bytes;
+    PC_CUDA_CHECK(cub::DeviceScan::InclusiveSum(cubtmp, bytes, pend, pend, pl.U, st));
+    piece_sum_kernel<<<grid_for(pl.pieces), kThreads, 0, st>>>(wB, runpos, nruns, pend,
+                                                               pl.pieces, psum);
+    PC_CUDA_CHECK(cudaGetLastError());
+    run_weight_kernel<<<grid_for(pl.U), kThreads, 0, st>>>(nruns, pend, psum, W);
+    PC_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+// One layer's level L for the rows [r0, r0 + rc): the kernel by the node widths (see the top).
+void dp_level(const Plan& pl, const RowData& rd, int64_t r0, int64_t rc, const double* Dp,
+              double* Dc, int32_t* Jm, int k, int m, int L, double* part_v, int64_t* part_j,
+              cudaStream_t st) {
+  const int64_t nodes = rc << L;
+  const int64_t avg = std::max<int64_t>(pl.ucap >> L, 1);  // columns per node, roughly
+  if (avg <= kNarrow) {
+    dp_level_mixed_kernel<<<grid_for(nodes), kThreads, 0, st>>>(rd, r0, Dp, Dc, Jm, k, m, L,
+                                                                nodes);
+  } else {
+    int64_t G = 1;
+    if (nodes < kWarpNodesMin)
+      G = std::max<int64_t>(std::min<int64_t>(kMaxPartials / nodes, std::max<int64_t>(avg / 256, 1)), 1);
+    dp_level_warp_kernel<<<grid_for(nodes * G * 32), kThreads, 0, st>>>(
+        rd, r0, Dp, Dc, Jm, k, m, L, nodes, (int)G, part_v, part_j);
+    if (G > 1) {
+      PC_CUDA_CHECK(cudaGetLastError());
+      dp_level_reduce_kernel<<<grid_for(nodes), kThreads, 0, st>>>(rd, r0, Dc, Jm, k, m, L, nodes,
+                                                                   (int)G, part_v, part_j);
+    }
+  }
   PC_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
-size_t cuda_workspace_bytes(const Params& p, int device) {
+size_t cuda_workspace_bytes(const Params& p, int device, size_t dp_budget) {
   // The CUB scratch sizes depend on the device (SM count, PTX version): query them on the one
   // run_cuda() will use, which recomputes the plan under the same guard.
-  if (device < 0) return make_plan(p).total;
+  if (device < 0) return make_plan(p, dp_budget).total;
   DeviceGuard guard(device);
-  return make_plan(p).total;
+  return make_plan(p, dp_budget).total;
 }
 
 void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspace_bytes,
-              int device, void* stream) {
+              int device, void* stream, size_t dp_budget) {
   check_args(p, b, "kmeans1d_cuda");
   if (p.rows == 0 || p.n == 0) return;
   DeviceGuard guard(device);
-  const Plan pl = make_plan(p);
+  const Plan pl = make_plan(p, dp_budget);
   if (workspace_bytes < pl.total)
     throw std::invalid_argument("kmeans1d cuda: workspace too small (" +
                                 std::to_string(workspace_bytes) + " < " +
@@ -815,7 +928,6 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
   unsigned char* ws = static_cast<unsigned char*>(workspace);
   unsigned char* T = ws + pl.o_temp;
 
-  int64_t* off = reinterpret_cast<int64_t*>(ws + pl.o_off);
   int64_t* ustart = reinterpret_cast<int64_t*>(ws + pl.o_ustart);
   int64_t* nruns = reinterpret_cast<int64_t*>(ws + pl.o_nruns);
   double* shift = reinterpret_cast<double*>(ws + pl.o_shift);
@@ -831,9 +943,6 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
   double* S2 = reinterpret_cast<double*>(ws + pl.o_S2);
   void* cubtmp = ws + pl.o_cub;
 
-  offsets_kernel<<<grid_for(p.rows + 1), kThreads, 0, st>>>(p.rows, p.n, off);
-  PC_CUDA_CHECK(cudaGetLastError());
-
   // A. sort, deduplicate, weights of distinct values.
   switch (pl.sort_bytes) {
     case 2: phase_sort<uint16_t>(pl, p, b, ws, st); break;
@@ -841,62 +950,46 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
     default: phase_sort<uint64_t>(pl, p, b, ws, st); break;
   }
 
-  // B. shift and prefix sums.
+  // B. shift and prefix sums (fixed order).
   shift_kernel<<<grid_for(p.rows, 128), 128, 0, st>>>(ustart, p.rows, vs, shift);
   PC_CUDA_CHECK(cudaGetLastError());
+  shift_values_kernel<<<grid_for(pl.U), kThreads, 0, st>>>(nruns, runrow, shift, vs);
+  PC_CUDA_CHECK(cudaGetLastError());
   {
-    D3* d3in = reinterpret_cast<D3*>(T + pl.b_in);
-    D3* d3out = reinterpret_cast<D3*>(T + pl.b_out);
-    shift_values_kernel<<<grid_for(pl.U), kThreads, 0, st>>>(nruns, pl.U, runrow, shift, W, vs,
-                                                             d3in);
+    Sum3* tot = reinterpret_cast<Sum3*>(T + pl.b_tot);
+    chunk_total_kernel<<<grid_for(p.rows * pl.nsc, 128), 128, 0, st>>>(ustart, p.rows, pl.nsc,
+                                                                      vs, W, tot);
     PC_CUDA_CHECK(cudaGetLastError());
-    size_t bytes = pl.cub_bytes;
-    PC_CUDA_CHECK(cub::DeviceScan::InclusiveScanByKey(cubtmp, bytes, static_cast<const int32_t*>(runrow),
-                                                      static_cast<const D3*>(d3in), d3out, D3Add(),
-                                                      pl.U, ::cuda::std::equal_to<>(), st));
-    prefix_scatter_kernel<<<grid_for(pl.U), kThreads, 0, st>>>(nruns, runrow, ustart, d3out, S0,
-                                                               S1, S2);
+    chunk_offsets_kernel<<<grid_for(p.rows, 128), 128, 0, st>>>(ustart, p.rows, pl.nsc, tot);
+    PC_CUDA_CHECK(cudaGetLastError());
+    chunk_scan_kernel<<<grid_for(p.rows * pl.nsc, 128), 128, 0, st>>>(ustart, p.rows, pl.nsc, vs,
+                                                                     W, tot, S0, S1, S2);
     PC_CUDA_CHECK(cudaGetLastError());
   }
   RowData rd{ustart, vs, S0, S1, S2};
 
-  // C. exact DP (boundaries of the beta = 0 optimum).
-  const int32_t* J = nullptr;
+  // C. exact DP (boundaries of the beta = 0 optimum), by chunks of dp_rows rows.
   if (pl.need_dp) {
-    double* Dp = reinterpret_cast<double*>(T + pl.c_D0);
-    double* Dc = reinterpret_cast<double*>(T + pl.c_D1);
-    int32_t* Jall = reinterpret_cast<int32_t*>(T + pl.c_J);
+    double* D0 = reinterpret_cast<double*>(T + pl.c_D0);
+    double* D1 = reinterpret_cast<double*>(T + pl.c_D1);
+    int32_t* J = reinterpret_cast<int32_t*>(T + pl.c_J);
     double* part_v = reinterpret_cast<double*>(T + pl.c_part);
     int64_t* part_j = reinterpret_cast<int64_t*>(T + pl.c_part + (size_t)kMaxPartials * 8);
-    J = Jall;
-    dp_init_kernel<<<grid_for(pl.U), kThreads, 0, st>>>(rd, nruns, runrow, p.k, Dp);
-    PC_CUDA_CHECK(cudaGetLastError());
-    for (int m = 1; m < p.k; ++m) {
-      int32_t* Jm = Jall + (int64_t)(m - 1) * pl.U;
-      for (int L = 0; L < pl.Lmax; ++L) {
-        const int64_t nodes = p.rows << L;
-        const int64_t avg = std::max<int64_t>(pl.ucap >> L, 1);  // columns per node, roughly
-        if (avg <= 32) {
-          dp_level_thread_kernel<<<grid_for(nodes), kThreads, 0, st>>>(rd, Dp, Dc, Jm, p.k, m, L,
-                                                                       nodes);
-        } else {
-          int64_t G = 1;
-          if (nodes < kWarpNodesMin) {
-            G = std::min<int64_t>(kMaxPartials / nodes, std::max<int64_t>(avg / 256, 1));
-            G = std::max<int64_t>(G, 1);
-          }
-          const int64_t threads = nodes * G * 32;
-          dp_level_warp_kernel<<<grid_for(threads), kThreads, 0, st>>>(
-              rd, Dp, Dc, Jm, p.k, m, L, nodes, (int)G, part_v, part_j);
-          if (G > 1) {
-            PC_CUDA_CHECK(cudaGetLastError());
-            dp_level_reduce_kernel<<<grid_for(nodes), kThreads, 0, st>>>(
-                rd, Dc, Jm, p.k, m, L, nodes, (int)G, part_v, part_j);
-          }
-        }
-        PC_CUDA_CHECK(cudaGetLastError());
+    for (int64_t r0 = 0; r0 < p.rows; r0 += pl.dp_rows) {
+      const int64_t r1 = std::min(p.rows, r0 + pl.dp_rows), rc = r1 - r0;
+      double* Dp = D0;
+      double* Dc = D1;
+      dp_init_kernel<<<grid_for(rc * pl.ucap), kThreads, 0, st>>>(rd, r0, r1, runrow, p.k, Dp);
+      PC_CUDA_CHECK(cudaGetLastError());
+      for (int m = 1; m < p.k; ++m) {
+        int32_t* Jm = J + (int64_t)(m - 1) * pl.Uc;
+        for (int L = 0; L < pl.Lmax; ++L)
+          dp_level(pl, rd, r0, rc, Dp, Dc, Jm, p.k, m, L, part_v, part_j, st);
+        std::swap(Dp, Dc);
       }
-      std::swap(Dp, Dc);
+      dp_backtrack_kernel<<<grid_for(rc, 128), 128, 0, st>>>(ustart, r0, r1, p.k, J, pl.Uc,
+                                                             scratch, scratch_row_bytes(p.k));
+      PC_CUDA_CHECK(cudaGetLastError());
     }
   }
 
@@ -904,8 +997,6 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
   {
     SolveArgs a;
     a.d = rd;
-    a.J = J;
-    a.U = pl.U;
     a.rows = p.rows;
     a.k = p.k;
     a.beta = p.beta;

@@ -159,6 +159,22 @@ def backends() -> Dict[str, Dict[str, Any]]:
     return info
 
 
+def cuda_dp_budget(device: torch.device) -> int:
+    """Bytes the exact K-means DP on CUDA may take for its tables (about (k + 3) x 4 bytes per
+    distinct value of a row; rows are solved in chunks that fit, a row that alone needs more is
+    solved alone): POPCOMP_CUDA_DP_BUDGET, else 1/8 of the device's memory, at least 1 GiB."""
+    env = os.environ.get("POPCOMP_CUDA_DP_BUDGET")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            warnings.warn(f"ignoring POPCOMP_CUDA_DP_BUDGET={env!r}: not an integer")
+    if device.type != "cuda":  # (only a test's stand-in core gets here with another device)
+        return 1 << 30
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(1 << 30, total // 8)
+
+
 def cuda_stream_args(t: torch.Tensor):
     """(device index, cudaStream_t address) of torch's current stream for t's device."""
     dev = t.device.index if t.device.index is not None else torch.cuda.current_device()

@@ -2,14 +2,22 @@
 // with the host compiler, run by ctest from tests/test_kernel_index_logic.py; no GPU, no CUDA
 // toolkit needed):
 //   1. kmeans_cuda.cu phase C: the level-synchronous divide and conquer (dp_levels.h), emulated
-//      launch by launch on packed problems, equals the recursive divide and conquer bit for bit,
+//      launch by launch on packed problems in chunks of rows (dp_chunk_rows; arrays indexed
+//      from the chunk's local base), equals the recursive divide and conquer bit for bit,
 //      writes every row of every layer exactly once, reads only entries written at earlier
-//      levels / layers, and reaches the optimum of a brute-force DP.
+//      levels / layers, the mixed kernel's lane and warp scans (node width) and the warp
+//      shuffle reduction pick the same column, and the backtracked boundaries
+//      (dp_backtrack) reach the optimum of a brute-force DP.
 //   2. kmeans_cuda.cu's warp Lloyd: one unchained binary search per boundary equals the chained
 //      assign_boundaries() of kmeans_math.h for sorted centers.
 //   3. covariance_cuda.cu: tri_index() enumerates the upper-triangular tile pairs once each.
 //   4. hessian_cuda.cu: the output tiles (output_tile() over gridDim.x, looped by stride) cover
 //      every accumulator element exactly once, for any grid size, also past 65535 x 64 rows.
+//   5. kmeans_cuda.cu phase A (sort_keys.h): the composite (row, key) keys and the two stable
+//      float64 passes sort exactly as a stable sort by (row, key) does.
+//   6. kmeans_cuda.cu phases A, B (fixed_sums.h): the run weights and prefix sums, emulated
+//      thread by thread in a shuffled order, are the same bits in every order, equal the CPU's
+//      sequential sums bit for bit up to kSumChunk terms, and cover every term once.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -21,6 +29,8 @@
 #include "covariance/covariance_math.h"
 #include "hessian/hessian_math.h"
 #include "kmeans/dp_levels.h"
+#include "kmeans/fixed_sums.h"
+#include "kmeans/sort_keys.h"
 
 using namespace popcomp;
 using namespace popcomp::kmeans;
@@ -112,37 +122,61 @@ static double brute_force(const Prefix& P, int k) {
   return D[u - 1];
 }
 
-// Emulates run_cuda() phase C (dp_init_kernel, then per layer one "launch" per level; within a
-// level all nodes read the state left by the previous launches) and checks it.
-static void check_levels(const Packed& pk, int k) {
+// The warp forms of a node's argmin: 32 lanes scanning the columns clo + lane, + 32, ... (first
+// minimum each), then warp_argmin's shuffle-down tree (a lane past the warp reads its own value).
+static void warp_scan(const DpNode& nd, const double* Dp, double* best, int64_t* bj) {
+  double v[32];
+  int64_t j[32];
+  for (int lane = 0; lane < 32; ++lane) {
+    v[lane] = std::numeric_limits<double>::infinity();
+    j[lane] = std::numeric_limits<int64_t>::max();
+    for (int64_t c = nd.clo + lane; c <= nd.hc; c += 32) {
+      const double x = dp_val(nd, Dp, c);
+      if (x < v[lane]) {
+        v[lane] = x;
+        j[lane] = c;
+      }
+    }
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    double nv[32];
+    int64_t nj[32];
+    for (int lane = 0; lane < 32; ++lane) {
+      const int src = lane + off < 32 ? lane + off : lane;
+      nv[lane] = v[lane];
+      nj[lane] = j[lane];
+      if (dp_better(v[src], j[src], v[lane], j[lane])) {
+        nv[lane] = v[src];
+        nj[lane] = j[src];
+      }
+    }
+    std::memcpy(v, nv, sizeof v);
+    std::memcpy(j, nj, sizeof j);
+  }
+  *best = v[0];
+  *bj = j[0];
+}
+
+// Emulates run_cuda() phase C for the rows [r0, r1) (dp_init_kernel, then per layer one
+// "launch" per level; within a level all nodes read the state left by the previous launches;
+// D and the argmins indexed from the chunk's local base, Uc values per layer) and checks it;
+// the boundaries backtracked as dp_backtrack_kernel does go to Ball (k + 1 per row).
+static void check_chunk(const Packed& pk, int k, int64_t r0, int64_t r1, int64_t Uc,
+                        const std::vector<std::vector<std::vector<int32_t>>>& refJ,
+                        const std::vector<std::vector<double>>& refD, std::vector<int64_t>& Ball) {
   const RowData rd = pk.rd();
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  const int64_t U = pk.U;
+  const int64_t U = Uc, g0 = pk.ustart[r0];
+  CHECK(pk.ustart[r1] - g0 <= Uc, "rows [%lld, %lld) hold more than Uc values", (long long)r0,
+        (long long)r1);
   const int Lmax = dp_levels(pk.ucap);
   std::vector<double> Dp(U, nan), Dc(U, nan);
   std::vector<int32_t> Jall((size_t)std::max(k - 1, 0) * U, -7);
-  for (int64_t r = 0; r < pk.rows; ++r) {  // dp_init_kernel
+  for (int64_t r = r0; r < r1; ++r) {  // dp_init_kernel
     int64_t base;
     const Prefix P = row_prefix(rd, r, &base);
     if ((int64_t)k >= P.u) continue;
-    for (int64_t g = base; g < base + P.u; ++g) Dp[g] = seg_cost(P, 0, g - base + 1);
-  }
-  // the recursive reference, per problem
-  std::vector<std::vector<double>> refD(pk.rows);
-  std::vector<std::vector<std::vector<int32_t>>> refJ(pk.rows);
-  for (int64_t r = 0; r < pk.rows; ++r) {
-    int64_t base;
-    const Prefix P = row_prefix(rd, r, &base);
-    if ((int64_t)k >= P.u) continue;
-    std::vector<double> d(P.u), e(P.u, nan);
-    for (int64_t i = 0; i < P.u; ++i) d[i] = seg_cost(P, 0, i + 1);
-    refJ[r].assign(k, std::vector<int32_t>(P.u, -7));
-    for (int m = 1; m < k; ++m) {
-      std::fill(e.begin(), e.end(), nan);
-      dnc(P, d.data(), e.data(), refJ[r][m].data(), m, P.u - 1, m, P.u - 1);
-      std::swap(d, e);
-    }
-    refD[r] = d;
+    for (int64_t g = base; g < base + P.u; ++g) Dp[g - g0] = seg_cost(P, 0, g - base + 1);
   }
 
   struct Out {
@@ -154,11 +188,14 @@ static void check_levels(const Packed& pk, int k) {
     int32_t* Jm = Jall.data() + (size_t)(m - 1) * U;
     std::vector<int> written(U, 0);
     for (int L = 0; L < Lmax; ++L) {
-      const int64_t nodes = pk.rows << L;
+      const int64_t nodes = (r1 - r0) << L;
       std::vector<Out> outs;
       for (int64_t id = 0; id < nodes; ++id) {
         DpNode nd;
-        if (!dp_node(rd, Jm, k, m, L, id, nd)) continue;
+        if (!dp_node(rd, Jm, k, m, L, id, nd, r0)) continue;
+        CHECK(nd.lbase == nd.base - g0 && nd.lbase >= 0 && nd.lbase + nd.P.u <= Uc,
+              "local base %lld of a problem at %lld (chunk at %lld)", (long long)nd.lbase,
+              (long long)nd.base, (long long)g0);
         CHECK(nd.clo >= m && nd.clo <= nd.hc && nd.hc <= nd.mid && nd.mid < nd.P.u,
               "layer %d level %d node %lld: columns [%lld, %lld], mid %lld, u %lld", m, L,
               (long long)id, (long long)nd.clo, (long long)nd.hc, (long long)nd.mid,
@@ -183,8 +220,12 @@ static void check_levels(const Packed& pk, int k) {
             lj = j;
           }
         CHECK(lj == bj && same_bits(lb, best), "warp reduction differs from the scan");
+        double wb;  // the mixed / warp kernels' warp form (a node wider than kNarrow)
+        int64_t wj;
+        warp_scan(nd, Dp.data(), &wb, &wj);
+        CHECK(wj == bj && same_bits(wb, best), "warp scan differs from the lane scan");
         CHECK(!std::isnan(best), "read an unwritten D entry (layer %d level %d)", m, L);
-        outs.push_back(Out{nd.base + nd.mid, best, (int32_t)bj});
+        outs.push_back(Out{nd.lbase + nd.mid, best, (int32_t)bj});
       }
       for (const Out& o : outs) {
         CHECK(written[o.at] == 0, "row written twice (layer %d level %d)", m, L);
@@ -193,37 +234,65 @@ static void check_levels(const Packed& pk, int k) {
         Jm[o.at] = o.j;
       }
     }
-    for (int64_t r = 0; r < pk.rows; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       int64_t base;
       const Prefix P = row_prefix(rd, r, &base);
       if ((int64_t)k >= P.u) continue;
+      const int64_t lb = base - g0;
       for (int64_t i = 0; i < P.u; ++i) {
         const bool want = i >= m;
-        CHECK(written[base + i] == (want ? 1 : 0), "problem %lld layer %d row %lld written %d times",
-              (long long)r, m, (long long)i, written[base + i]);
+        CHECK(written[lb + i] == (want ? 1 : 0), "problem %lld layer %d row %lld written %d times",
+              (long long)r, m, (long long)i, written[lb + i]);
         if (want)
-          CHECK(Jm[base + i] == refJ[r][m][i], "problem %lld layer %d row %lld: J %d, recursion %d",
-                (long long)r, m, (long long)i, Jm[base + i], refJ[r][m][i]);
+          CHECK(Jm[lb + i] == refJ[r][m][i], "problem %lld layer %d row %lld: J %d, recursion %d",
+                (long long)r, m, (long long)i, Jm[lb + i], refJ[r][m][i]);
       }
     }
     std::swap(Dp, Dc);
   }
-  for (int64_t r = 0; r < pk.rows; ++r) {  // backtrack as solve_row() does, and the optimum
+  for (int64_t r = r0; r < r1; ++r) {  // dp_backtrack_kernel, and D of the last layer
     int64_t base;
     const Prefix P = row_prefix(rd, r, &base);
     if ((int64_t)k >= P.u) continue;
-    const int64_t u = P.u;
-    std::vector<int64_t> B(k + 1);
-    B[k] = u;
-    int64_t i = u - 1;
-    for (int m = k - 1; m >= 1; --m) {
-      const int64_t j = Jall[(size_t)(m - 1) * U + base + i];
-      B[m] = j;
-      i = j - 1;
+    dp_backtrack(Jall.data(), Uc, base - g0, P.u, k, &Ball[(size_t)r * (k + 1)]);
+    if (k > 1) CHECK(same_bits(Dp[base - g0 + P.u - 1], refD[r][P.u - 1]), "D of problem %lld", (long long)r);
+  }
+}
+
+// The whole phase C: the rows in chunks of chunk_rows (the last one shorter), then the
+// boundaries against the optimum.
+static void check_levels(const Packed& pk, int k, int64_t chunk_rows = 0) {
+  const RowData rd = pk.rd();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  if (chunk_rows <= 0) chunk_rows = pk.rows;
+  // the recursive reference, per problem
+  std::vector<std::vector<double>> refD(pk.rows);
+  std::vector<std::vector<std::vector<int32_t>>> refJ(pk.rows);
+  for (int64_t r = 0; r < pk.rows; ++r) {
+    int64_t base;
+    const Prefix P = row_prefix(rd, r, &base);
+    if ((int64_t)k >= P.u) continue;
+    std::vector<double> d(P.u), e(P.u, nan);
+    for (int64_t i = 0; i < P.u; ++i) d[i] = seg_cost(P, 0, i + 1);
+    refJ[r].assign(k, std::vector<int32_t>(P.u, -7));
+    for (int m = 1; m < k; ++m) {
+      std::fill(e.begin(), e.end(), nan);
+      dnc(P, d.data(), e.data(), refJ[r][m].data(), m, P.u - 1, m, P.u - 1);
+      std::swap(d, e);
     }
-    B[0] = 0;
+    refD[r] = d;
+  }
+  std::vector<int64_t> Ball((size_t)pk.rows * (k + 1), -1);
+  for (int64_t r0 = 0; r0 < pk.rows; r0 += chunk_rows)
+    check_chunk(pk, k, r0, std::min(pk.rows, r0 + chunk_rows), chunk_rows * pk.ucap, refJ, refD,
+                Ball);
+  for (int64_t r = 0; r < pk.rows; ++r) {  // the boundaries, and the optimum
+    int64_t base;
+    const Prefix P = row_prefix(rd, r, &base);
+    if ((int64_t)k >= P.u) continue;
+    const std::vector<int64_t> B(Ball.begin() + r * (k + 1), Ball.begin() + (r + 1) * (k + 1));
+    CHECK(B[0] == 0 && B[k] == P.u, "boundary ends of problem %lld", (long long)r);
     for (int j = 0; j < k; ++j) CHECK(B[j] < B[j + 1], "empty cluster %d of problem %lld", j, (long long)r);
-    if (k > 1) CHECK(same_bits(Dp[base + u - 1], refD[r][u - 1]), "D of problem %lld", (long long)r);
     const double opt = brute_force(P, k), got = partition_cost(P, B);
     CHECK(std::fabs(got - opt) <= 1e-9 * (1.0 + std::fabs(opt)), "problem %lld k %d: cost %.17g, optimum %.17g",
           (long long)r, k, got, opt);
@@ -251,9 +320,21 @@ static void test_dp_levels() {
       }
       if (!ties) w[r][0] = 1.0;
     }
-    // ucap above every u, as with 16-bit inputs (ucap = min(n, 65536) >= u)
-    check_levels(pack(v, w, umax + (int64_t)(rng() % 3)), k);
+    // ucap above every u, as with 16-bit inputs (ucap = min(n, 65536) >= u); all rows in one
+    // chunk, and in chunks of fewer rows (as dp_chunk_rows gives them for a small budget)
+    const Packed pk = pack(v, w, umax + (int64_t)(rng() % 3));
+    check_levels(pk, k);
+    const int64_t row_bytes = pk.ucap * (16 + 4 * (int64_t)(k - 1));
+    const int64_t budget = row_bytes * (1 + (int64_t)(rng() % 3)) + (int64_t)(rng() % 7) - 3;
+    const int64_t cr = dp_chunk_rows(pk.rows, row_bytes, budget);
+    CHECK(cr >= 1 && cr <= pk.rows && (cr == 1 || cr * row_bytes <= budget) &&
+              (cr == pk.rows || (cr + 1) * row_bytes > budget),
+          "dp_chunk_rows(%lld, %lld, %lld) = %lld", (long long)pk.rows, (long long)row_bytes,
+          (long long)budget, (long long)cr);
+    check_levels(pk, k, cr);
   }
+  CHECK(dp_chunk_rows(5, 100, 50) == 1, "a row above the budget: chunks of one row");
+  CHECK(dp_chunk_rows(5, 100, 1 << 20) == 5, "all rows within the budget: one chunk");
   for (int64_t ucap = 1; ucap <= 5000; ++ucap) {  // depth of the recursion over [1, ucap-1]
     int64_t c = ucap - 1, depth = 0;
     while (c > 0) {
@@ -367,11 +448,180 @@ static void test_hessian_tiles() {
   }
 }
 
+// 5. The (row, key) sorts of phase A against a stable sort by (row, key): composite keys for
+// 16/32-bit keys (any row count below 2^31), two stable LSD passes for float64 keys.
+static void test_sort_keys() {
+  CHECK(sort_mode(1, 64) == SortMode::single && sort_mode(1, 16) == SortMode::single, "one row");
+  for (int keybits : {16, 32}) {
+    CHECK(sort_mode(((int64_t)1 << 31) - 2, keybits) == SortMode::composite, "%d-bit keys", keybits);
+    CHECK(composite_bits(((int64_t)1 << 31) - 2, keybits) <= 64, "composite bits");
+  }
+  CHECK(sort_mode(2, 64) == SortMode::twopass, "float64 keys, two rows");
+  CHECK(bits_for(0) == 0 && bits_for(1) == 1 && bits_for(2) == 2 && bits_for(255) == 8 &&
+            bits_for(256) == 9, "bits_for");
+  std::mt19937_64 rng(31);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int keybits = trial % 3 == 0 ? 16 : trial % 3 == 1 ? 32 : 64;
+    const int64_t rows = 2 + (int64_t)(rng() % 40), n = 1 + (int64_t)(rng() % 30);
+    std::vector<uint64_t> key(rows * n);
+    for (auto& kk : key) {  // few distinct values: many equal keys (stability matters)
+      if (keybits == 64) {
+        const double vals[] = {-1.5, -0.0, 0.0, 2.25, 1e300, -3e-310, 7.0};
+        kk = double_key(vals[rng() % 7] == 0.0 ? 0.0 : vals[rng() % 7]);
+      } else {
+        kk = (rng() % 5) * (keybits == 16 ? 9000u : 900000000u) + (rng() % 2);
+      }
+    }
+    // the reference: indices stably sorted by (row, key)
+    std::vector<int64_t> ref(rows * n);
+    for (int64_t i = 0; i < rows * n; ++i) ref[i] = i;
+    std::stable_sort(ref.begin(), ref.end(), [&](int64_t a, int64_t b) {
+      return a / n != b / n ? a / n < b / n : key[a] < key[b];
+    });
+    std::vector<int64_t> got(rows * n);
+    for (int64_t i = 0; i < rows * n; ++i) got[i] = i;
+    if (sort_mode(rows, keybits) == SortMode::composite) {
+      std::vector<uint64_t> ck(rows * n);
+      for (int64_t i = 0; i < rows * n; ++i) {
+        ck[i] = composite_key(key[i], i / n, keybits);
+        CHECK(key_of(ck[i], keybits) == key[i], "key_of");
+        CHECK(composite_bits(rows, keybits) == 64 || (ck[i] >> composite_bits(rows, keybits)) == 0,
+              "composite key above its end bit");
+      }
+      std::stable_sort(got.begin(), got.end(), [&](int64_t a, int64_t b) { return ck[a] < ck[b]; });
+    } else {
+      CHECK(keybits == 64, "two passes for %d-bit keys", keybits);
+      std::stable_sort(got.begin(), got.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
+      std::stable_sort(got.begin(), got.end(), [&](int64_t a, int64_t b) { return a / n < b / n; });
+    }
+    CHECK(got == ref, "trial %d (%d-bit keys, %lld rows): order differs from (row, key)", trial,
+          keybits, (long long)rows);
+  }
+}
+
+// 6. The fixed-order sums of phases A and B, each "thread" run in a shuffled order.
+static void test_fixed_sums() {
+  std::mt19937_64 rng(77);
+  const int64_t C = kSumChunk;
+  // prefix sums: rows of u values, some longer than a chunk
+  for (int trial = 0; trial < 12; ++trial) {
+    const int64_t rows = 1 + (int64_t)(rng() % 4);
+    std::vector<int64_t> ustart{0};
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t lens[] = {1, 2, 31, C - 1, C, C + 1, 2 * C + 17, 3 * C};
+      ustart.push_back(ustart.back() + lens[rng() % 8]);
+    }
+    const int64_t U = ustart.back();
+    std::vector<double> vs(U), W(U);
+    for (int64_t g = 0; g < U; ++g) {
+      vs[g] = std::ldexp((double)(int64_t)(rng() >> 11) - (double)(1LL << 52), -50);
+      W[g] = (rng() % 5 == 0) ? 0.0 : std::ldexp((double)(rng() >> 11), -53) * 3.0;
+    }
+    int64_t ucap = 1;
+    for (int64_t r = 0; r < rows; ++r) ucap = std::max(ucap, ustart[r + 1] - ustart[r]);
+    const int64_t nsc = sum_chunks(ucap);
+    std::vector<double> S[2][3];
+    for (int rep = 0; rep < 2; ++rep) {
+      for (auto& s3 : S[rep]) s3.assign(U + rows, std::numeric_limits<double>::quiet_NaN());
+      std::vector<Sum3> tot(rows * nsc);
+      std::vector<int64_t> ids(rows * nsc);
+      for (int64_t i = 0; i < rows * nsc; ++i) ids[i] = i;
+      std::shuffle(ids.begin(), ids.end(), rng);
+      for (int64_t id : ids) {  // chunk_total_kernel
+        const int64_t r = id / nsc, c = id % nsc, b = ustart[r], u = ustart[r + 1] - b;
+        if (c < sum_chunks(u)) tot[id] = chunk_total(vs.data(), W.data(), b, u, c);
+      }
+      for (int64_t r = 0; r < rows; ++r)  // chunk_offsets_kernel
+        chunk_offsets(tot.data() + r * nsc, sum_chunks(ustart[r + 1] - ustart[r]));
+      std::shuffle(ids.begin(), ids.end(), rng);
+      for (int64_t id : ids) {  // chunk_scan_kernel
+        const int64_t r = id / nsc, c = id % nsc, b = ustart[r], u = ustart[r + 1] - b;
+        if (c < sum_chunks(u))
+          chunk_scan(vs.data(), W.data(), b, u, c, tot[id], S[rep][0].data() + b + r,
+                     S[rep][1].data() + b + r, S[rep][2].data() + b + r);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = ustart[r], u = ustart[r + 1] - b;
+      double a0 = 0.0, a1 = 0.0, a2 = 0.0;  // the CPU's loop (kmeans_cpu.cpp)
+      for (int64_t t = 0; t <= u; ++t) {
+        if (t > 0) {
+          const double vv = vs[b + t - 1], ww = W[b + t - 1];
+          a0 = a0 + ww;
+          a1 = a1 + ww * vv;
+          a2 = a2 + ww * vv * vv;
+        }
+        const double seq[3] = {a0, a1, a2};
+        for (int q = 0; q < 3; ++q) {
+          const double got = S[0][q][b + r + t];
+          CHECK(same_bits(got, S[1][q][b + r + t]), "prefix sum %d of row %lld at %lld differs between runs",
+                q, (long long)r, (long long)t);
+          if (u <= C)
+            CHECK(same_bits(got, seq[q]), "row %lld (u %lld <= chunk): s%d[%lld] = %.17g, sequential %.17g",
+                  (long long)r, (long long)u, q, (long long)t, got, seq[q]);
+          else
+            CHECK(std::fabs(got - seq[q]) <= 1e-12 * (1.0 + std::fabs(seq[q]) + (double)t),
+                  "row %lld: s%d[%lld] = %.17g, sequential %.17g", (long long)r, q, (long long)t, got, seq[q]);
+        }
+      }
+    }
+  }
+  // run weights: runs of 1 .. 3 chunks and more, pieces numbered over all runs
+  for (int trial = 0; trial < 12; ++trial) {
+    std::vector<int64_t> runpos{0};
+    const int64_t R = 1 + (int64_t)(rng() % 40);
+    for (int64_t g = 0; g < R; ++g) {
+      const int64_t lens[] = {1, 2, 5, C - 1, C, C + 1, 3 * C + 2};
+      runpos.push_back(runpos.back() + lens[rng() % 7]);
+    }
+    const int64_t N = runpos.back();
+    std::vector<double> w(N);
+    for (auto& x : w) x = std::ldexp((double)(rng() >> 11), -53) * 7.0;
+    std::vector<int64_t> pend(R);
+    for (int64_t g = 0; g < R; ++g) pend[g] = sum_chunks(runpos[g + 1] - runpos[g]);  // counts
+    for (int64_t g = 1; g < R; ++g) pend[g] += pend[g - 1];                          // scanned
+    const int64_t P = pend[R - 1];
+    CHECK(P <= R + N / C, "pieces %lld above the plan's bound", (long long)P);
+    std::vector<double> psum(P, std::numeric_limits<double>::quiet_NaN());
+    std::vector<int64_t> cover(N, 0);
+    std::vector<int64_t> ps(P);
+    for (int64_t p = 0; p < P; ++p) ps[p] = p;
+    std::shuffle(ps.begin(), ps.end(), rng);
+    for (int64_t p : ps) {  // piece_sum_kernel
+      const int64_t g = piece_run(pend.data(), R, p);
+      const int64_t pfirst = g > 0 ? pend[g - 1] : 0;
+      CHECK(g < R && pfirst <= p && p < pend[g], "piece %lld -> run %lld", (long long)p, (long long)g);
+      if (!(g < R)) continue;
+      psum[p] = piece_sum(w.data(), runpos[g], runpos[g + 1], pfirst, p);
+      const int64_t a = runpos[g] + (p - pfirst) * C;
+      for (int64_t i = a; i < std::min(runpos[g + 1], a + C); ++i) ++cover[i];
+    }
+    for (int64_t i = 0; i < N; ++i)
+      if (cover[i] != 1) {
+        CHECK(cover[i] == 1, "element %lld in %lld pieces", (long long)i, (long long)cover[i]);
+        break;
+      }
+    for (int64_t g = 0; g < R; ++g) {  // run_weight_kernel
+      const int64_t pfirst = g > 0 ? pend[g - 1] : 0;
+      const double got = run_total(psum.data(), pfirst, pend[g] - pfirst);
+      double seq = 0.0;  // the CPU's run loop
+      for (int64_t i = runpos[g]; i < runpos[g + 1]; ++i) seq += w[i];
+      if (runpos[g + 1] - runpos[g] <= C)
+        CHECK(same_bits(got, seq), "run %lld of %lld elements: %.17g, sequential %.17g", (long long)g,
+              (long long)(runpos[g + 1] - runpos[g]), got, seq);
+      else
+        CHECK(std::fabs(got - seq) <= 1e-12 * seq, "run %lld: %.17g, sequential %.17g", (long long)g, got, seq);
+    }
+  }
+}
+
 int main() {
   test_dp_levels();
   test_unchained_boundaries();
   test_tri_index();
   test_hessian_tiles();
+  test_sort_keys();
+  test_fixed_sums();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

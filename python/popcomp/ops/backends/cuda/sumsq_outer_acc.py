@@ -1,11 +1,15 @@
 """The CUDA kernel of popcomp::sumsq_outer_acc (the compiled core, on torch's current stream)."""
 from __future__ import annotations
 
-from ...._backend import compiled, cuda_fallback, cuda_stream_args
+from ...._backend import compiled, core_constant, cuda_fallback, cuda_stream_args, cuda_workspace
 from ..._library import LIB
 from ...checks import check_sumsq_outer_acc
 from .. import compiled_args
 from ..reference.sumsq_outer_acc import sumsq_outer_acc_reference
+
+# Room for the per-split partial sums when the samples are split to fill the GPU (added into
+# acc in a fixed order: repeated runs are bit-identical).
+WORKSPACE_BYTES = core_constant("sumsq_outer_cuda_workspace_bytes", 16 << 20)
 
 
 def sumsq_outer_acc_cuda(acc, g, x):
@@ -16,7 +20,10 @@ def sumsq_outer_acc_cuda(acc, g, x):
 
     def run(**kwargs):
         device, stream = cuda_stream_args(acc)
-        C.sumsq_outer_cuda(**kwargs, device=device, stream=stream)
+        # room for the per-split partial sums, added in a fixed order (deterministic)
+        ws = cuda_workspace(WORKSPACE_BYTES, acc.device)
+        C.sumsq_outer_cuda(**kwargs, workspace=ws.data_ptr(), workspace_bytes=ws.numel(),
+                           device=device, stream=stream)
 
     compiled_args.sumsq_outer_acc(acc, g, x, run)
     return None
