@@ -175,6 +175,12 @@ def cuda_dp_budget(device: torch.device) -> int:
     return max(1 << 30, total // 8)
 
 
+def cuda_capturing(t: torch.Tensor) -> bool:
+    """t is a CUDA tensor and torch's current stream is capturing a CUDA graph (no host
+    transfer may run now)."""
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def cuda_stream_args(t: torch.Tensor):
     """(device index, cudaStream_t address) of torch's current stream for t's device."""
     dev = t.device.index if t.device.index is not None else torch.cuda.current_device()

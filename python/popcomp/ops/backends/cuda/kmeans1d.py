@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ...._backend import compiled, cuda_dp_budget, cuda_fallback, cuda_stream_args, cuda_workspace
+from ...._backend import (compiled, cuda_capturing, cuda_dp_budget, cuda_fallback,
+                          cuda_stream_args, cuda_workspace)
 from ..._library import LIB
 from ...checks import check_kmeans1d, check_kmeans1d_values
 from .. import compiled_args
@@ -18,7 +19,10 @@ _EXACT_HINT = ("; the exact DP of one row needs about (k + 3) x 4 bytes per dist
 def kmeans1d_cuda(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter):
     # before any device address reaches the kernel: shapes, dtypes, devices, then the values
     check_kmeans1d(x, weights, k, beta, method, init, init_centers, max_iter, tol, seed, diameter)
-    check_kmeans1d_values(x, weights, init_centers)  # one transfer to the host for all of them
+    # the values: one transfer to the host for all of them, skipped while a CUDA graph is
+    # captured (a transfer cannot be captured, and a replay runs on other values anyway)
+    if not cuda_capturing(x):
+        check_kmeans1d_values(x, weights, init_centers)
     if cuda_fallback(x, "kmeans1d"):  # popcomp's CUDA runtime cannot use the device
         return kmeans1d_reference(x, weights, k, beta, method, init, init_centers, max_iter, tol,
                                   seed, diameter)
