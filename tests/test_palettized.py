@@ -134,6 +134,16 @@ def test_pack_rows_is_the_layout_of_the_spec(bits):
         assert torch.equal(unpack_rows(p, bits, n), idx)
 
 
+def test_the_compiled_kernels_read_this_layout():
+    C = popcomp._backend.compiled()
+    if C is None or not hasattr(C, "palettized_row_bytes"):
+        pytest.skip("the compiled core has no palettized kernels")
+    assert C.palettized_layout_version == 2
+    for bits in range(1, 9):
+        for n in (1, 31, 32, 33, 100, 4096):
+            assert C.palettized_row_bytes(n, bits) == row_bytes(n, bits)
+
+
 def test_pack_rows_spot_checks():
     # 4 bits: byte t holds index t (low nibble) and t + 16 (high nibble)
     idx = torch.arange(32).view(1, 32) % 16

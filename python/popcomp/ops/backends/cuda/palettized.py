@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from ...._backend import compiled, cuda_stream_args
+from ...._backend import compiled, cuda_fallback, cuda_stream_args
 from ..._library import LIB
 from ...checks import check_palettized_decode, check_palettized_linear
 from ..cpu.palettized import as_rows, decode_args, decoded_gemm, linear_args
+from ..reference.palettized import palettized_decode_reference, palettized_linear_reference
 
 __all__ = ["GEMM_MIN_M", "CHUNK_BYTES", "palettized_linear_cuda", "palettized_decode_cuda"]
 
@@ -23,6 +24,9 @@ CHUNK_BYTES = 8 << 20  # one decoded chunk (enough rows to keep a GEMM busy)
 
 def palettized_linear_cuda(x, packed, codebook, bias, bits, in_features, group_size):
     check_palettized_linear(x, packed, codebook, bias, bits, in_features, group_size)
+    if cuda_fallback(x, "palettized_linear"):  # popcomp's CUDA runtime cannot use the device
+        return palettized_linear_reference(x, packed, codebook, bias, bits, in_features,
+                                           group_size)
     rows = packed.shape[0]
     x2 = as_rows(x, in_features)
     M = x2.shape[0]
@@ -49,6 +53,8 @@ def palettized_linear_cuda(x, packed, codebook, bias, bits, in_features, group_s
 
 def palettized_decode_cuda(packed, codebook, bits, in_features, group_size, dtype):
     check_palettized_decode(packed, codebook, bits, in_features, group_size, dtype)
+    if cuda_fallback(packed, "palettized_decode"):
+        return palettized_decode_reference(packed, codebook, bits, in_features, group_size, dtype)
     out = torch.empty((packed.shape[0], in_features), dtype=dtype, device=packed.device)
     if packed.shape[0]:
         device, stream = cuda_stream_args(packed)
