@@ -2,7 +2,8 @@
 not merely where they were built: with CUDA tensors and a runtime that cannot use the device
 (its statically linked CUDA runtime newer than the driver), every op runs its pure-torch
 reference on the device after one warning that names the driver and build versions and the fix.
-Checked here without a GPU by standing in for the compiled core's runtime queries and for
+Also the exact DP's workspace budget on CUDA and the error of a workspace the device cannot
+hold. Checked here without a GPU by standing in for the compiled core's runtime queries and for
 torch.cuda.is_available()."""
 import importlib
 import types
@@ -161,3 +162,62 @@ def test_usable_wherever_torch_has_cuda():
     info = popcomp.backends()["cuda"]
     assert info["usable"] == torch.cuda.is_available(), info.get("error")
     assert info["devices"] == torch.cuda.device_count()
+
+
+# ---- the exact DP's workspace on CUDA: budget and the error of a row too large ------------------
+
+
+def test_dp_budget(monkeypatch):
+    """POPCOMP_CUDA_DP_BUDGET when set (a bad value warns and is ignored), else 1/8 of the
+    device's memory and at least 1 GiB."""
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: types.SimpleNamespace(total_memory=80 << 30))
+    monkeypatch.delenv("POPCOMP_CUDA_DP_BUDGET", raising=False)
+    assert _backend.cuda_dp_budget(cuda0) == 10 << 30
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: types.SimpleNamespace(total_memory=4 << 30))
+    assert _backend.cuda_dp_budget(cuda0) == 1 << 30
+    monkeypatch.setenv("POPCOMP_CUDA_DP_BUDGET", "12345")
+    assert _backend.cuda_dp_budget(cuda0) == 12345
+    monkeypatch.setenv("POPCOMP_CUDA_DP_BUDGET", "lots")
+    with pytest.warns(UserWarning, match="POPCOMP_CUDA_DP_BUDGET"):
+        assert _backend.cuda_dp_budget(cuda0) == 1 << 30
+
+
+class _Core2:
+    """Stands in for the compiled core's K-means entry points: records the budget they get."""
+
+    def __init__(self, nbytes):
+        self.nbytes, self.budgets = nbytes, []
+
+    def kmeans1d_cuda_workspace(self, dp_budget, **kwargs):
+        self.budgets.append(dp_budget)
+        return self.nbytes
+
+    def kmeans1d_cuda(self, dp_budget, **kwargs):
+        self.budgets.append(dp_budget)
+
+
+@pytest.mark.parametrize("method", ["exact", "lloyd"])
+def test_kmeans_workspace_too_large_is_a_clear_error(method, monkeypatch):
+    """A workspace the device cannot hold (one huge row for the exact DP) is an
+    OutOfMemoryError that names the problem and the way out, raised before the kernel."""
+    module = importlib.import_module("popcomp.ops.backends.cuda.kmeans1d")
+    core = _Core2(13 << 30)
+
+    def no_memory(nbytes, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.00 GiB")
+
+    monkeypatch.setattr(module, "compiled", lambda: core)
+    monkeypatch.setattr(module, "cuda_stream_args", lambda t: (0, 0))
+    monkeypatch.setattr(module, "cuda_workspace", no_memory)
+    monkeypatch.setenv("POPCOMP_CUDA_DP_BUDGET", str(1 << 20))
+    x = torch.randn(1, 1000)
+    with pytest.raises(torch.cuda.OutOfMemoryError) as err:
+        module.kmeans1d_cuda(x, None, 16, 0.0, method, "kmeans++", None, 10, 0.0, 0, "squared")
+    msg = str(err.value)
+    assert "13.00 GiB of workspace for 1 row(s) of 1000 values" in msg and "k = 16" in msg
+    assert ("use method='lloyd'" in msg) == (method == "exact")
+    assert "Tried to allocate" in msg  # torch's own message kept
+    assert core.budgets == [1 << 20]  # the workspace was sized with the budget; no kernel ran
