@@ -254,7 +254,7 @@ __global__ void runs_kernel(const ST* keys, const int64_t* runpos, const int64_t
     } else {
       vo[g] = 0.0;
       vs[g] = 0.0;
-      runrow[g] = (int32_t)rows;  // sentinel key for the scan by key
+      runrow[g] = (int32_t)rows;  // no row: past the last run
       if (!weighted) W[g] = 0.0;
     }
   }
