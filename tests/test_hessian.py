@@ -445,7 +445,12 @@ def test_diagonal_eval_mode_false_keeps_train_mode():
     model.train()
     X, Y = torch.randn(10, 5), torch.randint(0, 3, (10,))
     stats = model[1].running_mean.clone()
-    H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method="ggn", eval_mode=False, progress=False)
+    # the batch statistics couple the samples below the BatchNorm: layer 0 is refused
+    with pytest.raises(ValueError, match=r"BatchNorm in training mode.*\['0'\].*eval_mode=True"):
+        H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method="ggn", eval_mode=False,
+                   progress=False)
+    H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method="ggn", eval_mode=False, progress=False,
+               params=["4.weight", "4.bias"])
     assert not torch.equal(model[1].running_mean, stats)  # train-mode BatchNorm ran
     assert all(m.training for m in model.modules())
     with pytest.raises(TypeError, match="eval_mode"):

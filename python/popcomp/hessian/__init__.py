@@ -1,7 +1,8 @@
 """Diagonal of the loss Hessian over calibration data (the sensitivities of HW / DRHW K-means).
 
     h = popcomp.hessian.diagonal(model, loss_fn, loader, method="fisher")
-    h["fc1.weight"]          # float32, shaped like the parameter, summed over samples
+    h["fc1.weight"]          # shaped like the parameter, summed over samples; float32
+                             # (float64 for a float64 model: every product in float64)
     h.num_samples            # how many samples were seen; h.mean() divides by it
 
     # a Hugging Face model, only its Linear layers, keyword-argument batches, no labels
@@ -25,9 +26,13 @@ mode is restored after every batch) unless ``eval_mode=False``.
 Methods
   fisher      sum_s (d l_s / d w)^2, exact, without materializing per-sample gradients: the
               gradients w.r.t. each layer's output are combined with its input by the fused op
-              ``popcomp::sumsq_outer_acc`` (Linear, Conv1d/Conv2d on unfolded patches, Embedding).
+              ``popcomp::sumsq_outer_acc`` (Linear, Conv1d/2d/3d on unfolded patches,
+              ConvTranspose1d/2d/3d on the columns' patches, Embedding; BatchNorm1d/2d/3d's
+              affine parameters from the normalized input).
   ggn         exact diagonal of the generalized Gauss-Newton matrix sum_s J_s^T H_s J_s for
-              nn.MSELoss, nn.CrossEntropyLoss and nn.BCEWithLogitsLoss: the columns of a square
+              nn.MSELoss, nn.CrossEntropyLoss and nn.BCEWithLogitsLoss (or F.mse_loss,
+              F.cross_entropy, F.binary_cross_entropy_with_logits, bare or as a
+              functools.partial with keyword arguments): the columns of a square
               root of H_s (C - 1 per position for CrossEntropy) are backpropagated and reduced
               by the same op.
   ggn_mc      Monte-Carlo GGN: ``mc_samples`` columns per sample drawn from the model's
@@ -48,6 +53,20 @@ Gauss-Newton J_s^T J_s, and the diagonal sum_s diag(J_s^T J_s) is what every met
               2 (a_i^4 - sum_j a_ij^4) / mc_samples per entry (a_ij = d f_j / d w_i, a_i^2 =
               sum_j a_ij^2), at a cost independent of the output width;
   hutchinson  the Hessian of the label-free loss (exactly J^T J at f = f0) by probes.
+
+Which parameters: those named in ``params=`` (frozen ones too), else the trainable ones
+(``requires_grad=True``) of the modules ``filter_fn`` selects (of all modules without it);
+nothing else is accumulated or spent work on, and modules with no parameter asked for may be
+of any type.
+
+Data with NaN/Inf (inputs or floating targets) is refused with a ValueError naming the batch;
+a diagonal that is not finite (float32 overflow beyond ~3.4e38, or a model computing NaN) is a
+ValueError from ``result()`` naming the parameters (a float64 model gets a float64 diagonal).
+
+BatchNorm runs on its running statistics in eval mode (the default, ``eval_mode=True``). With
+``eval_mode=False`` and BatchNorm in training mode, the batch statistics couple the samples:
+the per-sample methods accumulate a training-mode BatchNorm's own parameters (exact, with the
+batch's statistics) and refuse modules whose output reaches one (use eval mode, or hutchinson).
 
 Per-sample methods (fisher, ggn, ggn_mc) need the batch loss to be a sum or mean of losses of
 the samples alone; a loss comparing samples of a batch (contrastive, InfoNCE) is refused on the
@@ -81,5 +100,5 @@ from .modules import REDUCERS as _REDUCERS
 __all__ = ["diagonal", "HessianAccumulator", "HessianDiagonal", "METHODS", "SUPPORTED_MODULES"]
 
 METHODS = tuple(_REGISTRY)  # ("fisher", "ggn", "ggn_mc", "hutchinson")
-SUPPORTED_MODULES = tuple(_REDUCERS)  # (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+SUPPORTED_MODULES = tuple(_REDUCERS)  # Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, BatchNorm1d/2d/3d, Embedding
 # and, matched by name without importing transformers, transformers.pytorch_utils.Conv1D

@@ -12,13 +12,14 @@ from .._model import all_reduce_sum, batch_size, module_device, split_batch, to_
 from .._model import eval_mode as _eval_mode, progress as _progress  # names of arguments here
 from .._validate import check_int
 from .methods import LABEL_FREE, REGISTRY, Options
-from .modules import FilterFn
+from .modules import FilterFn, acc_dtype
 
 __all__ = ["HessianAccumulator", "HessianDiagonal", "diagonal"]
 
 
 class HessianDiagonal(dict):
-    """parameter name -> float32 tensor shaped like the parameter (a sum over samples).
+    """parameter name -> tensor shaped like the parameter (a sum over samples): float32, or
+    float64 for a float64 parameter.
 
     The keys are the parameters' names in ``model.named_parameters()`` of the model the
     diagonal was computed on ("<module path>.weight", "<module path>.bias"): computed on the
@@ -132,10 +133,12 @@ class HessianAccumulator:
         names = self._estimator.names
         if not names:
             arg = "filter_fn" if filter_fn is not None else "params"
-            raise ValueError(f"{arg}: nothing to accumulate (the model has no selected parameters)")
+            raise ValueError(f"{arg}: nothing to accumulate (the model has no selected parameters; "
+                             "frozen ones (requires_grad=False) are accumulated only when named "
+                             "in params=)")
         self._params = [named[n] for n in names]
         self._acc: Dict[str, torch.Tensor] = {
-            n: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            n: torch.zeros(p.shape, dtype=acc_dtype(p), device=p.device)
             for n, p in zip(names, self._params)}
         self.num_samples = 0
 
@@ -148,6 +151,8 @@ class HessianAccumulator:
         B = batch_size(inputs, targets)
         if B == 0:
             return
+        _check_finite(inputs, "inputs")
+        _check_finite(targets, "targets")
         flags = [p.requires_grad for p in self._params]
         try:
             for p in self._params:
@@ -178,6 +183,15 @@ class HessianAccumulator:
             count = int(round(total))
         else:
             tensors = [t.clone() for t in tensors]
+        bad = [n for n, t in zip(names, tensors) if not bool(torch.isfinite(t).all())]
+        if bad:
+            big = any(t.dtype == torch.float32 for n, t in zip(names, tensors) if n in bad)
+            raise ValueError(
+                f"model: the Hessian diagonal of {bad} is not finite (NaN or Inf): "
+                + ("its entries exceed the float32 range (~3.4e38) or the model computes "
+                   "NaN/Inf; accumulate a float64 copy of the model (model.double()) to get "
+                   "a float64 diagonal, or rescale the loss" if big else
+                   "the model or the loss computes NaN/Inf on the data"))
         res = HessianDiagonal({n: t for n, t in zip(names, tensors)}, count, self.method)
         why = self._estimator.warning() if count > 0 else None
         if why:
@@ -189,6 +203,21 @@ class HessianAccumulator:
         for t in self._acc.values():
             t.zero_()
         self.num_samples = 0
+
+
+def _check_finite(obj: Any, what: str) -> None:
+    """A ValueError naming ``what`` when a floating tensor of ``obj`` (a tensor, or a tuple /
+    list / dict of them) holds NaN or Inf: it would make the whole diagonal NaN."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+            raise ValueError(f"data: the batch's {what} contain NaN or Inf (the Hessian diagonal "
+                             "would be NaN); remove or repair those samples")
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            _check_finite(v, what)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            _check_finite(v, what)
 
 
 def diagonal(
@@ -210,7 +239,8 @@ def diagonal(
     eval_mode: bool = True,
 ) -> HessianDiagonal:
     """Diagonal of the loss Hessian of ``model`` over ``data`` (an iterable / DataLoader of
-    batches), as a mapping parameter name -> float32 tensor shaped like the parameter, holding
+    batches), as a mapping parameter name -> tensor shaped like the parameter (float32; float64
+    for a float64 parameter), holding
     the sum over samples (``mean=True``: divided by ``num_samples``). The keys are the names in
     ``model.named_parameters()`` ("<module path>.weight"), the names ``quantize_(model, ...)``
     looks up.

@@ -27,12 +27,19 @@ class _Record:
             isinstance(self.inp, torch.Tensor) and self.inp._version != self.inp_version)
 
 
-def _forward(forward: Callable[[Any], Any], inputs, sites: Sequence[Site], safe: bool):
+def _forward(forward: Callable[[Any], Any], inputs, sites: Sequence[Site], safe: bool,
+             watch: Sequence[torch.nn.Module] = ()):
     recs: Dict[str, List[_Record]] = {s.name: [] for s in sites}
     handles = []
+    events: List[Tuple[int, int]] = []  # (0: site call / 1: watched call, id(module)), in order
+
+    def watch_hook(mod, inp, out):
+        events.append((1, id(mod)))
 
     def make_hook(name):
         def hook(mod, inp, out):
+            if watch:
+                events.append((0, id(mod)))
             x = inp[0] if inp else None
             if safe:  # keep copies, hand the model a fresh output
                 x = x.detach().clone() if isinstance(x, torch.Tensor) else x
@@ -46,24 +53,41 @@ def _forward(forward: Callable[[Any], Any], inputs, sites: Sequence[Site], safe:
     try:
         for s in sites:
             handles.append(s.module.register_forward_hook(make_hook(s.name)))
+        for w in watch:
+            handles.append(w.register_forward_hook(watch_hook))
         out = forward(inputs)
     finally:
         for h in handles:
             h.remove()
     if not safe and any(r.modified() for lst in recs.values() for r in lst):
         return None
+    if watch:
+        names = {id(s.module): s.name for s in sites}
+        seen: List[str] = []
+        for kind, mid in events:
+            if kind == 0:
+                seen.append(names[mid])
+            elif any(names.get(mid) != n for n in seen):
+                raise ValueError(
+                    f"model: a BatchNorm in training mode (batch statistics) runs after the "
+                    f"accumulated module(s) {sorted(set(seen))}: it couples the samples of a batch, "
+                    "so their per-sample gradients are not defined. Use eval_mode=True (the "
+                    "default: running statistics), accumulate only modules after the "
+                    "training-mode BatchNorms (filter_fn= / params=), or method='hutchinson'")
     return out, recs
 
 
-def record(forward: Callable[[Any], Any], inputs: Any, sites: Sequence[Site]
+def record(forward: Callable[[Any], Any], inputs: Any, sites: Sequence[Site],
+           watch: Sequence[torch.nn.Module] = ()
            ) -> Tuple[Any, List[Tuple[Site, List[Tuple[Any, torch.Tensor]]]]]:
     """Runs ``forward(inputs)`` (the model and what picks the loss's view of its output;
     autograd on) and returns its output and, for each site the forward called, its calls as
     (input, output) pairs. When the model modifies a recorded tensor in place, the forward is
-    rerun with copies."""
-    res = _forward(forward, inputs, sites, safe=False)
+    rerun with copies. ``watch``: modules coupling the samples of a batch (BatchNorm in
+    training mode); a ValueError when one runs after a site other than itself."""
+    res = _forward(forward, inputs, sites, safe=False, watch=watch)
     if res is None:  # an output/input was modified in place: rerun with copies
-        res = _forward(forward, inputs, sites, safe=True)
+        res = _forward(forward, inputs, sites, safe=True, watch=watch)
     out, recs = res
     return out, [(s, [(r.inp, r.out) for r in recs[s.name]]) for s in sites if recs[s.name]]
 

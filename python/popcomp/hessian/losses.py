@@ -10,11 +10,20 @@ in it, and supporting another loss is adding one entry: a :class:`LossFactor` su
 knows ``num_columns``, ``exact`` (A with A A^T = H_s, the columns batched first) and
 ``sampled`` (columns drawn from the model's predictive distribution, E[A A^T] = H_s).
 
+torch's functional losses are recognized too (:data:`FUNCTIONAL_LOSSES`, function -> loss
+type): ``F.cross_entropy``, ``F.mse_loss``, ``F.binary_cross_entropy_with_logits``, bare or as a
+``functools.partial`` with keyword arguments only (e.g. ``partial(F.cross_entropy,
+reduction="sum")``); :func:`loss_module` gives the equivalent module. A lambda or any other
+wrapper cannot be read: pass the loss module instead.
+
+The factors are computed in float64 for a float64 model output, else in float32.
+
 ``loss_fn=None`` is the label-free loss l_s = 1/2 ||f_s - f_s0||^2 around the current outputs
 f_s0, whose Hessian in the outputs is I (:class:`OutputFactor`): its GGN is diag(J_s^T J_s).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Dict, Optional, Type
 
@@ -24,8 +33,13 @@ import torch.nn.functional as F
 
 from .._model import slice_sample
 
-__all__ = ["LOSS_FACTORS", "LossFactor", "OutputFactor", "SampleScale", "loss_factor",
-           "probe_reduction"]
+__all__ = ["FUNCTIONAL_LOSSES", "LOSS_FACTORS", "LossFactor", "OutputFactor", "SampleScale",
+           "check_scalar_loss", "loss_factor", "loss_module", "probe_reduction"]
+
+
+def _work(out: torch.Tensor) -> torch.dtype:
+    """The dtype the factors are computed in: float64 for a float64 output, else float32."""
+    return torch.float64 if out.dtype == torch.float64 else torch.float32
 
 
 class LossFactor:
@@ -33,11 +47,13 @@ class LossFactor:
 
     Constructed from the loss module, whose settings it checks (a ValueError naming
     ``loss_fn`` when the factor does not apply). ``out`` is the model output (B, ...); columns
-    come back shaped (R, *out.shape) in ``out``'s dtype, computed in float32."""
+    come back shaped (R, *out.shape) in ``out``'s dtype, computed in float32 (float64 for a
+    float64 output)."""
 
     def __init__(self, loss_fn: nn.Module, method: str):
         if loss_fn.reduction not in ("mean", "sum"):
-            raise ValueError("loss_fn: reduction='none' is not supported; use 'mean' or 'sum'")
+            raise ValueError(f"loss_fn: reduction={loss_fn.reduction!r} is not supported by "
+                             f"{method} (a scalar batch loss is needed); use 'mean' or 'sum'")
         self.loss_fn = loss_fn
         self.mean = loss_fn.reduction == "mean"
 
@@ -79,7 +95,7 @@ class CrossEntropyFactor(LossFactor):
     def _probs(self, out, targets):
         """Softmax (B, C, P) and the square roots of the positions' weights (B, P)."""
         B, C, P = self._shape(out)
-        p = torch.softmax(out.float(), dim=1).reshape(B, C, P)
+        p = torch.softmax(out.to(_work(out)), dim=1).reshape(B, C, P)
         if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
             w = (targets.reshape(B, P) != self.loss_fn.ignore_index).to(p.dtype)
         else:
@@ -131,7 +147,7 @@ class _ElementwiseFactor(LossFactor):
 
     def exact(self, out, targets):
         n, w = self._n_w(out)
-        d = self.diag(out.float(), w).reshape(out.shape[0], n)
+        d = self.diag(out.to(_work(out)), w).reshape(out.shape[0], n)
         cols = torch.diag_embed(d.sqrt()).permute(1, 0, 2)  # (n, B, n): cols[j, b, j]
         return cols.reshape(n, *out.shape).to(out.dtype)
 
@@ -145,7 +161,7 @@ class MSEFactor(_ElementwiseFactor):
 
     def sampled(self, out, targets, M, gen):
         n, w = self._n_w(out)
-        f = out.float()
+        f = out.to(_work(out))
         d = self.diag(f, w).reshape(out.shape[0], n)
         eps = torch.randn((M, out.shape[0], n), generator=gen, device=f.device, dtype=f.dtype)
         return (eps * d.sqrt() / math.sqrt(M)).reshape(M, *out.shape).to(out.dtype)
@@ -167,7 +183,7 @@ class OutputFactor(_ElementwiseFactor):
     def sampled(self, out, targets, M, gen):
         n = int(math.prod(out.shape[1:]))
         eps = torch.randint(0, 2, (M, out.shape[0], n), generator=gen, device=out.device)
-        eps = eps.to(torch.float32).mul_(2).sub_(1).div_(math.sqrt(M))
+        eps = eps.to(_work(out)).mul_(2).sub_(1).div_(math.sqrt(M))
         return eps.reshape(M, *out.shape).to(out.dtype)
 
 
@@ -187,7 +203,7 @@ class BCEWithLogitsFactor(_ElementwiseFactor):
 
     def sampled(self, out, targets, M, gen):
         n, w = self._n_w(out)
-        s = torch.sigmoid(out.float()).reshape(out.shape[0], n)
+        s = torch.sigmoid(out.to(_work(out))).reshape(out.shape[0], n)
         y = torch.bernoulli(s.expand(M, *s.shape), generator=gen)
         return ((s - y) * math.sqrt(w) / math.sqrt(M)).reshape(M, *out.shape).to(out.dtype)
 
@@ -199,21 +215,64 @@ LOSS_FACTORS: Dict[Type[nn.Module], Type[LossFactor]] = {
 }
 
 
+# torch's functional losses -> the loss type (module) computing the same thing
+FUNCTIONAL_LOSSES: Dict[Callable, Type[nn.Module]] = {
+    F.mse_loss: nn.MSELoss,
+    F.cross_entropy: nn.CrossEntropyLoss,
+    F.binary_cross_entropy_with_logits: nn.BCEWithLogitsLoss,
+}
+
+
+def loss_module(loss_fn: Optional[Callable]) -> Optional[Callable]:
+    """``loss_fn`` itself, or for a functional loss of :data:`FUNCTIONAL_LOSSES` (bare, or a
+    ``functools.partial`` with keyword arguments only) the equivalent loss module."""
+    fn, kw = loss_fn, {}
+    if isinstance(fn, functools.partial) and not fn.args:
+        fn, kw = fn.func, dict(fn.keywords)
+    try:
+        cls = FUNCTIONAL_LOSSES.get(fn)
+    except TypeError:  # unhashable callable
+        cls = None
+    if cls is None:
+        return loss_fn
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise ValueError(f"loss_fn: {fn.__name__} with keywords {sorted(kw)} has no "
+                         f"nn.{cls.__name__} equivalent ({e})") from e
+
+
 def loss_factor(loss_fn: Optional[Callable], method: str) -> LossFactor:
-    """The factor of ``loss_fn`` (its type or nearest base class in :data:`LOSS_FACTORS`;
-    None: the label-free :class:`OutputFactor`); a ValueError naming ``loss_fn`` when there is
-    none or its settings are not supported."""
+    """The factor of ``loss_fn`` (its type or nearest base class in :data:`LOSS_FACTORS`, a
+    recognized functional loss (:func:`loss_module`); None: the label-free
+    :class:`OutputFactor`); a ValueError naming ``loss_fn`` when there is none or its settings
+    are not supported."""
     if loss_fn is None:
         return OutputFactor(method)
+    loss_fn = loss_module(loss_fn)
     for cls in type(loss_fn).__mro__:
         factor = LOSS_FACTORS.get(cls)
         if factor is not None:
             return factor(loss_fn, method)
     names = ", ".join(f"nn.{c.__name__}" for c in LOSS_FACTORS)
+    funcs = ", ".join(f"F.{f.__name__}" for f in FUNCTIONAL_LOSSES)
+    got = getattr(loss_fn, "__name__", type(loss_fn).__name__)
     raise ValueError(
-        f"loss_fn: method {method!r} supports {names} (and loss_fn=None, label-free), got "
-        f"{type(loss_fn).__name__}; use method='fisher' or 'hutchinson' for other losses"
+        f"loss_fn: method {method!r} supports {names}, the functionals {funcs} (bare or as "
+        f"functools.partial with keyword arguments) and loss_fn=None (label-free), got {got} "
+        "(a lambda or wrapper cannot be read: pass the loss module); use method='fisher' or "
+        "'hutchinson' for other losses"
     )
+
+
+def check_scalar_loss(loss: Any) -> Any:
+    """``loss`` when it is a one-element tensor (or a number); a ValueError naming ``loss_fn``
+    otherwise (e.g. ``reduction='none'``)."""
+    if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+        raise ValueError(
+            f"loss_fn must return a scalar batch loss, got a tensor of shape {tuple(loss.shape)} "
+            "(reduction='none'?); use reduction='sum' or 'mean'")
+    return loss
 
 
 # ---- the per-sample scale of the batch loss ------------------------------------------------------
@@ -245,7 +304,7 @@ def probe_reduction(loss_fn: Callable, out: Any, targets: Any, B: int,
     if B == 1:
         return "sum"
     with torch.no_grad():
-        total = float(loss_fn(out, targets))
+        total = float(check_scalar_loss(loss_fn(out, targets)))
     parts = _per_sample_losses(loss_fn, out, targets, B, method)
     if math.isclose(parts, total, rel_tol=1e-4, abs_tol=1e-12):
         return "sum"
@@ -274,13 +333,17 @@ class SampleScale:
         self.method = method
         # torch's own losses are per-sample by construction (given their reduction)
         self._checked = loss_fn is None or not per_sample or isinstance(
-            loss_fn, nn.modules.loss._Loss)
+            loss_module(loss_fn), nn.modules.loss._Loss)
 
     def __call__(self, out: Any, targets: Any, B: int) -> float:
         if self.loss_fn is None:
             return 1.0
         if self.reduction is None:
-            red = getattr(self.loss_fn, "reduction", None)
+            red = getattr(loss_module(self.loss_fn), "reduction", None)
+            if red == "none":
+                raise ValueError(
+                    f"loss_fn: reduction='none' gives per-element losses; {self.method} needs "
+                    "a scalar batch loss: use reduction='sum' or 'mean'")
             if red in ("mean", "sum"):
                 self.reduction = red
             else:

@@ -30,7 +30,7 @@ import torch.nn as nn
 from .._model import call_model, output_tensor
 from .chain import Chain
 from .generic import backprop_columns, record
-from .losses import LossFactor, SampleScale, loss_factor
+from .losses import LossFactor, SampleScale, check_scalar_loss, loss_factor
 from .modules import FilterFn, Site, select_sites
 
 __all__ = ["LABEL_FREE", "REGISTRY", "Fisher", "GGN", "GGNMC", "Hutchinson", "Method", "Options",
@@ -123,6 +123,8 @@ class ThroughModules(Method):
         self.chain = None if opts.output_fn is not None else Chain.build(model, self.sites)
         self._bound: Optional[Acc] = None  # the accumulators _site_acc was built for
         self._site_acc: Dict[str, Acc] = {}
+        # BatchNorms: in training mode they couple the samples (checked per batch)
+        self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     @torch.no_grad()  # recorded inputs may require grad: the accumulators must not
     def _reduce(self, site: Site, pairs: Sequence[Tuple[Any, torch.Tensor]], acc: Acc) -> None:
@@ -152,7 +154,8 @@ class ThroughModules(Method):
                 for site, inp, g in self.chain.backprop(saved, cols):
                     self._reduce(site, [(inp, g)], acc)
             return
-        out, calls = record(self.forward, inputs, self.sites)
+        watch = [m for m in self._norms if m.training or m.running_mean is None]
+        out, calls = record(self.forward, inputs, self.sites, watch)
         layer_outs = [o for _, pairs in calls for _, o in pairs]
         if not layer_outs:
             return
@@ -184,14 +187,14 @@ class Fisher(ThroughModules):
     def output_columns(self, out, targets, B):
         with torch.enable_grad():
             o = out.detach().requires_grad_()
-            loss = self.loss_fn(o, targets) * self.scale(o, targets, B)
+            loss = check_scalar_loss(self.loss_fn(o, targets)) * self.scale(o, targets, B)
             g = torch.autograd.grad(loss, o)[0]
         self._track(out, g)
         return g.unsqueeze(0)
 
     def layer_grads(self, out, targets, B, layer_outs):
         # from the loss itself: the model output need not be one tensor
-        loss = self.loss_fn(out, targets)
+        loss = check_scalar_loss(self.loss_fn(out, targets))
         scale = self.scale(out, targets, B)
         at_out = isinstance(out, torch.Tensor) and out.requires_grad
         grads = torch.autograd.grad(loss * scale, list(layer_outs) + ([out] if at_out else []),
@@ -280,8 +283,9 @@ class Hutchinson(Method):
             pid = {id(p): n for n, p in named.items()}
             chosen = {pid[id(p)] for mn, m in model.named_modules() if opts.filter_fn(m, mn)
                       for p in m.parameters(recurse=False) if id(p) in pid}
-            names = [n for n in named if n in chosen and (params is None or n in params)]
-        else:
+            names = [n for n in named if n in chosen
+                     and (n in params if params is not None else named[n].requires_grad)]
+        else:  # the rule of modules.select_sites: named in params, else trainable
             names = list(params) if params is not None else [
                 n for n, p in named.items() if p.requires_grad]
         self.names = names
@@ -301,7 +305,7 @@ class Hutchinson(Method):
                 raise TypeError("output_fn: the label-free loss needs one output tensor")
             loss = 0.5 * (out - out.detach()).float().square().sum()
         else:
-            loss = self.loss_fn(out, targets) * self.scale(out, targets, B)
+            loss = check_scalar_loss(self.loss_fn(out, targets)) * self.scale(out, targets, B)
         grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
         pairs = [(n, p, g) for n, p, g in zip(self.names, self._params, grads)
                  if g is not None and g.requires_grad]
