@@ -218,7 +218,8 @@ def bench_overhead(dev, reps):
 
 def bench_memory(dev):
     """Peak extra memory of one palettized forward (must not grow with the layer)."""
-    print("\n== memory")
+    print("\n== memory (a CPU thread also keeps the decode + GEMM path's chunk buffer, at most "
+          "popcomp.ops.backends.reference.palettized.CHUNK_BYTES, between calls)")
     for out_f, in_f in ((4096, 4096), (11008, 4096)):
         pal = palettize(nn.Linear(in_f, out_f, bias=False), 4).to(dev)
         for B in (1, 32):
@@ -234,11 +235,16 @@ def peak_cpu_bytes(fn):
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # each op's own allocations (not its children's) at its start; frees as "[memory]" events
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    # an op's own net allocation (beside its children's): at its start when it allocates, at
+    # its end when it frees (what it or its children allocated); frees outside any op are
+    # "[memory]" events
+    steps = []
+    for e in prof.events():
+        m = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        steps.append((e.time_range.start if m > 0 or e.name == "[memory]" else e.time_range.end, m))
     peak = cur = 0
-    for e in events:
-        cur += e.self_cpu_memory_usage
+    for _, m in sorted(steps, key=lambda s: (s[0], -s[1])):
+        cur += m
         peak = max(peak, cur)
     return peak
 

@@ -8,6 +8,9 @@ output's columns, so the extra memory stays one chunk whatever the layer size.
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 
 from ...._backend import DTYPE_CODES, compiled, num_threads
@@ -63,15 +66,34 @@ def as_rows(x, in_features):
     return x2 if x2.stride(1) == 1 or in_features == 1 else x2.contiguous()
 
 
+_SCRATCH = threading.local()
+
+
+def cpu_scratch(shape, dtype) -> torch.Tensor:
+    """A CPU buffer of ``shape`` and ``dtype`` kept by the calling thread between calls: the
+    decode + GEMM path's chunk, which would otherwise be fresh pages to fault in on every call
+    (a measurable share of a small layer's time). Its contents are scratch, valid until the
+    thread's next call."""
+    n = math.prod(shape) * (torch.finfo(dtype).bits // 8)
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH.buf = torch.empty(n, dtype=torch.uint8)
+    return buf[:n].view(dtype).view(shape)
+
+
 def decoded_gemm(x2, packed, codebook, bias, y, bits, in_features, group_size, decode,
-                 dtype, chunk_bytes=None):
+                 dtype, chunk_bytes=None, scratch=None):
     """y = x2 @ W_hat^T (+ bias) by chunks of weight rows: ``decode(out, row_begin, n)`` writes
     rows [row_begin, row_begin + n) of W_hat into out; the GEMM runs in ``dtype`` and writes
     y's columns (through a chunk buffer when y has another dtype). A chunk takes about
-    ``chunk_bytes`` (default: the reference module's CHUNK_BYTES)."""
+    ``chunk_bytes`` (default: the reference module's CHUNK_BYTES); ``scratch(shape, dtype)``
+    gives its buffer (default: a new tensor on x2's device)."""
     rows = packed.shape[0]
-    step = chunk_rows(in_features, torch.finfo(dtype).bits // 8, chunk_bytes)
-    w = torch.empty((min(step, rows), in_features), dtype=dtype, device=x2.device)
+    step = min(rows, chunk_rows(in_features, torch.finfo(dtype).bits // 8, chunk_bytes))
+    if scratch is None:
+        w = torch.empty((step, in_features), dtype=dtype, device=x2.device)
+    else:
+        w = scratch((step, in_features), dtype)
     xc = x2 if x2.dtype == dtype else x2.to(dtype)
     bc = None if bias is None else bias.to(dtype)
     tmp = None if y.dtype == dtype else torch.empty((x2.shape[0], w.shape[0]), dtype=dtype,
@@ -106,7 +128,7 @@ def palettized_linear_cpu(x, packed, codebook, bias, bits, in_features, group_si
                                         num_threads=num_threads())
 
             decoded_gemm(x2, packed, codebook, bias, y, bits, in_features, group_size, decode,
-                         torch.float32)
+                         torch.float32, scratch=cpu_scratch)
         else:
             C.palettized_linear_cpu(**linear_args(x2, packed, codebook, bias, y, bits,
                                                   in_features, group_size),
