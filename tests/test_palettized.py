@@ -495,3 +495,42 @@ def test_save_load_roundtrip_runs_the_same(tmp_path):
         assert a.dtype == b.dtype and torch.equal(a, b)
     x = torch.randn(3, 48)
     assert torch.equal(fresh(x), m(x))
+
+
+def test_hutchinson_hessian_through_a_palettized_layer():
+    # a palettized layer inside a model whose Hessian diagonal is estimated: the double backward
+    # of Hutchinson's probes runs through the op; the dense layers' estimates match the model
+    # with the palettized layer replaced by its dequantized dense twin
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=3, max_iter=5), filter_fn=lambda m, n: n == "2")
+    dense = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    dense.load_state_dict({**{k: v for k, v in model.state_dict().items() if "weight_" not in k},
+                           "2.weight": model[2].weight})
+    dense[2].weight.requires_grad_(False)
+    X, Y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    kw = dict(method="hutchinson", seed=0, progress=False)
+    h = popcomp.hessian.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], **kw)
+    hd = popcomp.hessian.diagonal(dense, nn.CrossEntropyLoss(), [(X, Y)], **kw)
+    assert set(h) == {"0.weight", "0.bias", "2.bias", "4.weight", "4.bias"} == set(hd)
+    for k in h:
+        torch.testing.assert_close(h[k], hd[k], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_of_palettized_embedding_and_conv_has_no_graph_break():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv = nn.Embedding(30, 8, padding_idx=0), nn.Conv1d(8, 6, 3)
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, tok):
+            return self.fc(self.conv(self.emb(tok).transpose(1, 2)).relu().mean(-1))
+
+    net = popcomp.quantize_(Net(), popcomp.PalettizeConfig(bits=2, max_iter=5))
+    tok = torch.randint(0, 30, (3, 9))
+    cnet = torch.compile(net, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(cnet(tok), net(tok), rtol=1e-6, atol=1e-6)
