@@ -63,9 +63,10 @@ void check_workspace(const char* fn, uintptr_t ws, size_t bytes, size_t needed) 
   require(ws != 0 || bytes == 0, fn, "workspace is a null address");
 }
 
+// acc_dtype: 1 (float32 acc; g, x float32/16, bfloat16) or 0 (float64 acc, g and x float64)
 void check_sumsq(const char* fn, uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R,
                  int64_t T, int64_t out, int64_t in, const py::tuple& gs, const py::tuple& xs,
-                 int g_dtype, int x_dtype) {
+                 int g_dtype, int x_dtype, int acc_dtype = 1) {
   check_size(fn, "B", B);
   check_size(fn, "R", R);
   check_size(fn, "T", T);
@@ -75,8 +76,10 @@ void check_sumsq(const char* fn, uintptr_t g, uintptr_t x, uintptr_t acc, int64_
                                   std::to_string(gs.size()));
   require(xs.size() == 3, fn, "x_strides must hold 3 strides (b, t, i), got " +
                                   std::to_string(xs.size()));
-  check_dtype(fn, "g_dtype", g_dtype, 1, 3);
-  check_dtype(fn, "x_dtype", x_dtype, 1, 3);
+  check_dtype(fn, "acc_dtype", acc_dtype, 0, 1);
+  const int lo = acc_dtype == 0 ? 0 : 1, hi = acc_dtype == 0 ? 0 : 3;
+  check_dtype(fn, "g_dtype", g_dtype, lo, hi);
+  check_dtype(fn, "x_dtype", x_dtype, lo, hi);
   if (B > 0 && R > 0 && T > 0 && out > 0 && in > 0) {
     check_ptr(fn, "g", g);
     check_ptr(fn, "x", x);
@@ -320,16 +323,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("sumsq_outer_cpu",
         [sumsq_params](uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R, int64_t T,
                        int64_t out, int64_t in, py::tuple gs, py::tuple xs, int g_dtype,
-                       int x_dtype, int num_threads) {
-          check_sumsq("sumsq_outer_cpu", g, x, acc, B, R, T, out, in, gs, xs, g_dtype, x_dtype);
+                       int x_dtype, int num_threads, int acc_dtype) {
+          check_sumsq("sumsq_outer_cpu", g, x, acc, B, R, T, out, in, gs, xs, g_dtype, x_dtype,
+                      acc_dtype);
           auto p = sumsq_params(B, R, T, out, in, gs, xs, g_dtype, x_dtype);
           py::gil_scoped_release release;
-          hessian::sumsq_outer_cpu(p, ptr<const void>(g), ptr<const void>(x), ptr<float>(acc),
-                                   num_threads);
+          if (acc_dtype == 0)  // float64 acc, g and x
+            hessian::sumsq_outer_cpu_f64(p, ptr<const double>(g), ptr<const double>(x),
+                                         ptr<double>(acc), num_threads);
+          else
+            hessian::sumsq_outer_cpu(p, ptr<const void>(g), ptr<const void>(x), ptr<float>(acc),
+                                     num_threads);
         },
         py::arg("g"), py::arg("x"), py::arg("acc"), py::arg("B"), py::arg("R"), py::arg("T"),
         py::arg("out_features"), py::arg("in_features"), py::arg("g_strides"),
-        py::arg("x_strides"), py::arg("g_dtype"), py::arg("x_dtype"), py::arg("num_threads"));
+        py::arg("x_strides"), py::arg("g_dtype"), py::arg("x_dtype"), py::arg("num_threads"),
+        py::arg("acc_dtype") = 1);
 #if defined(POPCOMP_WITH_CUDA)
   m.def("sumsq_outer_cuda",
         [sumsq_params](uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R, int64_t T,

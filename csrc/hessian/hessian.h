@@ -7,7 +7,8 @@
 // b: samples, r: "columns" per sample (1 for the Fisher; classes of the loss Hessian's
 // square-root factor for the GGN; Monte-Carlo draws for ggn_mc), t: positions inside a sample
 // (sequence tokens, conv output pixels). acc is float32, contiguous (out x in); g and x may be
-// float32, float16 or bfloat16 with arbitrary element strides (no copy, no upcast copy).
+// float32, float16 or bfloat16 with arbitrary element strides (no copy, no upcast copy). On
+// CPU, acc, g and x may also all be float64 (sumsq_outer_cpu_f64).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -30,6 +31,11 @@ struct SumSqParams {
 // (the op sends T == 1 to torch's BLAS instead: a GEMM on squared operands).
 void sumsq_outer_cpu(const SumSqParams& p, const void* g, const void* x, float* acc,
                      int num_threads);
+
+// CPU backend, float64: acc, g and x all float64 (g_dtype == x_dtype == f64), same layout; the
+// products formed and squared in double (a float64 model's diagonal, no float32 rounding).
+void sumsq_outer_cpu_f64(const SumSqParams& p, const double* g, const double* x, double* acc,
+                         int num_threads);
 
 // CUDA backend: one thread block per 64x64 output tile, samples looped inside the block, the
 // per-sample product squared in registers. Enqueued on `stream` of `device`; no allocation.

@@ -150,6 +150,61 @@ TileFn pick(DType gd, DType xd) {
   }
 }
 
+// ---- float64: acc, g and x all float64 (a float64 model's diagonal) ----------------------
+// The same tiling; the products are formed and squared in double, in plain loops the compiler
+// vectorizes (the float64 path serves precision, not speed).
+constexpr int TO64 = 32;  // output rows per tile
+constexpr int TI64 = 128;  // output columns per tile
+
+PC_MULTIVERSION void rank_k_update_f64(double* __restrict c, const double* __restrict a,
+                                       const double* __restrict b, int kc) {
+  for (int o = 0; o < TO64; ++o) {
+    double* __restrict co = c + o * TI64;
+    for (int k = 0; k < kc; ++k) {
+      const double ak = a[k * TO64 + o];
+      const double* __restrict bk = b + k * TI64;
+#pragma omp simd
+      for (int i = 0; i < TI64; ++i) co[i] += ak * bk[i];
+    }
+  }
+}
+
+PC_MULTIVERSION void add_squares_f64(double* __restrict acc, const double* __restrict m) {
+#pragma omp simd
+  for (int j = 0; j < TO64 * TI64; ++j) acc[j] += m[j] * m[j];
+}
+
+void tile_f64(const SumSqParams& p, const double* g, const double* x, double* acc, int64_t o0,
+              int64_t i0, double* acc_t, double* m, double* pa, double* pb) {
+  const int no = (int)std::min<int64_t>(TO64, p.out - o0);
+  const int ni = (int)std::min<int64_t>(TI64, p.in - i0);
+  std::fill(acc_t, acc_t + TO64 * TI64, 0.0);
+  for (int64_t b = 0; b < p.B; ++b) {
+    for (int64_t r = 0; r < p.R; ++r) {
+      std::fill(m, m + TO64 * TI64, 0.0);
+      for (int64_t t0 = 0; t0 < p.T; t0 += KC) {
+        const int kc = (int)std::min<int64_t>(KC, p.T - t0);
+        if (kc < KC || no < TO64) std::fill(pa, pa + KC * TO64, 0.0);
+        if (kc < KC || ni < TI64) std::fill(pb, pb + KC * TI64, 0.0);
+        for (int k = 0; k < kc; ++k) {
+          const int64_t t = t0 + k;
+          const double* gs = g + b * p.g_sb + r * p.g_sr + t * p.g_st + o0 * p.g_so;
+          const double* xs = x + b * p.x_sb + t * p.x_st + i0 * p.x_si;
+          for (int j = 0; j < no; ++j) pa[k * TO64 + j] = gs[j * p.g_so];
+          for (int j = 0; j < ni; ++j) pb[k * TI64 + j] = xs[j * p.x_si];
+        }
+        rank_k_update_f64(m, pa, pb, kc);
+      }
+      add_squares_f64(acc_t, m);
+    }
+  }
+  for (int o = 0; o < no; ++o) {
+    double* dst = acc + (o0 + o) * p.in + i0;
+    const double* src = acc_t + o * TI64;
+    for (int i = 0; i < ni; ++i) dst[i] += src[i];
+  }
+}
+
 }  // namespace
 
 void sumsq_outer_cpu(const SumSqParams& p, const void* g, const void* x, float* acc,
@@ -161,14 +216,17 @@ void sumsq_outer_cpu(const SumSqParams& p, const void* g, const void* x, float* 
   if (p.g_dtype == DType::f64 || p.x_dtype == DType::f64)
     throw std::invalid_argument("sumsq_outer_cpu: g and x must be float32, float16 or bfloat16");
   const TileFn fn = pick(p.g_dtype, p.x_dtype);
+  struct alignas(64) Bufs {
+    float acc_t[TO * TI], m[TO * TI], pa[KC * TO], pb[KC * TI];
+  };
+  // allocated here, outside the parallel region: no exception may escape it
+  std::vector<std::unique_ptr<Bufs>> bufs(nt);
+  for (auto& b : bufs) b.reset(new Bufs);
 #if defined(POPCOMP_OPENMP)
 #pragma omp parallel num_threads(nt)
 #endif
   {
-    struct alignas(64) Bufs {
-      float acc_t[TO * TI], m[TO * TI], pa[KC * TO], pb[KC * TI];
-    };
-    std::unique_ptr<Bufs> buf(new Bufs);
+    Bufs* buf = bufs[thread_id()].get();
 #if defined(POPCOMP_OPENMP)
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -176,7 +234,34 @@ void sumsq_outer_cpu(const SumSqParams& p, const void* g, const void* x, float* 
       fn(p, g, x, acc, (t / ti) * TO, (t % ti) * TI, buf->acc_t, buf->m, buf->pa, buf->pb);
     }
   }
-  (void)nt;
+}
+
+void sumsq_outer_cpu_f64(const SumSqParams& p, const double* g, const double* x, double* acc,
+                         int num_threads) {
+  if (p.B <= 0 || p.R <= 0 || p.T <= 0 || p.out <= 0 || p.in <= 0) return;
+  if (p.g_dtype != DType::f64 || p.x_dtype != DType::f64)
+    throw std::invalid_argument("sumsq_outer_cpu_f64: g and x must be float64");
+  const int64_t to = ceil_div(p.out, TO64), ti = ceil_div(p.in, TI64);
+  const int64_t ntiles = to * ti;
+  int nt = std::max(1, (int)std::min<int64_t>(num_threads, ntiles));
+  struct alignas(64) Bufs {
+    double acc_t[TO64 * TI64], m[TO64 * TI64], pa[KC * TO64], pb[KC * TI64];
+  };
+  std::vector<std::unique_ptr<Bufs>> bufs(nt);  // outside the parallel region (see above)
+  for (auto& b : bufs) b.reset(new Bufs);
+#if defined(POPCOMP_OPENMP)
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    Bufs* buf = bufs[thread_id()].get();
+#if defined(POPCOMP_OPENMP)
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t t = 0; t < ntiles; ++t) {
+      tile_f64(p, g, x, acc, (t / ti) * TO64, (t % ti) * TI64, buf->acc_t, buf->m, buf->pa,
+               buf->pb);
+    }
+  }
 }
 
 }  // namespace hessian

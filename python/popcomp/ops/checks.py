@@ -54,7 +54,8 @@ GREEDY_REL_GUARD = {
 }
 
 ACC_DTYPES = (torch.float32, torch.float64)  # covariance accumulators, greedy_select's cov
-SUMSQ_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # sumsq_outer_acc's g and x
+# sumsq_outer_acc's g and x with a float32 acc (a float64 acc takes float64 g and x)
+SUMSQ_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _tensor(name: str, t) -> torch.Tensor:
@@ -143,22 +144,27 @@ def check_kmeans1d_values(x, weights, init_centers=None) -> None:
 
 # ---- popcomp::sumsq_outer_acc -------------------------------------------------------------
 def check_sumsq_outer_acc(acc, g, x) -> None:
-    """acc (out, in) float32 contiguous; g (B, R, T, out), x (B, T, in) float32/16, bfloat16,
-    on acc's device."""
+    """acc (out, in) float32 contiguous with g (B, R, T, out), x (B, T, in) float32/16,
+    bfloat16; or acc, g and x all float64; on acc's device."""
     _tensor("acc", acc)
     _tensor("g", g)
     _tensor("x", x)
-    if acc.dtype != torch.float32 or acc.dim() != 2 or not acc.is_contiguous():
+    if acc.dtype not in (torch.float32, torch.float64) or acc.dim() != 2 or not acc.is_contiguous():
         raise ValueError(
-            f"acc must be a contiguous 2-D float32 tensor, got {acc.dtype} {tuple(acc.shape)}"
+            f"acc must be a contiguous 2-D float32 tensor (or float64, with float64 g and x), "
+            f"got {acc.dtype} {tuple(acc.shape)}"
         )
     if g.dim() != 4:
         raise ValueError(f"g must be 4-D (B, R, T, out), got shape {tuple(g.shape)}")
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D (B, T, in), got shape {tuple(x.shape)}")
     for name, t in (("g", g), ("x", x)):
-        if t.dtype not in SUMSQ_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if acc.dtype == torch.float64:
+            if t.dtype != torch.float64:
+                raise TypeError(f"{name} must be float64 with a float64 acc, got {t.dtype}")
+        elif t.dtype not in SUMSQ_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16 with a float32 acc "
+                            f"(float64 with a float64 acc), got {t.dtype}")
         check_same_device(name, t, "acc", acc)
     B, R, T, out = g.shape
     if x.shape[0] != B or x.shape[1] != T:

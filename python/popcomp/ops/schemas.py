@@ -44,7 +44,8 @@ def _kmeans1d_fake(x, weights, k, beta, method, init, init_centers, max_iter, to
 
 # ---- fused squared per-sample gradients (Fisher / GGN diagonal) -------------------------
 # acc (out, in) float32 contiguous, mutated: acc[o,i] += sum_b sum_r (sum_t g[b,r,t,o] x[b,t,i])^2
-# g: (B, R, T, out), x: (B, T, in), float32/float16/bfloat16, any strides.
+# g: (B, R, T, out), x: (B, T, in), float32/float16/bfloat16, any strides; or acc, g and x all
+# float64 (computed in float64: a float64 model's diagonal).
 LIB.define("sumsq_outer_acc(Tensor(a!) acc, Tensor g, Tensor x) -> ()")
 
 

@@ -1,5 +1,8 @@
-"""The CUDA kernel of popcomp::sumsq_outer_acc (the compiled core, on torch's current stream)."""
+"""The CUDA kernel of popcomp::sumsq_outer_acc (the compiled core, on torch's current stream);
+float64 operands take the pure-torch reference on the device (the kernel is float32 only)."""
 from __future__ import annotations
+
+import torch
 
 from ...._backend import compiled, core_constant, cuda_fallback, cuda_stream_args, cuda_workspace
 from ..._library import LIB
@@ -14,6 +17,10 @@ WORKSPACE_BYTES = core_constant("sumsq_outer_cuda_workspace_bytes", 16 << 20)
 
 def sumsq_outer_acc_cuda(acc, g, x):
     check_sumsq_outer_acc(acc, g, x)  # before any device address reaches the kernel
+    if acc.dtype == torch.float64:
+        # the CUDA kernel is float32 only: float64 operands (a float64 model's diagonal) take
+        # the pure-torch reference on the device (cuBLAS in float64, one einsum per sample)
+        return sumsq_outer_acc_reference(acc, g, x)
     if cuda_fallback(acc, "sumsq_outer_acc"):  # popcomp's CUDA runtime cannot use the device
         return sumsq_outer_acc_reference(acc, g, x)
     C = compiled()

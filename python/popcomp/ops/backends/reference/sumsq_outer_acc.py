@@ -8,9 +8,10 @@ from ...checks import check_sumsq_outer_acc
 
 
 def sumsq_outer_acc_reference(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
-    """acc[o, i] += sum_b sum_r (sum_t g[b, r, t, o] x[b, t, i])^2, one einsum per sample."""
+    """acc[o, i] += sum_b sum_r (sum_t g[b, r, t, o] x[b, t, i])^2, one einsum per sample, in
+    acc's dtype (float32, or float64 for float64 operands)."""
     for b in range(g.shape[0]):
-        m = torch.einsum("rto,ti->roi", g[b].float(), x[b].float())
+        m = torch.einsum("rto,ti->roi", g[b].to(acc.dtype), x[b].to(acc.dtype))
         acc.add_(m.square().sum(0))
 
 
