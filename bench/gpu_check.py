@@ -164,6 +164,66 @@ def gpu_checks(args) -> None:
 
     check("kmeans1d > 500 rows (exact) CUDA == CPU", rows_vs_cpu)
 
+    def vs_cpu(xs, ws=None, method="exact", k=8, exact_labels=True):
+        a = popcomp.kmeans1d(xs, k, ws, method=method)
+        b1 = popcomp.kmeans1d(xs.to(dev), k, None if ws is None else ws.to(dev), method=method)
+        b2 = popcomp.kmeans1d(xs.to(dev), k, None if ws is None else ws.to(dev), method=method)
+        rep = all(torch.equal(u, v) for u, v in zip((b1.labels, b1.centers, b1.cost),
+                                                    (b2.labels, b2.centers, b2.cost)))
+        cost_ok = torch.allclose(a.cost, b1.cost.cpu(), rtol=1e-9, atol=0)
+        lab_ok = torch.equal(a.labels, b1.labels.cpu()) or not exact_labels
+        ok = rep and cost_ok and lab_ok
+        return ok, (f"repeat {'bit-identical' if rep else 'DIFFERS'}, cost rel. diff "
+                    f"{float(((a.cost - b1.cost.cpu()).abs() / a.cost.abs().clamp_min(1e-300)).max()):.1e}, "
+                    f"labels {'equal' if torch.equal(a.labels, b1.labels.cpu()) else 'differ'}")
+
+    x64 = torch.randn(600, 700, generator=g, dtype=torch.float64)
+    w64 = torch.rand(600, 700, generator=g, dtype=torch.float64)
+    check("kmeans1d float64 600 rows (two-pass sort), weighted", lambda: vs_cpu(x64, w64))
+    check("kmeans1d float64 600 rows (two-pass sort), unweighted", lambda: vs_cpu(x64))
+    runs = torch.where(torch.rand(4, 20000, generator=g) < 0.5, torch.zeros(()),
+                       torch.randn(4, 20000, generator=g))
+    check("kmeans1d runs > 4096 equal values, rows > 4096 distinct (fixed-order sums)",
+          lambda: vs_cpu(runs, torch.rand(4, 20000, generator=g), exact_labels=False))
+
+    def chunked():
+        old = os.environ.get("POPCOMP_CUDA_DP_BUDGET")
+        os.environ["POPCOMP_CUDA_DP_BUDGET"] = "1000000"
+        try:
+            return vs_cpu(torch.randn(1000, 512, generator=g))
+        finally:
+            if old is None:
+                os.environ.pop("POPCOMP_CUDA_DP_BUDGET")
+            else:
+                os.environ["POPCOMP_CUDA_DP_BUDGET"] = old
+
+    check("kmeans1d exact DP in row chunks (POPCOMP_CUDA_DP_BUDGET=1e6) == CPU", chunked)
+    centers = torch.linspace(-100, 100, 16)
+    wide = centers[torch.randint(0, 16, (256, 4096), generator=g)] + 0.01 * torch.randn(
+        256, 4096, generator=g)
+    check("kmeans1d well-separated clusters (wide DP nodes) == CPU", lambda: vs_cpu(wide, k=16))
+
+    def huge_row_error():
+        x = torch.randn(100_000_000, device=dev)
+        try:
+            popcomp.kmeans1d(x, 256, method="exact")
+        except torch.cuda.OutOfMemoryError as e:
+            return "method='lloyd'" in str(e), "OutOfMemoryError naming the way out"
+        return True, "fitted in memory (no error needed on this device)"
+
+    check("kmeans1d n=1e8 k=256 exact: clear error or success", huge_row_error)
+
+    def compiled_graphs():
+        f = torch.compile(lambda t: popcomp.kmeans1d(t, 16, method="lloyd").centers,
+                          mode="reduce-overhead", fullgraph=True)
+        t = torch.randn(64, 4096, device=dev)
+        a, b = f(t), f(t)
+        sync()
+        return torch.equal(a, b) and torch.equal(a, popcomp.kmeans1d(t, 16, method="lloyd").centers), \
+            "torch.compile(mode='reduce-overhead') == eager"
+
+    check("torch.compile reduce-overhead (CUDA graphs): kmeans1d", compiled_graphs)
+
     def timed(fn, reps=3):
         fn()
         sync()
