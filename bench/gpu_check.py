@@ -260,8 +260,8 @@ def gpu_checks(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--test-timeout", type=float, default=150.0)
-    ap.add_argument("--bench-timeout", type=float, default=90.0)
+    ap.add_argument("--test-timeout", type=float, default=120.0)
+    ap.add_argument("--bench-timeout", type=float, default=40.0)
     args = ap.parse_args(argv)
     missing = missing_files()
     if missing:
