@@ -30,6 +30,7 @@
 #include "kmeans/kmeans.h"
 #include "hessian/hessian.h"
 #include "covariance/covariance.h"
+#include "palettized/palettized.h"
 
 namespace py = pybind11;
 using namespace popcomp;
@@ -191,6 +192,51 @@ covariance::GreedyParams greedy_params(int64_t m, int64_t k, int dtype, double r
   p.rel_guard = rel_guard;
   return p;
 }
+
+// ---- palettized matmul (begin) ------------------------------------------------------------
+palettized::Params palettized_params(int64_t rows, int64_t in, int bits, int k,
+                                     int64_t group_size, int64_t cb_rows, int cb_dtype) {
+  palettized::Params p;
+  p.rows = rows;
+  p.in = in;
+  p.bits = bits;
+  p.k = k;
+  p.group_size = group_size;
+  p.cb_rows = cb_rows;
+  p.cb_dtype = static_cast<DType>(cb_dtype);
+  return p;
+}
+
+palettized::LinearArgs palettized_linear_args(uintptr_t x, int64_t x_row_stride, int x_dtype,
+                                              int64_t M, uintptr_t packed, uintptr_t codebook,
+                                              uintptr_t bias, int bias_dtype, uintptr_t y) {
+  palettized::LinearArgs a;
+  a.x = ptr<const void>(x);
+  a.x_row_stride = x_row_stride;
+  a.x_dtype = static_cast<DType>(x_dtype);
+  a.M = M;
+  a.packed = ptr<const uint8_t>(packed);
+  a.codebook = ptr<const void>(codebook);
+  a.bias = ptr<const void>(bias);
+  a.bias_dtype = static_cast<DType>(bias_dtype);
+  a.y = ptr<void>(y);
+  return a;
+}
+
+palettized::DecodeArgs palettized_decode_args(uintptr_t packed, uintptr_t codebook,
+                                              uintptr_t row_ids, int64_t row_begin, int64_t n,
+                                              uintptr_t out, int out_dtype) {
+  palettized::DecodeArgs a;
+  a.packed = ptr<const uint8_t>(packed);
+  a.codebook = ptr<const void>(codebook);
+  a.row_ids = ptr<const int64_t>(row_ids);
+  a.row_begin = row_begin;
+  a.n = n;
+  a.out = ptr<void>(out);
+  a.out_dtype = static_cast<DType>(out_dtype);
+  return a;
+}
+// ---- palettized matmul (end) --------------------------------------------------------------
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -440,4 +486,96 @@ PYBIND11_MODULE(_C, m) {
       py::arg("workspace"), py::arg("workspace_bytes"), py::arg("device"), py::arg("stream"),
       py::call_guard<py::gil_scoped_release>());
 #endif
+  // ---- palettized matmul (begin) ----------------------------------------------------------
+  // y = x W_hat^T (+ bias) and the dense W_hat, read from packed indices (layout v2) and
+  // codebooks; csrc/palettized/palettized.h documents shapes and semantics:
+  //   packed  uint8 (rows, palettized_row_bytes(in_features, bits))
+  //   codebook cb_dtype (cb_rows, k): cb_rows 1 (per tensor) or rows (per channel) with
+  //           group_size 0, rows * ceil(in_features / group_size) with group_size > 0
+  //   x       (M, in_features) in x_dtype, rows x_row_stride elements apart (last dim
+  //           contiguous); y (M, rows) contiguous in x_dtype; bias (rows,) or 0
+  //   decode  out (n, in_features) contiguous in out_dtype: rows row_ids[i] (int64, when
+  //           row_ids != 0) or row_begin + i
+  // dtype codes: dtype_codes (x, bias, out: float32 / float16 / bfloat16; codebook: float32 /
+  // float16). num_threads <= 0: all of OpenMP's threads.
+  m.attr("palettized_layout_version") = 2;
+  m.def("palettized_row_bytes",
+        [](int64_t in_features, int bits) {
+          check_size("palettized_row_bytes", "in_features", in_features);
+          require(bits >= 1 && bits <= 8, "palettized_row_bytes",
+                  "bits must be in 1..8, got " + std::to_string(bits));
+          return palettized::row_bytes(in_features, bits);
+        },
+        py::arg("in_features"), py::arg("bits"));
+  m.def("palettized_cpu_isa", []() { return std::string(palettized::cpu_isa()); });
+  m.def(
+      "palettized_linear_cpu",
+      [](uintptr_t x, int64_t x_row_stride, int x_dtype, int64_t M, uintptr_t packed,
+         uintptr_t codebook, int cb_dtype, int64_t cb_rows, uintptr_t bias, int bias_dtype,
+         uintptr_t y, int64_t rows, int64_t in_features, int bits, int k, int64_t group_size,
+         int num_threads) {
+        palettized::linear_cpu(
+            palettized_params(rows, in_features, bits, k, group_size, cb_rows, cb_dtype),
+            palettized_linear_args(x, x_row_stride, x_dtype, M, packed, codebook, bias,
+                                   bias_dtype, y),
+            num_threads);
+      },
+      py::arg("x"), py::arg("x_row_stride"), py::arg("x_dtype"), py::arg("M"), py::arg("packed"),
+      py::arg("codebook"), py::arg("cb_dtype"), py::arg("cb_rows"), py::arg("bias"),
+      py::arg("bias_dtype"), py::arg("y"), py::arg("rows"), py::arg("in_features"),
+      py::arg("bits"), py::arg("k"), py::arg("group_size"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "palettized_decode_cpu",
+      [](uintptr_t packed, uintptr_t codebook, int cb_dtype, int64_t cb_rows, uintptr_t row_ids,
+         int64_t row_begin, int64_t n, uintptr_t out, int out_dtype, int64_t rows,
+         int64_t in_features, int bits, int k, int64_t group_size, int num_threads) {
+        palettized::decode_cpu(
+            palettized_params(rows, in_features, bits, k, group_size, cb_rows, cb_dtype),
+            palettized_decode_args(packed, codebook, row_ids, row_begin, n, out, out_dtype),
+            num_threads);
+      },
+      py::arg("packed"), py::arg("codebook"), py::arg("cb_dtype"), py::arg("cb_rows"),
+      py::arg("row_ids"), py::arg("row_begin"), py::arg("n"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("rows"), py::arg("in_features"), py::arg("bits"),
+      py::arg("k"), py::arg("group_size"), py::arg("num_threads"),
+      py::call_guard<py::gil_scoped_release>());
+#if defined(POPCOMP_WITH_CUDA)
+  m.def(
+      "palettized_linear_cuda",
+      [](uintptr_t x, int64_t x_row_stride, int x_dtype, int64_t M, uintptr_t packed,
+         uintptr_t codebook, int cb_dtype, int64_t cb_rows, uintptr_t bias, int bias_dtype,
+         uintptr_t y, int64_t rows, int64_t in_features, int bits, int k, int64_t group_size,
+         int device, uintptr_t stream) {
+        check_device("palettized_linear_cuda", device);
+        palettized::linear_cuda(
+            palettized_params(rows, in_features, bits, k, group_size, cb_rows, cb_dtype),
+            palettized_linear_args(x, x_row_stride, x_dtype, M, packed, codebook, bias,
+                                   bias_dtype, y),
+            device, ptr<void>(stream));
+      },
+      py::arg("x"), py::arg("x_row_stride"), py::arg("x_dtype"), py::arg("M"), py::arg("packed"),
+      py::arg("codebook"), py::arg("cb_dtype"), py::arg("cb_rows"), py::arg("bias"),
+      py::arg("bias_dtype"), py::arg("y"), py::arg("rows"), py::arg("in_features"),
+      py::arg("bits"), py::arg("k"), py::arg("group_size"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "palettized_decode_cuda",
+      [](uintptr_t packed, uintptr_t codebook, int cb_dtype, int64_t cb_rows, uintptr_t row_ids,
+         int64_t row_begin, int64_t n, uintptr_t out, int out_dtype, int64_t rows,
+         int64_t in_features, int bits, int k, int64_t group_size, int device,
+         uintptr_t stream) {
+        check_device("palettized_decode_cuda", device);
+        palettized::decode_cuda(
+            palettized_params(rows, in_features, bits, k, group_size, cb_rows, cb_dtype),
+            palettized_decode_args(packed, codebook, row_ids, row_begin, n, out, out_dtype),
+            device, ptr<void>(stream));
+      },
+      py::arg("packed"), py::arg("codebook"), py::arg("cb_dtype"), py::arg("cb_rows"),
+      py::arg("row_ids"), py::arg("row_begin"), py::arg("n"), py::arg("out"),
+      py::arg("out_dtype"), py::arg("rows"), py::arg("in_features"), py::arg("bits"),
+      py::arg("k"), py::arg("group_size"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>());
+#endif
+  // ---- palettized matmul (end) ------------------------------------------------------------
 }

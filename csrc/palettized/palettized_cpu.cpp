@@ -98,15 +98,9 @@ inline void block_weights_general(const Layout& L, int64_t r, int64_t b, const u
   const int64_t c0 = b * kBlock;
   const int n = (int)std::min<int64_t>(kBlock, p.in - c0);
   if (p.group_size > 0) {
-    const int64_t g = p.group_size;
-    int64_t gi = c0 / g, next = (gi + 1) * g;
-    for (int i = 0; i < n; ++i) {
-      if (c0 + i == next) {
-        ++gi;
-        next += g;
-      }
-      w[i] = codebook_value(L.cb, p.cb_dtype, r * L.groups + gi, p.k, idx[i]);
-    }
+    GroupCursor gc(c0, p.group_size);
+    for (int i = 0; i < n; ++i)
+      w[i] = codebook_value(L.cb, p.cb_dtype, r * L.groups + gc.at(c0 + i), p.k, idx[i]);
   } else {
     const int64_t row = cb_row(L, r, 0);
     for (int i = 0; i < n; ++i) w[i] = codebook_value(L.cb, p.cb_dtype, row, p.k, idx[i]);
@@ -114,14 +108,19 @@ inline void block_weights_general(const Layout& L, int64_t r, int64_t b, const u
   for (int i = n; i < kBlock; ++i) w[i] = 0.f;
 }
 
+// Each row's packed stream is prefetched this far ahead of the block being decoded (a tile
+// reads up to 4 rows at once: more streams than the hardware prefetcher follows well).
+#ifndef PC_PAL_PREFETCH
+#define PC_PAL_PREFETCH 2048
+#endif
+constexpr int kPrefetchBytes = PC_PAL_PREFETCH;
+
 using LinearFn = void (*)(const Ctx&, int64_t r0, int nr);
 struct LinearKernel {
   LinearFn fn;
   int rows;  // output rows per call
 };
 using DecodeFn = void (*)(const DCtx&, int64_t i0, int64_t i1);
-
-constexpr int field_shift(int w, int h, int l) { return ((16 * h + l) / (4 * w)) * w; }
 
 // ============================================================================================
 // portable: plain arrays (the compiler vectorizes what it can for the baseline ISA)
@@ -276,69 +275,13 @@ PC_AI void v_store(void* out, int64_t off, V v, int n) {
   }
 }
 
-// ---- decode: lanes of one ymm are 8 consecutive indices
-template <int W>
-PC_AI VI expand(const uint8_t* p) {  // lane l (0..15): byte l % 4W of the piece, zero extended
-  if constexpr (W == 4) {
-    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return {_mm256_cvtepu8_epi32(x), _mm256_cvtepu8_epi32(_mm_srli_si128(x, 8))};
-  } else if constexpr (W == 2) {
-    const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    return {z, z};
-  } else {
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    const __m256i z = _mm256_cvtepu8_epi32(_mm_set1_epi32(v));
-    return {z, z};
-  }
-}
-template <int W, int H, int O, int L0>
-constexpr bool uniform8() {
-  for (int l = 1; l < 8; ++l)
-    if (field_shift(W, H, L0 + l) != field_shift(W, H, L0)) return false;
-  return true;
-}
-template <int W, int H, int O, int L0>
-constexpr int sgn8() {  // 1: all right shifts, -1: all left shifts, 0: mixed
-  bool pos = true, neg = true;
-  for (int l = 0; l < 8; ++l) {
-    const int a = field_shift(W, H, L0 + l) - O;
-    pos = pos && a >= 0;
-    neg = neg && a <= 0;
-  }
-  return pos ? 1 : neg ? -1 : 0;
-}
-template <int W, int H, int O, int L0, int... L>
-PC_AI __m256i place8(__m256i z, std::integer_sequence<int, L...>) {
-  // the field of index 16H + L0 + l moved to bits [O, O + W); other bits arbitrary
-  if constexpr (uniform8<W, H, O, L0>()) {
-    constexpr int a = field_shift(W, H, L0) - O;
-    if constexpr (a == 0) return z;
-    else if constexpr (a > 0) return _mm256_srli_epi32(z, a);
-    else return _mm256_slli_epi32(z, -a);
-  } else if constexpr (sgn8<W, H, O, L0>() == 1) {
-    return _mm256_srlv_epi32(z, _mm256_setr_epi32((field_shift(W, H, L0 + L) - O)...));
-  } else if constexpr (sgn8<W, H, O, L0>() == -1) {
-    return _mm256_sllv_epi32(z, _mm256_setr_epi32((O - field_shift(W, H, L0 + L))...));
-  } else {  // mixed: counts >= 32 shift everything out
-    const __m256i r = _mm256_srlv_epi32(
-        z, _mm256_setr_epi32((field_shift(W, H, L0 + L) - O >= 0 ? field_shift(W, H, L0 + L) - O : 32)...));
-    const __m256i l = _mm256_sllv_epi32(
-        z, _mm256_setr_epi32((O - field_shift(W, H, L0 + L) > 0 ? O - field_shift(W, H, L0 + L) : 32)...));
-    return _mm256_or_si256(r, l);
-  }
-}
-template <int W, int H, int O>
-PC_AI VI place(VI z) {
-  return {place8<W, H, O, 0>(z.a, std::make_integer_sequence<int, 8>{}),
-          place8<W, H, O, 8>(z.b, std::make_integer_sequence<int, 8>{})};
-}
+// ---- decode (palettized_decode.inc): a half block as 16 index bytes, widened to two ymm
 template <int O>
-PC_AI VI merge(VI idx, VI v) {  // bits below O from idx, the rest from v
-  const __m256i m = _mm256_set1_epi32((1 << O) - 1);
-  return {_mm256_or_si256(_mm256_and_si256(idx.a, m), _mm256_andnot_si256(m, v.a)),
-          _mm256_or_si256(_mm256_and_si256(idx.b, m), _mm256_andnot_si256(m, v.b))};
+PC_AI __m128i merge_bytes(__m128i idx, __m128i v) {  // bits below O of each byte from idx
+  const __m128i m = _mm_set1_epi8((char)((1 << O) - 1));
+  return _mm_or_si128(_mm_and_si128(idx, m), _mm_andnot_si128(m, v));
 }
+PC_AI VI widen(__m128i b) { return {_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))}; }
 #include "palettized/palettized_decode.inc"
 
 // ---- tables
@@ -461,41 +404,12 @@ PC_AI void v_store(void* out, int64_t off, V v, int n) {
   }
 }
 
-// ---- decode: the lanes of one zmm are 16 consecutive indices
-template <int W>
-PC_AI VI expand(const uint8_t* p) {  // lane l: byte l % 4W of the piece, zero extended
-  if constexpr (W == 4) {
-    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  } else if constexpr (W == 2) {
-    long long v;
-    std::memcpy(&v, p, 8);
-    return _mm512_cvtepu8_epi32(_mm_set1_epi64x(v));
-  } else {
-    int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm512_cvtepu8_epi32(_mm_set1_epi32(v));
-  }
-}
-template <int W, int H, int O, int... L>
-PC_AI VI rotate16(VI z, std::integer_sequence<int, L...>) {
-  alignas(64) static constexpr int32_t counts[16] = {((field_shift(W, H, L) - O) & 31)...};
-  return _mm512_rorv_epi32(z, _mm512_load_si512(counts));
-}
-template <int W, int H, int O>
-PC_AI VI place(VI z) {  // the field of index 16H + l moved to bits [O, O + W); other bits arbitrary
-  if constexpr (W == 4) {  // uniform shift 4H
-    constexpr int a = 4 * H - O;
-    if constexpr (a == 0) return z;
-    else if constexpr (a > 0) return _mm512_srli_epi32(z, a);
-    else return _mm512_slli_epi32(z, -a);
-  } else {
-    return rotate16<W, H, O>(z, std::make_integer_sequence<int, 16>{});
-  }
-}
+// ---- decode (palettized_decode.inc): a half block as 16 index bytes, widened to one zmm
 template <int O>
-PC_AI VI merge(VI idx, VI v) {  // bits below O from idx, the rest from v: (m & idx) | (~m & v)
-  return _mm512_ternarylogic_epi32(_mm512_set1_epi32((1 << O) - 1), idx, v, 0xCA);
+PC_AI __m128i merge_bytes(__m128i idx, __m128i v) {  // (m & idx) | (~m & v), m: bits below O
+  return _mm_ternarylogic_epi32(_mm_set1_epi8((char)((1 << O) - 1)), idx, v, 0xCA);
 }
+PC_AI VI widen(__m128i b) { return _mm512_cvtepu8_epi32(b); }
 #include "palettized/palettized_decode.inc"
 
 // ---- tables
@@ -615,7 +529,9 @@ void linear_with(Isa isa, const Params& p, const LinearArgs& a, int num_threads)
   const IsaOps ops = ops_for(isa);
   Ctx c;
   static_cast<Layout&>(c) = make_layout(p, a.packed, a.codebook);
-  c.xs = c.nblocks * kBlock;
+  // rows of the x buffer one cache line longer than the padded row: at a power-of-two stride
+  // the 16 rows of one block would share an L1 set
+  c.xs = c.nblocks * kBlock + 16;
   c.bias = a.bias;
   c.bias_dtype = a.bias_dtype;
   c.y = a.y;

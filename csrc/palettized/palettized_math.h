@@ -70,14 +70,61 @@ PC_HD void decode_block(const uint8_t* blk, int bits, uint8_t* idx) {
   }
 }
 
+// Index i of a block held as 32-bit words (bytes little-endian: byte t is bits [8 (t % 4),
+// 8 (t % 4) + 8) of word t / 4), as the CUDA kernels hold it in registers; with i a constant
+// (an unrolled loop) every shift and mask folds to constants.
+template <int BITS, int P = 0>
+PC_HD int word_index(const uint32_t* w, int i) {
+  if constexpr (P >= piece_count(BITS)) {
+    return 0;
+  } else {
+    constexpr int wd = piece_width(BITS, P), per = 4 * wd, off = 4 * piece_shift(BITS, P);
+    const int byte = off + i % per;
+    const int field = (int)(w[byte / 4] >> (8 * (byte % 4) + (i / per) * wd)) & ((1 << wd) - 1);
+    return (field << piece_shift(BITS, P)) | word_index<BITS, P + 1>(w, i);
+  }
+}
+
 // ---- codebook addressing -----------------------------------------------------------------
-// First entry of the codebook row of element (r, c): per tensor (cb_rows == 1 with
-// group_size 0), per channel (row r) or per group (row r * G + c / g).
+// Codebook row of element (r, c): per tensor (cb_rows == 1 with group_size 0), per channel
+// (row r) or per group (row r * groups + c / group_size).
 PC_HD int64_t codebook_row(int64_t r, int64_t c, int64_t group_size, int64_t groups,
                            int64_t cb_rows) {
   if (group_size > 0) return r * groups + c / group_size;
   return cb_rows == 1 ? 0 : r;
 }
+
+// Walks the columns of a row from c0 on, one at a time, keeping the group (c / group_size)
+// without a division per column (group_size > 0).
+struct GroupCursor {
+  int64_t group, next;  // group of the current column; first column of the next group
+  int64_t g;
+  PC_HD GroupCursor(int64_t c0, int64_t group_size)
+      : group(c0 / group_size), next((c0 / group_size + 1) * group_size), g(group_size) {}
+  // the group of column c, called for c0, c0 + 1, ... in order
+  PC_HD int64_t at(int64_t c) {
+    if (c == next) {
+      ++group;
+      next += g;
+    }
+    return group;
+  }
+};
+
+// ---- the CUDA linear kernel's work split (palettized_cuda.cu; checked on the CPU by
+// tests/cpp/palettized_test.cpp) --------------------------------------------------------------
+// A thread block of kCudaWarps warps takes rows_per_warp(MT) output rows per warp and MT rows of
+// x; it walks the columns in chunks of kCudaChunk (one 32-index block per lane), staging the
+// chunk of x as fp32 in shared memory with kCudaXStride floats per lane (32 + 4 padding: a
+// lane's float4 reads of its block hit distinct banks within each quarter warp).
+constexpr int kCudaWarps = 4;
+constexpr int kCudaChunk = 32 * kBlock;
+constexpr int kCudaXStride = 36;
+PC_HD constexpr int rows_per_warp(int mt) { return mt <= 2 ? 4 : mt == 4 ? 2 : 1; }
+// shared-memory slot of column col (0 <= col < kCudaChunk) of the staged chunk
+PC_HD constexpr int x_slot(int col) { return (col / kBlock) * kCudaXStride + col % kBlock; }
+// first output row of warp `warp` of thread block `bx`
+PC_HD int64_t warp_row0(int64_t bx, int warp, int rw) { return (bx * kCudaWarps + warp) * rw; }
 
 // Entry e of the codebook row at `row` (fp32 or fp16), 0 when e >= k.
 PC_HD float codebook_value(const void* cb, DType t, int64_t row, int k, int e) {

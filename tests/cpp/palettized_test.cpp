@@ -11,12 +11,17 @@
 //   * the padded columns of a block are masked: the codebook entry of the pad index is +inf
 //     where the real indices never use it, and y must stay finite and right;
 //   * decode by row_ids and by row_begin; bad arguments throw std::invalid_argument;
-//   * float -> fp16 / bf16 rounding against independent oracles (_Float16, double arithmetic).
+//   * float -> fp16 / bf16 rounding against independent oracles (binary search, double arithmetic);
+//   * the CUDA kernel's index logic on the CPU (palettized_math.h): word_index (a block held as
+//     32-bit words) equals the byte decoder, GroupCursor, the shared-memory slots of the staged
+//     x (distinct, aligned, free of bank conflicts) and of the per-lane tables, and the work
+//     split covering every (x row, output row, block) exactly once.
 // Built by tests/test_palettized_kernels.py with the host compiler; exit 1 on failure.
 #include "palettized/palettized_cpu.cpp"
 
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
 #include <cstdlib>
 #include <random>
 #include <vector>
@@ -80,16 +85,28 @@ struct Guarded {
 };
 
 // ---- independent 16-bit float conversions ---------------------------------------------------
-float half_to_float(uint16_t h) {  // via the compiler's _Float16
-  _Float16 v;
-  std::memcpy(&v, &h, 2);
-  return (float)v;
+float half_to_float(uint16_t h) {  // exact, from the definition of binary16
+  const int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  const double sign = (h & 0x8000) ? -1.0 : 1.0;
+  if (e == 31) return m ? NAN : (float)(sign * INFINITY);
+  if (e == 0) return (float)(sign * std::ldexp((double)m, -24));
+  return (float)(sign * std::ldexp((double)(1024 + m), e - 25));
 }
-uint16_t float_to_half(float f) {
-  const _Float16 v = (_Float16)f;  // round to nearest even
-  uint16_t h;
-  std::memcpy(&h, &v, 2);
-  return h;
+uint16_t float_to_half(float f) {  // the nearest binary16 (ties to even), by binary search
+  if (std::isnan(f)) return 0x7e00;
+  const uint16_t sign = std::signbit(f) ? 0x8000 : 0;
+  const double a = std::fabs((double)f);
+  if (a >= 65520.0) return sign | 0x7c00;  // 65520 is halfway to 2^16: even rounds up, to inf
+  uint16_t lo = 0, hi = 0x7bff;  // largest pattern whose value is <= a
+  while (lo < hi) {
+    const uint16_t mid = (uint16_t)((lo + hi + 1) / 2);
+    if ((double)half_to_float(mid) <= a) lo = mid;
+    else hi = (uint16_t)(mid - 1);
+  }
+  if ((double)half_to_float(lo) == a) return sign | lo;
+  const double dlo = a - half_to_float(lo), dhi = (double)half_to_float((uint16_t)(lo + 1)) - a;
+  const uint16_t r = dlo < dhi ? lo : dhi < dlo ? (uint16_t)(lo + 1) : ((lo & 1) ? (uint16_t)(lo + 1) : lo);
+  return sign | r;
 }
 float bf16_to_float(uint16_t h) {
   uint32_t u = (uint32_t)h << 16;
@@ -190,7 +207,7 @@ void check_conversions() {
   std::vector<float> vals = {0.f, -0.f, 1.f, -1.f, 65504.f, 65519.f, 65520.f, 65536.f, 1e-8f,
                              5.96e-8f, 2.98e-8f, 2.99e-8f, 6.1e-5f, 6.103515625e-05f, 3.4e38f,
                              INFINITY, -INFINITY, 1.00048828125f, 1.00146484375f};
-  for (int i = 0; i < 200000; ++i) {
+  for (int i = 0; i < 100000; ++i) {
     uint32_t u = (uint32_t)g();
     float f;
     std::memcpy(&f, &u, 4);
@@ -204,6 +221,103 @@ void check_conversions() {
   }
   CHECK(std::isnan(half_to_float(float_to_half_bits(NAN))), "fp16 nan");
   CHECK(std::isnan(bf16_to_float(float_to_bf16_bits(NAN))), "bf16 nan");
+}
+
+// ---- the CUDA kernel's index logic (palettized_cuda.cu), emulated ------------------------------
+template <int BITS>
+void check_word_index_bits(std::mt19937_64& g) {
+  for (int trial = 0; trial < 50; ++trial) {
+    uint8_t blk[32];
+    for (int t = 0; t < 4 * BITS; ++t) blk[t] = (uint8_t)g();
+    uint32_t w[BITS];
+    for (int j = 0; j < BITS; ++j)  // little-endian words, as the GPU loads them
+      w[j] = blk[4 * j] | (uint32_t)blk[4 * j + 1] << 8 | (uint32_t)blk[4 * j + 2] << 16 | (uint32_t)blk[4 * j + 3] << 24;
+    for (int i = 0; i < 32; ++i)
+      CHECK(word_index<BITS>(w, i) == block_index(blk, BITS, i), "word_index<%d>(%d)", BITS, i);
+  }
+}
+
+void check_cuda_index_logic() {
+  std::mt19937_64 g(5);
+  check_word_index_bits<1>(g);
+  check_word_index_bits<2>(g);
+  check_word_index_bits<3>(g);
+  check_word_index_bits<4>(g);
+  check_word_index_bits<5>(g);
+  check_word_index_bits<6>(g);
+  check_word_index_bits<7>(g);
+  check_word_index_bits<8>(g);
+  // GroupCursor: the group of consecutive columns from any start, for any group size
+  for (int64_t gs : {1, 2, 7, 32, 50, 128, 1000})
+    for (int64_t c0 : {0, 1, 31, 32, 49, 50, 127, 4096}) {
+      GroupCursor cur(c0, gs);
+      for (int64_t c = c0; c < c0 + 300; ++c) CHECK(cur.at(c) == c / gs, "GroupCursor g %lld col %lld", (long long)gs, (long long)c);
+    }
+  // staged x: lane l reads its block's column i at l * kCudaXStride + i == x_slot(32 l + i); all
+  // slots distinct and inside the array; a lane's float4 reads are 16-byte aligned and the 8
+  // lanes of a quarter warp hit 8 distinct groups of 4 banks
+  std::vector<int> seen(32 * kCudaXStride, 0);
+  for (int col = 0; col < kCudaChunk; ++col) {
+    const int sl = x_slot(col);
+    CHECK(sl >= 0 && sl < 32 * kCudaXStride && ++seen[sl] == 1, "x_slot(%d) = %d", col, sl);
+    CHECK(sl == (col / 32) * kCudaXStride + col % 32, "lane read slot of column %d", col);
+  }
+  for (int q = 0; q < 8; ++q)
+    for (int quarter = 0; quarter < 4; ++quarter) {
+      std::vector<int> banks;
+      for (int l = 8 * quarter; l < 8 * quarter + 8; ++l) {
+        const int sl = x_slot(32 * l + 4 * q);
+        CHECK(sl % 4 == 0, "float4 slot %d unaligned", sl);
+        banks.push_back((sl % 32) / 4);
+      }
+      std::sort(banks.begin(), banks.end());
+      CHECK(std::unique(banks.begin(), banks.end()) == banks.end(), "bank conflict q %d quarter %d", q, quarter);
+    }
+  // the work split: grid (ceil(rows / (4 RW)), min(ceil(M / MT), gy)), the batch looped over
+  // gridDim.y, the columns in chunks of one block per lane: every (x row, output row, block)
+  // exactly once, and the table slots of a thread block distinct with lane l in bank l
+  for (int mt : {1, 2, 4, 8}) {
+    const int rw = rows_per_warp(mt);
+    for (int64_t rows : {1, 3, 16, 17, 100})
+      for (int64_t M : {1, 2, 7, 8, 9, 33})
+        for (int64_t in : {1, 32, 1000, 1024, 1025, 3000})
+          for (int64_t gy_cap : {65535, 2}) {
+            const int64_t nb = (in + 31) / 32;
+            const int64_t gx = (rows + 4 * rw - 1) / (4 * rw);
+            const int64_t gy = std::min<int64_t>((M + mt - 1) / mt, gy_cap);
+            std::vector<int> cover((size_t)(M * rows * nb), 0);
+            for (int64_t bx = 0; bx < gx; ++bx)
+              for (int64_t by = 0; by < gy; ++by)
+                for (int w = 0; w < kCudaWarps; ++w)
+                  for (int64_t m0 = by * mt; m0 < M; m0 += gy * mt)
+                    for (int64_t c0 = 0; c0 < in; c0 += kCudaChunk)
+                      for (int lane = 0; lane < 32; ++lane) {
+                        const int64_t b = c0 / 32 + lane;
+                        if (b >= nb) continue;
+                        for (int rr = 0; rr < rw; ++rr) {
+                          const int64_t r = warp_row0(bx, w, rw) + rr;
+                          if (r >= rows) continue;  // computed on a repeated row, never stored
+                          for (int m = 0; m < mt && m0 + m < M; ++m) ++cover[(size_t)(((m0 + m) * rows + r) * nb + b)];
+                        }
+                      }
+            bool once = true;
+            for (int v : cover) once = once && v == 1;
+            CHECK(once, "work split MT %d rows %lld M %lld in %lld gy %lld", mt, (long long)rows,
+                  (long long)M, (long long)in, (long long)gy);
+          }
+    for (int nt : {2, 4, 8, 16}) {  // tab[((warp * RW + rr) * NT + e) * 32 + lane]
+      std::vector<int> used((size_t)(kCudaWarps * rw * nt * 32), 0);
+      bool ok = true;
+      for (int w = 0; w < kCudaWarps; ++w)
+        for (int rr = 0; rr < rw; ++rr)
+          for (int e = 0; e < nt; ++e)
+            for (int lane = 0; lane < 32; ++lane) {
+              const int sl = ((w * rw + rr) * nt + e) * 32 + lane;
+              ok = ok && sl % 32 == lane && ++used[(size_t)sl] == 1;
+            }
+      CHECK(ok, "table slots MT %d NT %d", mt, nt);
+    }
+  }
 }
 
 // ---- one problem ---------------------------------------------------------------------------
@@ -443,6 +557,7 @@ int main(int argc, char** argv) {
   check_packer_examples();
   check_conversions();
   check_bad_arguments();
+  check_cuda_index_logic();
 
   std::vector<Isa> isas = {Isa::portable};
   if ((int)detect_isa() >= (int)Isa::avx2) isas.push_back(Isa::avx2);
