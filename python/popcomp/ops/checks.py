@@ -252,8 +252,7 @@ def _check_palettized_ints(bits, in_features, group_size):
 def _check_palettized_weight(packed, codebook, bits, in_features, group_size, ref_name, ref):
     """packed uint8 (rows, row_bytes(in_features, bits)); codebook float16/float32
     (cb_rows, 2**bits) with cb_rows 1 or rows (group_size 0) or rows * ceil(in_features /
-    group_size); both on ``ref``'s device. Returns rows."""
-    bits = _check_palettized_ints(bits, in_features, group_size)
+    group_size); both on ``ref``'s device (the integers checked by the caller). Returns rows."""
     _tensor("packed", packed)
     _tensor("codebook", codebook)
     if packed.dtype != torch.uint8:
@@ -289,7 +288,7 @@ def check_palettized_linear(x, packed, codebook, bias, bits, in_features, group_
     """x (..., in_features) float32/float16/bfloat16; packed, codebook as
     ``_check_palettized_weight``, on x's device; bias None or (out_features,) of x's dtype or
     float32 on x's device."""
-    _check_palettized_ints(bits, in_features, group_size)
+    bits = _check_palettized_ints(bits, in_features, group_size)
     _tensor("x", x)
     if x.dtype not in PALETTIZED_X_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
@@ -311,6 +310,7 @@ def check_palettized_decode(packed, codebook, bits, in_features, group_size, dty
     """packed, codebook as ``_check_palettized_weight``; dtype float32/float16/bfloat16."""
     if dtype not in PALETTIZED_X_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    bits = _check_palettized_ints(bits, in_features, group_size)
     _check_palettized_weight(packed, codebook, bits, in_features, group_size, None, None)
 
 
