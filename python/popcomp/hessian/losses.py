@@ -331,6 +331,10 @@ class SampleScale:
         self.reduction = reduction
         self.per_sample = per_sample
         self.method = method
+        if getattr(loss_module(loss_fn), "reduction", None) == "none":
+            raise ValueError(
+                f"loss_fn: reduction='none' gives per-element losses; {method} needs a scalar "
+                "batch loss: use reduction='sum' or 'mean'")
         # torch's own losses are per-sample by construction (given their reduction)
         self._checked = loss_fn is None or not per_sample or isinstance(
             loss_module(loss_fn), nn.modules.loss._Loss)
@@ -340,10 +344,6 @@ class SampleScale:
             return 1.0
         if self.reduction is None:
             red = getattr(loss_module(self.loss_fn), "reduction", None)
-            if red == "none":
-                raise ValueError(
-                    f"loss_fn: reduction='none' gives per-element losses; {self.method} needs "
-                    "a scalar batch loss: use reduction='sum' or 'mean'")
             if red in ("mean", "sum"):
                 self.reduction = red
             else:
