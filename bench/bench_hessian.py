@@ -170,6 +170,25 @@ def main():
         Y = torch.randint(0, 10, (256,))
         bench_case(f"MLP {'-'.join(map(str, sizes))}, batch 256, CE", mlp(sizes), ce, X, Y, dev, reps,
                    methods)
+    # the modules BackPACK supports that popcomp added (issue 14): BatchNorm2d, Conv3d,
+    # ConvTranspose2d, in eval mode (running statistics), through the generic path
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(16 * 15 * 15, 10)).eval()
+    vol = nn.Sequential(nn.Conv3d(2, 8, 3), nn.ReLU(), nn.Conv3d(8, 8, 3, stride=2), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 5 ** 3, 10)).eval()
+    up = nn.Sequential(nn.ConvTranspose2d(8, 8, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                       nn.Linear(8 * 17 * 17, 10)).eval()
+    for name, model, X in (("CNN with BatchNorm2d, 3x32x32, batch 64, CE", cnn, torch.randn(64, 3, 32, 32)),
+                           ("Conv3d, 2x14x14x14, batch 32, CE", vol, torch.randn(32, 2, 14, 14, 14)),
+                           ("ConvTranspose2d, 8x8x8, batch 64, CE", up, torch.randn(64, 8, 8, 8))):
+        try:
+            H.HessianAccumulator(model, ce, "fisher")
+        except ValueError as e:  # an older popcomp (for before/after comparisons)
+            print(f"\n== {name}: not supported ({str(e)[:60]}...)")
+            continue
+        bench_case(name, model, ce, X, torch.randint(0, 10, (X.shape[0],)), dev, reps, methods[:2])
     X = torch.randn(8, 256, 512)
     Y = torch.randn(8, 256, 512)
     bench_case("Linear 512->512 on sequences B=8 T=256, MSE", nn.Sequential(nn.Linear(512, 512)),

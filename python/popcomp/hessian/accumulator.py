@@ -11,7 +11,7 @@ import torch.nn as nn
 from .._model import all_reduce_sum, batch_size, module_device, split_batch, to_device
 from .._model import eval_mode as _eval_mode, progress as _progress  # names of arguments here
 from .._validate import check_int
-from .methods import LABEL_FREE, REGISTRY, Options
+from .methods import LABEL_FREE, REGISTRY, NonFiniteBatch, Options
 from .modules import FilterFn, acc_dtype
 
 __all__ = ["HessianAccumulator", "HessianDiagonal", "diagonal"]
@@ -151,14 +151,20 @@ class HessianAccumulator:
         B = batch_size(inputs, targets)
         if B == 0:
             return
-        _check_finite(inputs, "inputs")
-        _check_finite(targets, "targets")
         flags = [p.requires_grad for p in self._params]
         try:
             for p in self._params:
                 p.requires_grad_(True)
             with torch.enable_grad(), _eval_mode(self.model, self.eval_mode):
-                self._estimator.update(self._acc, inputs, targets, B)
+                try:
+                    self._estimator.update(self._acc, inputs, targets, B)
+                except NonFiniteBatch as e:  # checked on output-sized values; name the cause
+                    _check_finite(inputs, "inputs")
+                    _check_finite(targets, "targets")
+                    raise ValueError(
+                        f"model: {e} is NaN or Inf on a batch whose data is finite (the Hessian "
+                        "diagonal would be NaN): check the model's parameters and the loss"
+                    ) from None
         finally:
             for p, f in zip(self._params, flags):
                 p.requires_grad_(f)
@@ -207,7 +213,8 @@ class HessianAccumulator:
 
 def _check_finite(obj: Any, what: str) -> None:
     """A ValueError naming ``what`` when a floating tensor of ``obj`` (a tensor, or a tuple /
-    list / dict of them) holds NaN or Inf: it would make the whole diagonal NaN."""
+    list / dict of them) holds NaN or Inf: it would make the whole diagonal NaN. Run only once
+    the model output or the loss was found non-finite (a pass over the data costs)."""
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
             raise ValueError(f"data: the batch's {what} contain NaN or Inf (the Hessian diagonal "

@@ -20,6 +20,7 @@ its sampled form (the empirical Fisher of a loss at its own outputs is zero).
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
@@ -33,10 +34,21 @@ from .generic import backprop_columns, record
 from .losses import LossFactor, SampleScale, check_scalar_loss, loss_factor
 from .modules import FilterFn, Site, select_sites
 
-__all__ = ["LABEL_FREE", "REGISTRY", "Fisher", "GGN", "GGNMC", "Hutchinson", "Method", "Options",
-           "ThroughModules"]
+__all__ = ["LABEL_FREE", "REGISTRY", "Fisher", "GGN", "GGNMC", "Hutchinson", "Method",
+           "NonFiniteBatch", "Options", "ThroughModules"]
 
 Acc = Dict[str, torch.Tensor]
+
+
+class NonFiniteBatch(ValueError):
+    """The model output or the loss is NaN/Inf on a batch: the diagonal would be NaN. Raised
+    from checks on output-sized values only; the accumulator then names the cause (the data,
+    or the model)."""
+
+
+def _finite(v: float, what: str) -> None:
+    if not math.isfinite(v):
+        raise NonFiniteBatch(what)
 
 
 @dataclass(frozen=True)
@@ -180,9 +192,13 @@ class Fisher(ThroughModules):
         self._omax = 0.0  # max |out| seen
 
     def _track(self, out: torch.Tensor, g: Optional[torch.Tensor]) -> None:
-        self._omax = max(self._omax, float(out.detach().abs().max()) if out.numel() else 0.0)
+        om = float(out.detach().abs().max()) if out.numel() else 0.0
+        _finite(om, "the model output")
+        self._omax = max(self._omax, om)
         if g is not None and g.numel():
-            self._gmax = max(self._gmax, float(g.abs().max()))
+            gm = float(g.abs().max())
+            _finite(gm, "the loss gradient")
+            self._gmax = max(self._gmax, gm)
 
     def output_columns(self, out, targets, B):
         with torch.enable_grad():
@@ -195,6 +211,7 @@ class Fisher(ThroughModules):
     def layer_grads(self, out, targets, B, layer_outs):
         # from the loss itself: the model output need not be one tensor
         loss = check_scalar_loss(self.loss_fn(out, targets))
+        _finite(float(loss), "the loss")
         scale = self.scale(out, targets, B)
         at_out = isinstance(out, torch.Tensor) and out.requires_grad
         grads = torch.autograd.grad(loss * scale, list(layer_outs) + ([out] if at_out else []),
@@ -235,6 +252,8 @@ class GGN(ThroughModules):
                 f"model: method {self.name!r} needs the model to return a single tensor "
                 "(pass output_fn= to pick it)")
         self.scale(out, targets, B)  # the per-sample check on the first batch
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteBatch("the model output")
         cols = self.columns(out.detach(), targets)
         return cols if cols.shape[0] > 0 else None  # none: CrossEntropy of one class (zero Hessian)
 
@@ -306,6 +325,7 @@ class Hutchinson(Method):
             loss = 0.5 * (out - out.detach()).float().square().sum()
         else:
             loss = check_scalar_loss(self.loss_fn(out, targets)) * self.scale(out, targets, B)
+        _finite(float(loss), "the loss")
         grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
         pairs = [(n, p, g) for n, p, g in zip(self.names, self._params, grads)
                  if g is not None and g.requires_grad]
