@@ -13,9 +13,20 @@
 // then one pass over the original values for labels and the cost. Each thread keeps its
 // buffers between calls (workspace.h).
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
+#include <cstdio>
+#include <exception>
+#include <mutex>
 #include <stdexcept>
+#include <string>
 #include <vector>
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+#if defined(__linux__)
+#include <sys/resource.h>
+#endif
 
 #include "common/elements.h"
 #include "common/parallel.h"
@@ -32,6 +43,44 @@ namespace {
 
 constexpr int64_t kHistMin = 32768;  // 16-bit inputs at least this long use the histogram
 constexpr int64_t kScatterMax = int64_t(1) << 18;  // up to this n, labels by the sort permutation
+
+// Problems whose values or weights lie outside [2^-kScaleExp, 2^kScaleExp] in magnitude are
+// solved on values and weights scaled by powers of two (exact), so that no sum of squares
+// over- or underflows: the optimal labels are invariant to a positive scale of the weights
+// and to an affine map of the values; centers and the cost are mapped back.
+constexpr int kScaleExp = 100;
+
+// Exponent e with 2^(e-1) <= |a| < 2^e (0 for a = 0).
+inline int exponent_of(double a) {
+  int e = 0;
+  std::frexp(a, &e);
+  return a == 0.0 ? 0 : e;
+}
+
+// Sum of r_t^2 without over- or underflow (LAPACK's dnrm2 scaling): the value is
+// scale^2 * ssq.
+struct ScaledSumSq {
+  double scale = 0.0, ssq = 1.0;
+  void add(double r) {
+    r = std::fabs(r);
+    if (r == 0.0) return;
+    if (scale < r) {
+      const double q = scale / r;
+      ssq = 1.0 + ssq * q * q;
+      scale = r;
+    } else {
+      const double q = r / scale;
+      ssq += q * q;
+    }
+  }
+  // scale^2 * ssq * 2^e, rounded once at the end (inf only when the value exceeds the range)
+  double value_times_pow2(int e) const {
+    if (scale == 0.0) return 0.0;
+    int es = 0;
+    const double m = std::frexp(scale, &es);
+    return std::ldexp(m * m * ssq, 2 * es + e);
+  }
+};
 
 // Branchless count of the sorted midpoints (padded with +inf to P - 1 entries, P a power of
 // two) strictly below x: the nearest-center label, ties to the lower center.
@@ -203,6 +252,27 @@ struct Solver {
     const int64_t u = hist ? reduce_hist<DW>(x, wt, n) : reduce_sorted<DW>(x, wt, n);
     if (status != kOk) return;
 
+    // Scale of the problem: powers of two that bring the largest |value| and the largest
+    // weight near 1 when either lies outside [2^-kScaleExp, 2^kScaleExp].
+    double wmax = 0.0;
+    {
+      const double* Wp = w.W.data();
+      for (int64_t t = 0; t < u; ++t) wmax = Wp[t] > wmax ? Wp[t] : wmax;
+    }
+    const double vmax = std::max(std::fabs(w.v[0]), std::fabs(w.v[u - 1]));
+    const int evx = exponent_of(vmax), ewx = exponent_of(wmax);
+    const bool scaled = (vmax != 0.0 && (evx > kScaleExp || evx < -kScaleExp)) ||
+                        (wmax != 0.0 && (ewx > kScaleExp || ewx < -kScaleExp));
+    const int ev = scaled && vmax != 0.0 ? -evx : 0;  // values times 2^ev
+    const int ew = scaled && wmax != 0.0 ? -ewx : 0;  // weights times 2^ew
+    if (scaled) {
+      double* vp = w.v.data();
+      double* Wp = w.W.data();
+      for (int64_t t = 0; t < u; ++t) {
+        vp[t] = std::ldexp(vp[t], ev);
+        Wp[t] = std::ldexp(Wp[t], ew);
+      }
+    }
     const double shift = w.v[u / 2];
     w.s0.resize(u + 1);
     w.s1.resize(u + 1);
@@ -227,16 +297,30 @@ struct Solver {
       status = kZeroW;
       return;
     }
+    // the penalty in the scaled problem (its objective is the original one times
+    // 2^(ew + 2 ev)); capped at the largest double (update_centers handles huge beta)
+    Params ps = p;
+    if (scaled && p.beta > 0.0) {
+      const double bs = std::ldexp(p.beta, p.diameter == Diameter::squared ? ew : ew + ev);
+      ps.beta = std::isfinite(bs) ? bs : DBL_MAX;
+    }
     const Prefix P{w.v.data(), w.s0.data(), w.s1.data(), w.s2.data(), u};
     const Scratch sc = w.scratch(k);
     w.c.resize(k);
     double* c = w.c.data();
     int iters = 0;
     double obj = 0.0;
-    const bool drhw = p.beta > 0.0;
+    const bool drhw = ps.beta > 0.0;
+    double* out_c = b.centers + (size_t)row * k;
+    bool direct = false;  // out_c already holds the centers in the original coordinates
     if (k >= u) {
       for (int j = 0; j < k; ++j) c[j] = w.v[j < u ? j : u - 1];
-      if (drhw) iters = lloyd(P, k, c, p.beta, p.diameter, p.max_iter, p.tol, sc, &obj);
+      if (drhw) {
+        iters = lloyd(P, k, c, ps.beta, ps.diameter, ps.max_iter, ps.tol, sc, &obj);
+      } else if (scaled) {  // every value its own center, exactly
+        for (int j = 0; j < k; ++j) out_c[j] = w.vo[j < u ? j : u - 1];
+        direct = true;
+      }
     } else if (p.method == Method::exact) {
       exact_partition(w, u, k, threads, sc.B);
       for (int j = 0; j < k; ++j) {
@@ -244,13 +328,42 @@ struct Solver {
         const double H = P.s0[e] - P.s0[a];
         c[j] = H > 0.0 ? (P.s1[e] - P.s1[a]) / H : 0.5 * (P.v[a] + P.v[e - 1]);
       }
-      if (drhw) iters = lloyd(P, k, c, p.beta, p.diameter, p.max_iter, p.tol, sc, &obj);
+      if (drhw) {
+        iters = lloyd(P, k, c, ps.beta, ps.diameter, ps.max_iter, ps.tol, sc, &obj);
+      } else if (scaled) {
+        // each center the weighted mean of its segment in the original coordinates, as a
+        // convex combination (no overflow, no underflow of a cluster of tiny values)
+        const double* vop = w.vo.data();
+        const double* Wp = w.W.data();
+        for (int j = 0; j < k; ++j) {
+          const int64_t a = sc.B[j], e = sc.B[j + 1];
+          double H = 0.0;
+          for (int64_t t = a; t < e; ++t) H += Wp[t];
+          double m = 0.0;
+          if (H > 0.0)
+            for (int64_t t = a; t < e; ++t) m += (Wp[t] / H) * vop[t];
+          else
+            m = 0.5 * vop[a] + 0.5 * vop[e - 1];
+          out_c[j] = m;
+        }
+        direct = true;
+      }
     } else {
-      iters = lloyd_centers(p, P, row, b.init_centers, shift, sc, c, &obj);
+      if (scaled && p.init == Init::given) {  // the initial centers in the scaled coordinates
+        std::vector<double> init_s(k);
+        for (int j = 0; j < k; ++j)
+          init_s[j] = std::ldexp(b.init_centers[(size_t)row * k + j], ev);
+        iters = lloyd_centers(ps, P, 0, init_s.data(), shift, sc, c, &obj);  // (row: rng only)
+      } else {
+        iters = lloyd_centers(ps, P, row, b.init_centers, shift, sc, c, &obj);
+      }
     }
-    sort_small(c, k);
-    double* out_c = b.centers + (size_t)row * k;
-    for (int j = 0; j < k; ++j) out_c[j] = c[j] + shift;
+    if (!direct) {
+      sort_small(c, k);
+      for (int j = 0; j < k; ++j) out_c[j] = scaled ? std::ldexp(c[j] + shift, -ev) : c[j] + shift;
+    } else {
+      sort_small(out_c, k);
+    }
     const double pen = diameter_penalty(out_c[k - 1] - out_c[0], p.beta, p.diameter);
     int32_t* lab = b.labels + (size_t)row * n;
 
@@ -259,10 +372,10 @@ struct Solver {
     int Pw = 1;
     while (Pw < k) Pw <<= 1;
     w.mids.assign(Pw, kInf);
-    for (int j = 0; j + 1 < k; ++j) w.mids[j] = 0.5 * (out_c[j] + out_c[j + 1]);
+    for (int j = 0; j + 1 < k; ++j) w.mids[j] = 0.5 * out_c[j] + 0.5 * out_c[j + 1];
     w.ulab.resize(u);
     double cost = 0.0;
-    {
+    if (!scaled) {
       const double* vop = w.vo.data();
       const double* vp = w.v.data();
       const double* Wp = w.W.data();
@@ -276,6 +389,23 @@ struct Solver {
         const double d = vp[t] - c[l];
         cost += Wp[t] * d * d;
       }
+    } else {
+      // the cost of the scaled problem without over- or underflow of its squares, mapped back
+      std::vector<double> cs(k);
+      for (int j = 0; j < k; ++j) cs[j] = std::ldexp(out_c[j], ev);
+      const double* vop = w.vo.data();
+      const double* Wp = w.W.data();
+      const double* mids = w.mids.data();
+      int32_t* ul = w.ulab.data();
+      ScaledSumSq acc;
+      int l = 0;
+      for (int64_t t = 0; t < u; ++t) {
+        const double xv = vop[t];
+        while (l < k - 1 && mids[l] < xv) ++l;
+        ul[t] = l;
+        acc.add(std::sqrt(Wp[t]) * (std::ldexp(xv, ev) - cs[l]));
+      }
+      cost = acc.value_times_pow2(-ew - 2 * ev);
     }
     const int nt = threads;
     if (hist) {
@@ -307,23 +437,106 @@ struct Solver {
 };
 }  // namespace
 
+// Bytes of memory the process may still take (MemAvailable; 0 if unknown).
+static size_t available_memory() {
+  size_t avail = 0;
+#if defined(__linux__)
+  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    while (std::fgets(line, sizeof line, f)) {
+      unsigned long long kb = 0;
+      if (std::sscanf(line, "MemAvailable: %llu kB", &kb) == 1) {
+        avail = (size_t)kb * 1024;
+        break;
+      }
+    }
+    std::fclose(f);
+  }
+#endif
+#if defined(__linux__)
+  // a cgroup's memory limit (containers), less what the cgroup uses
+  {
+    unsigned long long mx = 0, cur = 0;
+    FILE* f = std::fopen("/sys/fs/cgroup/memory.max", "r");
+    FILE* g = std::fopen("/sys/fs/cgroup/memory.current", "r");
+    if (f && g && std::fscanf(f, "%llu", &mx) == 1 && std::fscanf(g, "%llu", &cur) == 1) {
+      const size_t left = mx > cur ? (size_t)(mx - cur) : 0;
+      if (avail == 0 || left < avail) avail = left > 0 ? left : 1;
+    }
+    if (f) std::fclose(f);
+    if (g) std::fclose(g);
+  }
+  // the address-space limit (ulimit -v), less what the process maps
+  {
+    struct rlimit rl;
+    unsigned long long pages = 0;
+    FILE* f = std::fopen("/proc/self/statm", "r");
+    if (f && getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        std::fscanf(f, "%llu", &pages) == 1) {
+      const size_t used = (size_t)pages * (size_t)sysconf(_SC_PAGE_SIZE);
+      const size_t left = (size_t)rl.rlim_cur > used ? (size_t)rl.rlim_cur - used : 0;
+      if (avail == 0 || left < avail) avail = left > 0 ? left : 1;
+    }
+    if (f) std::fclose(f);
+  }
+#endif
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGE_SIZE)
+  if (avail == 0) {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    if (pages > 0 && page > 0) avail = (size_t)pages * (size_t)page / 2;
+  }
+#endif
+  return avail;
+}
+
+// Bytes one exact solve of k centers over n values needs at most (the k x u argmin table,
+// the sort items, the values, weights and prefix sums).
+static double exact_bytes(int64_t n, int k) {
+  return 4.0 * (double)k * (double)n + 80.0 * (double)n;
+}
+
 Result run_cpu(const Params& p, const Buffers& b, int num_threads) {
   check_args(p, b, "kmeans1d_cpu");
   Result res;
   if (p.rows == 0 || p.n == 0) return res;  // nothing to solve
   if (p.n > (int64_t)0xffffffffll) throw std::invalid_argument("kmeans1d: n must be < 2^32");
   if (p.method == Method::exact && (double)p.k * (double)p.n > 4e9)
-    throw std::invalid_argument("kmeans1d: exact needs k * n < 4e9 (the k x u argmin table)");
-  const int T = std::max(1, num_threads);
+    throw std::invalid_argument("kmeans1d: method 'exact' needs k * n < 4e9 (its k x n argmin "
+                                "table), got k = " + std::to_string(p.k) + ", n = " +
+                                std::to_string(p.n) + "; use method 'lloyd' or fewer values");
+  int T = std::max(1, num_threads);
+  if (p.method == Method::exact && p.k < p.n) {
+    // the exact method's table, per thread that solves a problem: fewer threads when they
+    // would not fit in the memory available, a clear error when one does not
+    const size_t avail = available_memory();
+    const double need = exact_bytes(p.n, p.k);
+    if (avail > 0) {
+      const double budget = 0.8 * (double)avail;
+      if (need > budget)
+        throw std::invalid_argument(
+            "kmeans1d: method 'exact' with k = " + std::to_string(p.k) + " and n = " +
+            std::to_string(p.n) + " needs about " + std::to_string((long long)(need / 1048576.0)) +
+            " MiB (a k x n table), more than the " +
+            std::to_string((long long)(budget / 1048576.0)) +
+            " MiB of memory available; use method 'lloyd' or fewer values per problem");
+      if (p.rows >= T && T > 1 && need * T > budget)
+        T = std::max(1, (int)(budget / need));
+    }
+  }
   const bool outer = p.rows >= T && T > 1;
   const DType dw = b.w ? p.w_dtype : p.x_dtype;
   int64_t bad_row = p.rows;
   int bad_status = kOk;
+  // An exception inside the parallel region (std::bad_alloc of a workspace) is caught there,
+  // the thread's workspace released, and the first one rethrown after the region.
+  std::exception_ptr error;
+  std::mutex error_mutex;
   dispatch_dtype(p.x_dtype, "kmeans1d", [&](auto dx) {
     dispatch_dtype(dw, "kmeans1d", [&](auto dwt) {
       constexpr DType DX = decltype(dx)::value;
       constexpr DType DW = decltype(dwt)::value;
       if (outer) {
+        bool failed = false;
 #if defined(POPCOMP_OPENMP)
 #pragma omp parallel num_threads(T)
 #endif
@@ -334,8 +547,27 @@ Result run_cpu(const Params& p, const Buffers& b, int num_threads) {
 #pragma omp for schedule(dynamic, 1)
 #endif
           for (int64_t r = 0; r < p.rows; ++r) {
-            s.status = kOk;
-            s.template solve<DW>(r, b);
+            bool stop;
+#if defined(POPCOMP_OPENMP)
+#pragma omp atomic read
+#endif
+            stop = failed;
+            if (stop) continue;
+            try {
+              s.status = kOk;
+              s.template solve<DW>(r, b);
+            } catch (...) {
+              {
+                std::lock_guard<std::mutex> g(error_mutex);
+                if (!error) error = std::current_exception();
+              }
+#if defined(POPCOMP_OPENMP)
+#pragma omp atomic write
+#endif
+              failed = true;
+              w = Work();  // the failed problem's buffers are not kept
+              continue;
+            }
             if (s.status != kOk) {
 #if defined(POPCOMP_OPENMP)
 #pragma omp critical(popcomp_kmeans_status)
@@ -351,17 +583,23 @@ Result run_cpu(const Params& p, const Buffers& b, int num_threads) {
       } else {
         Work& w = thread_work();
         Solver<DX> s{p, w, T};
-        for (int64_t r = 0; r < p.rows && bad_status == kOk; ++r) {
-          s.template solve<DW>(r, b);
-          if (s.status != kOk) {
-            bad_row = r;
-            bad_status = s.status;
+        try {
+          for (int64_t r = 0; r < p.rows && bad_status == kOk; ++r) {
+            s.template solve<DW>(r, b);
+            if (s.status != kOk) {
+              bad_row = r;
+              bad_status = s.status;
+            }
           }
+        } catch (...) {
+          w = Work();  // the failed problem's buffers are not kept
+          throw;
         }
         trim_work(w);
       }
     });
   });
+  if (error) std::rethrow_exception(error);
   if (bad_status != kOk) {
     res.status = bad_status;
     res.row = bad_row;

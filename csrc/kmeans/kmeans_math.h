@@ -141,9 +141,15 @@ PC_HD void update_centers(int k, const double* H, const double* S, const double*
         const double HU = w.cumH[A] - w.cumH[A - q], SU = w.cumS[A] - w.cumS[A - q];
         double a, b;
         if (dm == Diameter::squared) {
-          const double det = HL * HU + beta * (HL + HU);
-          a = (SL * (HU + beta) + beta * SU) / det;
-          b = (beta * SL + (HL + beta) * SU) / det;
+          if (beta <= 1.0) {
+            const double det = HL * HU + beta * (HL + HU);
+            a = (SL * (HU + beta) + beta * SU) / det;
+            b = (beta * SL + (HL + beta) * SU) / det;
+          } else {  // the same, divided by beta: no overflow at huge beta (a = b at the limit)
+            const double det = HL * (HU / beta) + (HL + HU);
+            a = (SL * (HU / beta + 1.0) + SU) / det;
+            b = (SL + (HL / beta + 1.0) * SU) / det;
+          }
         } else {
           a = (SL + 0.5 * beta) / HL;
           b = (SU - 0.5 * beta) / HU;

@@ -62,6 +62,8 @@ struct Work {
     add(k64); add(t64); add(kp64); add(tkp64); add(idx); add(hcnt); add(hw);
     add(v); add(vo); add(W); add(s0); add(s1); add(s2); add(D1); add(d); add(blocks); add(J); add(ulab);
     add(run); add(lut); add(gw); add(Dl); add(top);
+    add(Bk); add(Bk2); add(act); add(c); add(mids);  // the k-sized scratch
+    for (const auto& v : dk) add(v);
     return b + (coarse ? coarse->bytes() : 0);
   }
 
