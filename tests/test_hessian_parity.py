@@ -394,3 +394,21 @@ def test_nan_from_the_model_is_an_error_naming_the_model(method):
     with pytest.raises(ValueError, match=r"model: the (model output|loss) is NaN or Inf on a batch "
                                          r"whose data is finite"):
         H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method=method, progress=False)
+
+
+def test_sumsq_op_float64_on_cuda_takes_the_reference(cuda_device):
+    # the CUDA kernel is float32 only: float64 operands run the reference on the device
+    torch.manual_seed(8)
+    g = torch.randn(4, 2, 9, 33, dtype=F64)
+    x = torch.randn(4, 9, 70, dtype=F64)
+    acc = torch.rand(33, 70, dtype=F64)
+    want = acc.clone()
+    torch.ops.popcomp.sumsq_outer_acc(want, g, x)
+    got = acc.to(cuda_device)
+    torch.ops.popcomp.sumsq_outer_acc(got, g.to(cuda_device), x.to(cuda_device))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=0)
+    model, shape = make_model("convT2d")
+    X, Y = _data(shape)
+    ce = nn.CrossEntropyLoss(reduction="sum")
+    h = H.diagonal(copy.deepcopy(model).to(cuda_device), ce, [(X, Y)], method="ggn", progress=False)
+    assert_maps({k: v.cpu() for k, v in h.items()}, ggn_oracle(model, ce, X, Y), rtol=1e-10, dtype=F64)

@@ -72,9 +72,10 @@ class HessianAccumulator:
       output_fn: maps what the model returns to what the loss sees (e.g. ``lambda out:
         out.last_hidden_state``); default: a tensor as is, else its ``logits``, else its only
         tensor (a dict, a ``ModelOutput``, a dataclass, a tuple).
-      params: names of the parameters to accumulate (default: all parameters of the supported
-        modules for fisher/ggn/ggn_mc, all trainable parameters for hutchinson; with
-        ``filter_fn``: those of the selected modules); with ``filter_fn`` both must hold.
+      params: names of the parameters to accumulate, frozen ones included (naming one asks for
+        it); default: the trainable ones (``requires_grad=True``), for every method. With
+        ``filter_fn`` both must hold. Parameters not asked for cost nothing: a module none of
+        whose parameters is asked for is not accumulated and may be of any type.
       reduction: "mean" or "sum", how loss_fn reduces over the batch; None reads
         ``loss_fn.reduction`` or probes the first batch.
       num_probes: Rademacher probes per batch (hutchinson).
