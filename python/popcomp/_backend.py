@@ -119,15 +119,33 @@ def cuda_fallback(t: torch.Tensor, op: str) -> bool:
     return True
 
 
+MAX_THREADS = 1024  # the most threads a CPU kernel starts (more crash the OpenMP runtime)
+
+
+def _thread_cap() -> int:
+    """A sane thread count ceiling: 4 per logical CPU, at most MAX_THREADS."""
+    return max(1, min(MAX_THREADS, 4 * (os.cpu_count() or 1)))
+
+
 def num_threads() -> int:
-    """Threads used by the CPU kernels: POPCOMP_NUM_THREADS, else torch's intra-op count."""
+    """Threads used by the CPU kernels: POPCOMP_NUM_THREADS, else torch's intra-op count;
+    clamped (with a RuntimeWarning) to 4 per logical CPU, at most MAX_THREADS."""
     env = os.environ.get("POPCOMP_NUM_THREADS")
+    n = None
     if env:
         try:
-            return max(1, int(env))
+            n = max(1, int(env))
         except ValueError:
             warnings.warn(f"ignoring POPCOMP_NUM_THREADS={env!r}: not an integer")
-    return max(1, torch.get_num_threads())
+    src = "POPCOMP_NUM_THREADS" if n is not None else "torch.get_num_threads()"
+    if n is None:
+        n = max(1, torch.get_num_threads())
+    cap = _thread_cap()
+    if n > cap:
+        warnings.warn(f"{src} = {n} exceeds {cap} (4 per logical CPU, at most {MAX_THREADS}); "
+                      f"using {cap} threads", RuntimeWarning, stacklevel=2)
+        n = cap
+    return n
 
 
 def backends() -> Dict[str, Dict[str, Any]]:

@@ -103,6 +103,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        # too large a setting for this machine (torch's allocators raise RuntimeError)
+        msg = str(e).lower()
+        if not isinstance(e, MemoryError) and "memory" not in msg:
+            raise
+        print(f"{prog}: error: out of memory with these settings ({str(e).splitlines()[0][:200]}); "
+              "choose smaller sizes (see --help)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("popcomp: interrupted", file=sys.stderr)
         return 130

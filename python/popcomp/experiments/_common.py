@@ -48,12 +48,51 @@ def fill_defaults(args, presets: Dict[str, Tuple[object, object]]) -> None:
             setattr(args, dest, small if quick else full)
 
 
+# The allowed range of the numeric options the experiments share (dest -> (flag, lo, hi)):
+# beyond these a run would not finish or not fit in memory, or crash a thread pool.
+NUMERIC_BOUNDS = {
+    "threads": ("--threads", 1, 1024),
+    "epochs": ("--epochs", 1, 100_000),
+    "trials": ("--trials", 2, 10_000_000),
+    "models": ("--models", 1, 10_000),
+    "d": ("--d", 1, 4096),
+    "chunk": ("--chunk", 1, 1_000_000),
+}
+HIDDEN_MAX = 65536  # the widest layer of --hidden
+
+
+def check_range(flag: str, value, lo: int, hi: int) -> None:
+    """A UserError naming ``flag`` unless ``lo <= value <= hi``."""
+    if not lo <= value <= hi:
+        raise UserError(f"{flag} must be in {lo}..{hi}, got {value}")
+
+
 def check_common(args) -> None:
-    """The options every command has (``--seed``, ``--device``), checked before any work."""
+    """The options every command has (``--seed``, ``--device``) and the shared numeric ones
+    (``--threads``, ``--epochs``, ``--trials``, ``--models``, ``--d``, ``--hidden`` ... where
+    the command has them), checked before any work; also that matplotlib is installed."""
     seed = getattr(args, "seed", 0)
     if not 0 <= seed <= SEED_MAX:
         raise UserError(f"--seed must be in 0..{SEED_MAX}, got {seed}")
     resolve_device(getattr(args, "device", "auto"))
+    for dest, (flag, lo, hi) in NUMERIC_BOUNDS.items():
+        v = getattr(args, dest, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            check_range(flag, v, lo, hi)
+    hidden = getattr(args, "hidden", None)
+    if isinstance(hidden, str):
+        for h in int_list("--hidden", hidden):
+            check_range("--hidden (each width)", h, 1, HIDDEN_MAX)
+    check_matplotlib()
+
+
+def check_matplotlib() -> None:
+    """A UserError saying which extra to install when matplotlib (the figures) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError("the figures need matplotlib, which is not installed: "
+                        "pip install 'popcomp[demo]' (or pip install matplotlib)")
 
 
 def resolve_options(args, presets: Dict[str, Tuple[object, object]], validate) -> None:
@@ -164,6 +203,7 @@ def write_json(obj, out: str, name: str = "results.json") -> None:
 
 
 def pyplot():
+    check_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
