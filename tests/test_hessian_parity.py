@@ -412,3 +412,25 @@ def test_sumsq_op_float64_on_cuda_takes_the_reference(cuda_device):
     ce = nn.CrossEntropyLoss(reduction="sum")
     h = H.diagonal(copy.deepcopy(model).to(cuda_device), ce, [(X, Y)], method="ggn", progress=False)
     assert_maps({k: v.cpu() for k, v in h.items()}, ggn_oracle(model, ce, X, Y), rtol=1e-10, dtype=F64)
+
+
+@pytest.mark.parametrize("kind", ["conv3d", "convT1d", "convT2d", "convT3d"])
+@pytest.mark.parametrize("method", ["fisher", "ggn", "ggn_mc"])
+def test_chain_takes_conv3d_and_transposed_convs_like_the_generic_path(kind, method):
+    # Sequentials of these layers run on the hand-written chain (input gradients by conv3d_input
+    # / the convolution of the columns); a container hook forces the autograd path
+    model, shape = make_model(kind)
+    X, Y = _data(shape)
+    ce = nn.CrossEntropyLoss()
+    acc = H.HessianAccumulator(model, ce, method, seed=0, mc_samples=2)
+    model.eval()
+    assert acc._estimator.chain is not None and acc._estimator.chain.ready(X)
+    fast = acc.accumulate([(X, Y)], progress=False).result()
+    hook = model.register_forward_hook(lambda *a: None)
+    try:
+        acc2 = H.HessianAccumulator(model, ce, method, seed=0, mc_samples=2)
+        assert not acc2._estimator.chain.ready(X)
+        ref = acc2.accumulate([(X, Y)], progress=False).result()
+    finally:
+        hook.remove()
+    assert_maps(fast, ref, rtol=1e-11, dtype=F64)

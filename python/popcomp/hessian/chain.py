@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .._model import ACTIVATIONS, own_forward
 from .modules import Site
@@ -56,10 +57,27 @@ def _zero_padded(m: nn.Module) -> bool:
     return m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
+def _conv_transpose_input_grad(fn: Callable) -> Callable:
+    # the input gradient of a transposed convolution is the convolution of the columns with
+    # the same weight (Cin, Cout/groups, *k), cut to the input size (output_padding >= stride,
+    # allowed below the dilation, leaves extra positions)
+    def input_grad(m: nn.Module, z: torch.Tensor, in_shape: torch.Size) -> torch.Tensor:
+        zz = z.reshape(-1, *z.shape[2:])
+        zz = fn(zz, m.weight.detach(), None, m.stride, m.padding, m.dilation, m.groups)
+        zz = zz[(...,) + tuple(slice(0, n) for n in in_shape[2:])]
+        return zz.reshape(z.shape[0], *in_shape)
+
+    return input_grad
+
+
 LAYERS: Dict[Type[nn.Module], LayerBackward] = {
     nn.Linear: LayerBackward(_linear_input_grad),
     nn.Conv1d: LayerBackward(_conv_input_grad(torch.nn.grad.conv1d_input), _zero_padded),
     nn.Conv2d: LayerBackward(_conv_input_grad(torch.nn.grad.conv2d_input), _zero_padded),
+    nn.Conv3d: LayerBackward(_conv_input_grad(torch.nn.grad.conv3d_input), _zero_padded),
+    nn.ConvTranspose1d: LayerBackward(_conv_transpose_input_grad(F.conv1d), _zero_padded),
+    nn.ConvTranspose2d: LayerBackward(_conv_transpose_input_grad(F.conv2d), _zero_padded),
+    nn.ConvTranspose3d: LayerBackward(_conv_transpose_input_grad(F.conv3d), _zero_padded),
 }
 
 
