@@ -76,7 +76,14 @@ def assert_close_maps(h, ref, tol=1e-5):
 # ---- the fused op ----------------------------------------------------------------------------
 @pytest.mark.parametrize("B,R,T,o,i", [(5, 1, 1, 70, 130), (3, 2, 7, 65, 3), (4, 3, 1, 10, 100), (2, 1, 9, 33, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_sumsq_op_matches_reference(B, R, T, o, i, dtype, devices):
+@pytest.mark.parametrize("cpu_path", ["kernel", "bmm"])
+def test_sumsq_op_matches_reference(B, R, T, o, i, dtype, devices, cpu_path, monkeypatch):
+    # on CPU, T > 1 takes the compiled kernel or torch's batched GEMM (small out x in): both
+    from popcomp.ops.backends.cpu import sumsq_outer_acc as impl
+
+    if cpu_path == "bmm" and (devices != "cpu" or T == 1):
+        pytest.skip("the batched-GEMM path is CPU, T > 1")
+    monkeypatch.setattr(impl, "_prefer_bmm", lambda *a: cpu_path == "bmm")
     torch.manual_seed(0)
     g = torch.randn(B, R, T, o).to(dtype).to(devices)
     x = torch.randn(B, T, i).to(dtype).to(devices)
