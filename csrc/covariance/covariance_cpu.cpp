@@ -161,6 +161,11 @@ void accumulate_impl(const AccumParams& p, const void* x, A* acc, int nt) {
     apack.resize((size_t)(na * MR * KC));
     bpack.resize((size_t)(nb * NR * KC));
   }
+  // each thread's packing buffers (by samples), allocated here: no exception may escape
+  // the parallel region
+  std::vector<std::vector<A>> tap(by_samples ? nt : 0), tbp(by_samples ? nt : 0);
+  for (auto& v : tap) v.resize((size_t)(na * MR * KC));
+  for (auto& v : tbp) v.resize((size_t)(nb * NR * KC));
   constexpr int64_t BB = 64;
   const int64_t nbb = (m + BB - 1) / BB;
 #pragma omp parallel num_threads(nt)
@@ -170,7 +175,8 @@ void accumulate_impl(const AccumParams& p, const void* x, A* acc, int nt) {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < (int64_t)nbuf * m; ++i) std::fill(C.get() + i * m, C.get() + (i + 1) * m, A(0));
     if (by_samples) {
-      std::vector<A> ap((size_t)(na * MR * KC)), bp((size_t)(nb * NR * KC));
+      std::vector<A>& ap = tap[tid];
+      std::vector<A>& bp = tbp[tid];
       const int64_t lo = N * tid / team, hi = N * (tid + 1) / team;
       A* Ct = C.get() + (size_t)tid * mm;
       for (int64_t n0 = lo; n0 < hi; n0 += KC) {
@@ -322,11 +328,13 @@ struct Greedy {
     std::vector<char> chosen(m, 0);
     for (int64_t i = 0; i < m; ++i) sjj[i] = diag[i] = (double)S[i * m + i];
     const int64_t nch = (m + CH - 1) / CH;
+    // each thread's column buffer, allocated here: no exception may escape the region
+    std::vector<std::vector<double>> cols(nt, std::vector<double>(k + 1));
 #pragma omp parallel num_threads(nt)
     {
       const int team = team_size();
       const int tid = thread_id();
-      std::vector<double> col(k + 1);
+      std::vector<double>& col = cols[tid];
       double L = L0;
       for (int64_t t = 0; t < k; ++t) {
         int64_t j = 0;

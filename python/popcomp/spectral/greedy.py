@@ -7,6 +7,7 @@ updates (the ``popcomp::greedy_select`` op).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Union
 
 import torch
@@ -67,6 +68,24 @@ def check_Z(Z, m: int, cov: torch.Tensor) -> Optional[torch.Tensor]:
     return Z.to(cov.dtype)
 
 
+def _exponent(a: float, span: int) -> int:
+    """0 when ``a`` (a largest |entry|) is 0, non-finite or within [2^-span, 2^span], else the
+    e with 2^(e-1) <= a < 2^e (the power of two that brings it near 1)."""
+    if not (a > 0.0 and math.isfinite(a)):
+        return 0
+    e = math.frexp(a)[1]
+    return e if abs(e) > span else 0
+
+
+def _scale2(t: torch.Tensor, e: int) -> torch.Tensor:
+    """``t * 2^e`` (a new tensor), in steps that stay inside t's dtype's range (exact)."""
+    while e:
+        step = max(-60, min(60, e))
+        t = t * math.ldexp(1.0, step)
+        e -= step
+    return t
+
+
 def greedy_select(
     cov: torch.Tensor,
     k: int,
@@ -105,7 +124,28 @@ def greedy_select(
     if tau is None:
         tau = default_tau(cov, k)
     tau = check_tau(tau, m, cov.device)
-    idx, obj = torch.ops.popcomp.greedy_select(cov, k, tau, theta, Z)
+    # Badly scaled Σ or Z would over- or underflow inside the kernels (squares of entries):
+    # the selection is invariant to a positive scale of Σ with τ scaled alike, and a scale z
+    # of Z is a change of θ (M = θ I + (1 − θ) z² Z'ᵀZ' ∝ θ' I + (1 − θ') Z'ᵀZ'); powers of
+    # two keep every entry exact. The objective is mapped back.
+    span = 20 if cov.dtype == torch.float32 else 100
+    es = _exponent(float(cov.abs().max()), span)
+    obj_scale = 1.0
+    cov_s, tau_s, Z_s, theta_s = cov, tau, Z, theta
+    if es:
+        cov_s, tau_s = _scale2(cov, -es), _scale2(tau, -es)
+        obj_scale = math.ldexp(1.0, es)
+    if Z is not None and theta < 1.0:
+        ez = _exponent(float(Z.abs().max()), span)
+        if ez:
+            Z_s = _scale2(Z, -ez)
+            # M = θ I + (1 − θ) 2^(2 ez) Z'ᵀZ' = c (θ' I + (1 − θ') Z'ᵀZ'), c = θ + (1 − θ) 2^(2 ez)
+            c = theta + math.ldexp(1.0 - theta, 2 * ez) if 2 * ez < 1000 else math.inf
+            theta_s = theta / c if math.isfinite(c) else 0.0
+            obj_scale *= c
+    idx, obj = torch.ops.popcomp.greedy_select(cov_s, k, tau_s, theta_s, Z_s)
+    if obj_scale != 1.0:
+        obj = obj * obj_scale
     L0 = float(cov.diagonal().to(torch.float64).sum())  # Tr Σ
     if Z is not None:
         Zd = Z.to(torch.float64)
