@@ -10,7 +10,12 @@ from ._backend import FLOAT_DTYPES
 
 
 def as_tensor(name: str, x) -> torch.Tensor:
+    """``x`` as a tensor (numpy arrays wrapped); a TypeError naming ``name`` for anything else,
+    a ValueError for a meta-device tensor (it holds no values to compute with)."""
     if isinstance(x, torch.Tensor):
+        if x.device.type == "meta":
+            raise ValueError(f"{name} is a meta-device tensor (no data); "
+                             "materialize it on cpu or cuda first")
         return x
     try:
         import numpy as np

@@ -20,6 +20,7 @@ from .ops.checks import KMEANS_DIAMETERS, KMEANS_INITS, KMEANS_METHODS
 _METHODS = tuple(KMEANS_METHODS)
 _INITS = tuple(i for i in KMEANS_INITS if i != "given")  # given: a tensor of centers
 _DIAMETERS = tuple(KMEANS_DIAMETERS)
+INT32_MAX = 2**31 - 1  # k and max_iter are 32-bit in the kernels
 
 
 @dataclasses.dataclass
@@ -92,11 +93,11 @@ def kmeans1d(
     V.check_float("x", x)
     if x.dim() not in (1, 2):
         raise ValueError(f"x must be 1-D (n,) or 2-D (rows, n), got shape {tuple(x.shape)}")
-    k = V.check_int("k", k, lo=1)
+    k = V.check_int("k", k, lo=1, hi=INT32_MAX)
     if x.shape[-1] == 0:
         raise ValueError("x must hold at least one value per problem (got n = 0)")
     beta = V.check_real("beta", beta, lo=0.0)
-    max_iter = V.check_int("max_iter", max_iter, lo=0)
+    max_iter = V.check_int("max_iter", max_iter, lo=0, hi=INT32_MAX)
     tol = V.check_real("tol", tol, lo=0.0)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")

@@ -241,8 +241,18 @@ def _palettize_weight(w: torch.Tensor, h: Optional[torch.Tensor], cfg: Palettize
         if bool(zero_rows.any()):  # no sensitivity information in a row: plain K-means there
             wt = wt.clone()
             wt[zero_rows] = 1.0
-    res = kmeans1d(x, k, wt, beta=float(cfg.beta), method=cfg.method, init=cfg.init,
-                   max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed, diameter=cfg.diameter)
+    try:
+        res = kmeans1d(x, k, wt, beta=float(cfg.beta), method=cfg.method, init=cfg.init,
+                       max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed, diameter=cfg.diameter)
+    except ValueError as e:  # name the layer and its tensor, not K-means' arguments
+        msg = str(e)
+        if msg.startswith("x "):
+            msg = f"the weight of layer {name!r} " + msg[2:]
+        elif msg.startswith("weights "):
+            msg = f"the Hessian diagonal (K-means weights) of layer {name!r} " + msg[8:]
+        else:
+            msg = f"layer {name!r}: {msg}"
+        raise ValueError(msg.replace("(row ", "(codebook row ")) from None
     centers = res.centers.reshape(x.shape[0], k).to(cfg.codebook_dtype)
     if not bool(torch.isfinite(centers).all()):
         big = float(res.centers.abs().max())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -48,6 +49,10 @@ def save(model: nn.Module, path: str) -> None:
     A tensor the state dict holds under several names (tied weights, a module reused at several
     places) is stored once; the other names are recorded in the metadata as aliases, which
     ``popcomp.load`` ties again."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     st, _ = _safetensors()
     tensors = {}
     shared: Dict[str, str] = {}  # alias -> the name it is stored under

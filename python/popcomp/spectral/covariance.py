@@ -23,8 +23,15 @@ _ACC_DTYPES = (torch.float32, torch.float64)
 
 def _sample_view(x: torch.Tensor, channel_dim: Optional[int]) -> torch.Tensor:
     """The (N, m) or (B, m, S) view the op reads (a view whenever the layout allows)."""
-    if x.dim() == 1:
-        raise ValueError(f"x must have a sample dimension, got shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have a sample dimension and a channel dimension (N, m) or "
+                         f"(B, C, *spatial), got shape {tuple(x.shape)}")
+    if channel_dim is not None:
+        if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
+            raise TypeError(f"channel_dim must be an int or None, got {type(channel_dim).__name__}")
+        if not -x.dim() <= channel_dim < x.dim():
+            raise ValueError(f"channel_dim must be in {-x.dim()}..{x.dim() - 1} for {x.dim()}-D x, "
+                             f"got {channel_dim}")
     if x.dim() == 2:
         if channel_dim not in (None, 1, -1):
             raise ValueError("for 2-D x (N, m) the channel dimension is the last one")
