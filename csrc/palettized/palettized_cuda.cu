@@ -33,6 +33,7 @@ namespace {
 
 constexpr int kThreads = kCudaWarps * 32;
 constexpr int kMaxGridY = 65535;
+constexpr int64_t kMaxGridX = 2147483647;
 
 struct KArgs {
   const uint8_t* packed;
@@ -288,9 +289,10 @@ void linear_cuda(const Params& p, const LinearArgs& a, int device, void* stream)
                    : mt == 4 ? pick<4>(p.bits, mode)
                              : pick<8>(p.bits, mode);
   const int64_t rows_per_block = (int64_t)kCudaWarps * rows_per_warp(mt);
-  const dim3 grid((unsigned)((p.rows + rows_per_block - 1) / rows_per_block),
-                  (unsigned)std::min<int64_t>((a.M + mt - 1) / mt, kMaxGridY));
-  args::require(grid.x <= 2147483647u, fn, "rows too large for one launch");
+  const int64_t gx = (p.rows + rows_per_block - 1) / rows_per_block;
+  args::require(gx <= kMaxGridX, fn, "rows must be <= " + std::to_string(kMaxGridX * rows_per_block) +
+                                         " for one launch, got " + std::to_string(p.rows));
+  const dim3 grid((unsigned)gx, (unsigned)std::min<int64_t>((a.M + mt - 1) / mt, kMaxGridY));
   DeviceGuard guard(device);
   f<<<grid, kThreads, 0, as_stream(stream)>>>(k);
   PC_CUDA_CHECK(cudaGetLastError());
@@ -317,8 +319,10 @@ void decode_cuda(const Params& p, const DecodeArgs& a, int device, void* stream)
   d.bits = p.bits;
   d.cbt = p.cb_dtype;
   d.ot = a.out_dtype;
-  const dim3 grid((unsigned)((p.in + 255) / 256), (unsigned)std::min<int64_t>(a.n, kMaxGridY));
-  args::require((p.in + 255) / 256 <= 2147483647, fn, "in_features too large for one launch");
+  const int64_t gx = (p.in + 255) / 256;
+  args::require(gx <= kMaxGridX, fn, "in_features must be <= " + std::to_string(kMaxGridX * 256) +
+                                         " for one launch, got " + std::to_string(p.in));
+  const dim3 grid((unsigned)gx, (unsigned)std::min<int64_t>(a.n, kMaxGridY));
   DeviceGuard guard(device);
   decode_kernel<<<grid, 256, 0, as_stream(stream)>>>(d);
   PC_CUDA_CHECK(cudaGetLastError());
