@@ -1,5 +1,6 @@
 """popcomp.quantize_ / PalettizeConfig / palettized modules / save-load / size report /
 dequantize_ / select_beta."""
+import copy
 import math
 
 import warnings
@@ -841,3 +842,19 @@ def test_load_refuses_indices_beyond_k_and_inconsistent_metadata(tmp_path):
     refused(t, meta, r"corrupt.*0 has no \['0\.weight_codebook'\]")
     popcomp.load(dst, path)
     assert torch.equal(dst[0].weight, src[0].weight)
+
+
+def test_hessian_beyond_float32_range_is_rescaled_not_overflowed():
+    # a float64 model's Hessian diagonal can hold entries far beyond float32; the K-means
+    # objective's minimizer is invariant to one positive scale of h and beta together
+    torch.manual_seed(3)
+    lin = nn.Linear(16, 4).double()
+    h = torch.rand(4, 16, dtype=torch.float64) + 0.1
+    outs = []
+    for scale in (1.0, 1e300, 1e-300):  # the same problem: h and beta scaled alike
+        m = nn.Sequential(copy.deepcopy(lin))
+        popcomp.quantize_(m, popcomp.PalettizeConfig(bits=2, method="exact", beta=0.5 * scale),
+                          hessian={"0.weight": h * scale})
+        outs.append(m[0].weight)
+    assert torch.isfinite(outs[1]).all() and torch.isfinite(outs[2]).all()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

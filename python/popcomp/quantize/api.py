@@ -8,6 +8,7 @@ replaced). A scheme is a config (``config.QuantizeConfig``) plus one handler reg
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -230,8 +231,16 @@ def _palettize_weight(w: torch.Tensor, h: Optional[torch.Tensor], cfg: Palettize
     gran = cfg.granularity_spec
     x = gran.rows(w.detach().float(), name).contiguous()
     wt = None
+    beta = float(cfg.beta)
     if h is not None:
-        h = h.detach().to(device=w.device, dtype=torch.float32)
+        h = h.detach().to(device=w.device)
+        # The objective sum h (w - c)^2 + beta diam^2 has the same minimizer after dividing h and
+        # beta by one positive scale: a Hessian beyond float32's range (e.g. 1e300 from a float64
+        # model) is rescaled instead of overflowing in the float32 K-means weights.
+        hmax = float(h.abs().max()) if h.numel() else 0.0
+        if math.isfinite(hmax) and hmax > 0 and not 1e-30 <= hmax <= 1e30:
+            h, beta = h.double() / hmax, beta / hmax
+        h = h.to(torch.float32)
     if padding_rows:  # weight 0 (on a copy: h may be the caller's tensor)
         h = torch.ones_like(w, dtype=torch.float32) if h is None else h.clone()
         h[list(padding_rows)] = 0.0
@@ -242,7 +251,7 @@ def _palettize_weight(w: torch.Tensor, h: Optional[torch.Tensor], cfg: Palettize
             wt = wt.clone()
             wt[zero_rows] = 1.0
     try:
-        res = kmeans1d(x, k, wt, beta=float(cfg.beta), method=cfg.method, init=cfg.init,
+        res = kmeans1d(x, k, wt, beta=beta, method=cfg.method, init=cfg.init,
                        max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed, diameter=cfg.diameter)
     except ValueError as e:  # name the layer and its tensor, not K-means' arguments
         msg = str(e)
