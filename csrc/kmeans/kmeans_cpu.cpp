@@ -364,7 +364,9 @@ struct Solver {
     } else {
       sort_small(out_c, k);
     }
-    const double pen = diameter_penalty(out_c[k - 1] - out_c[0], p.beta, p.diameter);
+    // (beta = 0: no term, also where the diameter overflows to inf)
+    const double pen =
+        p.beta > 0.0 ? diameter_penalty(out_c[k - 1] - out_c[0], p.beta, p.diameter) : 0.0;
     int32_t* lab = b.labels + (size_t)row * n;
 
     // Label of every distinct value (nearest center in the original coordinates, ties to the

@@ -88,11 +88,11 @@ def check_common(args) -> None:
 
 def check_matplotlib() -> None:
     """A UserError saying which extra to install when matplotlib (the figures) is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
         raise UserError("the figures need matplotlib, which is not installed: "
-                        "pip install 'popcomp[demo]' (or pip install matplotlib)")
+                        "pip install 'popcomp[demo]' (or pip install matplotlib)") from None
 
 
 def resolve_options(args, presets: Dict[str, Tuple[object, object]], validate) -> None:

@@ -140,8 +140,8 @@ def greedy_select(
         if ez:
             Z_s = _scale2(Z, -ez)
             # M = θ I + (1 − θ) 2^(2 ez) Z'ᵀZ' = c (θ' I + (1 − θ') Z'ᵀZ'), c = θ + (1 − θ) 2^(2 ez)
-            c = theta + math.ldexp(1.0 - theta, 2 * ez) if 2 * ez < 1000 else math.inf
-            theta_s = theta / c if math.isfinite(c) else 0.0
+            c = theta + (math.ldexp(1.0 - theta, 2 * ez) if 2 * ez < 1000 else math.inf)
+            theta_s = theta / c if theta > 0.0 and math.isfinite(c) else 0.0
             obj_scale *= c
     idx, obj = torch.ops.popcomp.greedy_select(cov_s, k, tau_s, theta_s, Z_s)
     if obj_scale != 1.0:
