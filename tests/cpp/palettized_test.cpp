@@ -3,7 +3,7 @@
 //   * a reference packer written from the layout-v2 spec (checked on literal examples) packs
 //     random indices; linear and decode are compared with a naive double-precision loop over
 //     the unpacked indices and the codebook values, for bits 1..8, k <= 2^bits, per tensor /
-//     per channel / group sizes 32, 128, 7, 50, in_features 1, 17, 31, 32, 33, 100, 4101,
+//     per channel / group sizes 32, 128, 7, 50, in_features 0, 1, 17, 31, 32, 33, 100, 4101,
 //     M in {1, 2, 3, 8, 16, 17}, fp32/fp16 codebooks, fp32/fp16/bf16 x with padded row strides,
 //     bias or not, 1 and 3 threads;
 //   * every buffer ends at a PROT_NONE page (Linux): a read or write past x, the packed
@@ -566,7 +566,7 @@ int main(int argc, char** argv) {
   for (Isa i : isas) std::printf(" %s", isa_name(i));
   std::printf("\n");
 
-  const int64_t ins[] = {1, 17, 31, 32, 33, 100, 4101};
+  const int64_t ins[] = {0, 1, 17, 31, 32, 33, 100, 4101};
   const int64_t Ms[] = {1, 2, 3, 8, 16, 17};
   const DType xts[] = {DType::f32, DType::f16, DType::bf16};
   const int64_t groups[] = {32, 128, 7, 50};
