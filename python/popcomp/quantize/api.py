@@ -18,7 +18,7 @@ import torch.nn as nn
 from .._model import all_names
 from .config import PalettizeConfig, QuantizeConfig
 from .modules import (
-    PaletteMeta, Palettized, dense_base, replace_module, to_dense, to_palettized,
+    PaletteMeta, Palettized, dense_base, replace_module, to_dense, to_palettized, weight_matrix,
 )
 from .packing import pack_rows
 
@@ -61,7 +61,7 @@ def _handler_for(config) -> Handler:
 
 def select_modules(model: nn.Module, filter_fn: Optional[FilterFn]) -> List[Tuple[str, nn.Module]]:
     """The modules to quantize: those ``filter_fn(module, name)`` selects, by default every
-    Linear, Conv1d, Conv2d and Embedding. A palettized module selected again (by filter_fn, or
+    Linear, Conv1d, Conv2d and Embedding (and Hugging Face Conv1D). A palettized module selected again (by filter_fn, or
     by default) is an error: quantizing its dequantized weight again is not what a second call
     should do silently, and skipping it would silently keep the first configuration."""
     out = []
@@ -186,7 +186,7 @@ def quantize_(
         if m.weight.is_meta:
             raise ValueError(f"model: {n}.weight is on the 'meta' device (no values to "
                              "quantize); materialize the model first (e.g. load its weights)")
-        config.check_weight(m.weight, n)
+        config.check_weight(weight_matrix(m), n)
     # modules sharing one weight (tied weights) are quantized once, together
     ties: Dict[int, List[Tuple[str, nn.Module]]] = {}
     for n, m in targets:
@@ -287,6 +287,7 @@ def _palettize(modules: Sequence[Tuple[str, nn.Module]], config: PalettizeConfig
     name, first = modules[0]
     pad = sorted({int(m.padding_idx) for _, m in modules
                   if isinstance(m, nn.Embedding) and m.padding_idx is not None})
-    packed, codebook, meta, padding = _palettize_weight(first.weight, hessian, config, name,
+    h = None if hessian is None else weight_matrix(first, hessian)  # Conv1D: both transposed
+    packed, codebook, meta, padding = _palettize_weight(weight_matrix(first), h, config, name,
                                                         tuple(pad))
     return [to_palettized(m, packed, codebook, meta, padding) for _, m in modules]

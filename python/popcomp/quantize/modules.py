@@ -8,6 +8,14 @@ weight with ``popcomp::palettized_decode`` for each forward; ``weight`` is the d
 so each module computes what the dense module with that weight computes. The ``padding_idx`` row
 of an Embedding (which PyTorch never updates) is kept exact, in a buffer ``weight_padding``, and
 so are those rows of a Linear tied to it.
+
+Types of optional libraries are recognized by their qualified name in :data:`LAZY_DENSE` (no
+import of the library): Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's Linear,
+``y = x @ weight + bias`` with ``weight`` stored ``(in, out)``). Its palettized class
+(:func:`palettized_class`, made once per Conv1D class: it subclasses it) packs the transposed
+``(out, in)`` matrix like a Linear's and runs ``popcomp::palettized_linear``; its ``weight`` is
+the dequantized ``(in, out)`` tensor. ``PaletteMeta.weight_shape`` is always the packed
+``(out, fan-in...)`` matrix's shape (:func:`matrix_shape`).
 """
 from __future__ import annotations
 
@@ -26,7 +34,8 @@ from .packing import unpack_rows
 __all__ = [
     "PaletteMeta", "Palettized", "PalettizedLinear", "PalettizedConv1d", "PalettizedConv2d",
     "PalettizedEmbedding", "PALETTIZED", "PAL_BUFFERS", "DTYPE_NAMES", "dense_base",
-    "to_palettized", "to_dense", "replace_module", "palettized_modules",
+    "to_palettized", "to_dense", "replace_module", "palettized_modules", "LAZY_DENSE",
+    "palettized_class", "weight_matrix", "matrix_shape",
 ]
 
 # the dtypes a palettized weight dequantizes to, by the names the file metadata uses
@@ -184,19 +193,102 @@ PALETTIZED: Dict[type, type] = {nn.Linear: PalettizedLinear, nn.Conv1d: Palettiz
                                 nn.Conv2d: PalettizedConv2d, nn.Embedding: PalettizedEmbedding}
 
 
+class _PalettizedTransposedLinear(Palettized):
+    """Mixin of the palettized Hugging Face ``Conv1D`` (``y = x @ weight + bias``, ``weight``
+    ``(in, out)``): the packed matrix is ``weight.T`` ``(out, in)``, run as a Linear's."""
+
+    transposed = True
+
+    def dequantize_weight(self) -> torch.Tensor:
+        return super().dequantize_weight().t().contiguous()  # (in, out), as the module stores it
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.dtype not in OP_DTYPES:
+            return F.linear(input, self.weight.t(), self.bias)
+        m = self.palette
+        return torch.ops.popcomp.palettized_linear(input, self.weight_packed, self.weight_codebook,
+                                                   self.bias, m.bits, self.fan_in, m.group_size or 0)
+
+
+def _is_conv1d(mod: nn.Module, cls: type) -> bool:
+    """``mod`` (an instance of ``cls``, Hugging Face's Conv1D by name) is what that class is:
+    ``nf`` outputs, a 2-D ``(in, nf)`` weight, a bias of ``nf``."""
+    w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
+    nf = getattr(mod, "nf", None)
+    return (isinstance(nf, int) and isinstance(w, torch.Tensor) and w.dim() == 2
+            and w.shape[1] == nf and (b is None or (isinstance(b, torch.Tensor)
+                                                     and tuple(b.shape) == (nf,))))
+
+
+# qualified class name of an optional library's layer -> how to recognize an instance
+LAZY_DENSE: Dict[str, Any] = {"transformers.pytorch_utils.Conv1D": _is_conv1d}
+_LAZY_PALETTIZED: Dict[type, type] = {}
+
+
+def _lazy_base(mod: nn.Module) -> Optional[type]:
+    for cls in type(mod).__mro__:
+        check = LAZY_DENSE.get(f"{cls.__module__}.{cls.__qualname__}")
+        if check is not None:
+            return cls if type(mod).forward is cls.forward and check(mod, cls) else None
+    return None
+
+
 def dense_base(mod: nn.Module) -> Optional[type]:
-    """The dense type of :data:`PALETTIZED` that ``mod`` is (with its stock forward), or None
-    (also for a module that is already palettized)."""
+    """The dense type of :data:`PALETTIZED` (or of :data:`LAZY_DENSE`) that ``mod`` is (with
+    its stock forward), or None (also for a module that is already palettized)."""
     if isinstance(mod, Palettized):
         return None
-    return next((c for c in PALETTIZED if own_forward(mod, (c,))), None)
+    return next((c for c in PALETTIZED if own_forward(mod, (c,))), None) or _lazy_base(mod)
+
+
+def palettized_class(base: type) -> type:
+    """The palettized module type of dense type ``base`` (one of :data:`PALETTIZED`, or a
+    class of :data:`LAZY_DENSE`: made on first use, subclassing it)."""
+    if base in PALETTIZED:
+        return PALETTIZED[base]
+    cls = _LAZY_PALETTIZED.get(base)
+    if cls is None:
+        cls = type(f"Palettized{base.__name__}", (_PalettizedTransposedLinear, base),
+                   {"_dense_cls": base, "__module__": __name__, "__repr__": nn.Module.__repr__,
+                    "__doc__": f"Palettized {base.__module__}.{base.__qualname__} (weight (in, out))."})
+        _LAZY_PALETTIZED[base] = cls
+        globals().setdefault(cls.__name__, cls)  # found by name (pickle, torch.save)
+    return cls
+
+
+def __getattr__(name: str) -> type:
+    """``Palettized<Name>`` of a :data:`LAZY_DENSE` class, made on first access (so that a
+    pickled palettized Conv1D loads in a fresh process)."""
+    import importlib
+
+    for qual in LAZY_DENSE:
+        mod_name, _, cls_name = qual.rpartition(".")
+        if name == f"Palettized{cls_name}":
+            return palettized_class(getattr(importlib.import_module(mod_name), cls_name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def weight_matrix(mod: nn.Module, t: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The weight of dense module ``mod`` (or ``t``, a tensor of the weight's shape such as its
+    Hessian diagonal) as the ``(out, fan-in...)`` matrix that is packed: as is, or transposed
+    for a Conv1D (a view either way)."""
+    t = mod.weight if t is None else t
+    base = dense_base(mod)
+    return t.t() if base is not None and base not in PALETTIZED else t
+
+
+def matrix_shape(mod: nn.Module) -> Tuple[int, ...]:
+    """The shape of :func:`weight_matrix` (for a palettized module: ``palette.weight_shape``)."""
+    if isinstance(mod, Palettized):
+        return tuple(mod.palette.weight_shape)
+    return tuple(weight_matrix(mod).shape)
 
 
 def to_palettized(mod: nn.Module, packed: torch.Tensor, codebook: torch.Tensor,
                   meta: PaletteMeta, padding: Optional[torch.Tensor] = None) -> nn.Module:
     """A palettized module with ``mod``'s other parameters, buffers, submodules and attributes
     (shared, not copied) and the given packed weight; ``mod`` is not modified."""
-    cls = PALETTIZED[dense_base(mod)]
+    cls = palettized_class(dense_base(mod))
     new = cls.__new__(cls)
     d = dict(mod.__dict__)
     d["_parameters"] = {k: v for k, v in mod._parameters.items() if k != "weight"}

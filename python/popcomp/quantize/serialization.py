@@ -22,7 +22,7 @@ import torch.nn as nn
 from .._model import all_names
 from .config import GRANULARITIES
 from .modules import (
-    DTYPE_NAMES, PAL_BUFFERS, PaletteMeta, Palettized, dense_base, palettized_modules,
+    DTYPE_NAMES, PAL_BUFFERS, PaletteMeta, Palettized, dense_base, matrix_shape, palettized_modules,
     replace_module, to_palettized,
 )
 from .packing import pack_rows, packed_bytes, row_bytes, unpack_indices
@@ -211,7 +211,7 @@ def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
         elif dense_base(mod) is None:
             raise ValueError(f"model: {n} ({type(mod).__name__}) cannot hold a palettized weight")
         else:
-            shape, dtype = tuple(mod.weight.shape), mod.weight.dtype
+            shape, dtype = matrix_shape(mod), mod.weight.dtype  # (a Conv1D's transposed)
         if shape != meta.weight_shape:
             raise ValueError(f"model: {n}.weight has shape {shape}, the file holds "
                              f"{meta.weight_shape}")
