@@ -34,10 +34,12 @@ OUT_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Row chunks of 2 KiB in the chunked paths (backward, decode + GEMM), so that small test
-    layers take several chunks."""
+    layers take several chunks, and the CPU's decode + GEMM path from batch 9 on."""
+    from popcomp.ops.backends.cpu import palettized as cpu_pal
     from popcomp.ops.backends.reference import palettized as ref
 
     monkeypatch.setattr(ref, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(cpu_pal, "GEMM_MIN_M", 8)
     try:
         from popcomp.ops.backends.cuda import palettized as cuda_pal
     except ImportError:

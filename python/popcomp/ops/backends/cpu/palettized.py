@@ -22,10 +22,11 @@ __all__ = ["GEMM_MIN_M", "params", "linear_args", "decode_args", "palettized_lin
            "palettized_decode_cpu"]
 
 # Batches above this many rows take the decode + GEMM path. Measured on the 2-core AVX-512
-# machine (Linear(4096, 4096), 4 bits, one thread): the compiled matmul takes 0.7 ms at batch 1
-# and 3.7 ms at 8 but 11-27 ms at 9-16, where decode + GEMM takes 16-18 ms (dense F.linear 16 ms
-# at 8, 19 ms at 16); above 16 decode + GEMM is ahead by 1.5-2x.
-GEMM_MIN_M = 8
+# machine, 4 bits, 2 threads, after the kernel's padded x stride and 8-row passes: the compiled
+# matmul is ahead of decode + GEMM at every batch up to 32 (Linear(4096, 4096) batch 16: 3.3 ms
+# against 12.5 ms, dense 31 ms; batch 32: 23-36 ms against 48-150 ms) and about even at 64-128
+# (Linear(384, 1536) batch 128: 1.1 ms against 1.6 ms, dense 1.0 ms).
+GEMM_MIN_M = 64
 
 
 # ---- the compiled core's arguments (shared with the CUDA kernels) ---------------------------
