@@ -48,23 +48,24 @@ def fill_defaults(args, presets: Dict[str, Tuple[object, object]]) -> None:
             setattr(args, dest, small if quick else full)
 
 
-# The allowed range of the numeric options the experiments share (dest -> (flag, lo, hi)):
-# beyond these a run would not finish or not fit in memory, or crash a thread pool.
-NUMERIC_BOUNDS = {
-    "threads": ("--threads", 1, 1024),
-    "epochs": ("--epochs", 1, 100_000),
-    "trials": ("--trials", 2, 10_000_000),
-    "models": ("--models", 1, 10_000),
-    "d": ("--d", 1, 4096),
-    "chunk": ("--chunk", 1, 1_000_000),
+# The upper bound of the numeric options the experiments share (dest -> (flag, hi)); each
+# experiment checks the lower bounds. Beyond these a run would not finish or not fit in
+# memory, or would crash a thread pool.
+NUMERIC_MAX = {
+    "threads": ("--threads", 1024),
+    "epochs": ("--epochs", 100_000),
+    "trials": ("--trials", 10_000_000),
+    "models": ("--models", 10_000),
+    "d": ("--d", 4096),
+    "chunk": ("--chunk", 1_000_000),
 }
 HIDDEN_MAX = 65536  # the widest layer of --hidden
 
 
-def check_range(flag: str, value, lo: int, hi: int) -> None:
-    """A UserError naming ``flag`` unless ``lo <= value <= hi``."""
-    if not lo <= value <= hi:
-        raise UserError(f"{flag} must be in {lo}..{hi}, got {value}")
+def check_max(flag: str, value, hi: int) -> None:
+    """A UserError naming ``flag`` when ``value > hi``."""
+    if value > hi:
+        raise UserError(f"{flag} must be <= {hi}, got {value}")
 
 
 def check_common(args) -> None:
@@ -75,14 +76,14 @@ def check_common(args) -> None:
     if not 0 <= seed <= SEED_MAX:
         raise UserError(f"--seed must be in 0..{SEED_MAX}, got {seed}")
     resolve_device(getattr(args, "device", "auto"))
-    for dest, (flag, lo, hi) in NUMERIC_BOUNDS.items():
+    for dest, (flag, hi) in NUMERIC_MAX.items():
         v = getattr(args, dest, None)
         if isinstance(v, int) and not isinstance(v, bool):
-            check_range(flag, v, lo, hi)
+            check_max(flag, v, hi)
     hidden = getattr(args, "hidden", None)
     if isinstance(hidden, str):
         for h in int_list("--hidden", hidden):
-            check_range("--hidden (each width)", h, 1, HIDDEN_MAX)
+            check_max("--hidden (each width)", h, HIDDEN_MAX)
     check_matplotlib()
 
 
