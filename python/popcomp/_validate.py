@@ -14,7 +14,7 @@ def as_tensor(name: str, x) -> torch.Tensor:
     a ValueError for a meta-device tensor (it holds no values to compute with)."""
     if isinstance(x, torch.Tensor):
         if x.device.type == "meta":
-            raise ValueError(f"{name} is a meta-device tensor (no data); "
+            raise ValueError(f"{name} is on meta (a meta-device tensor holds no data); "
                              "materialize it on cpu or cuda first")
         return x
     try:
