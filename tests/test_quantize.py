@@ -397,6 +397,43 @@ def test_hessian_names_with_a_ddp_prefix_get_a_hint():
                           hessian={"module.0.weight": torch.ones(4, 4)})
 
 
+
+def test_hessian_keyed_by_module_or_parameter_name_gives_the_same_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    h = {"0.weight": torch.rand(5, 6), "2.weight": torch.rand(3, 5)}
+    cfg = popcomp.PalettizeConfig(bits=2, method="exact")
+    a = popcomp.quantize_(copy.deepcopy(model), cfg, hessian=h)
+    b = popcomp.quantize_(copy.deepcopy(model), cfg, hessian={"0": h["0.weight"], "2": h["2.weight"]})
+    c = popcomp.quantize_(copy.deepcopy(model), cfg)  # plain K-means differs (the oracle that h is used)
+    assert torch.equal(a[0].weight, b[0].weight) and torch.equal(a[2].weight, b[2].weight)
+    assert not (torch.equal(a[0].weight, c[0].weight) and torch.equal(a[2].weight, c[2].weight))
+
+
+def test_hessian_of_a_wrapper_or_a_submodule_gets_the_prefix_hint():
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    cfg = popcomp.PalettizeConfig(bits=2)
+    ones = torch.ones(4, 4)
+    with pytest.raises(ValueError, match=r"start with 'enc\.body\.'.*k\[9:\]"):
+        popcomp.quantize_(copy.deepcopy(inner), cfg,
+                          hessian={"enc.body.0.weight": ones, "enc.body.2": ones})
+    with pytest.raises(ValueError, match=r"model's names start with 'm\.'.*'m\.' \+ k"):
+        popcomp.quantize_(nn.ModuleDict({"m": copy.deepcopy(inner)}), cfg,
+                          hessian={"0.weight": ones, "2.weight": ones})
+    with pytest.raises(ValueError, match=r"missing entries for \['0\.weight', '2\.weight'\]$"):
+        # no one prefix explains both
+        popcomp.quantize_(copy.deepcopy(inner), cfg, hessian={"x.0.weight": ones, "y.2.weight": ones})
+
+
+def test_an_all_zero_hessian_warns_naming_the_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    h = {"0.weight": torch.zeros(5, 6), "1.weight": torch.rand(3, 5)}
+    with pytest.warns(UserWarning, match=r"'0' is all zero.*plain K-means") as rec:
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2), hessian=h)
+    assert not any("'1'" in str(w.message) for w in rec)
+
+
 # --- padding_idx ------------------------------------------------------------------------------
 @pytest.mark.parametrize("gran,gs", [("per_tensor", None), ("per_channel", None), ("per_group", 4)])
 def test_embedding_padding_row_is_kept_exact(tmp_path, gran, gs):

@@ -110,30 +110,57 @@ def _warn_broken_ties(model: nn.Module, targets: List[Tuple[str, nn.Module]]) ->
 
 
 def _hessian_key(hessian: Mapping, n: str, m: nn.Module, pnames: Mapping[int, str]) -> str:
-    """The mapping's key for module ``n``'s weight: "<n>.weight", or the name the parameter has
-    in ``model.named_parameters()`` (a weight tied to an earlier module's appears once there)."""
+    """The mapping's key for module ``n``'s weight: "<n>.weight" (the parameter's name), "<n>"
+    (the module's name), or the name the parameter has in ``model.named_parameters()`` (a weight
+    tied to an earlier module's appears once there)."""
     own = f"{n}.weight" if n else "weight"
     if own in hessian:
         return own
+    if n and n in hessian:
+        return n
     return pnames.get(id(m.weight), own)
+
+
+def _prefix_hint(hessian: Mapping, missing: List[str]) -> str:
+    """A hint when one prefix added to (or removed from) the module name of every missing key
+    finds it in the mapping: it was computed on a wrapper of this model, or on a submodule."""
+    def mod(k: str) -> str:
+        return k[: -len(".weight")] if k.endswith(".weight") else ("" if k == "weight" else k)
+
+    have = {mod(k) for k in hessian if isinstance(k, str)}
+    want = [mod(k) for k in missing]
+    cands = set()
+    for h in have:
+        if want[0] and h.endswith("." + want[0]):   # the mapping's names are longer
+            cands.add((h[: len(h) - len(want[0])], ""))
+        if h and want[0].endswith("." + h):         # the model's names are longer
+            cands.add(("", want[0][: len(want[0]) - len(h)]))
+    for strip, add in sorted(cands, key=lambda c: len(c[0]) + len(c[1])):
+        if all((strip + w if strip else w[len(add):]) in have
+               and (not add or w.startswith(add)) for w in want):
+            if strip:
+                ddp = (" (computed on the DistributedDataParallel/DataParallel wrapper?)"
+                       if strip == "module." else "")
+                return (f" (the mapping's names start with {strip!r}{ddp}: it was computed on a "
+                        "module wrapping this one; pass the same model to both, or strip the "
+                        f"prefix: {{k[{len(strip)}:]: v for k, v in h.items()}})")
+            return (f" (the model's names start with {add!r} where the mapping's do not: it was "
+                    "computed on a submodule of this model; pass the same model to both, or add "
+                    f"the prefix: {{{add!r} + k: v for k, v in h.items()}})")
+    return ""
 
 
 def _check_hessian(hessian, targets: List[Tuple[str, nn.Module]], pnames: Mapping[int, str]
                    ) -> Dict[str, torch.Tensor]:
     """key -> Hessian diagonal of every selected weight, each checked (shape, dtype, finite,
-    non-negative)."""
+    non-negative). Keys are "<module>.weight" or "<module>"."""
     if not isinstance(hessian, Mapping):
         raise TypeError(f"hessian must be a mapping parameter name -> tensor, got {type(hessian).__name__}")
     res = {}
     keys = [_hessian_key(hessian, n, m, pnames) for n, m in targets]
     missing = [key for key in keys if key not in hessian]
     if missing:
-        hint = ""
-        if any(isinstance(key, str) and key.startswith("module.") for key in hessian):
-            hint = (" (the mapping's names start with 'module.': it was computed on the "
-                    "DistributedDataParallel/DataParallel wrapper; pass the same model to both, "
-                    "or strip the prefix)")
-        raise ValueError(f"hessian: missing entries for {missing}{hint}")
+        raise ValueError(f"hessian: missing entries for {missing}{_prefix_hint(hessian, missing)}")
     for (n, m), key in zip(targets, keys):
         h = hessian[key]
         if not isinstance(h, torch.Tensor):
@@ -238,6 +265,12 @@ def _palettize_weight(w: torch.Tensor, h: Optional[torch.Tensor], cfg: Palettize
         # beta by one positive scale: a Hessian beyond float32's range (e.g. 1e300 from a float64
         # model) is rescaled instead of overflowing in the float32 K-means weights.
         hmax = float(h.abs().max()) if h.numel() else 0.0
+        if hmax == 0.0:
+            warnings.warn(
+                f"quantize_: the Hessian diagonal of layer {name!r} is all zero (no sensitivity "
+                "information: e.g. a Fisher at a minimum of the loss, or a layer the loss does "
+                "not reach); plain K-means is used for it. For a model without labels compute "
+                "the label-free diagonal (hessian.diagonal(model, None, data))", stacklevel=4)
         if math.isfinite(hmax) and hmax > 0 and not 1e-30 <= hmax <= 1e30:
             h, beta = h.double() / hmax, beta / hmax
         h = h.to(torch.float32)
