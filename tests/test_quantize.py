@@ -167,15 +167,21 @@ def test_size_report_arithmetic():
     assert r0.bits_per_weight == pytest.approx(r0.packed_bytes * 8 / 60)
     assert r0.original_bits == 60 * 32
     assert r0.ratio_packed == pytest.approx(60 * 32 / (r0.packed_bytes * 8))
-    # entropy-coded size: sum over rows of n_row * H(labels_row) + 32 bits per center
+    # entropy-coded size: sum over rows of n_row * H(labels_row) + the bits of each center in
+    # the codebook dtype stored (fp16: 16; issue 16 item 13, was 32)
     lab = model[0].labels()
     ent = 0.0
     for row in lab:
         p = torch.bincount(row, minlength=3).double() / row.numel()
         p = p[p > 0]
         ent += float(-(p * p.log2()).sum()) * row.numel()
-    assert r0.entropy_bits == pytest.approx(ent + 32 * 6 * 3)
-    assert r0.ratio_entropy == pytest.approx(60 * 32 / (ent + 32 * 18))
+    assert r0.entropy_bits == pytest.approx(ent + 16 * 6 * 3)
+    assert r0.ratio_entropy == pytest.approx(60 * 32 / (ent + 16 * 18))
+    m32 = copy.deepcopy(model[:1]).float()
+    popcomp.dequantize_(m32)
+    popcomp.quantize_(m32, popcomp.PalettizeConfig(k=3, codebook_dtype=torch.float32))
+    r32 = popcomp.size_report(m32).layers[0]
+    assert r32.entropy_bits == pytest.approx(r0.entropy_bits + 16 * 18)  # same labels, fp32 centers
     t = rep.total
     assert t.numel == 60 + 18 and t.packed_bytes == r0.packed_bytes + rep.layers[1].packed_bytes
     assert t.ratio_packed == pytest.approx((78 * 32) / (t.packed_bytes * 8))
@@ -205,7 +211,8 @@ def test_bad_input_leaves_model_unchanged():
     check(ValueError, "bits", config=lambda: popcomp.PalettizeConfig(bits=9))
     check(ValueError, "k", config=lambda: popcomp.PalettizeConfig(k=1))
     check(ValueError, "group_size", config=popcomp.PalettizeConfig(bits=2, granularity="per_group", group_size=7))
-    check(ValueError, "group_size", config=lambda: popcomp.PalettizeConfig(bits=2, granularity="per_group"))
+    # per_group's default group_size is 128 (issue 16; it was required): it does not divide these layers
+    check(ValueError, "group_size=128 does not divide", config=lambda: popcomp.PalettizeConfig(bits=2, granularity="per_group"))
     check(ValueError, "granularity", config=lambda: popcomp.PalettizeConfig(bits=2, granularity="per_row"))
     missing = {k: v for k, v in h.items() if k != "fc.weight"}
     check(ValueError, r"hessian.*fc\.weight", hessian=missing)

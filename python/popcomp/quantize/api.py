@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .._model import all_names
-from .config import PalettizeConfig, QuantizeConfig
+from .config import PalettizeConfig, QuantizeConfig, resolve_beta
 from .modules import (
     PaletteMeta, Palettized, dense_base, replace_module, to_dense, to_palettized, weight_matrix,
 )
@@ -283,6 +283,8 @@ def _palettize_weight(w: torch.Tensor, h: Optional[torch.Tensor], cfg: Palettize
         if bool(zero_rows.any()):  # no sensitivity information in a row: plain K-means there
             wt = wt.clone()
             wt[zero_rows] = 1.0
+    if cfg.beta_rel is not None:  # scale-free: from the weights K-means sees (rescaled or not)
+        beta = resolve_beta(cfg, x, wt)
     try:
         res = kmeans1d(x, k, wt, beta=beta, method=cfg.method, init=cfg.init,
                        max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed, diameter=cfg.diameter)

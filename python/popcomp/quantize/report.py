@@ -29,7 +29,8 @@ class LayerSize:
     packed_bytes: int          # packed indices + codebooks as held (+ the exact padding rows)
     bits_per_weight: float     # packed_bytes * 8 / numel
     original_bits: int         # numel * bits of the original dtype
-    entropy_bits: float        # sum over codebooks of n_row * H(labels_row) + 32 per center
+    entropy_bits: float        # sum over codebooks of n_row * H(labels_row) + the bits of
+                               # each of its k centers in the codebook dtype stored
                                # (+ the exact padding rows)
     ratio_packed: float        # original_bits / (packed_bytes * 8)
     ratio_entropy: float       # original_bits / entropy_bits
@@ -70,7 +71,8 @@ def _entropy_bits(labels: torch.Tensor, k: int) -> float:
 def size_report(model: nn.Module) -> SizeReport:
     """Per palettized layer and in total: bits per weight, bytes, and the compression ratios
     over the original weight's bits of the packed fixed-length form and of the entropy-coded
-    form (n * H(labels) bits per codebook plus 32 bits per center, as in Bu et al.)."""
+    form (n * H(labels) bits per codebook plus its k centers in the codebook dtype stored, as in
+    Bu et al. with their 32 bits per center replaced by what the packed form stores)."""
     layers = []
     pal_ids = set()
     for n, m in model.named_modules():
@@ -82,7 +84,8 @@ def size_report(model: nn.Module) -> SizeReport:
         cb = m.weight_codebook
         packed_bytes = m.weight_packed.numel() + cb.numel() * cb.element_size()
         orig_bits = numel * torch.finfo(meta.weight_dtype).bits
-        ent = _entropy_bits(m.labels(), cb.shape[1]) + 32.0 * meta.rows * meta.k
+        # each codebook's k centers in the dtype they are stored in (fp16 by default)
+        ent = _entropy_bits(m.labels(), cb.shape[1]) + 8.0 * cb.element_size() * meta.rows * meta.k
         if meta.padding_rows:  # kept exact
             pal_ids.add(id(m.weight_padding))
             pad_bytes = m.weight_padding.numel() * m.weight_padding.element_size()
