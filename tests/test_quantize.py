@@ -347,6 +347,61 @@ def test_load_failure_leaves_the_model_unchanged(tmp_path):
     assert all(torch.equal(other.state_dict()[k], v) for k, v in sd.items())
 
 
+
+def test_select_beta_default_relative_grid_needs_no_data_with_a_hessian():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    X, Y = torch.randn(60, 8), torch.randint(0, 3, (60,))
+    data = [(X[i : i + 10], Y[i : i + 10]) for i in range(0, 60, 10)]
+    h = popcomp.hessian.diagonal(model, nn.CrossEntropyLoss(), data[:4], progress=False)
+    cfg = popcomp.PalettizeConfig(bits=2)
+    sel = popcomp.select_beta(model, nn.CrossEntropyLoss(), val_data=data[4:], hessian=h,
+                              config=cfg)
+    from popcomp.quantize.select_beta import DEFAULT_BETA_REL_GRID
+
+    assert sel.relative and [r["beta"] for r in sel.table] == list(DEFAULT_BETA_REL_GRID)
+    for r in sel.table:  # each row: the loss of the copy quantized with that beta_rel
+        m = popcomp.quantize_(copy.deepcopy(model), popcomp.PalettizeConfig(bits=2, beta_rel=r["beta"]),
+                              hessian=h)
+        with torch.no_grad():
+            assert r["val_loss"] == pytest.approx(float(F.cross_entropy(m(X[40:]), Y[40:])), rel=1e-5)
+    assert sel.config(cfg).beta_rel == sel.best_beta and "beta_rel" in str(sel)
+    with pytest.raises(ValueError, match="data: needed to compute the Hessian"):
+        popcomp.select_beta(model, nn.CrossEntropyLoss(), val_data=data[4:], config=cfg)
+    with pytest.raises(ValueError, match="data: needed for the cross-validation folds"):
+        popcomp.select_beta(model, nn.CrossEntropyLoss(), hessian=h, config=cfg)
+
+
+def test_beta_rel_is_beta_times_the_mean_codebook_hessian_sum_and_scale_free():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 6)
+    h = torch.rand(6, 64) ** 4
+    cfg = popcomp.PalettizeConfig(bits=2, beta_rel=0.05)
+    a = popcomp.quantize_(nn.Sequential(copy.deepcopy(lin)), cfg, hessian={"0.weight": h})[0]
+    beta = 0.05 * float(h.double().sum(1).mean())  # per channel: one codebook per row
+    b = popcomp.quantize_(nn.Sequential(copy.deepcopy(lin)), popcomp.PalettizeConfig(bits=2, beta=beta),
+                          hessian={"0.weight": h})[0]
+    assert torch.equal(a.weight, b.weight)
+    assert not torch.equal(a.weight, popcomp.quantize_(nn.Sequential(copy.deepcopy(lin)),
+                                                       popcomp.PalettizeConfig(bits=2),
+                                                       hessian={"0.weight": h})[0].weight)
+    # weights x 8 and Hessian x 2**20 (exact in floating point): the same labels with beta_rel,
+    # other labels with the absolute beta that fitted the unscaled layer
+    big = copy.deepcopy(lin)
+    with torch.no_grad():
+        big.weight.mul_(8)
+    hb = {"0.weight": h * 2.0 ** 20}
+    c = popcomp.quantize_(nn.Sequential(copy.deepcopy(big)), cfg, hessian=hb)[0]
+    assert torch.equal(c.labels(), a.labels()) and torch.equal(c.weight, 8 * a.weight)
+    d = popcomp.quantize_(nn.Sequential(copy.deepcopy(big)), popcomp.PalettizeConfig(bits=2, beta=beta),
+                          hessian=hb)[0]
+    assert not torch.equal(d.labels(), a.labels())
+    with pytest.raises(ValueError, match="beta.*beta_rel.*not both"):
+        popcomp.PalettizeConfig(bits=2, beta=0.1, beta_rel=0.1)
+    with pytest.raises(ValueError, match="beta_rel"):
+        popcomp.PalettizeConfig(bits=2, beta_rel=-1.0)
+
+
 def test_select_beta_accumulates_the_hessian_of_the_selected_weights_only():
     # a LayerNorm (not handled by fisher) outside filter_fn's selection, or a frozen weight that
     # is selected, must not break the cross-validation

@@ -14,16 +14,27 @@ from .._validate import check_int, check_real
 from .api import FilterFn, quantize_, select_modules
 from .config import PalettizeConfig
 
-__all__ = ["select_beta", "BetaSelection", "evaluate_loss"]
+__all__ = ["select_beta", "BetaSelection", "evaluate_loss", "DEFAULT_BETA_REL_GRID"]
+
+
+# select_beta's grid of PalettizeConfig.beta_rel when no betas are given
+DEFAULT_BETA_REL_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 @dataclass
 class BetaSelection:
     best_beta: float
     table: List[Dict[str, Any]]  # one row per beta: beta, val_loss (mean over folds), fold_losses
+    relative: bool = False       # the betas are beta_rel values (PalettizeConfig.beta_rel)
+
+    def config(self, config: PalettizeConfig) -> PalettizeConfig:
+        """``config`` with the best beta (as ``beta_rel`` when the grid was relative)."""
+        if self.relative:
+            return dataclasses.replace(config, beta=0.0, beta_rel=self.best_beta)
+        return dataclasses.replace(config, beta=self.best_beta, beta_rel=None)
 
     def __str__(self) -> str:
-        lines = [f"{'beta':>12} {'val loss':>14}"]
+        lines = [f"{'beta_rel' if self.relative else 'beta':>12} {'val loss':>14}"]
         for r in self.table:
             mark = "  <- best" if r["beta"] == self.best_beta else ""
             lines.append(f"{r['beta']:>12.6g} {r['val_loss']:>14.6g}{mark}")
@@ -51,9 +62,9 @@ def evaluate_loss(model: nn.Module, loss_fn: Callable, data: Iterable) -> float:
 def select_beta(
     model: nn.Module,
     loss_fn: Callable,
-    data: Iterable,
-    betas: Sequence[float],
-    config: PalettizeConfig,
+    data: Optional[Iterable] = None,
+    betas: Optional[Sequence[float]] = None,
+    config: Optional[PalettizeConfig] = None,
     *,
     val_data: Optional[Iterable] = None,
     hessian: Optional[Mapping[str, torch.Tensor]] = None,
@@ -64,21 +75,38 @@ def select_beta(
 ) -> BetaSelection:
     """Choose the diameter penalty beta by cross-validation (Bu et al. §6-7).
 
-    With ``val_data``: the Hessian comes from ``data`` (or ``hessian``), each beta quantizes a
-    copy of the model and is scored by its loss on ``val_data``. Without: ``data``'s batches
-    are split into ``folds`` folds; for each fold the Hessian is accumulated on the others and
-    the quantized copies are scored on it. Returns the table of validation losses (mean over
-    folds) and the best beta. ``model`` itself is not modified."""
+    ``betas``: the values tried, as ``config``'s kind of beta: relative (``beta_rel``) when
+    ``config.beta_rel`` is set, absolute otherwise; None tries the relative grid
+    :data:`DEFAULT_BETA_REL_GRID` (``0, 1e-5 .. 1e-1``). With ``val_data``: the Hessian is
+    ``hessian`` or comes from ``data`` (``data`` is not needed when ``hessian`` is given), each
+    beta quantizes a copy of the model and is scored by its loss on ``val_data``. Without:
+    ``data``'s batches are split into ``folds`` folds; for each fold the Hessian is accumulated
+    on the others and the quantized copies are scored on it. Returns the table of validation
+    losses (mean over folds) and the best beta (``.config(config)``: the config with it).
+    ``model`` itself is not modified."""
     from ..hessian import diagonal
 
-    betas = [check_real("betas", b, lo=0.0) for b in betas]
-    if not betas:
-        raise ValueError("betas must hold at least one value")
     if not isinstance(config, PalettizeConfig):
         raise TypeError(f"config must be a popcomp.PalettizeConfig, got {type(config).__name__}")
-    batches = list(data)
-    if not batches:
-        raise ValueError("data: no batches")
+    relative = betas is None or config.beta_rel is not None
+    if betas is None:
+        betas = DEFAULT_BETA_REL_GRID
+    name = "betas (beta_rel values)" if relative else "betas"
+    betas = [check_real(name, b, lo=0.0) for b in betas]
+    if not betas:
+        raise ValueError("betas must hold at least one value")
+    use_h = config.sensitivity != "uniform"
+    if data is None:
+        if val_data is None:
+            raise ValueError("data: needed for the cross-validation folds (give data, or "
+                             "val_data with a hessian)")
+        if use_h and hessian is None:
+            raise ValueError("data: needed to compute the Hessian (or give hessian=)")
+        batches = []
+    else:
+        batches = list(data)
+        if not batches:
+            raise ValueError("data: no batches")
     if val_data is not None:
         val_batches = list(val_data)
         if not val_batches:
@@ -91,7 +119,6 @@ def select_beta(
             val = [b for i, b in enumerate(batches) if i % folds == f]
             train = [b for i, b in enumerate(batches) if i % folds != f]
             splits.append((train, val))
-    use_h = config.sensitivity != "uniform"
     # the Hessian of the weights quantize_ will select, and of nothing else (other modules may
     # be ones the method cannot handle; a selected weight may be frozen)
     pnames = {id(p): pn for pn, p in model.named_parameters()}
@@ -112,8 +139,10 @@ def select_beta(
                 h = {}
         for i, b in enumerate(betas):
             m = copy.deepcopy(model)
-            quantize_(m, dataclasses.replace(config, beta=b), hessian=h, filter_fn=filter_fn)
+            cfg = (dataclasses.replace(config, beta=0.0, beta_rel=b) if relative
+                   else dataclasses.replace(config, beta=b))
+            quantize_(m, cfg, hessian=h, filter_fn=filter_fn)
             losses[i][s] = evaluate_loss(m, loss_fn, val)
     table = [{"beta": b, "val_loss": sum(l) / len(l), "fold_losses": l} for b, l in zip(betas, losses)]
     best = min(table, key=lambda r: r["val_loss"])["beta"]
-    return BetaSelection(best, table)
+    return BetaSelection(best, table, relative)
