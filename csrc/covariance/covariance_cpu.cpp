@@ -418,7 +418,7 @@ struct Greedy {
 void accumulate_cpu(const AccumParams& p, const void* x, void* acc, int num_threads) {
   // small products are not worth the fork/join and barriers (costly on busy machines)
   const double work = (double)p.B * (double)p.S * (double)p.m * (double)p.m;
-  const int nt = work < 3e7 ? 1 : std::max(1, num_threads);
+  const int nt = work < 3e7 ? 1 : std::min(1024, std::max(1, num_threads));  // (1024: a sane cap)
   if (p.acc_dtype == DType::f64)
     accumulate_impl<double>(p, x, static_cast<double*>(acc), nt);
   else if (p.acc_dtype == DType::f32)
@@ -430,7 +430,7 @@ void accumulate_cpu(const AccumParams& p, const void* x, void* acc, int num_thre
 void greedy_cpu(const GreedyParams& p, const void* cov, const void* M, const double* tau,
                 const double* n0, const double* L0, int64_t* idx, double* obj, int num_threads) {
   // a step over a small residual is shorter than a few barriers: one thread below m ~ 1500
-  const int nt = (double)p.m * (double)p.m < 2.2e6 ? 1 : std::max(1, num_threads);
+  const int nt = (double)p.m * (double)p.m < 2.2e6 ? 1 : std::min(1024, std::max(1, num_threads));
   if (p.k <= 0 || p.m <= 0) return;
   if (p.k > p.m) throw std::invalid_argument("greedy_select: k > m");
   if (p.dtype == DType::f64) {

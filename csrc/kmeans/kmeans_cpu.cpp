@@ -506,7 +506,7 @@ Result run_cpu(const Params& p, const Buffers& b, int num_threads) {
     throw std::invalid_argument("kmeans1d: method 'exact' needs k * n < 4e9 (its k x n argmin "
                                 "table), got k = " + std::to_string(p.k) + ", n = " +
                                 std::to_string(p.n) + "; use method 'lloyd' or fewer values");
-  int T = std::max(1, num_threads);
+  int T = std::min(1024, std::max(1, num_threads));  // more threads crash OpenMP runtimes
   if (p.method == Method::exact && p.k < p.n) {
     // the exact method's table, per thread that solves a problem: fewer threads when they
     // would not fit in the memory available, a clear error when one does not
