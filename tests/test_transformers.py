@@ -154,3 +154,107 @@ def test_bert_encoder_dict_batches_label_free():
             ref += g.double() ** 2
     torch.testing.assert_close(exact[name + ".weight"].double(), ref, rtol=1e-3,
                                atol=1e-5 * float(ref.abs().max()))
+
+
+# ---- quantize_ end to end: calibrate, palettize (Conv1D included), run, save / load ----------
+
+
+def _weighted_error(model, dense, h):
+    """sum over the Hessian's weights of h * (palettized - dense)^2."""
+    mods = dict(model.named_modules())
+    return sum(float((h[k] * (mods[k[:-7]].weight - dense[k]) ** 2).sum())
+               for k in h if k.endswith(".weight"))
+
+
+def test_gpt2_calibrated_palettized_generates_and_round_trips_through_save_load(tmp_path):
+    import copy
+
+    import popcomp
+    from popcomp.quantize import Palettized
+
+    model = gpt2()
+    ids = byte_tokens(16, 8)
+    batches = [({"input_ids": ids[:4]}, ids[:4]), ({"input_ids": ids[4:]}, ids[4:])]
+    h = H.diagonal(model, next_token_ce, batches, method="fisher", filter_fn=linear_or_conv1d,
+                   progress=False)
+    dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    plain = popcomp.quantize_(copy.deepcopy(model), popcomp.PalettizeConfig(bits=4),
+                              filter_fn=linear_or_conv1d)
+    popcomp.quantize_(model, popcomp.PalettizeConfig(bits=4), hessian=h, filter_fn=linear_or_conv1d)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    assert len(convs) == 8 and all(isinstance(m, Palettized) for m in convs.values())
+    for n, m in convs.items():
+        x = torch.randn(2, 5, m.weight.shape[0])
+        assert m.weight.shape == dense[n + ".weight"].shape  # (in, out), as Conv1D stores it
+        assert m.weight_packed.shape[0] == m.nf  # the (out, in) matrix is packed
+        assert len(torch.unique(m.weight[:, 0])) <= 16  # 4 bits: 16 centers per output column
+        with torch.no_grad():  # palettized_linear computes x @ weight + bias
+            torch.testing.assert_close(m(x), x @ m.weight + m.bias, rtol=1e-5, atol=1e-5)
+    # exact HW K-means is the optimum of the Hessian-weighted error: below plain K-means'
+    assert _weighted_error(model, dense, h) < _weighted_error(plain, dense, h)
+    prompt = ids[:2, :4]
+    model.eval()  # (built from a config: in training mode, dropout on)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        out = _quiet(model.generate, input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                     max_new_tokens=6, do_sample=False)
+    assert out.shape == (2, 10) and torch.equal(out[:, :4], prompt)
+    assert int(out.min()) >= 0 and int(out.max()) < 256
+    popcomp.save(model, tmp_path / "gpt2.safetensors")
+    fresh = _quiet(transformers.GPT2LMHeadModel, model.config).eval()  # random weights
+    popcomp.load(fresh, tmp_path / "gpt2.safetensors")
+    assert all(isinstance(fresh.get_submodule(n), Palettized) for n in convs)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, logits)
+        again = _quiet(fresh.generate, input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                       max_new_tokens=6, do_sample=False)
+    assert torch.equal(again, out)
+    # torch.save (pickle) of the palettized model, and back to dense Conv1D layers
+    import io
+
+    buf = io.BytesIO()
+    torch.save(fresh, buf)
+    buf.seek(0)
+    with torch.no_grad():
+        assert torch.equal(torch.load(buf, weights_only=False)(input_ids=ids).logits, logits)
+    w = {n: m.weight for n, m in convs.items()}
+    popcomp.dequantize_(model)
+    for n in convs:
+        assert type(model.get_submodule(n)) is Conv1D
+        assert torch.equal(model.get_submodule(n).weight, w[n])
+
+
+def test_bert_label_free_calibrated_palettized_round_trips_through_save_load(tmp_path):
+    import copy
+
+    import popcomp
+    from popcomp.quantize import PalettizedLinear
+
+    model = bert()
+    ids = byte_tokens(12, 4)
+    mask = torch.ones_like(ids)
+    mask[2:, 9:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    lin = lambda m, n: isinstance(m, nn.Linear)  # noqa: E731
+    h = H.diagonal(model, None, [batch], method="ggn_mc", filter_fn=lin, mc_samples=8, seed=0,
+                   output_fn=lambda out: out.last_hidden_state, progress=False)
+    model.eval()
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+    dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    plain = popcomp.quantize_(copy.deepcopy(model), popcomp.PalettizeConfig(bits=4), filter_fn=lin)
+    # the pooler is not reached from last_hidden_state: its diagonal is 0, and quantize_ says so
+    with pytest.warns(UserWarning, match="'pooler.dense' is all zero"):
+        popcomp.quantize_(model, popcomp.PalettizeConfig(bits=4), hessian=h, filter_fn=lin)
+    n_lin = sum(isinstance(m, PalettizedLinear) for m in model.modules())
+    assert n_lin == 2 * 6 + 1  # q, k, v, attention output, intermediate, output; pooler
+    assert _weighted_error(model, dense, h) < _weighted_error(plain, dense, h)
+    with torch.no_grad():
+        out = model(**batch).last_hidden_state
+    cos = F.cosine_similarity(out.reshape(-1, 32), ref.reshape(-1, 32), dim=1)
+    assert float(cos.min()) > 0.9, float(cos.min())
+    popcomp.save(model, tmp_path / "bert.safetensors")
+    fresh = _quiet(transformers.BertModel, model.config).eval()
+    popcomp.load(fresh, tmp_path / "bert.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).last_hidden_state, out)
