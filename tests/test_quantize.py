@@ -957,3 +957,24 @@ def test_hessian_beyond_float32_range_is_rescaled_not_overflowed():
         outs.append(m[0].weight)
     assert torch.isfinite(outs[1]).all() and torch.isfinite(outs[2]).all()
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_state_dict_round_trip_of_a_palettized_model_or_a_clear_error():
+    torch.manual_seed(0)
+    def net():
+        return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    model = popcomp.quantize_(net(), popcomp.PalettizeConfig(bits=3))
+    x = torch.randn(4, 8)
+    sd = model.state_dict()
+    assert "0.weight" not in sd and "0.weight_packed" in sd
+    other = popcomp.quantize_(net(), popcomp.PalettizeConfig(bits=3))  # same config, other weights
+    assert not torch.equal(other(x), model(x))
+    other.load_state_dict(sd)
+    assert torch.equal(other(x), model(x))
+    # another configuration, or a dense checkpoint: an error naming the layer, strict or not
+    two = popcomp.quantize_(net(), popcomp.PalettizeConfig(bits=2))
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"0\.weight_packed has shape.*another configuration.*popcomp\.save"):
+            two.load_state_dict(sd, strict=strict)
+        with pytest.raises(RuntimeError, match=r"0 is palettized but the state dict holds a dense 0\.weight"):
+            copy.deepcopy(model).load_state_dict(net().state_dict(), strict=strict)

@@ -126,6 +126,31 @@ class Palettized:
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         return self.dequantize_weight()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """``load_state_dict``: the buffers of a state dict of the same palettized model load as
+        they are; a dense ``weight`` or packed buffers of another configuration (bits,
+        granularity: the metadata a state dict does not carry) are an error naming the layer,
+        also with ``strict=False`` (the layer would silently keep its old weight)."""
+        name = prefix[:-1] or "<root>"
+        if prefix + "weight" in state_dict and prefix + "weight_packed" not in state_dict:
+            error_msgs.append(
+                f"{name} is palettized but the state dict holds a dense {name}.weight: load it "
+                "into the dense model (popcomp.dequantize_ this one first) and quantize_ again")
+            return
+        for b in PAL_BUFFERS:
+            t, own = state_dict.get(prefix + b), self._buffers.get(b)
+            if isinstance(t, torch.Tensor) and own is not None and t.shape != own.shape:
+                error_msgs.append(
+                    f"{name}.{b} has shape {tuple(t.shape)} in the state dict, {tuple(own.shape)} "
+                    f"in the model: palettized with another configuration (k={self.palette.k}, "
+                    f"bits={self.palette.bits}, {self.palette.granularity} here), which a state "
+                    "dict does not record; save and load with popcomp.save / popcomp.load, "
+                    "which carry it")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def extra_repr(self) -> str:
         m = self.palette
         base = self._dense_cls.extra_repr(self)
