@@ -983,3 +983,38 @@ def test_state_dict_round_trip_of_a_palettized_model_or_a_clear_error():
             two.load_state_dict(sd, strict=strict)
         with pytest.raises(RuntimeError, match=r"0 is palettized but the state dict holds a dense 0\.weight"):
             copy.deepcopy(model).load_state_dict(net().state_dict(), strict=strict)
+
+
+def test_quantize_checkpoint_streams_shards_into_the_packed_format(tmp_path):
+    """quantize_checkpoint on two safetensors shards + a Hessian file gives the file save()
+    writes after quantize_ in memory (same bytes of every tensor), loadable with popcomp.load."""
+    import safetensors.torch as st
+
+    from popcomp.quantize.stream import quantize_checkpoint
+
+    torch.manual_seed(0)
+
+    def net():
+        return nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = net()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    h = {"1.weight": torch.rand(16, 8), "3.weight": torch.rand(4, 16)}
+    st.save_file({k: sd[k] for k in ("0.weight", "1.weight")}, str(tmp_path / "a.safetensors"))
+    st.save_file({k: sd[k] for k in ("1.bias", "3.weight", "3.bias")}, str(tmp_path / "b.safetensors"))
+    st.save_file(h, str(tmp_path / "h.safetensors"))
+    cfg = popcomp.PalettizeConfig(bits=3)
+    pal = quantize_checkpoint([tmp_path / "a.safetensors", tmp_path / "b.safetensors"],
+                              tmp_path / "q.safetensors", cfg, hessian=[tmp_path / "h.safetensors"],
+                              progress=False)
+    assert sorted(pal) == ["0", "1", "3"]
+    ref = popcomp.quantize_(copy.deepcopy(model), cfg, filter_fn=lambda m, n: n == "0")  # no Hessian
+    popcomp.quantize_(ref, cfg, hessian=h, filter_fn=lambda m, n: n in ("1", "3"))
+    fresh = popcomp.load(net(), tmp_path / "q.safetensors")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    x = torch.randint(0, 10, (5,))
+    assert torch.equal(fresh[3](fresh[2](fresh[1](fresh[0](x)))), ref[3](ref[2](ref[1](ref[0](x)))))
+    with pytest.raises(ValueError, match="group_size=5 does not divide"):
+        quantize_checkpoint([tmp_path / "a.safetensors"], tmp_path / "r.safetensors",
+                            popcomp.PalettizeConfig(bits=3, granularity="per_group", group_size=5),
+                            progress=False)
