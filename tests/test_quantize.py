@@ -1018,3 +1018,26 @@ def test_quantize_checkpoint_streams_shards_into_the_packed_format(tmp_path):
         quantize_checkpoint([tmp_path / "a.safetensors"], tmp_path / "r.safetensors",
                             popcomp.PalettizeConfig(bits=3, granularity="per_group", group_size=5),
                             progress=False)
+
+
+def test_cli_quantize_writes_a_loadable_file_and_refuses_bad_options(tmp_path, capsys):
+    import safetensors.torch as st
+
+    from popcomp.cli import main
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    st.save_file({k: v.detach().clone() for k, v in model.state_dict().items()},
+                 str(tmp_path / "m.safetensors"))
+    out = str(tmp_path / "q.safetensors")
+    assert main(["quantize", str(tmp_path / "m.safetensors"), "--out", out, "--bits", "3",
+                 "--no-progress"]) == 0
+    assert "2 tensors palettized" in capsys.readouterr().out
+    ref = popcomp.quantize_(copy.deepcopy(model), popcomp.PalettizeConfig(bits=3))
+    fresh = popcomp.load(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)), out)
+    x = torch.randn(3, 64)
+    assert isinstance(fresh[0], PalettizedLinear) and torch.equal(fresh(x), ref(x))
+    assert main(["quantize", str(tmp_path / "m.safetensors"), "--out", out, "--bits", "9"]) == 2
+    assert "bits" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "none.safetensors"), "--out", out]) == 2
+    assert "no such file" in capsys.readouterr().err

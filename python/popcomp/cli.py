@@ -1,4 +1,4 @@
-"""The ``popcomp`` command line: ``demo``, ``repro <name>``, ``info``.
+"""The ``popcomp`` command line: ``demo``, ``repro <name>``, ``info``, ``quantize``.
 
 User mistakes (bad options, unknown names, impossible settings) print one clear message and exit
 with status 2; they never print a traceback.
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="popcomp: generalization-aware compression for PyTorch (demo, paper "
                     "reproductions, backend info)",
     )
-    sub = ap.add_subparsers(dest="command", metavar="{demo,repro,info}")
+    sub = ap.add_subparsers(dest="command", metavar="{demo,repro,info,quantize}")
     sub.required = True
     p = sub.add_parser("demo", help="train a small net on bundled digits, quantize (HW/DRHW), prune, report")
     _common(p, "demo")
@@ -52,7 +52,56 @@ def build_parser() -> argparse.ArgumentParser:
         _common(q, name)
         importlib.import_module(f".experiments.{name}", __package__).add_arguments(q)
     sub.add_parser("info", help="print popcomp.backends() and versions")
+    _quantize_parser(sub)
     return ap
+
+
+def _quantize_parser(sub) -> None:
+    q = sub.add_parser(
+        "quantize", help="palettize a safetensors checkpoint one tensor at a time (larger than memory)",
+        description="Palettize the '.weight' tensors (2+ dims, floating) of safetensors shards one "
+                    "tensor at a time into popcomp's packed format (load it with popcomp.load into "
+                    "a model built from its config); other tensors are copied.")
+    q.add_argument("inputs", nargs="+", help="the checkpoint's safetensors files")
+    q.add_argument("--out", required=True, help="the output safetensors file")
+    q.add_argument("--hessian", nargs="+", default=None,
+                   help="safetensors files of Hessian diagonals under the weights' names")
+    q.add_argument("--bits", type=int, default=None, help="bits per index, 1..8 (default 4)")
+    q.add_argument("--k", type=int, default=None, help="centers per codebook, 2..256")
+    q.add_argument("--granularity", default="per_channel",
+                   choices=["per_tensor", "per_channel", "per_group"])
+    q.add_argument("--group-size", type=int, default=None, help="per_group: inputs per codebook (default 128)")
+    q.add_argument("--beta", type=float, default=0.0, help="diameter penalty, absolute")
+    q.add_argument("--beta-rel", type=float, default=None, help="diameter penalty, relative (scale-free)")
+    q.add_argument("--method", default="exact", choices=["exact", "lloyd"])
+    q.add_argument("--codebook-dtype", default="float16", choices=["float16", "float32"])
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import torch
+
+    from .quantize.config import PalettizeConfig
+    from .quantize.stream import quantize_checkpoint
+
+    bits = args.bits if args.bits is not None or args.k is not None else 4
+    try:
+        cfg = PalettizeConfig(k=args.k, bits=bits, granularity=args.granularity,
+                              group_size=args.group_size, beta=args.beta, beta_rel=args.beta_rel,
+                              method=args.method, codebook_dtype=getattr(torch, args.codebook_dtype))
+        for p in list(args.inputs) + list(args.hessian or []):
+            if not os.path.isfile(p):
+                raise UserError(f"no such file: {p}")
+        pal = quantize_checkpoint(args.inputs, args.out, cfg, hessian=args.hessian,
+                                  progress=not args.no_progress)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from None
+    n = sum(m.numel for m in pal.values())
+    orig = sum(m.numel * torch.finfo(m.weight_dtype).bits // 8 for m in pal.values())
+    size = os.path.getsize(args.out)
+    print(f"{len(pal)} tensors palettized ({n} weights, {orig} bytes as stored before); "
+          f"{args.out}: {size} bytes in all")
+    return 0
 
 
 def _info() -> int:
@@ -85,7 +134,7 @@ def resolve_args(argv: List[str]) -> argparse.Namespace:
     """The settings ``popcomp ARGV`` would run with, without running anything (for tests and
     scripts). argparse errors exit as usual (SystemExit 2); bad values raise UserError."""
     args = build_parser().parse_args(argv)
-    if args.command != "info":
+    if args.command not in ("info", "quantize"):
         _resolve(args)
     return args
 
@@ -97,6 +146,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command == "info":
             return _info()
+        if args.command == "quantize":
+            return _quantize(args)
         mod = _resolve(args)  # bad values are reported here, before any output is written
         mod.run(args)
         return 0
