@@ -23,10 +23,10 @@ __all__ = ["GEMM_MIN_M", "params", "linear_args", "decode_args", "palettized_lin
 
 # Batches above this many rows take the decode + GEMM path. Measured on the 2-core AVX-512
 # machine, 4 bits, 2 threads, after the kernel's padded x stride and 8-row passes: the compiled
-# matmul is ahead of decode + GEMM at every batch up to 32 (Linear(4096, 4096) batch 16: 3.3 ms
-# against 12.5 ms, dense 31 ms; batch 32: 23-36 ms against 48-150 ms) and about even at 64-128
-# (Linear(384, 1536) batch 128: 1.1 ms against 1.6 ms, dense 1.0 ms).
-GEMM_MIN_M = 64
+# matmul is ahead of decode + GEMM at every batch up to 64 (Linear(4096, 4096) batch 16: 3.3 ms
+# against 12.5 ms, dense 31 ms; Linear(384, 1536) batch 64: 0.59 ms against 0.74 ms) and behind
+# from about 128 (Linear(384, 1536) batch 128: 1.15 ms against 1.04 ms, dense 0.81 ms).
+GEMM_MIN_M = 96
 
 
 # ---- the compiled core's arguments (shared with the CUDA kernels) ---------------------------
