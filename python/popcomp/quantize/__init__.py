@@ -19,7 +19,13 @@ lookup-table matmul, and ``popcomp::palettized_decode``). The package:
 * ``modules``: the palettized modules and the dense <-> palettized swaps;
 * ``serialization``: save / load (versioned safetensors);
 * ``report``: size_report;
-* ``select_beta``: beta by cross-validation, evaluate_loss.
+* ``select_beta``: beta by cross-validation (default: a grid of the scale-free beta_rel),
+  evaluate_loss;
+* ``stream``: quantize_checkpoint, safetensors checkpoints palettized one tensor at a time
+  (``popcomp quantize`` on the command line).
+
+Hugging Face ``Conv1D`` layers (GPT-2) are palettized like Linear layers (recognized by name,
+without importing transformers).
 """
 from __future__ import annotations
 
@@ -33,8 +39,9 @@ from .modules import (
 )
 from .packing import pack_indices, pack_rows, row_bytes, unpack_indices, unpack_rows
 from .report import LayerSize, SizeReport, size_report
-from .select_beta import BetaSelection, evaluate_loss, select_beta
+from .select_beta import DEFAULT_BETA_REL_GRID, BetaSelection, evaluate_loss, select_beta
 from .serialization import load, save
+from .stream import quantize_checkpoint
 
 __all__ = [
     "PalettizeConfig", "QuantizeConfig", "Granularity", "PerTensor", "PerChannel", "PerGroup",
@@ -42,5 +49,5 @@ __all__ = [
     "LayerSize", "select_beta", "BetaSelection", "evaluate_loss", "PaletteMeta", "Palettized",
     "PalettizedLinear", "PalettizedConv1d", "PalettizedConv2d", "PalettizedEmbedding",
     "palettized_modules", "pack_rows", "unpack_rows", "row_bytes", "pack_indices",
-    "unpack_indices",
+    "unpack_indices", "quantize_checkpoint", "DEFAULT_BETA_REL_GRID",
 ]
