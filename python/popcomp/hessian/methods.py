@@ -211,7 +211,7 @@ class Fisher(ThroughModules):
     def layer_grads(self, out, targets, B, layer_outs):
         # from the loss itself: the model output need not be one tensor
         loss = check_scalar_loss(self.loss_fn(out, targets))
-        _finite(float(loss), "the loss")
+        _finite(float(loss.detach()), "the loss")
         scale = self.scale(out, targets, B)
         at_out = isinstance(out, torch.Tensor) and out.requires_grad
         grads = torch.autograd.grad(loss * scale, list(layer_outs) + ([out] if at_out else []),
