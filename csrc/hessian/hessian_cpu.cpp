@@ -1,9 +1,12 @@
 // CPU backend of the fused squared-gradient accumulation (see hessian.h).
 //
-// The output (out x in) is cut into TO x TI tiles handed to OpenMP threads. Inside a tile, for
-// each (b, r): M = sum_t g[b,r,t,:]^T x[b,t,:] on the tile (chunks of KC positions), then
-// acc_tile += M * M. (T == 1, where the sum is an ordinary GEMM on squared operands, is done by
-// torch's BLAS in python/popcomp/ops/backends/cpu/sumsq_outer_acc.py; this loop is also right for T == 1.)
+// The output (out x in) is cut into tiles (TileSize<S>: 64 x 256 for float, 32 x 128 for double)
+// handed to OpenMP threads. Inside a tile, for each (b, r): M = sum_t g[b,r,t,:]^T x[b,t,:] on
+// the tile (chunks of KC positions), then acc_tile += M * M. The float32 path (acc float32; g, x
+// float32/float16/bfloat16) and the float64 path (acc, g, x float64) are the same templates on
+// the accumulation scalar S; only the rank-k kernel differs per S. (T == 1, where the sum is
+// an ordinary GEMM on squared operands, is done by torch's BLAS in
+// python/popcomp/ops/backends/cpu/sumsq_outer_acc.py; this loop is also right for T == 1.)
 // Extra memory is a few tile-sized buffers per thread, whatever B, R and T are.
 #include <algorithm>
 #include <cstring>
@@ -32,8 +35,17 @@ namespace popcomp {
 namespace hessian {
 namespace {
 
-constexpr int TO = 64;  // output rows per tile
-constexpr int TI = 256;  // output columns per tile
+// Tile sizes of the accumulation scalar S: out rows x in columns per tile.
+template <class S>
+struct TileSize;
+template <>
+struct TileSize<float> {
+  static constexpr int O = 64, I = 256;
+};
+template <>
+struct TileSize<double> {
+  static constexpr int O = 32, I = 128;
+};
 constexpr int KC = 64;  // positions per packed chunk
 
 typedef float v16 __attribute__((vector_size(64)));
@@ -42,6 +54,7 @@ typedef float v16 __attribute__((vector_size(64)));
 // 64-byte aligned). 8 x 16 register tiles: one zmm per row with AVX-512, two ymm with AVX2.
 PC_MULTIVERSION void rank_k_update(float* __restrict c, const float* __restrict a,
                                    const float* __restrict b, int kc) {
+  constexpr int TO = TileSize<float>::O, TI = TileSize<float>::I;
   for (int o = 0; o < TO; o += 8) {
     for (int i = 0; i < TI; i += 16) {
       v16 c0, c1, c2, c3, c4, c5, c6, c7;
@@ -78,71 +91,92 @@ PC_MULTIVERSION void rank_k_update(float* __restrict c, const float* __restrict 
   }
 }
 
-PC_MULTIVERSION void add_squares(float* __restrict acc, const float* __restrict m) {
+// The same update in double, in plain loops the compiler vectorizes (the float64 path serves
+// precision, not speed).
+PC_MULTIVERSION void rank_k_update(double* __restrict c, const double* __restrict a,
+                                   const double* __restrict b, int kc) {
+  constexpr int TO = TileSize<double>::O, TI = TileSize<double>::I;
+  for (int o = 0; o < TO; ++o) {
+    double* __restrict co = c + o * TI;
+    for (int k = 0; k < kc; ++k) {
+      const double ak = a[k * TO + o];
+      const double* __restrict bk = b + k * TI;
 #pragma omp simd
-  for (int j = 0; j < TO * TI; ++j) acc[j] += m[j] * m[j];
+      for (int i = 0; i < TI; ++i) co[i] += ak * bk[i];
+    }
+  }
 }
 
-template <DType D>
-inline float ld(const void* p, int64_t i) {
-  if constexpr (D == DType::f32) return static_cast<const float*>(p)[i];
+template <class S>
+PC_MULTIVERSION void add_squares(S* __restrict acc, const S* __restrict m) {
+#pragma omp simd
+  for (int j = 0; j < TileSize<S>::O * TileSize<S>::I; ++j) acc[j] += m[j] * m[j];
+}
+
+template <class S, DType D>
+inline S ld(const void* p, int64_t i) {
+  if constexpr (D == DType::f64) return static_cast<const double*>(p)[i];
+  else if constexpr (D == DType::f32) return static_cast<const float*>(p)[i];
   else if constexpr (D == DType::f16) return half_bits_to_float(static_cast<const uint16_t*>(p)[i]);
   else return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
 }
 
 // dst[j] = src[base + j * stride], j < n
-template <DType D>
-inline void pack_row(float* __restrict dst, const void* src, int64_t base, int64_t stride, int n) {
+template <class S, DType D>
+inline void pack_row(S* __restrict dst, const void* src, int64_t base, int64_t stride, int n) {
   if (stride == 1) {
-    for (int j = 0; j < n; ++j) dst[j] = ld<D>(src, base + j);
+    for (int j = 0; j < n; ++j) dst[j] = ld<S, D>(src, base + j);
   } else {
-    for (int j = 0; j < n; ++j) dst[j] = ld<D>(src, base + j * stride);
+    for (int j = 0; j < n; ++j) dst[j] = ld<S, D>(src, base + j * stride);
   }
 }
 
-template <DType GD, DType XD>
-void tile(const SumSqParams& p, const void* g, const void* x, float* acc, int64_t o0,
-          int64_t i0, float* acc_t, float* m, float* pa, float* pb) {
+template <class S, DType GD, DType XD>
+void tile(const SumSqParams& p, const void* g, const void* x, S* acc, int64_t o0, int64_t i0,
+          S* acc_t, S* m, S* pa, S* pb) {
+  constexpr int TO = TileSize<S>::O, TI = TileSize<S>::I;
   const int no = (int)std::min<int64_t>(TO, p.out - o0);
   const int ni = (int)std::min<int64_t>(TI, p.in - i0);
-  std::fill(acc_t, acc_t + TO * TI, 0.f);
+  std::fill(acc_t, acc_t + TO * TI, S(0));
   for (int64_t b = 0; b < p.B; ++b) {
     for (int64_t r = 0; r < p.R; ++r) {
-      std::fill(m, m + TO * TI, 0.f);
+      std::fill(m, m + TO * TI, S(0));
       for (int64_t t0 = 0; t0 < p.T; t0 += KC) {
         const int kc = (int)std::min<int64_t>(KC, p.T - t0);
-        if (kc < KC || no < TO) std::fill(pa, pa + KC * TO, 0.f);
-        if (kc < KC || ni < TI) std::fill(pb, pb + KC * TI, 0.f);
+        if (kc < KC || no < TO) std::fill(pa, pa + KC * TO, S(0));
+        if (kc < KC || ni < TI) std::fill(pb, pb + KC * TI, S(0));
         for (int k = 0; k < kc; ++k) {
           const int64_t t = t0 + k;
-          pack_row<GD>(pa + k * TO, g, b * p.g_sb + r * p.g_sr + t * p.g_st + o0 * p.g_so, p.g_so, no);
-          pack_row<XD>(pb + k * TI, x, b * p.x_sb + t * p.x_st + i0 * p.x_si, p.x_si, ni);
+          pack_row<S, GD>(pa + k * TO, g, b * p.g_sb + r * p.g_sr + t * p.g_st + o0 * p.g_so,
+                          p.g_so, no);
+          pack_row<S, XD>(pb + k * TI, x, b * p.x_sb + t * p.x_st + i0 * p.x_si, p.x_si, ni);
         }
         rank_k_update(m, pa, pb, kc);
       }
-      add_squares(acc_t, m);
+      add_squares<S>(acc_t, m);
     }
   }
   for (int o = 0; o < no; ++o) {
-    float* dst = acc + (o0 + o) * p.in + i0;
-    const float* src = acc_t + o * TI;
+    S* dst = acc + (o0 + o) * p.in + i0;
+    const S* src = acc_t + o * TI;
     for (int i = 0; i < ni; ++i) dst[i] += src[i];
   }
 }
 
-using TileFn = void (*)(const SumSqParams&, const void*, const void*, float*, int64_t, int64_t,
-                        float*, float*, float*, float*);
+template <class S>
+using TileFn = void (*)(const SumSqParams&, const void*, const void*, S*, int64_t, int64_t, S*,
+                        S*, S*, S*);
 
 template <DType GD>
-TileFn pick_x(DType xd) {
+TileFn<float> pick_x(DType xd) {
   switch (xd) {
-    case DType::f16: return &tile<GD, DType::f16>;
-    case DType::bf16: return &tile<GD, DType::bf16>;
-    default: return &tile<GD, DType::f32>;
+    case DType::f16: return &tile<float, GD, DType::f16>;
+    case DType::bf16: return &tile<float, GD, DType::bf16>;
+    default: return &tile<float, GD, DType::f32>;
   }
 }
 
-TileFn pick(DType gd, DType xd) {
+TileFn<float> pick(DType gd, DType xd) {
   switch (gd) {
     case DType::f16: return pick_x<DType::f16>(xd);
     case DType::bf16: return pick_x<DType::bf16>(xd);
@@ -150,74 +184,16 @@ TileFn pick(DType gd, DType xd) {
   }
 }
 
-// ---- float64: acc, g and x all float64 (a float64 model's diagonal) ----------------------
-// The same tiling; the products are formed and squared in double, in plain loops the compiler
-// vectorizes (the float64 path serves precision, not speed).
-constexpr int TO64 = 32;  // output rows per tile
-constexpr int TI64 = 128;  // output columns per tile
-
-PC_MULTIVERSION void rank_k_update_f64(double* __restrict c, const double* __restrict a,
-                                       const double* __restrict b, int kc) {
-  for (int o = 0; o < TO64; ++o) {
-    double* __restrict co = c + o * TI64;
-    for (int k = 0; k < kc; ++k) {
-      const double ak = a[k * TO64 + o];
-      const double* __restrict bk = b + k * TI64;
-#pragma omp simd
-      for (int i = 0; i < TI64; ++i) co[i] += ak * bk[i];
-    }
-  }
-}
-
-PC_MULTIVERSION void add_squares_f64(double* __restrict acc, const double* __restrict m) {
-#pragma omp simd
-  for (int j = 0; j < TO64 * TI64; ++j) acc[j] += m[j] * m[j];
-}
-
-void tile_f64(const SumSqParams& p, const double* g, const double* x, double* acc, int64_t o0,
-              int64_t i0, double* acc_t, double* m, double* pa, double* pb) {
-  const int no = (int)std::min<int64_t>(TO64, p.out - o0);
-  const int ni = (int)std::min<int64_t>(TI64, p.in - i0);
-  std::fill(acc_t, acc_t + TO64 * TI64, 0.0);
-  for (int64_t b = 0; b < p.B; ++b) {
-    for (int64_t r = 0; r < p.R; ++r) {
-      std::fill(m, m + TO64 * TI64, 0.0);
-      for (int64_t t0 = 0; t0 < p.T; t0 += KC) {
-        const int kc = (int)std::min<int64_t>(KC, p.T - t0);
-        if (kc < KC || no < TO64) std::fill(pa, pa + KC * TO64, 0.0);
-        if (kc < KC || ni < TI64) std::fill(pb, pb + KC * TI64, 0.0);
-        for (int k = 0; k < kc; ++k) {
-          const int64_t t = t0 + k;
-          const double* gs = g + b * p.g_sb + r * p.g_sr + t * p.g_st + o0 * p.g_so;
-          const double* xs = x + b * p.x_sb + t * p.x_st + i0 * p.x_si;
-          for (int j = 0; j < no; ++j) pa[k * TO64 + j] = gs[j * p.g_so];
-          for (int j = 0; j < ni; ++j) pb[k * TI64 + j] = xs[j * p.x_si];
-        }
-        rank_k_update_f64(m, pa, pb, kc);
-      }
-      add_squares_f64(acc_t, m);
-    }
-  }
-  for (int o = 0; o < no; ++o) {
-    double* dst = acc + (o0 + o) * p.in + i0;
-    const double* src = acc_t + o * TI64;
-    for (int i = 0; i < ni; ++i) dst[i] += src[i];
-  }
-}
-
-}  // namespace
-
-void sumsq_outer_cpu(const SumSqParams& p, const void* g, const void* x, float* acc,
-                     int num_threads) {
-  if (p.B <= 0 || p.R <= 0 || p.T <= 0 || p.out <= 0 || p.in <= 0) return;
+// Runs fn over all tiles of acc (p.out x p.in) on num_threads OpenMP threads.
+template <class S>
+void run_tiles(const SumSqParams& p, TileFn<S> fn, const void* g, const void* x, S* acc,
+               int num_threads) {
+  constexpr int TO = TileSize<S>::O, TI = TileSize<S>::I;
   const int64_t to = ceil_div(p.out, TO), ti = ceil_div(p.in, TI);
   const int64_t ntiles = to * ti;
   int nt = std::max(1, (int)std::min<int64_t>(num_threads, ntiles));
-  if (p.g_dtype == DType::f64 || p.x_dtype == DType::f64)
-    throw std::invalid_argument("sumsq_outer_cpu: g and x must be float32, float16 or bfloat16");
-  const TileFn fn = pick(p.g_dtype, p.x_dtype);
   struct alignas(64) Bufs {
-    float acc_t[TO * TI], m[TO * TI], pa[KC * TO], pb[KC * TI];
+    S acc_t[TO * TI], m[TO * TI], pa[KC * TO], pb[KC * TI];
   };
   // allocated here, outside the parallel region: no exception may escape it
   std::vector<std::unique_ptr<Bufs>> bufs(nt);
@@ -236,32 +212,22 @@ void sumsq_outer_cpu(const SumSqParams& p, const void* g, const void* x, float* 
   }
 }
 
+}  // namespace
+
+void sumsq_outer_cpu(const SumSqParams& p, const void* g, const void* x, float* acc,
+                     int num_threads) {
+  if (p.B <= 0 || p.R <= 0 || p.T <= 0 || p.out <= 0 || p.in <= 0) return;
+  if (p.g_dtype == DType::f64 || p.x_dtype == DType::f64)
+    throw std::invalid_argument("sumsq_outer_cpu: g and x must be float32, float16 or bfloat16");
+  run_tiles<float>(p, pick(p.g_dtype, p.x_dtype), g, x, acc, num_threads);
+}
+
 void sumsq_outer_cpu_f64(const SumSqParams& p, const double* g, const double* x, double* acc,
                          int num_threads) {
   if (p.B <= 0 || p.R <= 0 || p.T <= 0 || p.out <= 0 || p.in <= 0) return;
   if (p.g_dtype != DType::f64 || p.x_dtype != DType::f64)
     throw std::invalid_argument("sumsq_outer_cpu_f64: g and x must be float64");
-  const int64_t to = ceil_div(p.out, TO64), ti = ceil_div(p.in, TI64);
-  const int64_t ntiles = to * ti;
-  int nt = std::max(1, (int)std::min<int64_t>(num_threads, ntiles));
-  struct alignas(64) Bufs {
-    double acc_t[TO64 * TI64], m[TO64 * TI64], pa[KC * TO64], pb[KC * TI64];
-  };
-  std::vector<std::unique_ptr<Bufs>> bufs(nt);  // outside the parallel region (see above)
-  for (auto& b : bufs) b.reset(new Bufs);
-#if defined(POPCOMP_OPENMP)
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-    Bufs* buf = bufs[thread_id()].get();
-#if defined(POPCOMP_OPENMP)
-#pragma omp for schedule(dynamic, 1)
-#endif
-    for (int64_t t = 0; t < ntiles; ++t) {
-      tile_f64(p, g, x, acc, (t / ti) * TO64, (t % ti) * TI64, buf->acc_t, buf->m, buf->pa,
-               buf->pb);
-    }
-  }
+  run_tiles<double>(p, &tile<double, DType::f64, DType::f64>, g, x, acc, num_threads);
 }
 
 }  // namespace hessian
