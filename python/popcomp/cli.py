@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _quantize_parser(sub) -> None:
     q = sub.add_parser(
         "quantize", help="palettize a safetensors checkpoint one tensor at a time (larger than memory)",
+        epilog="Under 'torchrun --nproc-per-node N -m popcomp.cli quantize ...' the tensors are "
+               "split across the ranks; the output file is the same.",
         description="Palettize the '.weight' tensors (2+ dims, floating) of safetensors shards one "
                     "tensor at a time into popcomp's packed format (load it with popcomp.load into "
                     "a model built from its config); other tensors are copied.")
@@ -96,6 +98,8 @@ def _quantize(args: argparse.Namespace) -> int:
                                   progress=not args.no_progress)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from None
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary, from rank 0
+        return 0
     n = sum(m.numel for m in pal.values())
     orig = sum(m.numel * torch.finfo(m.weight_dtype).bits // 8 for m in pal.values())
     size = os.path.getsize(args.out)
