@@ -110,7 +110,7 @@ def quantize_checkpoint(
         try:
             with open(str(out), "r+b") as fo:
                 for key, f, meta, _, names in bar(mine, "quantize", enabled=progress and rank == 0):
-                    _write_one(fo, base, header, key, f, meta, names, hwhere, config)
+                    _write_one(fo, base, header, key, f, meta, names, hwhere, config, safe_open)
             ok = True
         finally:
             failed = _check_ranks(ok, world, rank, f"palettizing into {out}", raise_=False)
@@ -178,25 +178,28 @@ def _assign(costs: Sequence[int], world: int) -> List[List[int]]:
 
 
 def _layout(inputs, config, hessian, filter_fn, safe_open):
-    """Pass 1, headers only: the entries (key, file, meta, element count, output names), the
-    output header, the palettized layers, the encoded header and the Hessian file per key."""
-    hfiles = [safe_open(str(p), framework="pt") for p in (hessian or [])]
-    hwhere = {k: f for f in hfiles for k in f.keys()}
-    files = [safe_open(str(p), framework="pt") for p in inputs]
+    """Pass 1, headers only: the entries (key, file path, meta, element count, output names),
+    the output header, the palettized layers, the encoded header and the Hessian file per key."""
+    hwhere = {}
+    for p in hessian or []:
+        with safe_open(str(p), framework="pt") as f:
+            hwhere.update((k, str(p)) for k in f.keys())
     entries = []
     seen = set()
-    for f in files:
-        for key in f.keys():
-            if key in seen:
-                raise ValueError(f"inputs: the tensor {key!r} is in more than one file")
-            seen.add(key)
-            sl = f.get_slice(key)
-            dtype, shape = _ST_DTYPES[sl.get_dtype()], tuple(sl.get_shape())
-            meta = None
-            if (key.endswith(".weight") and len(shape) >= 2 and dtype in DTYPE_NAMES
-                    and all(s > 0 for s in shape) and (filter_fn is None or filter_fn(key, shape))):
-                meta = _plan(config, key[: -len(".weight")], shape, dtype)
-            entries.append([key, f, meta, math.prod(shape), (dtype, shape)])
+    for p in inputs:
+        with safe_open(str(p), framework="pt") as f:
+            for key in f.keys():
+                if key in seen:
+                    raise ValueError(f"inputs: the tensor {key!r} is in more than one file")
+                seen.add(key)
+                sl = f.get_slice(key)
+                dtype, shape = _ST_DTYPES[sl.get_dtype()], tuple(sl.get_shape())
+                meta = None
+                if (key.endswith(".weight") and len(shape) >= 2 and dtype in DTYPE_NAMES
+                        and all(s > 0 for s in shape)
+                        and (filter_fn is None or filter_fn(key, shape))):
+                    meta = _plan(config, key[: -len(".weight")], shape, dtype)
+                entries.append([key, str(p), meta, math.prod(shape), (dtype, shape)])
     header: Dict[str, Dict] = {}
     off = 0
 
@@ -229,14 +232,22 @@ def _layout(inputs, config, hessian, filter_fn, safe_open):
     return [tuple(e) for e in entries], header, pal, hb, hwhere
 
 
-def _write_one(fo, base: int, header: Dict[str, Dict], key: str, f, meta: Optional[PaletteMeta],
-               names: List[str], hwhere: Dict, config: PalettizeConfig) -> None:
+def _read(safe_open, path: str, key: str) -> torch.Tensor:
+    """One tensor of a safetensors file, the file's mapping released at once (mapped pages of
+    tensors already done would otherwise stay resident until the end)."""
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _write_one(fo, base: int, header: Dict[str, Dict], key: str, path: str,
+               meta: Optional[PaletteMeta], names: List[str], hwhere: Dict[str, str],
+               config: PalettizeConfig, safe_open) -> None:
     """Pass 2 for one input tensor: read, palettize (or copy), write at its planned offsets."""
-    t = f.get_tensor(key)
+    t = _read(safe_open, path, key)
     if meta is None:
         outs = [t]
     else:
-        h = hwhere[key].get_tensor(key) if key in hwhere else None
+        h = _read(safe_open, hwhere[key], key) if key in hwhere else None
         if h is not None and tuple(h.shape) != tuple(t.shape):
             raise ValueError(f"hessian[{key!r}] has shape {tuple(h.shape)}, the weight "
                              f"{tuple(t.shape)}")
