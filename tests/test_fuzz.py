@@ -1,7 +1,6 @@
 """Property-based fuzzing of every public op (hypothesis, derandomized, a small budget each):
 never a crash, ValueError/TypeError for bad input, finite outputs for good input, inputs
 unmodified, and agreement with the reference implementation on small inputs."""
-import itertools
 import math
 
 import pytest
@@ -19,6 +18,7 @@ from popcomp.ops.backends.reference.palettized import (  # noqa: E402
 from popcomp.ops.backends.reference.sumsq_outer_acc import sumsq_outer_acc_reference  # noqa: E402
 from popcomp.quantize.packing import pack_rows  # noqa: E402
 from popcomp.spectral import covariance_accumulate, greedy_select  # noqa: E402
+from oracles import kmeans_brute_force_cost
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -28,29 +28,6 @@ ANY = st.floats(allow_nan=True, allow_infinity=True, width=64)
 FINITE = st.floats(allow_nan=False, allow_infinity=False, width=64)
 MODERATE = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, width=64)
 DTYPES = st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16])
-
-
-def brute(x, w, k):
-    pts = sorted(zip(x, w))
-    vals = sorted(set(v for v, _ in pts))
-    W = {v: 0.0 for v in vals}
-    for v, ww in pts:
-        W[v] += ww
-    u = len(vals)
-    if k >= u:
-        return 0.0
-    best = math.inf
-    for cuts in itertools.combinations(range(1, u), k - 1):
-        b = (0,) + cuts + (u,)
-        c = 0.0
-        for a, e in zip(b[:-1], b[1:]):
-            seg = vals[a:e]
-            H = sum(W[v] for v in seg)
-            if H > 0:
-                m = sum(W[v] / H * v for v in seg)
-                c += sum(W[v] * (v - m) ** 2 for v in seg)
-        best = min(best, c)
-    return best
 
 
 # ---- kmeans1d -------------------------------------------------------------------------------
@@ -91,7 +68,7 @@ def test_fuzz_kmeans1d_exact_matches_brute_force(vals, wts, k, scale_exp):
     w = torch.tensor(ww, dtype=torch.float64)
     s = 2.0 ** scale_exp  # a power of two: the scaled weights are exact
     r = popcomp.kmeans1d(x, k, w * s, method="exact")
-    ref = brute(vals, ww, k)
+    ref = kmeans_brute_force_cost(vals, ww, k)
     scale = sum(ww) * max(1.0, max(abs(v) for v in vals)) ** 2
     assert float(r.cost) / s == pytest.approx(ref, rel=1e-9, abs=1e-12 * scale)
     # nearest-center labels

@@ -2,7 +2,6 @@
 partitions, the pure-torch float64 reference, ckwrap (Ckmeans.1d.dp) and closed forms, on every
 device (the `devices` fixture); and of the CUDA kernel against the CPU kernel (same seed, same
 inputs)."""
-import itertools
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ import torch
 import popcomp
 from popcomp.ops.backends.reference.kmeans1d import kmeans1d_reference
 from popcomp.ops.checks import check_kmeans1d_values
+from oracles import kmeans_brute_force_cost
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -36,29 +36,6 @@ def data(rows, n, dtype, seed, weighted=True, zero_frac=0.0, levels=None):
             w[:, 0] = 1.0
         w = w.to(torch.float32)
     return x, w
-
-
-def brute_force_cost(x, w, k):
-    """Minimum of sum_i w_i (x_i - c)^2 over all contiguous partitions of the sorted distinct
-    values (an optimal 1-D clustering is contiguous)."""
-    x = x.double()
-    w = w.double()
-    vals, inv = torch.unique(x, return_inverse=True)
-    W = torch.zeros_like(vals).index_add_(0, inv, w)
-    u = vals.numel()
-    if k >= u:
-        return 0.0
-    best = float("inf")
-    for cuts in itertools.combinations(range(1, u), k - 1):
-        b = (0,) + cuts + (u,)
-        c = 0.0
-        for a, e in zip(b[:-1], b[1:]):
-            ww = W[a:e]
-            if ww.sum() > 0:
-                m = (ww * vals[a:e]).sum() / ww.sum()
-                c += float((ww * (vals[a:e] - m) ** 2).sum())
-        best = min(best, c)
-    return best
 
 
 def objective(x, w, centers, labels, beta=0.0, diameter="squared"):
@@ -99,7 +76,7 @@ def test_exact_is_globally_optimal_brute_force(trial, devices):
         w[0] = 0.0  # a zero-weight value
     r = popcomp.kmeans1d(x.to(devices), k, w.to(devices), method="exact")
     r = popcomp.KMeansResult(*(t.cpu() for t in (r.centers, r.labels, r.cost, r.n_iter)))
-    bf = brute_force_cost(x, w, k)
+    bf = kmeans_brute_force_cost(x, w, k)
     assert float(r.cost) == pytest.approx(bf, rel=1e-10, abs=1e-12)
     # the reported cost is the objective of the returned centers and labels
     assert float(r.cost) == pytest.approx(objective(x, w, r.centers, r.labels), rel=1e-12, abs=1e-12)
@@ -508,7 +485,7 @@ def test_exact_does_not_read_an_earlier_problems_dp_table():
     # The CPU kernel keeps its workspace between calls; the Knuth bound of the last DP row
     # must not come from the argmin table a previous problem left there.
     xv = torch.tensor([0, 0.1, 10, 10.1, 20, 20.1, 20.2, 20.3], dtype=torch.float64)
-    fresh = brute_force_cost(xv, torch.ones_like(xv), 3)
+    fresh = kmeans_brute_force_cost(xv, torch.ones_like(xv), 3)
     xp = torch.tensor([0, 0.01, 0.02, 0.03, 0.04, 0.05, 10, 20, 30], dtype=torch.float64)
     popcomp.kmeans1d(xp, 3, method="exact")
     r = popcomp.kmeans1d(xv, 3, method="exact")

@@ -1,6 +1,5 @@
 """Regression tests of issue 14: crashes (run in a subprocess), silent wrong results on badly
 scaled data, the K-means workspace bound, and clear errors for bad arguments."""
-import itertools
 import math
 import os
 import subprocess
@@ -13,6 +12,7 @@ import torch
 import popcomp
 from popcomp.ops.backends.reference.greedy_select import greedy_select_reference
 from popcomp.spectral import covariance_accumulate, greedy_select
+from oracles import kmeans_brute_force_cost
 
 LINUX = sys.platform.startswith("linux")
 
@@ -112,24 +112,6 @@ def test_thread_cap_values():
 
 # ---- K-means on badly scaled data: brute force ----------------------------------------------
 
-def brute(x, w, k):
-    """Optimal cost over all contiguous partitions of the sorted values (Python floats: each
-    term as a convex combination, so no overflow where the answer is representable)."""
-    pts = sorted(zip(x, w))
-    u = len(pts)
-    best = math.inf
-    for cuts in itertools.combinations(range(1, u), k - 1):
-        b = (0,) + cuts + (u,)
-        c = 0.0
-        for a, e in zip(b[:-1], b[1:]):
-            seg = pts[a:e]
-            H = sum(ww for _, ww in seg)
-            m = sum(ww / H * v for v, ww in seg)
-            c += sum(ww * (v - m) * (v - m) for v, ww in seg)
-        best = min(best, c)
-    return best
-
-
 @pytest.mark.parametrize("wscale", [1e200, 1e-200, 1e300, 1e-300, 2.0**-1070])
 @pytest.mark.parametrize("trial", range(3))
 def test_exact_extreme_weight_scales_brute_force(wscale, trial):
@@ -138,7 +120,7 @@ def test_exact_extreme_weight_scales_brute_force(wscale, trial):
     w = torch.rand(9, generator=g, dtype=torch.float64) + 0.5
     ws = w * wscale
     w = ws / wscale  # (subnormal weights hold fewer bits)
-    ref = brute(x.tolist(), w.tolist(), 3)
+    ref = kmeans_brute_force_cost(x.tolist(), w.tolist(), 3)
     r = popcomp.kmeans1d(x, 3, ws, method="exact")
     assert torch.isfinite(r.centers).all()
     # the cost scales with the weights; the optimal centers do not
@@ -166,7 +148,7 @@ def test_exact_extreme_value_scales_brute_force(vscale, trial):
     g = torch.Generator().manual_seed(10 + trial)
     x = torch.randn(9, generator=g, dtype=torch.float64) * vscale
     w = torch.rand(9, generator=g, dtype=torch.float64) + 0.5
-    ref = brute(x.tolist(), w.tolist(), 3)
+    ref = kmeans_brute_force_cost(x.tolist(), w.tolist(), 3)
     r = popcomp.kmeans1d(x, 3, w, method="exact")
     assert float(r.cost) == pytest.approx(ref, rel=1e-9, abs=0)
     # every value lands on its nearest center
