@@ -122,8 +122,10 @@ def cuda_fallback(t: torch.Tensor, op: str) -> bool:
 MAX_THREADS = 1024  # the most threads a CPU kernel starts (more crash the OpenMP runtime)
 
 
+@functools.lru_cache(maxsize=None)
 def _thread_cap() -> int:
-    """A sane thread count ceiling: 4 per logical CPU, at most MAX_THREADS."""
+    """A sane thread count ceiling: 4 per logical CPU, at most MAX_THREADS (computed once:
+    os.cpu_count() costs microseconds on every op call otherwise)."""
     return max(1, min(MAX_THREADS, 4 * (os.cpu_count() or 1)))
 
 
