@@ -284,7 +284,8 @@ def test_module_shared_at_two_names_is_replaced_everywhere():
     popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2))
     assert isinstance(model[0], PalettizedLinear) and model[2] is model[0]
     ref = F.linear(F.linear(x, model[0].weight, model[0].bias).relu(), model[0].weight, model[0].bias)
-    assert torch.equal(model(x), ref)
+    # the LUT kernel sums in its own order: equal to float32 rounding, not bit for bit
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-6)
     assert len(popcomp.size_report(model).layers) == 1
     popcomp.dequantize_(model)
     assert type(model[0]) is nn.Linear and model[2] is model[0]
