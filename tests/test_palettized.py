@@ -1,7 +1,7 @@
 """The palettized (lookup-table) ops popcomp::palettized_linear / palettized_decode, packing
 layout 2, and the palettized modules built on them (issue 12).
 
-Oracles: a per-index packer written from the layout's definition (notes/lut_spec.md), the
+Oracles: a per-index packer written from the layout's definition (quantize/packing.py), the
 dense weight gathered element by element from the indices and codebooks, and float64
 F.linear; the ops' pure-torch references are checked against those too."""
 import math

@@ -69,6 +69,50 @@ PC_HD double load_as_double(const void* p, DType t, int64_t i) {
   }
 }
 
+// An fp64 / fp32 / fp16 / bf16 element as float.
+PC_HD float load_as_float(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::f32: return static_cast<const float*>(p)[i];
+    case DType::f16: return half_bits_to_float(static_cast<const uint16_t*>(p)[i]);
+    case DType::bf16: return bf16_bits_to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return (float)static_cast<const double*>(p)[i];
+  }
+}
+
+// ---- float -> 16-bit floats (round to nearest even; inf and nan kept, nan made quiet) -------
+PC_HD uint16_t float_to_half_bits(float f) {
+  uint32_t u = float_to_bits(f);
+  const uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint32_t o;
+  if (u >= 0x47800000u) {  // >= 65536 (rounds to inf), inf or nan
+    o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  } else if (u < 0x38800000u) {  // below 2^-14: fp16 subnormal or zero
+    // adding 0.5 aligns the 10 fraction bits at the bottom of the float; the float addition
+    // rounds to nearest even
+    const float g = bits_to_float(u) + 0.5f;
+    o = float_to_bits(g) - 0x3f000000u;
+  } else {
+    const uint32_t odd = (u >> 13) & 1u;
+    u += 0xc8000fffu + odd;  // exponent rebias (-112 << 23) and the rounding bias
+    o = u >> 13;
+  }
+  return (uint16_t)(o | (sign >> 16));
+}
+
+PC_HD uint16_t float_to_bf16_bits(float f) {
+  const uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Store v as element i of an fp32 / fp16 / bf16 buffer.
+PC_HD void store_as(void* p, DType t, int64_t i, float v) {
+  if (t == DType::f32) static_cast<float*>(p)[i] = v;
+  else if (t == DType::f16) static_cast<uint16_t*>(p)[i] = float_to_half_bits(v);
+  else static_cast<uint16_t*>(p)[i] = float_to_bf16_bits(v);
+}
+
 // Order-preserving maps float -> unsigned key (for radix sorting; -0.0 sorts before +0.0).
 PC_HD uint32_t float_key(float f) {
   uint32_t b = float_to_bits(f);

@@ -45,11 +45,11 @@ __device__ __forceinline__ void stage(float (*dst)[TILE], const void* src, DType
       const int64_t off = base + k * sk + j * sj;
       if (SumR) {
         for (int64_t r = 0; r < R; ++r) {
-          const float u = load_f(src, dt, off + r * sr);
+          const float u = load_as_float(src, dt, off + r * sr);
           v += u * u;
         }
       } else {
-        v = load_f(src, dt, off);
+        v = load_as_float(src, dt, off);
         if (Square) v = v * v;
       }
     }

@@ -23,7 +23,6 @@
 
 #include "common/args.h"
 #include "common/cuda_utils.cuh"
-#include "hessian/hessian_math.h"  // load_f: an fp32 / fp16 / bf16 element as float
 #include "palettized/palettized.h"
 #include "palettized/palettized_math.h"
 
@@ -121,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, MODE == kTable ? 4 : 3) linear_kerne
         const int m = e / kCudaChunk, col = e % kCudaChunk;
         const int64_t gc = c0 + col;
         float v = 0.f;
-        if (m0 + m < a.M && gc < a.in) v = hessian::load_f(a.x, a.xt, (m0 + m) * a.xstride + gc);
+        if (m0 + m < a.M && gc < a.in) v = load_as_float(a.x, a.xt, (m0 + m) * a.xstride + gc);
         xs[m][x_slot(col)] = v;
       }
       __syncthreads();
@@ -195,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, MODE == kTable ? 4 : 3) linear_kerne
     }
 #pragma unroll
     for (int rr = 0; rr < RW; ++rr) {
-      const float bias = a.bias ? hessian::load_f(a.bias, a.bt, row[rr]) : 0.f;
+      const float bias = a.bias ? load_as_float(a.bias, a.bt, row[rr]) : 0.f;
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         const float s = warp_sum(acc[rr][m]);

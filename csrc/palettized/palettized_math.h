@@ -1,8 +1,8 @@
 // Host/device math of the palettized kernels: layout v2 of the packed indices (the pieces of a
-// 32-index block and the scalar decode of one index or a whole block), codebook addressing, and
-// float -> fp16 / bf16 rounding (round to nearest even) for the outputs.
+// 32-index block and the scalar decode of one index or a whole block), codebook addressing (element loads and the float -> fp16 / bf16 rounding of the outputs
+// are common/hd.h's).
 //
-// Layout v2 (the spec: /work/notes/lut_spec.md): a row is padded to a multiple of 32 indices
+// Layout v2 (also described in python/popcomp/quantize/packing.py): a row is padded to a multiple of 32 indices
 // (pad index 0) and cut into blocks of 32; a block takes 4 * bits bytes. bits is written as a
 // sum of "pieces" of widths 8 (bits == 8 alone) or 4, 2, 1 in descending order -- exactly the set
 // bits of `bits` -- each piece laid out as a pure piece of its width w: 4 * w bytes, byte
@@ -134,39 +134,6 @@ PC_HD float codebook_value(const void* cb, DType t, int64_t row, int k, int e) {
                          : static_cast<const float*>(cb)[i];
 }
 
-// ---- float -> 16-bit floats (round to nearest even; inf and nan kept, nan made quiet) -------
-PC_HD uint16_t float_to_half_bits(float f) {
-  uint32_t u = float_to_bits(f);
-  const uint32_t sign = u & 0x80000000u;
-  u ^= sign;
-  uint32_t o;
-  if (u >= 0x47800000u) {  // >= 65536 (rounds to inf), inf or nan
-    o = u > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  } else if (u < 0x38800000u) {  // below 2^-14: fp16 subnormal or zero
-    // adding 0.5 aligns the 10 fraction bits at the bottom of the float; the float addition
-    // rounds to nearest even
-    const float g = bits_to_float(u) + 0.5f;
-    o = float_to_bits(g) - 0x3f000000u;
-  } else {
-    const uint32_t odd = (u >> 13) & 1u;
-    u += 0xc8000fffu + odd;  // exponent rebias (-112 << 23) and the rounding bias
-    o = u >> 13;
-  }
-  return (uint16_t)(o | (sign >> 16));
-}
-
-PC_HD uint16_t float_to_bf16_bits(float f) {
-  const uint32_t u = float_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-// Store v as element i of an fp32 / fp16 / bf16 buffer.
-PC_HD void store_as(void* p, DType t, int64_t i, float v) {
-  if (t == DType::f32) static_cast<float*>(p)[i] = v;
-  else if (t == DType::f16) static_cast<uint16_t*>(p)[i] = float_to_half_bits(v);
-  else static_cast<uint16_t*>(p)[i] = float_to_bf16_bits(v);
-}
 
 }  // namespace palettized
 }  // namespace popcomp

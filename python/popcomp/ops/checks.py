@@ -238,7 +238,7 @@ def check_greedy_select_values(cov, tau, Z) -> None:
             raise ValueError(msg)
 
 
-# ---- popcomp::palettized_linear / popcomp::palettized_decode (notes/lut_spec.md) -----------
+# ---- popcomp::palettized_linear / popcomp::palettized_decode (layout: quantize/packing.py) -
 PALETTIZED_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # activations, decoded
 PALETTIZED_CB_DTYPES = (torch.float32, torch.float16)  # codebooks
 

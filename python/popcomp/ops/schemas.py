@@ -82,7 +82,7 @@ def _greedy_select_fake(cov, k, tau, theta, Z):
     )
 
 
-# ---- palettized (lookup-table) matmul: notes/lut_spec.md ----------------------------------
+# ---- palettized (lookup-table) matmul: layout in quantize/packing.py --------------------
 # palettized_linear: y = x @ W_hat^T (+ bias), W_hat[r, c] = codebook[g(r, c), idx[r, c]] read
 # from packed (out, row_bytes) uint8 layout-v2 indices and codebook (cb_rows, 2**bits) fp16/fp32;
 # x (..., in_features) fp32/fp16/bf16, any strides; returns (..., out) in x's dtype.

@@ -1,7 +1,7 @@
 """Packing of palettization indices into bytes and back: the only place bits are packed.
 
 Layout 2 (what palettized modules hold, what the palettized kernels read and what
-``popcomp.save`` writes as format 2; ``notes/lut_spec.md``): the indices as a matrix
+``popcomp.save`` writes as format 2): the indices as a matrix
 ``(rows, in)`` (the weight's output rows by its fan-in), each row packed on its own into
 ``row_bytes(in, bits)`` bytes. A row is padded with index 0 to a multiple of 32 indices and cut
 into blocks of 32 consecutive indices; a block takes ``4 * bits`` bytes (3-bit indices are not

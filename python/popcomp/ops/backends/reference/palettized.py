@@ -1,7 +1,7 @@
 """The pure-torch references of popcomp::palettized_decode and popcomp::palettized_linear (the test oracles), their default kernels, the codebook rows of a range of weight rows, and the ops' autograd formula.
 
 Decode: unpack the layout-2 indices (``quantize.packing.unpack_rows``), turn them into indices of
-the flattened codebook (``notes/lut_spec.md``: per tensor ``idx``, per channel ``r * K + idx``, per
+the flattened codebook (per tensor ``idx``, per channel ``r * K + idx``, per
 group ``(r * G + c // g) * K + idx``) and gather. Linear: decode, then ``F.linear`` in float32,
 cast to x's dtype. These materialize the whole weight: they are the oracle and the fallback on
 devices without a compiled kernel, not the fast path.
