@@ -180,10 +180,6 @@ py::dict codes(std::initializer_list<std::pair<const char*, int>> items) {
   return d;
 }
 
-// The greedy gain guard (covariance_math.h, greedy_explained): a unit whose residual variance
-// and ridge are both within this many machine epsilons (of cov's dtype) of Sigma_jj scores 0.
-constexpr double kGreedyRelGuardEps = 1e3;
-
 covariance::GreedyParams greedy_params(int64_t m, int64_t k, int dtype, double rel_guard) {
   covariance::GreedyParams p;
   p.m = m;
@@ -283,8 +279,9 @@ PYBIND11_MODULE(_C, m) {
   }
   {  // rel_guard of greedy_select_{cpu,cuda} by the dtype of cov
     py::dict g;
-    g["float64"] = kGreedyRelGuardEps * std::numeric_limits<double>::epsilon();
-    g["float32"] = kGreedyRelGuardEps * static_cast<double>(std::numeric_limits<float>::epsilon());
+    g["float64"] = covariance::kGreedyRelGuardEps * std::numeric_limits<double>::epsilon();
+    g["float32"] =
+        covariance::kGreedyRelGuardEps * static_cast<double>(std::numeric_limits<float>::epsilon());
     m.attr("greedy_rel_guard") = g;
   }
 #if defined(POPCOMP_WITH_CUDA)

@@ -43,6 +43,11 @@ void accumulate_cuda(const AccumParams& p, const void* x, void* acc, void* works
 // times: O(m^2 + m t) per step, O(k m^2) in all, no inverse.
 //   n0:  R[:,j]^T M R[:,j] at R = S (m doubles);  L0: Tr[M S] (1 double).
 //   out: idx (k int64, the order of selection), obj (k doubles, L after each step).
+// The greedy gain guard (covariance_math.h, greedy_explained): a unit whose residual variance
+// and ridge are both within this many machine epsilons (of cov's dtype) of S_jj scores 0; the
+// bindings pass rel_guard = kGreedyRelGuardEps * eps(dtype) (popcomp's greedy_rel_guard).
+constexpr double kGreedyRelGuardEps = 1e3;
+
 struct GreedyParams {
   int64_t m = 0;
   int64_t k = 0;
