@@ -387,20 +387,27 @@ PYBIND11_MODULE(_C, m) {
         [sumsq_params](uintptr_t g, uintptr_t x, uintptr_t acc, int64_t B, int64_t R, int64_t T,
                        int64_t out, int64_t in, py::tuple gs, py::tuple xs, int g_dtype,
                        int x_dtype, int device, uintptr_t stream, uintptr_t workspace,
-                       size_t workspace_bytes) {
-          check_sumsq("sumsq_outer_cuda", g, x, acc, B, R, T, out, in, gs, xs, g_dtype, x_dtype);
+                       size_t workspace_bytes, int acc_dtype) {
+          check_sumsq("sumsq_outer_cuda", g, x, acc, B, R, T, out, in, gs, xs, g_dtype, x_dtype,
+                      acc_dtype);
           check_device("sumsq_outer_cuda", device);
           // any size (null and 0 too): the splits that fit, one pass without room for two
           auto p = sumsq_params(B, R, T, out, in, gs, xs, g_dtype, x_dtype);
           py::gil_scoped_release release;
-          hessian::sumsq_outer_cuda(p, ptr<const void>(g), ptr<const void>(x), ptr<float>(acc),
-                                    ptr<void>(workspace), workspace_bytes, device,
-                                    ptr<void>(stream));
+          if (acc_dtype == 0)  // float64 acc, g and x
+            hessian::sumsq_outer_cuda_f64(p, ptr<const double>(g), ptr<const double>(x),
+                                          ptr<double>(acc), ptr<void>(workspace),
+                                          workspace_bytes, device, ptr<void>(stream));
+          else
+            hessian::sumsq_outer_cuda(p, ptr<const void>(g), ptr<const void>(x),
+                                      ptr<float>(acc), ptr<void>(workspace), workspace_bytes,
+                                      device, ptr<void>(stream));
         },
         py::arg("g"), py::arg("x"), py::arg("acc"), py::arg("B"), py::arg("R"), py::arg("T"),
         py::arg("out_features"), py::arg("in_features"), py::arg("g_strides"),
         py::arg("x_strides"), py::arg("g_dtype"), py::arg("x_dtype"), py::arg("device"),
-        py::arg("stream"), py::arg("workspace") = 0, py::arg("workspace_bytes") = 0);
+        py::arg("stream"), py::arg("workspace") = 0, py::arg("workspace_bytes") = 0,
+        py::arg("acc_dtype") = 1);
 #endif
 
   // ---- spectral pruning: covariance accumulation and greedy selection --------------------

@@ -75,28 +75,33 @@ def assert_close_maps(h, ref, tol=1e-5):
 
 # ---- the fused op ----------------------------------------------------------------------------
 @pytest.mark.parametrize("B,R,T,o,i", [(5, 1, 1, 70, 130), (3, 2, 7, 65, 3), (4, 3, 1, 10, 100), (2, 1, 9, 33, 64)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("cpu_path", ["kernel", "bmm"])
 def test_sumsq_op_matches_reference(B, R, T, o, i, dtype, devices, cpu_path, monkeypatch):
-    # on CPU, T > 1 takes the compiled kernel or torch's batched GEMM (small out x in): both
+    # on CPU, T > 1 takes the compiled kernel or torch's batched GEMM (small out x in): both;
+    # float64 operands accumulate into a float64 acc (the float64 kernels on CPU and CUDA)
     from popcomp.ops.backends.cpu import sumsq_outer_acc as impl
 
     if cpu_path == "bmm" and (devices != "cpu" or T == 1):
         pytest.skip("the batched-GEMM path is CPU, T > 1")
     monkeypatch.setattr(impl, "_prefer_bmm", lambda *a: cpu_path == "bmm")
     torch.manual_seed(0)
+    f64 = dtype == torch.float64
+    adt = torch.float64 if f64 else torch.float32
     g = torch.randn(B, R, T, o).to(dtype).to(devices)
     x = torch.randn(B, T, i).to(dtype).to(devices)
-    a = torch.rand(o, i, device=devices)
+    a = torch.rand(o, i, device=devices).to(adt)
     b = a.clone()
     torch.ops.popcomp.sumsq_outer_acc(a, g, x)
     sumsq_outer_acc_reference(b, g, x)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+    rtol = 1e-12 if f64 else 1e-5
+    torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()))
     # float64 definition (the ops add to what acc held)
     m = torch.einsum("brto,bti->broi", g.double(), x.double()).square().sum((0, 1))
-    c = torch.zeros(o, i, device=devices)
+    c = torch.zeros(o, i, device=devices, dtype=adt)
     torch.ops.popcomp.sumsq_outer_acc(c, g, x)
-    torch.testing.assert_close(c.double(), m, rtol=1e-4, atol=1e-5 * float(m.abs().max()))
+    rtol = 1e-12 if f64 else 1e-4
+    torch.testing.assert_close(c.double(), m, rtol=rtol, atol=(1e-12 if f64 else 1e-5) * float(m.abs().max()))
 
 
 def test_sumsq_op_definition_and_strides(devices):
@@ -138,37 +143,47 @@ def test_sumsq_op_opcheck_and_errors(devices):
 
 
 @pytest.mark.parametrize("B,R,T,o,i", [(300, 1, 1, 70, 130), (3, 2, 37, 65, 3), (1000, 3, 1, 10, 100), (5, 1, 300, 129, 64)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_sumsq_op_cpu_equals_cuda(B, R, T, o, i, dtype, cuda_device):
-    # (opcheck on CUDA: test_sumsq_op_opcheck_and_errors)
+    # (opcheck on CUDA: test_sumsq_op_opcheck_and_errors); float64: acc, g and x float64, the
+    # CUDA float64 kernel (the sample splits included: few output tiles here) against the CPU's
     torch.manual_seed(0)
+    adt = torch.float64 if dtype == torch.float64 else torch.float32
+    rtol, atol = (1e-12, 1e-13) if dtype == torch.float64 else (1e-4, 1e-5)
     g = torch.randn(B, R, T, o).to(dtype)
     x = torch.randn(B, T, i).to(dtype)
-    a = torch.rand(o, i)
+    a = torch.rand(o, i, dtype=adt)
     c = a.to(cuda_device)
     torch.ops.popcomp.sumsq_outer_acc(a, g, x)
     torch.ops.popcomp.sumsq_outer_acc(c, g.to(cuda_device), x.to(cuda_device))
-    torch.testing.assert_close(c.cpu(), a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    assert c.dtype == adt
+    torch.testing.assert_close(c.cpu(), a, rtol=rtol, atol=atol * float(a.abs().max()))
     # strided (conv-like) operands
     gt = g.transpose(2, 3).contiguous().transpose(2, 3)
-    c2 = torch.zeros(o, i, device=cuda_device)
-    a2 = torch.zeros(o, i)
+    c2 = torch.zeros(o, i, device=cuda_device, dtype=adt)
+    a2 = torch.zeros(o, i, dtype=adt)
     torch.ops.popcomp.sumsq_outer_acc(c2, gt.to(cuda_device), x.to(cuda_device))
     torch.ops.popcomp.sumsq_outer_acc(a2, gt, x)
-    torch.testing.assert_close(c2.cpu(), a2, rtol=1e-4, atol=1e-5 * float(a2.abs().max()))
+    torch.testing.assert_close(c2.cpu(), a2, rtol=rtol, atol=atol * float(a2.abs().max()))
+    if dtype == torch.float64:  # the float64 kernel, not the reference: repeated runs agree bit for bit
+        c3 = torch.zeros(o, i, device=cuda_device, dtype=adt)
+        torch.ops.popcomp.sumsq_outer_acc(c3, gt.to(cuda_device), x.to(cuda_device))
+        assert torch.equal(c3, c2)
 
 
 @pytest.mark.parametrize("T", [1, 2])
-def test_sumsq_op_cuda_more_than_65535_row_tiles(T, cuda_device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sumsq_op_cuda_more_than_65535_row_tiles(T, dtype, cuda_device):
     # 65535 * 64 + 70 output rows: 65537 tiles of 64 rows, past the gridDim.y limit (it raised)
     o, i, B = 65535 * 64 + 70, 3, 2
     torch.manual_seed(0)
-    g = torch.randn(B, 1, T, o, device=cuda_device)
-    x = torch.randn(B, T, i, device=cuda_device)
-    c = torch.zeros(o, i, device=cuda_device)
+    g = torch.randn(B, 1, T, o, device=cuda_device, dtype=dtype)
+    x = torch.randn(B, T, i, device=cuda_device, dtype=dtype)
+    c = torch.zeros(o, i, device=cuda_device, dtype=dtype)
     torch.ops.popcomp.sumsq_outer_acc(c, g, x)
     want = (torch.einsum("brto,bti->broi", g.double(), x.double()) ** 2).sum((0, 1))
-    torch.testing.assert_close(c.double(), want, rtol=1e-4, atol=1e-4)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(c.double(), want, rtol=tol, atol=tol)
     assert bool((c[-70:] > 0).all())  # the rows of the last tiles were written
 
 
