@@ -34,12 +34,14 @@ OUT_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Row chunks of 2 KiB in the chunked paths (backward, decode + GEMM), so that small test
-    layers take several chunks, and the CPU's decode + GEMM path from batch 9 on."""
+    layers take several chunks, and the CPU's decode + GEMM path from batch 9 on (in place of
+    the AVX-512 large-batch kernel, which test_large_batch_kernel covers)."""
     from popcomp.ops.backends.cpu import palettized as cpu_pal
     from popcomp.ops.backends.reference import palettized as ref
 
     monkeypatch.setattr(ref, "CHUNK_BYTES", 2048)
     monkeypatch.setattr(cpu_pal, "GEMM_MIN_M", 8)
+    monkeypatch.setattr(cpu_pal, "has_large_batch_kernel", lambda: False)
     try:
         from popcomp.ops.backends.cuda import palettized as cuda_pal
     except ImportError:
@@ -212,6 +214,23 @@ def test_linear_every_batch_size(devices, bits, gran, n, small_chunks):
             x = torch.randn(M, n, device=devices).to(dt)
             assert_linear_close(OPS.palettized_linear(x, packed, cb, bias, bits, n, gs), x, W,
                                 bias, dt, w_eps)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("gran,n", [("channel", 100), ("g50", 130), ("g32", 300), ("tensor", 33)])
+def test_large_batch_kernel(devices, bits, gran, n):
+    # batches from 31 rows on: on an AVX-512 CPU the compiled large-batch kernel (panels of 12
+    # weight rows, tiles of 32 x rows, sums in blocks of 256 inputs), elsewhere decode + GEMM
+    packed, cb, gs, W = make_weight(29, n, bits, gran, torch.float16, devices, seed=bits)
+    bias = torch.randn(29, device=devices)
+    for M, dt in ((31, torch.float32), (32, torch.float32), (33, torch.bfloat16),
+                  (64, torch.float16), (97, torch.float32), (130, torch.float32)):
+        base = torch.randn(M, n + 3, device=devices).to(dt)
+        x = base[:, 1 : n + 1]  # rows n + 3 apart
+        for b in (bias, None):
+            w_eps = OUT_EPS[dt] if devices == "cuda" and dt != torch.float32 else 0.0
+            y = OPS.palettized_linear(x, packed, cb, b, bits, n, gs)
+            assert_linear_close(y, x, W, b, dt, w_eps)
 
 
 def test_linear_reads_non_contiguous_x(devices):

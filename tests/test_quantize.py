@@ -139,14 +139,15 @@ def test_save_load_roundtrip_bit_exact(tmp_path):
     assert torch.equal(model(*x), out)
 
 
-def test_dequantize_restores_dense_modules():
-    from popcomp.ops.backends.cpu.palettized import GEMM_MIN_M
+def test_dequantize_restores_dense_modules(monkeypatch):
+    from popcomp.ops.backends.cpu import palettized as cpu_pal
 
     model = _net()
-    # a batch above GEMM_MIN_M: the palettized Linear decodes its weight and runs the dense
-    # GEMM, so the dense module's output is bit-identical (the compiled LUT matmul of smaller
-    # batches sums in another order)
-    x, _ = _data(n=GEMM_MIN_M + 1)
+    # a batch above GEMM_MIN_M on the decode + GEMM path: the palettized Linear decodes its
+    # weight and runs the dense GEMM, so the dense module's output is bit-identical (the
+    # compiled LUT matmul sums in another order)
+    monkeypatch.setattr(cpu_pal, "has_large_batch_kernel", lambda: False)
+    x, _ = _data(n=cpu_pal.GEMM_MIN_M + 1)
     popcomp.quantize_(model, popcomp.PalettizeConfig(bits=2), filter_fn=lambda m, n: n in ("fc", "c2"))
     assert isinstance(model.fc, PalettizedLinear) and type(model.c1) is nn.Conv1d
     out = model(*x)

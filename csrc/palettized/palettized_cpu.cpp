@@ -541,6 +541,7 @@ void pack_x_row(const void* x, DType dt, int64_t in, int64_t xs, float* dst) {
 }
 #include "palettized/palettized_kernels.inc"
 #undef PC_PAL_LANE_ORDER
+#include "palettized/palettized_outer.inc"
 }  // namespace isa_avx512
 #pragma GCC pop_options
 #endif  // PC_PAL_X86
@@ -553,6 +554,8 @@ struct IsaOps {
   DecodeFn (*decode)(int bits, DType dt, bool general);
   void (*pack)(const void* x, DType dt, int64_t in, int64_t xs, float* dst);
   void (*order)(int bits, bool general, int64_t xs, float* row);
+  // the large-batch kernel (palettized_outer.inc), where this ISA has one
+  void (*outer)(const Layout& L, const LinearArgs& a, int nt);
 };
 
 Isa detect_isa() {
@@ -579,11 +582,14 @@ IsaOps ops_for(Isa isa) {
   if ((int)isa > (int)have) isa = have;
 #if defined(PC_PAL_X86)
   if (isa == Isa::avx512)
-    return {&isa_avx512::pick_linear, &isa_avx512::pick_decode, &isa_avx512::pack_x_row, &isa_avx512::order_x_row};
+    return {&isa_avx512::pick_linear, &isa_avx512::pick_decode, &isa_avx512::pack_x_row,
+            &isa_avx512::order_x_row, &isa_avx512::linear_outer};
   if (isa == Isa::avx2)
-    return {&isa_avx2::pick_linear, &isa_avx2::pick_decode, &isa_avx2::pack_x_row, &isa_avx2::order_x_row};
+    return {&isa_avx2::pick_linear, &isa_avx2::pick_decode, &isa_avx2::pack_x_row,
+            &isa_avx2::order_x_row, nullptr};
 #endif
-  return {&isa_portable::pick_linear, &isa_portable::pick_decode, &isa_portable::pack_x_row, &isa_portable::order_x_row};
+  return {&isa_portable::pick_linear, &isa_portable::pick_decode, &isa_portable::pack_x_row,
+          &isa_portable::order_x_row, nullptr};
 }
 
 int threads_for(int num_threads, int64_t work) {
@@ -595,11 +601,18 @@ int threads_for(int num_threads, int64_t work) {
 int dtype_size(DType t) { return t == DType::f64 ? 8 : t == DType::f32 ? 4 : 2; }
 
 constexpr int64_t kMaxBatch = 8;  // x rows per pass over the weight
+// From this many rows of x, the large-batch kernel where the ISA has one (palettized_outer.inc)
+constexpr int64_t kOuterMinM = 32;
 
 void linear_with(Isa isa, const Params& p, const LinearArgs& a, int num_threads) {
   check_linear(p, a, "palettized_linear_cpu");
   if (a.M == 0 || p.rows == 0) return;
   const IsaOps ops = ops_for(isa);
+  if (ops.outer && a.M >= kOuterMinM) {
+    const Layout L = make_layout(p, a.packed, a.codebook);
+    ops.outer(L, a, threads_for(num_threads, p.rows));
+    return;
+  }
   Ctx c;
   static_cast<Layout&>(c) = make_layout(p, a.packed, a.codebook);
   // rows of the x buffer one cache line longer than the padded row: at a power-of-two stride

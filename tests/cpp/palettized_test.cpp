@@ -427,8 +427,11 @@ void run_case(const Case& c, Isa isa, std::mt19937_64& g) {
         sa += std::fabs(b);
       }
       const double got = from_bits(y.data, c.xt, m * c.rows + r);
-      // fp32 sums of at most in / 16 + 32 terms per lane, then the output rounding
-      const double tol = (double)(c.in / 16 + 40) * 1.2e-7 * sa + eps_out * std::fabs(s) + 1e-30;
+      // fp32 sums of at most in / 16 + 32 terms per lane (the row kernels), or of 256 terms
+      // and then in / 256 partial sums (the AVX-512 large-batch kernel, palettized_outer.inc),
+      // then the output rounding
+      const int64_t terms = std::max<int64_t>(c.in / 16 + 40, std::min<int64_t>(c.in, 256) + c.in / 256 + 8);
+      const double tol = (double)terms * 1.2e-7 * sa + eps_out * std::fabs(s) + 1e-30;
       const bool ok = std::isfinite(got) && std::fabs(got - s) <= tol;
       if (!ok) ++bad;
       CHECK(ok, "linear %s: y[%lld, %lld] = %.9g, want %.9g (tol %.3g)", what.c_str(),
@@ -567,7 +570,8 @@ int main(int argc, char** argv) {
   std::printf("\n");
 
   const int64_t ins[] = {0, 1, 17, 31, 32, 33, 100, 4101};
-  const int64_t Ms[] = {1, 2, 3, 8, 16, 17};
+  // (from 32 rows on, the AVX-512 path runs the large-batch kernel)
+  const int64_t Ms[] = {1, 2, 3, 8, 16, 17, 32, 45};
   const DType xts[] = {DType::f32, DType::f16, DType::bf16};
   const int64_t groups[] = {32, 128, 7, 50};
   std::mt19937_64 g(2024);
@@ -584,7 +588,7 @@ int main(int argc, char** argv) {
           c.gran = gran < 2 ? gran : 2;
           c.group = gran < 2 ? 0 : groups[gran - 2];
           c.in = in;
-          c.M = Ms[ncase % 6];
+          c.M = Ms[ncase % 8];
           c.rows = in > 1000 ? 3 + ncase % 4 : 1 + ncase % 11;
           c.xt = xts[(ncase / 6) % 3];
           c.cbt = (ncase / 2) % 2 ? DType::f16 : DType::f32;
@@ -599,7 +603,7 @@ int main(int argc, char** argv) {
       }
     }
     // every batch size with every activation dtype on one shape per granularity
-    for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33})
+    for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 97})
       for (DType xt : xts)
         for (int gran = 0; gran < 3; ++gran) {
           Case c;
@@ -608,7 +612,7 @@ int main(int argc, char** argv) {
           c.gran = gran;
           c.group = 64;
           c.in = 96 + 7;
-          c.rows = 13;
+          c.rows = M % 2 ? 13 : 37;  // (panels of 12 rows in the large-batch kernel)
           c.M = M;
           c.xt = xt;
           c.cbt = M % 2 ? DType::f16 : DType::f32;
@@ -621,6 +625,28 @@ int main(int argc, char** argv) {
           ++ncase;
         }
   }
+  // the large-batch kernel's chunks of x rows (about 1 MiB of X^T: 32 rows at 4101 inputs)
+  // and its blocks of 256 inputs, over several panels and threads
+  for (Isa isa : isas)
+    for (int bits : {2, 3, 4, 8})
+      for (int gran = 0; gran < 3; ++gran) {
+        Case c;
+        c.bits = bits;
+        c.k = 1 << bits;
+        c.gran = gran;
+        c.group = 128;
+        c.in = 4101;
+        c.rows = 25;
+        c.M = 70;
+        c.xt = xts[bits % 3];
+        c.cbt = gran == 1 ? DType::f16 : DType::f32;
+        c.bias = gran != 0;
+        c.bt = DType::f32;
+        c.x_pad = 1;
+        c.threads = 2;
+        run_case(c, isa, g);
+        ++ncase;
+      }
   std::printf("cases %d, checks %d, failures %d\n", ncase, checks, failures);
   return failures == 0 ? 0 : 1;
 }

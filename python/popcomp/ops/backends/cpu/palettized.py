@@ -1,13 +1,17 @@
-"""The CPU kernels of popcomp::palettized_linear and popcomp::palettized_decode (the compiled lookup-table kernels; torch's GEMM on decoded row chunks for large batches), and the compiled core's arguments for both devices.
+"""The CPU kernels of popcomp::palettized_linear and popcomp::palettized_decode (the compiled lookup-table kernels; torch's GEMM on decoded row chunks for large batches without AVX-512), and the compiled core's arguments for both devices.
 
-Batches of up to ``GEMM_MIN_M`` rows run the compiled matmul, which reads the packed indices
-and the codebooks directly (each decoded block serves every row of x). Larger batches are
-compute bound: chunks of weight rows (``CHUNK_BYTES`` of float32 each) are decoded by the
-compiled decode kernel into one buffer and multiplied by torch's BLAS GEMM straight into the
-output's columns, so the extra memory stays one chunk whatever the layer size.
+The compiled matmul reads the packed indices and the codebooks directly. On a CPU with
+AVX-512 it serves every batch: from 32 rows of x on, its large-batch kernel decodes panels of
+12 weight rows into a buffer of its own and runs them as register-blocked outer products at
+about the FMA peak. Elsewhere batches above ``GEMM_MIN_M`` rows are compute bound and the
+row kernels' 8-row passes fall behind a BLAS GEMM: chunks of weight rows (``CHUNK_BYTES`` of
+float32 each) are decoded by the compiled decode kernel into one buffer and multiplied by
+torch's GEMM straight into the output's columns, so the extra memory stays one chunk whatever
+the layer size.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -18,7 +22,7 @@ from ..._library import LIB
 from ...checks import check_palettized_decode, check_palettized_linear
 from ..reference.palettized import chunk_rows
 
-__all__ = ["GEMM_MIN_M", "params", "linear_args", "decode_args", "palettized_linear_cpu",
+__all__ = ["GEMM_MIN_M", "has_large_batch_kernel", "params", "linear_args", "decode_args", "palettized_linear_cpu",
            "palettized_decode_cpu"]
 
 # Batches above this many rows take the decode + GEMM path. Measured on the 2-core AVX-512
@@ -27,6 +31,13 @@ __all__ = ["GEMM_MIN_M", "params", "linear_args", "decode_args", "palettized_lin
 # against 12.5 ms, dense 31 ms; Linear(384, 1536) batch 64: 0.59 ms against 0.74 ms) and behind
 # from about 128 (Linear(384, 1536) batch 128: 1.15 ms against 1.04 ms, dense 0.81 ms).
 GEMM_MIN_M = 96
+
+
+@functools.lru_cache(maxsize=None)
+def has_large_batch_kernel() -> bool:
+    """Whether the compiled CPU matmul has its large-batch kernel (an AVX-512 CPU)."""
+    C = compiled()
+    return C is not None and getattr(C, "palettized_cpu_isa", lambda: "")() == "avx512"
 
 
 # ---- the compiled core's arguments (shared with the CUDA kernels) ---------------------------
@@ -122,7 +133,7 @@ def palettized_linear_cpu(x, packed, codebook, bias, bits, in_features, group_si
         C = compiled()
         packed, codebook = packed.contiguous(), codebook.contiguous()  # (views: no copy)
         bias = bias.contiguous() if bias is not None else None
-        if M > GEMM_MIN_M:
+        if M > GEMM_MIN_M and not has_large_batch_kernel():
             def decode(out, r0, n):
                 C.palettized_decode_cpu(**decode_args(packed, codebook, bits, in_features,
                                                       group_size, out, r0, n),
