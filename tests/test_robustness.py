@@ -111,16 +111,18 @@ def test_thread_cap_values():
 
 
 # ---- K-means on badly scaled data: brute force ----------------------------------------------
+# (on every device: the CUDA kernels rescale a badly scaled row as the CPU solver does)
 
 @pytest.mark.parametrize("wscale", [1e200, 1e-200, 1e300, 1e-300, 2.0**-1070])
 @pytest.mark.parametrize("trial", range(3))
-def test_exact_extreme_weight_scales_brute_force(wscale, trial):
+def test_exact_extreme_weight_scales_brute_force(wscale, trial, devices):
     g = torch.Generator().manual_seed(trial)
     x = torch.randn(9, generator=g, dtype=torch.float64)
     w = torch.rand(9, generator=g, dtype=torch.float64) + 0.5
     ws = w * wscale
     w = ws / wscale  # (subnormal weights hold fewer bits)
     ref = kmeans_brute_force_cost(x.tolist(), w.tolist(), 3)
+    x, w, ws = x.to(devices), w.to(devices), ws.to(devices)
     r = popcomp.kmeans1d(x, 3, ws, method="exact")
     assert torch.isfinite(r.centers).all()
     # the cost scales with the weights; the optimal centers do not
@@ -131,8 +133,8 @@ def test_exact_extreme_weight_scales_brute_force(wscale, trial):
     assert torch.equal(r.labels, r1.labels)
 
 
-def test_exact_weights_near_float64_max():
-    x = torch.randn(12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+def test_exact_weights_near_float64_max(devices):
+    x = torch.randn(12, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(devices)
     r = popcomp.kmeans1d(x, 4, torch.full_like(x, 1e308), method="exact")
     r1 = popcomp.kmeans1d(x, 4, method="exact")
     assert torch.isfinite(r.centers).all()
@@ -144,11 +146,12 @@ def test_exact_weights_near_float64_max():
 
 @pytest.mark.parametrize("vscale", [1e150, 1e-150, 1e-300, 2.0**-1060])
 @pytest.mark.parametrize("trial", range(3))
-def test_exact_extreme_value_scales_brute_force(vscale, trial):
+def test_exact_extreme_value_scales_brute_force(vscale, trial, devices):
     g = torch.Generator().manual_seed(10 + trial)
     x = torch.randn(9, generator=g, dtype=torch.float64) * vscale
     w = torch.rand(9, generator=g, dtype=torch.float64) + 0.5
     ref = kmeans_brute_force_cost(x.tolist(), w.tolist(), 3)
+    x, w = x.to(devices), w.to(devices)
     r = popcomp.kmeans1d(x, 3, w, method="exact")
     assert float(r.cost) == pytest.approx(ref, rel=1e-9, abs=0)
     # every value lands on its nearest center
@@ -156,13 +159,13 @@ def test_exact_extreme_value_scales_brute_force(vscale, trial):
     assert torch.equal(d.argmin(1).int(), r.labels)
 
 
-def test_exact_values_spanning_the_range():
-    x = torch.tensor([1e200, -1e200, 0.0, 5.0], dtype=torch.float64)
+def test_exact_values_spanning_the_range(devices):
+    x = torch.tensor([1e200, -1e200, 0.0, 5.0], dtype=torch.float64, device=devices)
     r = popcomp.kmeans1d(x, 3, method="exact")
     assert float(r.cost) == pytest.approx(12.5, rel=1e-15)
     assert r.centers.tolist() == [-1e200, 2.5, 1e200]
     assert r.labels.tolist() == [2, 0, 1, 1]
-    x = torch.tensor([-1.5e308, 1.5e308, 1e-300, 3e-300], dtype=torch.float64)
+    x = torch.tensor([-1.5e308, 1.5e308, 1e-300, 3e-300], dtype=torch.float64, device=devices)
     r = popcomp.kmeans1d(x, 3, method="exact")
     assert r.centers[[0, 2]].tolist() == [-1.5e308, 1.5e308]
     assert float(r.centers[1]) == pytest.approx(2e-300, rel=1e-15)
@@ -172,8 +175,8 @@ def test_exact_values_spanning_the_range():
 
 @pytest.mark.parametrize("method", ["exact", "lloyd"])
 @pytest.mark.parametrize("diameter", ["squared", "linear"])
-def test_huge_beta_collapses_with_finite_cost(method, diameter):
-    x = torch.randn(50, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+def test_huge_beta_collapses_with_finite_cost(method, diameter, devices):
+    x = torch.randn(50, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(devices)
     r = popcomp.kmeans1d(x, 4, beta=1e308, method=method, diameter=diameter, seed=0)
     assert torch.isfinite(r.cost)
     assert float(r.centers.max() - r.centers.min()) == 0.0
@@ -182,16 +185,70 @@ def test_huge_beta_collapses_with_finite_cost(method, diameter):
     assert float(r.cost) >= float(((x - x.mean()) ** 2).sum()) * (1 - 1e-12)
 
 
-def test_lloyd_invariant_to_power_of_two_scales():
+def test_lloyd_invariant_to_power_of_two_scales(devices):
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 500, generator=g, dtype=torch.float64)
-    w = torch.rand(3, 500, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 500, generator=g, dtype=torch.float64).to(devices)
+    w = torch.rand(3, 500, generator=g, dtype=torch.float64).to(devices)
     r = popcomp.kmeans1d(x, 5, w, method="lloyd", init="linear")
     s = 2.0 ** 700
     rs = popcomp.kmeans1d(x * s, 5, w / s, method="lloyd", init="linear")
     assert torch.equal(r.labels, rs.labels)
     torch.testing.assert_close(rs.centers / s, r.centers, rtol=1e-12, atol=0)
     torch.testing.assert_close(rs.cost / s, r.cost, rtol=1e-12, atol=0)
+
+
+def _badly_scaled_rows(n, seed):
+    """Rows of n float64 values and weights: plain ones and ones far outside [2^-100, 2^100]
+    (values, weights or both), so that one call mixes scaled and unscaled rows."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, n, generator=g, dtype=torch.float64)
+    w = torch.rand(6, n, generator=g, dtype=torch.float64) + 0.25
+    x[1] *= 1e150
+    w[2] *= 1e-200
+    x[3] *= 1e-150
+    w[3] *= 1e250
+    x[4] *= 1e-120
+    w[4] *= 1e120
+    x[5] *= 2.0**-480
+    return x, w
+
+
+@pytest.mark.parametrize("n", [40, 5000])  # 5000 > 4096: the CUDA cost sums chunks of values
+@pytest.mark.parametrize("method, beta, init", [("exact", 0.0, None), ("exact", 1e-3, None),
+                                                ("lloyd", 0.0, "linear"), ("lloyd", 0.0, "given"),
+                                                ("lloyd", 2.0, "quantile"), ("lloyd", 0.0, "kmeans++")])
+def test_badly_scaled_rows_cpu_equals_cuda(n, method, beta, init, cuda_device):
+    x, w = _badly_scaled_rows(n, 7)
+    k = 5
+    kw = dict(method=method, beta=beta, seed=0)
+    if init == "given":
+        kw["init"] = torch.sort(x[:, :: n // k][:, :k], dim=1).values
+    elif init is not None:
+        kw["init"] = init
+    rc = popcomp.kmeans1d(x, k, w, **kw)
+    if init == "given":
+        kw["init"] = kw["init"].to(cuda_device)
+    rg = popcomp.kmeans1d(x.to(cuda_device), k, w.to(cuda_device), **kw)
+    assert torch.isfinite(rg.centers).all() and torch.isfinite(rg.cost).all()
+    torch.testing.assert_close(rg.centers.cpu(), rc.centers, rtol=1e-9, atol=0)
+    torch.testing.assert_close(rg.cost.cpu(), rc.cost, rtol=1e-8, atol=0)
+    same = (rg.labels.cpu() == rc.labels).double().mean().item()
+    assert same >= (1.0 if n <= 4096 else 0.9999), same
+    assert torch.equal(rg.n_iter.cpu(), rc.n_iter)
+
+
+@pytest.mark.parametrize("k", [3, 8])  # 8 >= the 6 distinct values: every value its own center
+def test_badly_scaled_few_values_cpu_equals_cuda(k, cuda_device):
+    x = torch.tensor([[1e200, -1e200, 0.0, 5.0, 5.0, 7.0], [1e-300, 3e-300, 2e-300, 1e-300, 0.0, 4e-300]],
+                     dtype=torch.float64)
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [1e250, 1.0, 1e-250, 3.0, 2.0, 1.0]],
+                     dtype=torch.float64)
+    for method in ("exact", "lloyd"):
+        rc = popcomp.kmeans1d(x, k, w, method=method, seed=0)
+        rg = popcomp.kmeans1d(x.to(cuda_device), k, w.to(cuda_device), method=method, seed=0)
+        torch.testing.assert_close(rg.centers.cpu(), rc.centers, rtol=1e-12, atol=0)
+        assert torch.equal(rg.labels.cpu(), rc.labels)
+        torch.testing.assert_close(rg.cost.cpu(), rc.cost, rtol=1e-12, atol=0)
 
 
 # ---- the workspace bound --------------------------------------------------------------------

@@ -35,6 +35,7 @@
 #include "kmeans/kmeans.h"
 #include "kmeans/kmeans_math.h"
 #include "kmeans/lloyd_cpu.h"
+#include "kmeans/scale.h"
 #include "kmeans/workspace.h"
 
 namespace popcomp {
@@ -45,42 +46,8 @@ constexpr int64_t kHistMin = 32768;  // 16-bit inputs at least this long use the
 constexpr int64_t kScatterMax = int64_t(1) << 18;  // up to this n, labels by the sort permutation
 
 // Problems whose values or weights lie outside [2^-kScaleExp, 2^kScaleExp] in magnitude are
-// solved on values and weights scaled by powers of two (exact), so that no sum of squares
-// over- or underflows: the optimal labels are invariant to a positive scale of the weights
-// and to an affine map of the values; centers and the cost are mapped back.
-constexpr int kScaleExp = 100;
-
-// Exponent e with 2^(e-1) <= |a| < 2^e (0 for a = 0).
-inline int exponent_of(double a) {
-  int e = 0;
-  std::frexp(a, &e);
-  return a == 0.0 ? 0 : e;
-}
-
-// Sum of r_t^2 without over- or underflow (LAPACK's dnrm2 scaling): the value is
-// scale^2 * ssq.
-struct ScaledSumSq {
-  double scale = 0.0, ssq = 1.0;
-  void add(double r) {
-    r = std::fabs(r);
-    if (r == 0.0) return;
-    if (scale < r) {
-      const double q = scale / r;
-      ssq = 1.0 + ssq * q * q;
-      scale = r;
-    } else {
-      const double q = r / scale;
-      ssq += q * q;
-    }
-  }
-  // scale^2 * ssq * 2^e, rounded once at the end (inf only when the value exceeds the range)
-  double value_times_pow2(int e) const {
-    if (scale == 0.0) return 0.0;
-    int es = 0;
-    const double m = std::frexp(scale, &es);
-    return std::ldexp(m * m * ssq, 2 * es + e);
-  }
-};
+// solved on values and weights scaled by powers of two: kScaleExp, exponent_of, ScaledSumSq and
+// scaled_beta in scale.h (shared with the CUDA kernels).
 
 // Branchless count of the sorted midpoints (padded with +inf to P - 1 entries, P a power of
 // two) strictly below x: the nearest-center label, ties to the lower center.

@@ -9,10 +9,12 @@
 //      carrying the index, and a gather of keys and weights -> run heads -> inclusive scan
 //      (integers) -> run starts; the weights of equal values summed in a fixed order
 //      (fixed_sums.h: pieces of kSumChunk elements from the run's start, then the pieces).
-//   B. per run: value, row; per row: u, shift = v[u/2]; shifted values and the prefix sums
-//      s0, s1, s2 (length u+1 per row) in a fixed order (fixed_sums.h: chunks of kSumChunk
-//      values, chunk offsets per row in sequence). Bit-identical run to run, and equal to the
-//      CPU's sequential sums for rows of at most kSumChunk distinct values.
+//   B. per run: value, row; per row: u, the largest weight (CUB max reductions), the power-of-
+//      two scale of a badly scaled row (scale.h: values or weights outside [2^-100, 2^100] in
+//      magnitude; as the CPU backend), shift = v[u/2]; scaled shifted values and weights, and
+//      the prefix sums s0, s1, s2 (length u+1 per row) in a fixed order (fixed_sums.h: chunks of
+//      kSumChunk values, chunk offsets per row in sequence). Bit-identical run to run, and equal
+//      to the CPU's sequential sums for rows of at most kSumChunk distinct values.
 //   C. method exact: the DP  D_m(i) = min_{m<=j<=i} D_{m-1}(j-1) + seg_cost(j, i+1)  per
 //      layer by the monotone-argmin divide and conquer of the reference (same recursion:
 //      mid = (lo+hi)/2, columns [clo, min(chi, mid)], ties -> smallest j), evaluated level by
@@ -23,11 +25,17 @@
 //      (partials reduced in order). The boundaries are backtracked per chunk into the rows'
 //      scratch, so the argmin arrays hold one chunk only.
 //   D. one warp per problem: k >= u / exact boundaries / init (lane 0), lloyd with the
-//      assignment searches spread over the lanes (same results as kmeans_math.h's lloyd),
-//      then unshift and midpoints.
+//      assignment searches spread over the lanes (same results as kmeans_math.h's lloyd; a
+//      scaled row with the rescaled beta), then unshift (and unscale) and midpoints. A scaled
+//      row that runs no Lloyd step takes its centers in the original coordinates (k >= u: the
+//      values; exact: each segment's weighted mean as a convex combination, one lane per
+//      center), as the CPU backend.
 //   E. labels from the original x (nearest center, ties to the lower one); cost from the
 //      distinct values, sum_g W_g (v_g - c_label)^2 in the shifted coordinates as the CPU
-//      backend computes it, per-row sums by CUB reductions, plus the diameter penalty.
+//      backend computes it, per-row sums by CUB reductions, plus the diameter penalty. A scaled
+//      row's cost is summed without over- or underflow (scale.h's ScaledSumSq, in chunks of
+//      kSumChunk values merged in chunk order: the CPU's sequential sum for rows of at most
+//      kSumChunk distinct values) and mapped back.
 //
 // Workspace: one buffer from the caller, carved by a Plan computed from Params and the DP
 // budget only, so that cuda_workspace_bytes() and run_cuda() agree. Upper bounds used: total
@@ -51,6 +59,7 @@
 #include "kmeans/kmeans_math.h"
 #include "kmeans/dp_levels.h"
 #include "kmeans/fixed_sums.h"
+#include "kmeans/scale.h"
 #include "kmeans/sort_keys.h"
 
 namespace popcomp {
@@ -94,8 +103,8 @@ struct Plan {
   int Lmax = 0;         // recursion levels of the DP divide and conquer
   size_t cub_bytes = 0;
   // persistent region
-  size_t o_ustart = 0, o_nruns = 0, o_shift = 0, o_mids = 0, o_cs = 0, o_scratch = 0,
-         o_vo = 0, o_vs = 0,
+  size_t o_ustart = 0, o_nruns = 0, o_shift = 0, o_wmax = 0, o_rscale = 0, o_mids = 0, o_cs = 0,
+         o_scratch = 0, o_vo = 0, o_vs = 0,
          o_W = 0, o_runrow = 0, o_S0 = 0, o_S1 = 0, o_S2 = 0, o_cub = 0, o_temp = 0;
   // phase A (sort / dedup), relative to o_temp
   size_t a_kA = 0, a_kB = 0, a_wA = 0, a_wB = 0, a_pos = 0, a_runpos = 0, a_pend = 0,
@@ -104,8 +113,8 @@ struct Plan {
   size_t b_tot = 0, b_end = 0;
   // phase C (DP)
   size_t c_D0 = 0, c_D1 = 0, c_J = 0, c_part = 0, c_end = 0;
-  // phase E (cost)
-  size_t e_cost = 0, e_end = 0;
+  // phase E (cost; ssq: the scaled rows' chunk sums, nsc per row)
+  size_t e_cost = 0, e_ssq = 0, e_end = 0;
   size_t total = 0;
 };
 
@@ -255,26 +264,40 @@ __global__ void runs_kernel(const ST* keys, const int64_t* runpos, const int64_t
       vo[g] = 0.0;
       vs[g] = 0.0;
       runrow[g] = (int32_t)rows;  // no row: past the last run
-      if (!weighted) W[g] = 0.0;
+      W[g] = 0.0;  // (one row: the max reduction of the weights runs over all U entries)
     }
   }
 }
 
+// Per row: the scale (from the largest |value|, at either end of the sorted values, and the
+// largest weight wmax) and the shift, the middle value in the scaled coordinates.
 __global__ void shift_kernel(const int64_t* ustart, int64_t rows, const double* vs,
-                             double* shift) {
+                             const double* wmax, RowScale* rscale, double* shift) {
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows;
        r += (int64_t)gridDim.x * blockDim.x) {
     const int64_t b = ustart[r], u = ustart[r + 1] - b;
-    shift[r] = vs[b + u / 2];
+    const double v0 = fabs(vs[b]), v1 = fabs(vs[b + u - 1]);
+    const RowScale rs = row_scale(v0 < v1 ? v1 : v0, wmax[r]);
+    rscale[r] = rs;
+    const double m = vs[b + u / 2];
+    shift[r] = rs.ev != 0 ? ldexp(m, rs.ev) : m;
   }
 }
 
+// The values scaled and shifted, the weights scaled (powers of two: exact but for underflow,
+// as on the CPU).
 __global__ void shift_values_kernel(const int64_t* nruns, const int32_t* runrow,
-                                    const double* shift, double* vs) {
+                                    const RowScale* rscale, const double* shift, double* vs,
+                                    double* W) {
   const int64_t R = *nruns;
   for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < R;
-       g += (int64_t)gridDim.x * blockDim.x)
-    vs[g] = vs[g] - shift[runrow[g]];
+       g += (int64_t)gridDim.x * blockDim.x) {
+    const int32_t r = runrow[g];
+    const RowScale rs = rscale[r];
+    const double v = vs[g];
+    vs[g] = (rs.ev != 0 ? ldexp(v, rs.ev) : v) - shift[r];
+    if (rs.ew != 0) W[g] = ldexp(W[g], rs.ew);
+  }
 }
 
 // Prefix sums in a fixed order (fixed_sums.h): thread id = (row, chunk) of nsc chunks per row.
@@ -470,9 +493,12 @@ struct SolveArgs {
   size_t scratch_stride;
   double* centers;
   double* mids;
-  double* cs;  // sorted centers in the shifted coordinates (for the cost)
+  double* cs;  // sorted centers in the shifted coordinates (scaled rows: scaled, unshifted)
   int64_t* n_iter;
   double* shift;
+  const RowScale* rscale;
+  const double* vo;  // the original distinct values
+  const double* W;   // their (scaled) weights
 };
 
 // kmeans_math.h's lloyd() run by one warp: the k - 1 binary searches of the assignment step
@@ -510,7 +536,8 @@ __device__ int lloyd_warp(const Prefix& P, int k, double* c, double beta, Diamet
   return it;
 }
 
-// One warp per problem (lane 0 does the O(k) and O(k^2) parts, the lanes the searches).
+// One warp per problem (lane 0 does the O(k) and O(k^2) parts, the lanes the searches). The
+// steps of the CPU backend's solve() (kmeans_cpu.cpp), scaled rows included.
 __device__ void solve_row(const SolveArgs& a, int64_t r, int lane) {
   const int k = a.k;
   int64_t base;
@@ -527,27 +554,44 @@ __device__ void solve_row(const SolveArgs& a, int64_t r, int lane) {
   s.cumS = s.cumH + (k + 1);
   s.act = reinterpret_cast<int*>(s.cumS + (k + 1));
   double* c = a.centers + r * k;
+  const RowScale rs = a.rscale[r];
+  const bool scaled = rs.scaled();
+  // the penalty of the scaled problem (its objective is the original one times 2^(ew + 2 ev))
+  const double beta =
+      scaled && a.beta > 0.0 ? scaled_beta(a.beta, a.diameter, rs.ev, rs.ew) : a.beta;
   const bool all_values = (int64_t)k >= u;
-  const bool run_lloyd = all_values || a.method == Method::exact ? a.beta > 0.0 : true;
+  const bool exact = a.method == Method::exact;
+  const bool run_lloyd = all_values || exact ? beta > 0.0 : true;
+  // a scaled row without Lloyd steps: its centers formed in the original coordinates
+  const bool direct = scaled && !run_lloyd;
   if (lane == 0) {
     if (all_values) {
-      for (int j = 0; j < k; ++j) c[j] = P.v[(int64_t)j < u ? j : u - 1];
-    } else if (a.method == Method::exact) {
+      if (direct) {  // every value its own center, exactly
+        for (int j = 0; j < k; ++j) c[j] = a.vo[base + ((int64_t)j < u ? j : u - 1)];
+      } else {
+        for (int j = 0; j < k; ++j) c[j] = P.v[(int64_t)j < u ? j : u - 1];
+      }
+    } else if (exact) {
       int64_t* B = s.B;  // backtracked by dp_backtrack_kernel (k > 1)
       if (k == 1) {
         B[0] = 0;
         B[1] = u;
       }
-      for (int j = 0; j < k; ++j) {
-        const double H = P.s0[B[j + 1]] - P.s0[B[j]];
-        const double S = P.s1[B[j + 1]] - P.s1[B[j]];
-        c[j] = H > 0.0 ? S / H : 0.5 * (P.v[B[j]] + P.v[B[j + 1] - 1]);
+      if (!direct) {
+        for (int j = 0; j < k; ++j) {
+          const double H = P.s0[B[j + 1]] - P.s0[B[j]];
+          const double S = P.s1[B[j + 1]] - P.s1[B[j]];
+          c[j] = H > 0.0 ? S / H : 0.5 * (P.v[B[j]] + P.v[B[j + 1] - 1]);
+        }
       }
     } else {
       switch (a.init) {
-        case Init::given: {
+        case Init::given: {  // (a scaled row: the initial centers in the scaled coordinates)
           const double sh = a.shift[r];
-          for (int j = 0; j < k; ++j) c[j] = a.init_centers[r * k + j] - sh;
+          for (int j = 0; j < k; ++j) {
+            const double c0 = a.init_centers[r * k + j];
+            c[j] = (scaled ? ldexp(c0, rs.ev) : c0) - sh;
+          }
           break;
         }
         case Init::linear: init_linear(P, k, c); break;
@@ -561,17 +605,34 @@ __device__ void solve_row(const SolveArgs& a, int64_t r, int lane) {
     }
   }
   __syncwarp();
+  if (direct && exact && !all_values) {
+    // each center the weighted mean of its segment in the original coordinates, as a convex
+    // combination (scale.h; no overflow, no underflow of a cluster of tiny values): one lane
+    // per center, each sum in sequence as on the CPU
+    const int64_t* B = s.B;
+    for (int j = lane; j < k; j += 32)
+      c[j] = convex_mean(a.vo, a.W, base + B[j], base + B[j + 1]);
+    __syncwarp();
+  }
   int it = 0;
   double obj = 0.0;
-  if (run_lloyd) it = lloyd_warp(P, k, c, a.beta, a.diameter, a.max_iter, a.tol, s, &obj, lane);
+  if (run_lloyd) it = lloyd_warp(P, k, c, beta, a.diameter, a.max_iter, a.tol, s, &obj, lane);
   if (lane != 0) return;
   sort_small(c, k);
   const double sh = a.shift[r];
-  for (int j = 0; j < k; ++j) {
-    a.cs[r * k + j] = c[j];
-    c[j] += sh;
+  if (!scaled) {
+    for (int j = 0; j < k; ++j) {
+      a.cs[r * k + j] = c[j];
+      c[j] += sh;
+    }
+  } else {
+    // back to the original coordinates (direct: already there); the cost pass takes the
+    // centers in the scaled coordinates, from the original ones as the CPU does
+    if (!direct)
+      for (int j = 0; j < k; ++j) c[j] = ldexp(c[j] + sh, -rs.ev);
+    for (int j = 0; j < k; ++j) a.cs[r * k + j] = ldexp(c[j], rs.ev);
   }
-  for (int j = 0; j + 1 < k; ++j) a.mids[r * (k - 1) + j] = 0.5 * (c[j] + c[j + 1]);
+  for (int j = 0; j + 1 < k; ++j) a.mids[r * (k - 1) + j] = 0.5 * c[j] + 0.5 * c[j + 1];
   a.n_iter[r] = it;
 }
 
@@ -598,13 +659,15 @@ __global__ void labels_kernel(const void* x, DType xt, int64_t N, int64_t n, int
 
 // Cost of every distinct value, W (v - c_label)^2 in the shifted coordinates (as the CPU
 // backend); the label from the original value and the midpoints of the final centers.
+// (0 for the values of scaled rows: their cost is summed by scaled_cost_*_kernel.)
 __global__ void run_cost_kernel(const int64_t* nruns, int64_t U, const int32_t* runrow,
-                                const double* vo, const double* vs, const double* W, int k,
-                                const double* mids, const double* cs, double* pc) {
+                                const RowScale* rscale, const double* vo, const double* vs,
+                                const double* W, int k, const double* mids, const double* cs,
+                                double* pc) {
   const int64_t R = *nruns;
   for (int64_t g = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; g < U;
        g += (int64_t)gridDim.x * blockDim.x) {
-    if (g < R) {
+    if (g < R && !rscale[runrow[g]].scaled()) {
       const int64_t r = runrow[g];
       const int l = nearest_label(mids + r * (k - 1), k - 1, vo[g]);
       const double d = vs[g] - cs[r * k + l];
@@ -612,6 +675,42 @@ __global__ void run_cost_kernel(const int64_t* nruns, int64_t U, const int32_t* 
     } else {
       pc[g] = 0.0;
     }
+  }
+}
+
+// Scaled rows: the cost of chunk c (kSumChunk distinct values) of row r, thread id = (r, c) of
+// nsc chunks per row: sum_g (sqrt(W_g) (v_g 2^ev - cs_label))^2 without over- or underflow, in
+// the scaled problem (scaled weights W, centers cs scaled from the original ones).
+__global__ void scaled_cost_chunk_kernel(const int64_t* ustart, int64_t rows, int64_t nsc,
+                                         const RowScale* rscale, const double* vo,
+                                         const double* W, int k, const double* mids,
+                                         const double* cs, ScaledSumSq* part) {
+  for (int64_t id = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; id < rows * nsc;
+       id += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = id / nsc, c = id - r * nsc;
+    const RowScale rs = rscale[r];
+    if (!rs.scaled()) continue;
+    const int64_t b = ustart[r], u = ustart[r + 1] - b;
+    if (c >= sum_chunks(u)) continue;
+    const int64_t t0 = c * kSumChunk, t1 = t0 + kSumChunk < u ? t0 + kSumChunk : u;
+    part[id] =
+        scaled_cost_sum(vo, W, b + t0, b + t1, rs.ev, mids + r * (k - 1), k - 1, cs + r * k);
+  }
+}
+
+// Scaled rows: the chunk sums merged in chunk order, mapped back to the original problem
+// (times 2^-(ew + 2 ev)) into cost[r] (replacing the CUB sum of the zeros run_cost_kernel left).
+__global__ void scaled_cost_row_kernel(const int64_t* ustart, int64_t rows, int64_t nsc,
+                                       const RowScale* rscale, const ScaledSumSq* part,
+                                       double* cost) {
+  for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows;
+       r += (int64_t)gridDim.x * blockDim.x) {
+    const RowScale rs = rscale[r];
+    if (!rs.scaled()) continue;
+    const int64_t nc = sum_chunks(ustart[r + 1] - ustart[r]);
+    ScaledSumSq acc = part[r * nsc];
+    for (int64_t c = 1; c < nc; ++c) acc.merge(part[r * nsc + c]);
+    cost[r] = acc.value_times_pow2(-rs.ew - 2 * rs.ev);
   }
 }
 
@@ -737,9 +836,15 @@ Plan make_plan(const Params& p, size_t dp_budget) {
     double* out = nullptr;
     if (pl.rows == 1) {
       PC_CUDA_CHECK(cub::DeviceReduce::Sum(nullptr, b, in, out, pl.U));
+      cub = std::max(cub, b);
+      b = 0;
+      PC_CUDA_CHECK(cub::DeviceReduce::Max(nullptr, b, in, out, pl.U));
     } else {
       const int64_t* off = nullptr;
       PC_CUDA_CHECK(cub::DeviceSegmentedReduce::Sum(nullptr, b, in, out, pl.rows, off, off + 1));
+      cub = std::max(cub, b);
+      b = 0;
+      PC_CUDA_CHECK(cub::DeviceSegmentedReduce::Max(nullptr, b, in, out, pl.rows, off, off + 1));
     }
     cub = std::max(cub, b);
   }
@@ -756,6 +861,8 @@ Plan make_plan(const Params& p, size_t dp_budget) {
   pl.o_ustart = take((rows + 1) * 8);
   pl.o_nruns = take(8);
   pl.o_shift = take(rows * 8);
+  pl.o_wmax = take(rows * 8);
+  pl.o_rscale = take(rows * sizeof(RowScale));
   pl.o_mids = take(rows * (size_t)std::max(p.k - 1, 1) * 8);
   pl.o_cs = take(rows * (size_t)p.k * 8);
   pl.o_scratch = take(rows * scratch_row_bytes(p.k));
@@ -802,6 +909,7 @@ Plan make_plan(const Params& p, size_t dp_budget) {
 
   a = 0;
   pl.e_cost = tk(U * 8);
+  pl.e_ssq = tk(rows * (size_t)pl.nsc * sizeof(ScaledSumSq));
   pl.e_end = a;
 
   pl.total = pl.o_temp + std::max(std::max(pl.a_end, pl.b_end), std::max(pl.c_end, pl.e_end));
@@ -931,6 +1039,8 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
   int64_t* ustart = reinterpret_cast<int64_t*>(ws + pl.o_ustart);
   int64_t* nruns = reinterpret_cast<int64_t*>(ws + pl.o_nruns);
   double* shift = reinterpret_cast<double*>(ws + pl.o_shift);
+  double* wmax = reinterpret_cast<double*>(ws + pl.o_wmax);
+  RowScale* rscale = reinterpret_cast<RowScale*>(ws + pl.o_rscale);
   double* mids = reinterpret_cast<double*>(ws + pl.o_mids);
   double* cs = reinterpret_cast<double*>(ws + pl.o_cs);
   unsigned char* scratch = ws + pl.o_scratch;
@@ -950,10 +1060,22 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
     default: phase_sort<uint64_t>(pl, p, b, ws, st); break;
   }
 
-  // B. shift and prefix sums (fixed order).
-  shift_kernel<<<grid_for(p.rows, 128), 128, 0, st>>>(ustart, p.rows, vs, shift);
+  // B. the largest weight of each row (exact in any order; one row: over all U entries, zero
+  // past the runs), the scale of each row, shift, and prefix sums (fixed order).
+  {
+    size_t bytes = pl.cub_bytes;
+    const int64_t* cus = ustart;
+    if (p.rows == 1) {
+      PC_CUDA_CHECK(cub::DeviceReduce::Max(cubtmp, bytes, static_cast<const double*>(W), wmax,
+                                           pl.U, st));
+    } else {
+      PC_CUDA_CHECK(cub::DeviceSegmentedReduce::Max(cubtmp, bytes, static_cast<const double*>(W),
+                                                    wmax, p.rows, cus, cus + 1, st));
+    }
+  }
+  shift_kernel<<<grid_for(p.rows, 128), 128, 0, st>>>(ustart, p.rows, vs, wmax, rscale, shift);
   PC_CUDA_CHECK(cudaGetLastError());
-  shift_values_kernel<<<grid_for(pl.U), kThreads, 0, st>>>(nruns, runrow, shift, vs);
+  shift_values_kernel<<<grid_for(pl.U), kThreads, 0, st>>>(nruns, runrow, rscale, shift, vs, W);
   PC_CUDA_CHECK(cudaGetLastError());
   {
     Sum3* tot = reinterpret_cast<Sum3*>(T + pl.b_tot);
@@ -1014,6 +1136,9 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
     a.cs = cs;
     a.n_iter = b.n_iter;
     a.shift = shift;
+    a.rscale = rscale;
+    a.vo = vo;
+    a.W = W;
     solve_kernel<<<grid_for(p.rows * 32, 128), 128, 0, st>>>(a);
     PC_CUDA_CHECK(cudaGetLastError());
   }
@@ -1024,8 +1149,8 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
                                                        b.labels);
     PC_CUDA_CHECK(cudaGetLastError());
     double* pc = reinterpret_cast<double*>(T + pl.e_cost);
-    run_cost_kernel<<<grid_for(pl.U), kThreads, 0, st>>>(nruns, pl.U, runrow, vo, vs, W, p.k,
-                                                         mids, cs, pc);
+    run_cost_kernel<<<grid_for(pl.U), kThreads, 0, st>>>(nruns, pl.U, runrow, rscale, vo, vs, W,
+                                                         p.k, mids, cs, pc);
     PC_CUDA_CHECK(cudaGetLastError());
     size_t bytes = pl.cub_bytes;
     const int64_t* cus = ustart;
@@ -1036,6 +1161,14 @@ void run_cuda(const Params& p, const Buffers& b, void* workspace, size_t workspa
       PC_CUDA_CHECK(cub::DeviceSegmentedReduce::Sum(cubtmp, bytes, static_cast<const double*>(pc),
                                                     b.cost, p.rows, cus, cus + 1, st));
     }
+    // scaled rows: their cost without over- or underflow, in place of the sum above
+    ScaledSumSq* part = reinterpret_cast<ScaledSumSq*>(T + pl.e_ssq);
+    scaled_cost_chunk_kernel<<<grid_for(p.rows * pl.nsc, 128), 128, 0, st>>>(
+        ustart, p.rows, pl.nsc, rscale, vo, W, p.k, mids, cs, part);
+    PC_CUDA_CHECK(cudaGetLastError());
+    scaled_cost_row_kernel<<<grid_for(p.rows, 128), 128, 0, st>>>(ustart, p.rows, pl.nsc, rscale,
+                                                                  part, b.cost);
+    PC_CUDA_CHECK(cudaGetLastError());
     penalty_kernel<<<grid_for(p.rows, 128), 128, 0, st>>>(p.rows, p.k, b.centers, p.beta,
                                                           p.diameter, b.cost);
     PC_CUDA_CHECK(cudaGetLastError());

@@ -18,6 +18,12 @@
 //   6. kmeans_cuda.cu phases A, B (fixed_sums.h): the run weights and prefix sums, emulated
 //      thread by thread in a shuffled order, are the same bits in every order, equal the CPU's
 //      sequential sums bit for bit up to kSumChunk terms, and cover every term once.
+//   7. kmeans_cuda.cu's badly scaled rows (scale.h, shared with kmeans_cpu.cpp): the scale
+//      decision (row_scale) equals the CPU solver's (scaled exactly when ev or ew is nonzero),
+//      the rescaled beta, the cost summed in chunks of kSumChunk values merged in chunk order
+//      (scaled_cost_sum, ScaledSumSq::merge) equals the CPU's sequential pass bit for bit up to
+//      kSumChunk values and the true cost (long double) beyond, without over- or underflow, and
+//      convex_mean stays finite and inside its segment at the ends of the range.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -30,6 +36,7 @@
 #include "hessian/hessian_math.h"
 #include "kmeans/dp_levels.h"
 #include "kmeans/fixed_sums.h"
+#include "kmeans/scale.h"
 #include "kmeans/sort_keys.h"
 
 using namespace popcomp;
@@ -615,6 +622,172 @@ static void test_fixed_sums() {
   }
 }
 
+// 7. The scaled rows of kmeans_cuda.cu (scale.h).
+static void test_scaled_rows() {
+  std::mt19937_64 rng(91);
+  // the scale decision: the CPU solver's formula (kmeans_cpu.cpp, solve()) against row_scale
+  const double edges[] = {0.0,
+                          1.0,
+                          0.75,
+                          std::ldexp(1.0, 100),
+                          std::nextafter(std::ldexp(1.0, 100), 0.0),
+                          std::ldexp(1.0, -101),
+                          std::nextafter(std::ldexp(1.0, -101), 0.0),
+                          1e200,
+                          1e-200,
+                          1e308,
+                          std::numeric_limits<double>::max(),
+                          std::numeric_limits<double>::denorm_min(),
+                          std::ldexp(1.0, -1060),
+                          3.0,
+                          4294967296.0};
+  std::vector<double> probes(std::begin(edges), std::end(edges));
+  for (int i = 0; i < 200; ++i)
+    probes.push_back(std::ldexp(1.0 + (double)(rng() % 1000) / 1000.0, (int)(rng() % 2100) - 1070));
+  for (double vmax : probes)
+    for (double wmax : probes) {
+      const int evx = exponent_of(vmax), ewx = exponent_of(wmax);
+      const bool scaled = (vmax != 0.0 && (evx > kScaleExp || evx < -kScaleExp)) ||
+                          (wmax != 0.0 && (ewx > kScaleExp || ewx < -kScaleExp));
+      const int ev = scaled && vmax != 0.0 ? -evx : 0, ew = scaled && wmax != 0.0 ? -ewx : 0;
+      const RowScale rs = row_scale(vmax, wmax);
+      CHECK(rs.scaled() == scaled && rs.ev == ev && rs.ew == ew,
+            "row_scale(%.17g, %.17g) = (%d, %d, %d), CPU (%d, %d, %d)", vmax, wmax,
+            (int)rs.scaled(), rs.ev, rs.ew, (int)scaled, ev, ew);
+      if (rs.scaled() && vmax != 0.0) {
+        const double s = std::ldexp(vmax, rs.ev);
+        CHECK(s >= 0.5 && s < 1.0, "vmax %.17g scaled to %.17g", vmax, s);
+      }
+      if (rs.scaled() && wmax != 0.0) {
+        const double s = std::ldexp(wmax, rs.ew);
+        CHECK(s >= 0.5 && s < 1.0, "wmax %.17g scaled to %.17g", wmax, s);
+      }
+    }
+  CHECK(!row_scale(std::nextafter(std::ldexp(1.0, 100), 0.0), 1.0).scaled(), "below 2^100 scaled");
+  CHECK(row_scale(std::ldexp(1.0, 100), 1.0).scaled(), "2^100 not scaled");
+  CHECK(!row_scale(1.0, std::ldexp(1.0, -101)).scaled(), "2^-101 scaled");
+  CHECK(row_scale(1.0, std::nextafter(std::ldexp(1.0, -101), 0.0)).scaled(), "below 2^-101 not scaled");
+  // the rescaled penalty: the CPU's expression, capped at the largest double
+  const double betas[] = {1e-300, 1e-3, 1.0, 7.5, 1e200, 1e308};
+  for (double beta : betas)
+    for (int ev : {-1000, -101, 0, 3, 101, 1000})
+      for (int ew : {-1000, -1, 0, 1, 664, 1000})
+        for (Diameter dm : {Diameter::squared, Diameter::linear}) {
+          const double bs = std::ldexp(beta, dm == Diameter::squared ? ew : ew + ev);
+          const double cpu = std::isfinite(bs) ? bs : std::numeric_limits<double>::max();
+          CHECK(same_bits(scaled_beta(beta, dm, ev, ew), cpu), "scaled_beta(%g, %d, %d, %d)", beta,
+                (int)dm, ev, ew);
+        }
+
+  // the cost of scaled rows: chunks merged in order (scaled_cost_chunk/row_kernel) against the
+  // CPU's sequential pass and the true cost
+  const int64_t C = kSumChunk;
+  const double vscales[] = {1e150, 1e-150, 1e-300, 1e300, 1.0};
+  const double wscales[] = {1.0, 1e200, 1e-200, 1e300};
+  for (int trial = 0; trial < 24; ++trial) {
+    const int64_t lens[] = {1, 3, 40, C - 1, C, C + 1, 2 * C + 5};
+    const int64_t u = lens[rng() % 7];
+    const double vsc = vscales[rng() % 5], wsc = wscales[rng() % 4];
+    const int k = 1 + (int)(rng() % 7);
+    std::normal_distribution<double> nd;
+    std::uniform_real_distribution<double> ud(0.5, 1.5);
+    std::vector<double> vo(u), W(u), Wo(u);
+    for (int64_t t = 0; t < u; ++t) vo[t] = nd(rng) * vsc;
+    std::sort(vo.begin(), vo.end());
+    for (int64_t t = 0; t < u; ++t) Wo[t] = (rng() % 9 == 0) ? 0.0 : ud(rng) * wsc;
+    double wmax = 0.0;
+    for (double w : Wo) wmax = std::max(wmax, w);
+    const double vmax = std::max(std::fabs(vo[0]), std::fabs(vo[u - 1]));
+    const RowScale rs = row_scale(vmax, wmax);
+    for (int64_t t = 0; t < u; ++t) W[t] = rs.ew != 0 ? std::ldexp(Wo[t], rs.ew) : Wo[t];
+    // sorted centers in the original coordinates (some values, some between), their midpoints
+    std::vector<double> oc(k);
+    for (int j = 0; j < k; ++j) oc[j] = vo[rng() % u] * (j % 2 ? 1.0 : 0.999);
+    std::sort(oc.begin(), oc.end());
+    std::vector<double> mids(std::max(k - 1, 1)), cs(k);
+    for (int j = 0; j + 1 < k; ++j) mids[j] = 0.5 * oc[j] + 0.5 * oc[j + 1];
+    for (int j = 0; j < k; ++j) cs[j] = std::ldexp(oc[j], rs.ev);
+    const int e = -rs.ew - 2 * rs.ev;
+    // the kernels: chunks in a shuffled order, merged in chunk order
+    const int64_t nc = sum_chunks(u);
+    std::vector<ScaledSumSq> part(nc);
+    std::vector<int64_t> ids(nc);
+    for (int64_t c = 0; c < nc; ++c) ids[c] = c;
+    std::shuffle(ids.begin(), ids.end(), rng);
+    for (int64_t c : ids)
+      part[c] = scaled_cost_sum(vo.data(), W.data(), c * C, std::min(u, (c + 1) * C), rs.ev,
+                                mids.data(), k - 1, cs.data());
+    ScaledSumSq acc = part[0];
+    for (int64_t c = 1; c < nc; ++c) acc.merge(part[c]);
+    const double got = acc.value_times_pow2(e);
+    // the CPU's pass (kmeans_cpu.cpp: the merge over the midpoints, one ScaledSumSq)
+    ScaledSumSq seq;
+    int l = 0;
+    for (int64_t t = 0; t < u; ++t) {
+      const double xv = vo[t];
+      while (l < k - 1 && mids[l] < xv) ++l;
+      seq.add(std::sqrt(W[t]) * (std::ldexp(xv, rs.ev) - cs[l]));
+    }
+    const double cpu = seq.value_times_pow2(e);
+    // the true cost in long double (its range holds these squares)
+    long double ref = 0.0L;
+    for (int64_t t = 0; t < u; ++t) {
+      const long double d = (long double)vo[t] - (long double)oc[nearest_label(mids.data(), k - 1, vo[t])];
+      ref += (long double)Wo[t] * d * d;
+    }
+    if (u <= C)
+      CHECK(same_bits(got, cpu), "u %lld: chunked %.17g, CPU %.17g", (long long)u, got, cpu);
+    else
+      CHECK(got == cpu || std::fabs(got - cpu) <= 1e-13 * cpu, "u %lld: chunked %.17g, CPU %.17g",
+            (long long)u, got, cpu);
+    const bool in_range = ref < (long double)std::numeric_limits<double>::max() &&
+                          ref > (long double)std::numeric_limits<double>::min() * 1e3L;
+    if (in_range)
+      CHECK(std::fabs((long double)got - ref) <= 1e-12L * ref, "u %lld vscale %g wscale %g: %.17g, true %.17Lg",
+            (long long)u, vsc, wsc, got, ref);
+    else if (ref >= (long double)std::numeric_limits<double>::max())
+      CHECK(got == std::numeric_limits<double>::infinity(), "cost %.17Lg above the range: %.17g", ref, got);
+  }
+  // ScaledSumSq::merge of partial sums spanning the range equals one sequential sum closely
+  for (int trial = 0; trial < 50; ++trial) {
+    std::vector<double> r(1 + rng() % 300);
+    for (auto& x : r) x = std::ldexp(1.0 + (double)(rng() % 4096) / 4096.0, (int)(rng() % 1200) - 600);
+    ScaledSumSq one, a, b;
+    const size_t cut = rng() % (r.size() + 1);
+    long double ref = 0.0L;
+    for (size_t i = 0; i < r.size(); ++i) {
+      one.add(r[i]);
+      (i < cut ? a : b).add(r[i]);
+      ref += (long double)r[i] * (long double)r[i];
+    }
+    a.merge(b);
+    const double va = a.value_times_pow2(-1400), vo1 = one.value_times_pow2(-1400);
+    const long double want = std::ldexp(ref, -1400);
+    CHECK(std::fabs((long double)va - want) <= 1e-14L * want, "merged %.17g, true %.17Lg", va, want);
+    CHECK(std::fabs((long double)vo1 - want) <= 1e-14L * want, "sequential %.17g, true %.17Lg", vo1, want);
+  }
+  // convex_mean at the ends of the range: finite, inside the segment, the weighted mean
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t n = 1 + (int64_t)(rng() % 50);
+    const double sc = trial % 2 ? 1.5e308 : 1e-300;
+    std::vector<double> vo(n), W(n);
+    std::uniform_real_distribution<double> ud(0.0, 1.0);
+    for (int64_t t = 0; t < n; ++t) vo[t] = (ud(rng) * 0.6 + 0.4) * sc * (trial % 4 < 2 ? 1.0 : -1.0);
+    std::sort(vo.begin(), vo.end());
+    long double sw = 0.0L, swv = 0.0L;
+    for (int64_t t = 0; t < n; ++t) {
+      W[t] = trial % 5 == 0 ? 0.0 : ud(rng);
+      sw += W[t];
+      swv += (long double)W[t] * vo[t];
+    }
+    const double m = convex_mean(vo.data(), W.data(), 0, n);
+    CHECK(std::isfinite(m) && m >= vo[0] && m <= vo[n - 1], "convex_mean %.17g outside [%.17g, %.17g]", m,
+          vo[0], vo[n - 1]);
+    const long double want = sw > 0.0L ? swv / sw : 0.5L * vo[0] + 0.5L * vo[n - 1];
+    CHECK(std::fabs((long double)m - want) <= 1e-13L * std::fabs(want), "convex_mean %.17g, true %.17Lg", m, want);
+  }
+}
+
 int main() {
   test_dp_levels();
   test_unchained_boundaries();
@@ -622,6 +795,7 @@ int main() {
   test_hessian_tiles();
   test_sort_keys();
   test_fixed_sums();
+  test_scaled_rows();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;
