@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import popcomp.hessian as H
+from popcomp._backend import compiled
 from popcomp._model import eval_mode
 from popcomp.hessian.losses import loss_factor
 from popcomp.ops.backends.reference.sumsq_outer_acc import sumsq_outer_acc_reference
@@ -185,6 +186,25 @@ def test_sumsq_op_cuda_more_than_65535_row_tiles(T, dtype, cuda_device):
     tol = 1e-12 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(c.double(), want, rtol=tol, atol=tol)
     assert bool((c[-70:] > 0).all())  # the rows of the last tiles were written
+
+
+_CORE = compiled()
+
+
+@pytest.mark.skipif(_CORE is None or not _CORE.has_cuda, reason="CUDA bindings not built")
+@pytest.mark.parametrize("g_dtype, x_dtype, acc_dtype, match", [
+    (1, 1, 2, r"acc_dtype must be a dtype code in \{0 float64, 1 float32\}"),
+    (1, 0, 0, r"g_dtype must be a dtype code in \{0 float64\}"),  # a float64 acc: float64 g, x
+    (0, 1, 0, r"x_dtype must be a dtype code in \{0 float64\}"),
+    (0, 0, 1, r"g_dtype must be a dtype code in \{1 float32"),  # a float32 acc: no float64
+])
+def test_sumsq_cuda_binding_checks_the_dtypes(g_dtype, x_dtype, acc_dtype, match):
+    # the raw binding checks its codes before any device call (no GPU needed)
+    # sumsq_outer_cuda(g, x, acc, B, R, T, out, in, g_strides, x_strides, g_dtype, x_dtype,
+    #                  device, stream, workspace, workspace_bytes, acc_dtype)
+    with pytest.raises(ValueError, match=f"sumsq_outer_cuda: .*{match}"):
+        _CORE.sumsq_outer_cuda(1, 1, 1, 1, 1, 1, 1, 1, (1, 1, 1, 1), (1, 1, 1), g_dtype, x_dtype,
+                               0, 0, 0, 0, acc_dtype)
 
 
 def test_diagonal_cpu_equals_cuda(cuda_device):
