@@ -714,8 +714,10 @@ __global__ void scaled_cost_row_kernel(const int64_t* ustart, int64_t rows, int6
   }
 }
 
+// (beta = 0: no term, as on the CPU, also where the diameter overflows to inf: 0 * inf = NaN)
 __global__ void penalty_kernel(int64_t rows, int k, const double* centers, double beta,
                                Diameter dm, double* cost) {
+  if (!(beta > 0.0)) return;
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows;
        r += (int64_t)gridDim.x * blockDim.x)
     cost[r] = cost[r] + diameter_penalty(centers[r * k + k - 1] - centers[r * k], beta, dm);
