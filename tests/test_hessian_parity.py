@@ -396,8 +396,8 @@ def test_nan_from_the_model_is_an_error_naming_the_model(method):
         H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], method=method, progress=False)
 
 
-def test_sumsq_op_float64_on_cuda_takes_the_reference(cuda_device):
-    # the CUDA kernel is float32 only: float64 operands run the reference on the device
+def test_sumsq_op_float64_on_cuda_agrees_with_the_cpu(cuda_device):
+    # float64 operands run the float64 CUDA kernel (sums in double): the CPU's result to 1e-12
     torch.manual_seed(8)
     g = torch.randn(4, 2, 9, 33, dtype=F64)
     x = torch.randn(4, 9, 70, dtype=F64)
