@@ -10,7 +10,8 @@ import torch
 import popcomp
 from popcomp.ops.backends.reference.kmeans1d import kmeans1d_reference
 from popcomp.ops.checks import check_kmeans1d_values
-from oracles import kmeans_brute_force_cost
+from oracles import (kmeans_brute_force_cost, kmeans_brute_force_cost_exact, kmeans_dp_stable_labels,
+                     kmeans_labels_cost_exact)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -524,6 +525,153 @@ def test_bad_values_on_every_device(devices):
         popcomp.kmeans1d(x, 2, torch.zeros_like(x))
     with pytest.raises(ValueError):
         popcomp.kmeans1d(x, 0)
+
+
+# ---- exact method on badly scaled data: the double-double DP ----------------------------------
+# The float64 DP ranks partitions by costs from prefix sums, each off by about
+# eps (W v_max^2 + S2) (exact_dp_precise.h); where that is not negligible next to the optimum
+# (values ~1e6 times the rest, weights spread over 1e10, both) the CPU backend solves the row
+# again in double-double. Checked against exact rational arithmetic (fractions.Fraction).
+
+TRUST_RATIO = 1e-6  # kTrustRatio of csrc/kmeans/exact_dp_precise.h
+
+
+def badly_scaled_near_tie(case, seed, dtype):
+    """About 10-16 values: inliers symmetric about a dyadic centre (an asymmetric optimum has a
+    mirror image of equal cost) with one extreme inlier moved by 2^-20 (exact in float32 too),
+    which breaks the tie by about 1e-6 of the cost: below what the float64 DP resolves on such
+    data. case: outliers ~1e6 times the inliers' spread at the low end, the high end or both
+    ('low', 'high', 'both_ends'); weights spread over 1e10, a few heavy and many light
+    ('weights': three heavy values, two of them a few times the light ones' spread out); or
+    heavy outliers at both ends with light inliers ('both'). Returns x, w and the number of
+    values or groups of values that take a cluster of their own."""
+    rng = np.random.default_rng(seed)
+    m = int(rng.integers(4, 6))
+    groups = 0
+    r = np.sort(rng.choice(np.arange(1, 3 * 1024), m, replace=False)) / 1024.0
+    c = int(rng.integers(-512, 512)) / 1024.0
+    x = np.concatenate([c - r[::-1], [c], c + r])
+    wr = rng.random(m) + 0.5
+    w = np.concatenate([wr[::-1], [rng.random() + 0.5], wr])
+    light = case in ("weights", "both")
+    if light:  # the centre heavy, the rest 1e-10 times lighter
+        w = w * 1e-10
+        w[m] = 1.0
+        if case == "weights":  # and a heavy mirrored pair further out
+            d = 4 * r[-1] + int(rng.integers(0, 4 * 1024)) / 1024.0
+            x = np.concatenate([x, [c - d, c + d]])
+            w = np.concatenate([w, [1.0, 1.0]])
+            groups += 2
+        elif rng.random() < 0.5:  # or one heavy mirrored pair among the light ones
+            i = int(rng.integers(0, m))
+            w[m - 1 - i] = w[m + 1 + i] = 1.0
+    x[int(rng.choice([0, 2 * m]))] += 2.0 ** -20 * rng.choice([-1, 1])
+    for side, s in (("low", -1.0), ("high", 1.0)):
+        if case in (side, "both_ends", "both"):
+            no = int(rng.integers(1, 3))
+            x = np.concatenate([x, s * 1e6 * (1 + rng.random(no))])
+            w = np.concatenate([w, np.ones(no) if light else rng.random(no) + 0.5])
+            groups += 1
+    p = rng.permutation(x.size)
+    return torch.from_numpy(x[p]).to(dtype), torch.from_numpy(w[p]), groups
+
+
+@pytest.mark.parametrize("case", ["low", "high", "both_ends", "weights", "both"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("trial", range(8))
+def test_exact_badly_scaled_is_optimal_exact_oracle(case, dtype, trial):
+    x, w, groups = badly_scaled_near_tie(case, trial, dtype)
+    xd = x.double()
+    for kin in (2, 3, 4):  # clusters for the inliers (even ones always have a mirror tie)
+        k = kin + groups
+        r = popcomp.kmeans1d(x, k, w, method="exact")
+        best = kmeans_brute_force_cost_exact(xd, w, k)
+        got = kmeans_labels_cost_exact(xd, w, r.labels)
+        assert best > 0
+        assert float((got - best) / best) <= 1e-12, (k, float(got), float(best))
+        # the reported cost is that of the returned labels and centers
+        assert float(r.cost) == pytest.approx(float(got), rel=1e-12)
+        # centers: each cluster's weighted mean (float32 centers for float32 values)
+        tol = 1e-12 if dtype == torch.float64 else 2.0 ** -23
+        for j in range(k):
+            sel = r.labels == j
+            if bool(sel.any()) and float(w[sel].sum()) > 0:
+                mean = float((w[sel] * xd[sel]).sum() / w[sel].sum())
+                assert float(r.centers[j]) == pytest.approx(mean, rel=tol, abs=tol)
+
+
+def _badly_scaled_large(case, seed, n=2000):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n)
+    w = rng.random(n) + 0.5
+    no = int(rng.integers(2, 6))
+    if case in ("low", "mixed"):
+        x[:no] = -1e7 * (1 + rng.random(no))
+    if case == "mixed":  # heavy outliers, light inliers with a few heavy ones among them
+        w = 1e-10 * (rng.random(n) + 0.5)
+        w[rng.choice(n, int(rng.integers(2, 6)), replace=False)] = rng.random() + 0.5
+        w[:no] = 1.0
+    return torch.from_numpy(x), torch.from_numpy(w)
+
+
+@pytest.mark.parametrize("case,seed,k", [("low", 2, 16), ("low", 10, 16), ("mixed", 0, 8),
+                                         ("mixed", 1, 16), ("mixed", 3, 8)])
+def test_exact_badly_scaled_large_against_stable_dp(case, seed, k):
+    """2000 values where the float64 prefix-sum DP alone returns a partition 0.6% to 2e5 times
+    the optimum above it (outliers ~1e7 times the rest; with weights spread over
+    1e10 as well): the answer is at least as good as that of an O(k u^2) DP whose segment
+    costs are computed stably (no prefix sums), both costs in exact arithmetic."""
+    x, w = _badly_scaled_large(case, seed)
+    r = popcomp.kmeans1d(x, k, w, method="exact")
+    ours = kmeans_labels_cost_exact(x, w, r.labels)
+    ref = kmeans_labels_cost_exact(x, w, kmeans_dp_stable_labels(x.numpy(), w.numpy(), k))
+    assert float((ours - ref) / ref) <= 1e-12, (float(ours), float(ref))
+    assert float(r.cost) == pytest.approx(float(ours), rel=1e-12)
+
+
+def _trust_ratio(x, w, cost):
+    """eps (W v_max^2 + S2) / D as exact_dp_precise.cpp forms it (values centred on the
+    median distinct value)."""
+    v, inv = np.unique(x.double().numpy(), return_inverse=True)
+    W = np.bincount(inv, weights=np.ones(x.numel()) if w is None else w.double().numpy())
+    vc = v - v[v.size // 2]
+    vmax = max(abs(vc[0]), abs(vc[-1]))
+    return 2.0 ** -53 * (W.sum() * vmax**2 + (W * vc * vc).sum()) / cost
+
+
+def test_exact_trust_bound_keeps_ordinary_data_on_the_fast_path():
+    """Calibration of kTrustRatio: on ordinary data the float64 DP's bound stays far below it
+    (at most ~2e-8 at k = 256, up to 1e6 values, in the calibration runs), so the fast DP is
+    never redone; badly scaled data lies far above it."""
+    rng = np.random.default_rng(7)
+
+    def nn_row(n):  # a weight row with a few outliers of 50 sigma
+        x = 0.02 * rng.standard_normal(n)
+        i = rng.choice(n, max(1, n // 1000), replace=False)
+        x[i] = 0.02 * 50 * rng.choice([-1.0, 1.0], i.size)
+        return x
+
+    gens = [rng.standard_normal, lambda n: rng.laplace(size=n), lambda n: rng.standard_t(3, n),
+            nn_row]
+    weights = [lambda n: None, lambda n: rng.random(n) + 0.01,
+               lambda n: np.exp(rng.uniform(np.log(1e-2), 0.0, n)),  # spread over 1e2
+               lambda n: rng.standard_normal(n) ** 2 + 1e-2]  # squared activations
+    worst = 0.0
+    for n, ks in [(4096, (16, 256)), (65536, (16, 256))]:
+        for g in gens:
+            for wg in weights:
+                x = torch.from_numpy(g(n)).float()
+                ww = wg(n)
+                wt = None if ww is None else torch.from_numpy(ww).float()
+                for k in ks:
+                    r = popcomp.kmeans1d(x, k, wt, method="exact")
+                    worst = max(worst, _trust_ratio(x, wt, float(r.cost)))
+    assert worst < TRUST_RATIO / 10, worst
+    # what the badly scaled cases above reach
+    for case in ("low", "weights", "both"):
+        x, w, groups = badly_scaled_near_tie(case, 0, torch.float64)
+        r = popcomp.kmeans1d(x, 3 + groups, w, method="exact")
+        assert _trust_ratio(x, w, float(r.cost)) > TRUST_RATIO * 10
 
 
 # ---- the CUDA kernel against the CPU kernel ---------------------------------------------------

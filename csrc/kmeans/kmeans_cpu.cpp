@@ -32,6 +32,7 @@
 #include "common/parallel.h"
 #include "common/radix_sort.h"
 #include "kmeans/exact_dp_cpu.h"
+#include "kmeans/exact_dp_precise.h"
 #include "kmeans/kmeans.h"
 #include "kmeans/kmeans_math.h"
 #include "kmeans/lloyd_cpu.h"
@@ -290,29 +291,20 @@ struct Solver {
       }
     } else if (p.method == Method::exact) {
       exact_partition(w, u, k, threads, sc.B);
-      for (int j = 0; j < k; ++j) {
-        const int64_t a = sc.B[j], e = sc.B[j + 1];
-        const double H = P.s0[e] - P.s0[a];
-        c[j] = H > 0.0 ? (P.s1[e] - P.s1[a]) / H : 0.5 * (P.v[a] + P.v[e - 1]);
+      // centers summed over their segments, not from prefix-sum differences (which lose
+      // digits on badly scaled data); where the bound on the float64 DP's error is not
+      // negligible next to the cost of its partition, the DP again in double-double
+      segment_means(w.v.data(), w.W.data(), sc.B, k, c);
+      if (!fast_partition_trusted(w.v.data(), w.W.data(), u, k, sc.B, c)) {
+        exact_partition_precise(w, u, k, threads, ev, shift, sc.B);
+        segment_means(w.v.data(), w.W.data(), sc.B, k, c);
       }
       if (drhw) {
         iters = lloyd(P, k, c, ps.beta, ps.diameter, ps.max_iter, ps.tol, sc, &obj);
       } else if (scaled) {
-        // each center the weighted mean of its segment in the original coordinates, as a
-        // convex combination (no overflow, no underflow of a cluster of tiny values)
-        const double* vop = w.vo.data();
-        const double* Wp = w.W.data();
-        for (int j = 0; j < k; ++j) {
-          const int64_t a = sc.B[j], e = sc.B[j + 1];
-          double H = 0.0;
-          for (int64_t t = a; t < e; ++t) H += Wp[t];
-          double m = 0.0;
-          if (H > 0.0)
-            for (int64_t t = a; t < e; ++t) m += (Wp[t] / H) * vop[t];
-          else
-            m = 0.5 * vop[a] + 0.5 * vop[e - 1];
-          out_c[j] = m;
-        }
+        // each center the weighted mean of its segment in the original coordinates (a convex
+        // combination: no overflow, no underflow of a cluster of tiny values)
+        segment_means(w.vo.data(), w.W.data(), sc.B, k, out_c);
         direct = true;
       }
     } else {
@@ -459,9 +451,10 @@ static size_t available_memory() {
 }
 
 // Bytes one exact solve of k centers over n values needs at most (the k x u argmin table,
-// the sort items, the values, weights and prefix sums).
+// the sort items, the values, weights and prefix sums; the double-double prefix sums of the
+// precise DP, exact_dp_precise.h).
 static double exact_bytes(int64_t n, int k) {
-  return 4.0 * (double)k * (double)n + 80.0 * (double)n;
+  return 4.0 * (double)k * (double)n + 128.0 * (double)n;
 }
 
 Result run_cpu(const Params& p, const Buffers& b, int num_threads) {

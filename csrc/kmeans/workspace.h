@@ -51,6 +51,7 @@ struct Work {
   std::vector<int32_t> lut, ulab;
   std::vector<uint32_t> run;
   std::vector<double> gw;               // weights in sorted order (those not carried)
+  std::vector<double> pdd;              // double-double prefix sums (exact_dp_precise.cpp)
   std::vector<double> Dl;               // a coarse problem's D values (demand_hint)
   std::vector<int64_t> top;             // and its highest rows known exact
   std::unique_ptr<Work> coarse;         // the coarse problem of demand_hint, kept for reuse
@@ -61,7 +62,7 @@ struct Work {
     auto add = [&b](const auto& v) { b += v.capacity() * sizeof(v[0]); };
     add(k64); add(t64); add(kp64); add(tkp64); add(idx); add(hcnt); add(hw);
     add(v); add(vo); add(W); add(s0); add(s1); add(s2); add(D1); add(d); add(blocks); add(J); add(ulab);
-    add(run); add(lut); add(gw); add(Dl); add(top);
+    add(run); add(lut); add(gw); add(pdd); add(Dl); add(top);
     add(Bk); add(Bk2); add(act); add(c); add(mids);  // the k-sized scratch
     for (const auto& v : dk) add(v);
     return b + (coarse ? coarse->bytes() : 0);
