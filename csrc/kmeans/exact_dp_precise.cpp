@@ -164,25 +164,45 @@ PC_PRECISE_TARGET void first_layer(const PLayer& L, int64_t u, int T) {
 }  // namespace
 
 bool fast_partition_trusted(const double* v, const double* W, int64_t u, int k,
-                            const int64_t* B, const double* c) {
+                            const int64_t* B, double* c) {
+  // One pass: each segment's weight H, sum S and sum of squares Q, summed over the segment.
+  // Its cost Q - S^2 / H is then off by about eps Q, below the bound formed from the totals,
+  // so where the bound is at most kTrustRatio times the cost, the cost is that accurate.
   double wt = 0.0, s2 = 0.0, D = 0.0;
-  bool single = true;  // every segment holds at most one value of positive weight
   for (int j = 0; j < k; ++j) {
-    int64_t pos = 0;
-    for (int64_t t = B[j]; t < B[j + 1]; ++t) {
-      const double x = v[t], h = W[t], r = x - c[j];
-      wt += h;
-      s2 += h * x * x;
-      D += h * r * r;
-      pos += h > 0.0;
+    const int64_t a = B[j], e = B[j + 1];
+    double H = 0.0, S = 0.0, Q = 0.0;
+#if defined(POPCOMP_OPENMP)
+#pragma omp simd reduction(+ : H, S, Q)
+#endif
+    for (int64_t t = a; t < e; ++t) {
+      const double hv = W[t] * v[t];
+      H += W[t];
+      S += hv;
+      Q += hv * v[t];
     }
-    single = single && pos <= 1;
+    double m = 0.5 * v[a] + 0.5 * v[e - 1];
+    if (H > 0.0) {
+      m = S / H;
+      const double cj = Q - S * m;
+      D += cj > 0.0 ? cj : 0.0;
+    }
+    c[j] = m;
+    wt += H;
+    s2 += Q;
   }
   const double vmax = std::max(std::fabs(v[0]), std::fabs(v[u - 1]));
   const double bound = 0x1p-53 * (wt * vmax * vmax + s2);
-  // a cost of zero is optimal where it is no underflow: one value of weight per segment
-  if (!(D > 0.0)) return single || !(bound > 0.0);
-  return bound <= kTrustRatio * D;
+  if (!(bound > 0.0)) return true;  // every value where the median is, or no weight
+  if (D > 0.0) return bound <= kTrustRatio * D;
+  // a cost of zero is optimal where it is no underflow: at most one value of positive weight
+  // per segment (zero-weight values, k at least the values of positive weight)
+  for (int j = 0; j < k; ++j) {
+    int64_t pos = 0;
+    for (int64_t t = B[j]; t < B[j + 1]; ++t) pos += W[t] > 0.0;
+    if (pos > 1) return false;
+  }
+  return true;
 }
 
 void exact_partition_precise(Work& w, int64_t u, int k, int threads, int ev, double shift,

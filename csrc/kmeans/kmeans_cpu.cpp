@@ -294,7 +294,6 @@ struct Solver {
       // centers summed over their segments, not from prefix-sum differences (which lose
       // digits on badly scaled data); where the bound on the float64 DP's error is not
       // negligible next to the cost of its partition, the DP again in double-double
-      segment_means(w.v.data(), w.W.data(), sc.B, k, c);
       if (!fast_partition_trusted(w.v.data(), w.W.data(), u, k, sc.B, c)) {
         exact_partition_precise(w, u, k, threads, ev, shift, sc.B);
         segment_means(w.v.data(), w.W.data(), sc.B, k, c);
