@@ -600,6 +600,39 @@ def test_exact_badly_scaled_is_optimal_exact_oracle(case, dtype, trial):
                 assert float(r.centers[j]) == pytest.approx(mean, rel=tol, abs=tol)
 
 
+def _far_cluster_across_a_binade(seed):
+    """float64 inliers near 0 (value - median rounds: the median has all 52 bits) and a far
+    cluster symmetric about a centre near 2^19, one extreme moved by one ulp (a tie broken at
+    about 1e-11 of the cost). The cluster straddles 2^19, so value - median rounds by a
+    different offset on either side: the ranking needs the exact differences."""
+    rng = np.random.default_rng(seed)
+    inl = rng.standard_normal(int(rng.integers(7, 9)))
+    m = int(rng.integers(2, 4))
+    cf = 2.0**19 + rng.random() - 0.5
+    r = np.sort(rng.choice(np.arange(1, 1024), m, replace=False)) / 1024.0
+    far = np.concatenate([cf - r[::-1], [cf], cf + r])
+    i = int(rng.choice([0, 2 * m]))
+    far[i] = np.nextafter(far[i], np.inf if rng.random() < 0.5 else -np.inf)
+    x = np.concatenate([inl, far])
+    w = rng.random(x.size) + 0.5
+    wf = rng.random(m) + 0.5
+    w[inl.size:] = np.concatenate([wf[::-1], [rng.random() + 0.5], wf])
+    return torch.from_numpy(x), torch.from_numpy(w)
+
+
+@pytest.mark.parametrize("seed", [52, 58, 72, 134])  # where rounded differences mislead
+def test_exact_far_cluster_needs_exact_centring(seed):
+    x, w = _far_cluster_across_a_binade(seed)
+    for k in (3, 4, 5):
+        r = popcomp.kmeans1d(x, k, w, method="exact")
+        best = kmeans_brute_force_cost_exact(x, w, k)
+        got = kmeans_labels_cost_exact(x, w, r.labels)
+        assert float((got - best) / best) <= 1e-12, (k, float(got), float(best))
+        # (the reported cost sums W (v - c)^2 over values centred by rounding: off by about
+        # eps |v - median| / spread, here up to ~2e-10)
+        assert float(r.cost) == pytest.approx(float(got), rel=1e-9)
+
+
 def _badly_scaled_large(case, seed, n=2000):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(n)
