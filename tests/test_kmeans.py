@@ -662,6 +662,25 @@ def test_exact_badly_scaled_large_against_stable_dp(case, seed, k):
     assert float(r.cost) == pytest.approx(float(ours), rel=1e-12)
 
 
+def test_exact_badly_scaled_threads_agree():
+    """Rows of more than 4096 values: the precise DP splits each layer across threads at pivot
+    rows; one thread and two give partitions of the same exact cost."""
+    for case, seed, k in [("mixed", 0, 8), ("mixed", 1, 16), ("low", 2, 16)]:
+        x, w = _badly_scaled_large(case, seed, n=6000)
+        assert _trust_ratio(x, w, float(popcomp.kmeans1d(x, k, w, method="exact").cost)) > TRUST_RATIO
+        before = torch.get_num_threads()
+        costs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                r = popcomp.kmeans1d(x, k, w, method="exact")
+            finally:
+                torch.set_num_threads(before)
+            costs.append(kmeans_labels_cost_exact(x, w, r.labels))
+            assert float(r.cost) == pytest.approx(float(costs[-1]), rel=1e-12)
+        assert abs(float((costs[1] - costs[0]) / costs[0])) <= 1e-12
+
+
 def _trust_ratio(x, w, cost):
     """eps (W v_max^2 + S2) / D as exact_dp_precise.cpp forms it (values centred on the
     median distinct value)."""
