@@ -683,11 +683,11 @@ def test_exact_badly_scaled_threads_agree():
 
 def _trust_ratio(x, w, cost):
     """eps (W v_max^2 + S2) / D as exact_dp_precise.cpp forms it (values centred on the
-    median distinct value)."""
+    median distinct value; v_max over values of positive weight)."""
     v, inv = np.unique(x.double().numpy(), return_inverse=True)
     W = np.bincount(inv, weights=np.ones(x.numel()) if w is None else w.double().numpy())
     vc = v - v[v.size // 2]
-    vmax = max(abs(vc[0]), abs(vc[-1]))
+    vmax = np.abs(vc[W > 0]).max()
     return 2.0 ** -53 * (W.sum() * vmax**2 + (W * vc * vc).sum()) / cost
 
 

@@ -191,7 +191,11 @@ bool fast_partition_trusted(const double* v, const double* W, int64_t u, int k,
     wt += H;
     s2 += Q;
   }
-  const double vmax = std::max(std::fabs(v[0]), std::fabs(v[u - 1]));
+  // the largest |value| of positive weight (values of zero weight add nothing to the sums)
+  int64_t lo = 0, hi = u - 1;
+  while (lo < hi && !(W[lo] > 0.0)) ++lo;
+  while (hi > lo && !(W[hi] > 0.0)) --hi;
+  const double vmax = std::max(std::fabs(v[lo]), std::fabs(v[hi]));
   const double bound = 0x1p-53 * (wt * vmax * vmax + s2);
   if (!(bound > 0.0)) return true;  // every value where the median is, or no weight
   if (D > 0.0) return bound <= kTrustRatio * D;
