@@ -7,7 +7,9 @@
 //           memory), split across threads at pivot rows; large problems solve only a band
 //           of rows per layer, from what a coarse DP says the answer needs (demand mode:
 //           about a fifth of the rows at k = 16, every skipped row or column certified;
-//           exact_dp_cpu.cpp);
+//           exact_dp_cpu.cpp); where a bound on that float64 DP's rounding is not negligible
+//           next to the cost of its partition (badly scaled data), the DP again in
+//           double-double (exact_dp_precise.cpp); centers summed over their segments;
 //   lloyd : O(k log u) Lloyd iterations on the prefix sums (lloyd_cpu.cpp; the iterations in
 //           kmeans_math.h, shared with CUDA);
 // then one pass over the original values for labels and the cost. Each thread keeps its
@@ -228,11 +230,10 @@ struct Solver {
       for (int64_t t = 0; t < u; ++t) wmax = Wp[t] > wmax ? Wp[t] : wmax;
     }
     const double vmax = std::max(std::fabs(w.v[0]), std::fabs(w.v[u - 1]));
-    const int evx = exponent_of(vmax), ewx = exponent_of(wmax);
-    const bool scaled = (vmax != 0.0 && (evx > kScaleExp || evx < -kScaleExp)) ||
-                        (wmax != 0.0 && (ewx > kScaleExp || ewx < -kScaleExp));
-    const int ev = scaled && vmax != 0.0 ? -evx : 0;  // values times 2^ev
-    const int ew = scaled && wmax != 0.0 ? -ewx : 0;  // weights times 2^ew
+    const RowScale rs = row_scale(vmax, wmax);
+    const bool scaled = rs.scaled();
+    const int ev = rs.ev;  // values times 2^ev
+    const int ew = rs.ew;  // weights times 2^ew
     if (scaled) {
       double* vp = w.v.data();
       double* Wp = w.W.data();
@@ -265,13 +266,9 @@ struct Solver {
       status = kZeroW;
       return;
     }
-    // the penalty in the scaled problem (its objective is the original one times
-    // 2^(ew + 2 ev)); capped at the largest double (update_centers handles huge beta)
+    // the penalty in the scaled problem
     Params ps = p;
-    if (scaled && p.beta > 0.0) {
-      const double bs = std::ldexp(p.beta, p.diameter == Diameter::squared ? ew : ew + ev);
-      ps.beta = std::isfinite(bs) ? bs : DBL_MAX;
-    }
+    if (scaled && p.beta > 0.0) ps.beta = scaled_beta(p.beta, p.diameter, ev, ew);
     const Prefix P{w.v.data(), w.s0.data(), w.s1.data(), w.s2.data(), u};
     const Scratch sc = w.scratch(k);
     w.c.resize(k);
@@ -336,8 +333,9 @@ struct Solver {
     w.ulab.resize(u);
     double cost = 0.0;
     if (!scaled) {
+      // (the original values less the returned centers: a value near its center gives an
+      // exact difference, where the centred values were each rounded once)
       const double* vop = w.vo.data();
-      const double* vp = w.v.data();
       const double* Wp = w.W.data();
       const double* mids = w.mids.data();
       int32_t* ul = w.ulab.data();
@@ -346,7 +344,7 @@ struct Solver {
         const double xv = vop[t];
         while (l < k - 1 && mids[l] < xv) ++l;
         ul[t] = l;
-        const double d = vp[t] - c[l];
+        const double d = xv - out_c[l];
         cost += Wp[t] * d * d;
       }
     } else {
