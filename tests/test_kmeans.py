@@ -628,9 +628,9 @@ def test_exact_far_cluster_needs_exact_centring(seed):
         best = kmeans_brute_force_cost_exact(x, w, k)
         got = kmeans_labels_cost_exact(x, w, r.labels)
         assert float((got - best) / best) <= 1e-12, (k, float(got), float(best))
-        # (the reported cost sums W (v - c)^2 over values centred by rounding: off by about
-        # eps |v - median| / spread, here up to ~2e-10)
-        assert float(r.cost) == pytest.approx(float(got), rel=1e-9)
+        # the reported cost sums W (x - c)^2 over the original values (values centred by
+        # rounding were off by about eps |x - median| / spread, here up to ~2e-10)
+        assert float(r.cost) == pytest.approx(float(got), rel=1e-12)
 
 
 def _badly_scaled_large(case, seed, n=2000):
