@@ -14,6 +14,7 @@
 #endif
 
 #include "common/parallel.h"
+#include "kmeans/dp_split.h"
 
 namespace popcomp {
 namespace kmeans {
@@ -368,41 +369,16 @@ bool dp_layers(Work& w, int64_t u, int k, int threads, const int64_t* G,
       }
       break;
     }
-    int P = 8;  // parts of the rows (8 per thread, a power of two), taken as threads come free
-    while (P < 8 * T) P *= 2;
-    if (T > 1 && rhi - rlo + 1 >= 64 * (int64_t)P) {
+    if (worth_splitting(T, rlo, rhi)) {
       // split the rows at pivots solved first; the parts between them are independent
-      std::vector<int64_t> piv(P + 1);
-      piv[0] = rlo - 1;
-      piv[P] = rhi + 1;
-      for (int q = 1; q < P; ++q) piv[q] = rlo + (rhi - rlo + 1) * q / P;
-#if defined(POPCOMP_OPENMP)
-#pragma omp parallel num_threads(T)
-#endif
-      {
+      std::vector<int64_t> piv(split_parts(T) + 1);
+      solve_split(T, piv.data(), rlo, rhi, clo, chi, L.J, [&](int tid) {
         DnC Lt = L;
-        Lt.lb = L.lb + (size_t)thread_id() * (nb + 1);
-        // pivots coarse to fine (P is a power of two): each one's columns lie between the
-        // argmins of its solved neighbours at -h and +h
-        for (int h = P / 2; h >= 1; h >>= 1) {
-#if defined(POPCOMP_OPENMP)
-#pragma omp for schedule(dynamic, 1)
-#endif
-          for (int q = h; q < P; q += 2 * h) {
-            const int64_t c0 = q - h == 0 ? clo : L.J[piv[q - h]];
-            const int64_t c1 = q + h == P ? std::min(piv[q], chi) : L.J[piv[q + h]];
-            solve(Lt, piv[q], piv[q], c0, c1);
-          }
-        }
-#if defined(POPCOMP_OPENMP)
-#pragma omp for schedule(dynamic, 1)
-#endif
-        for (int q = 0; q < P; ++q) {
-          const int64_t c0 = q == 0 ? clo : L.J[piv[q]];
-          const int64_t c1 = q == P - 1 ? chi : L.J[piv[q + 1]];
-          solve(Lt, piv[q] + 1, piv[q + 1] - 1, c0, c1);
-        }
-      }
+        Lt.lb = L.lb + (size_t)tid * (nb + 1);
+        return [Lt, solve](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+          solve(Lt, r0, r1, c0, c1);
+        };
+      });
     } else {
       solve(L, rlo, rhi, clo, chi);
     }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/parallel.h"
+#include "kmeans/dp_split.h"
 #include "kmeans/exact_dp_cpu.h"
 
 // The error-free transforms need every product and sum rounded on its own: no contraction of
@@ -257,9 +258,7 @@ void exact_partition_precise(Work& w, int64_t u, int k, int threads, int ev, dou
   threads = 1;
 #endif
   const int T = threads > 1 && u - k > 4096 ? threads : 1;
-  int P8 = 8;  // parts of a layer's rows (8 per thread, a power of two)
-  while (P8 < 8 * T) P8 *= 2;
-  std::vector<int64_t> piv(P8 + 1);  // (allocated here: nothing may throw in the region)
+  std::vector<int64_t> piv(split_parts(T) + 1);  // (allocated here: nothing may throw in the region)
   PLayer L{w0, w1, s0, s1, q0, q1, nullptr, nullptr, d, nullptr};
   first_layer(L, u, T);  // into d
   d[0] = kInf;
@@ -275,34 +274,10 @@ void exact_partition_precise(Work& w, int64_t u, int k, int threads, int ev, dou
     // rows [m, u - 1] (those above u - 1 - (k - 1 - m) cost little and keep J_m defined
     // wherever the next layer reads it as a lower bound)
     const int64_t rlo = m, rhi = u - 1;
-    if (T > 1 && rhi - rlo + 1 >= 64 * (int64_t)P8) {
-      piv[0] = rlo - 1;
-      piv[P8] = rhi + 1;
-      for (int q = 1; q < P8; ++q) piv[q] = rlo + (rhi - rlo + 1) * q / P8;
-      const int64_t* pv = piv.data();
-#if defined(POPCOMP_OPENMP)
-#pragma omp parallel num_threads(T)
-#endif
-      {
-        for (int h = P8 / 2; h >= 1; h >>= 1) {
-#if defined(POPCOMP_OPENMP)
-#pragma omp for schedule(dynamic, 1)
-#endif
-          for (int q = h; q < P8; q += 2 * h) {
-            const int64_t c0 = q - h == 0 ? rlo : L.J[pv[q - h]];
-            const int64_t c1 = q + h == P8 ? pv[q] : L.J[pv[q + h]];
-            solve(L, pv[q], pv[q], c0, c1);
-          }
-        }
-#if defined(POPCOMP_OPENMP)
-#pragma omp for schedule(dynamic, 1)
-#endif
-        for (int q = 0; q < P8; ++q) {
-          const int64_t c0 = q == 0 ? rlo : L.J[pv[q]];
-          const int64_t c1 = q == P8 - 1 ? rhi : L.J[pv[q + 1]];
-          solve(L, pv[q] + 1, pv[q + 1] - 1, c0, c1);
-        }
-      }
+    if (worth_splitting(T, rlo, rhi)) {
+      solve_split(T, piv.data(), rlo, rhi, rlo, rhi, L.J, [&L](int) {
+        return [&L](int64_t r0, int64_t r1, int64_t c0, int64_t c1) { solve(L, r0, r1, c0, c1); };
+      });
     } else {
       solve(L, rlo, rhi, rlo, rhi);
     }
