@@ -487,8 +487,7 @@ void solve_layers(Work& w, int64_t u, int k, int threads, LayerValues* out, doub
   dp_layers(w, u, k, threads, nullptr, nullptr, out);
 }
 
-void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
-  solve_layers(w, u, k, threads);
+void backtrack(const Work& w, int64_t u, int k, int64_t* B) {
   B[k] = u;
   int64_t i = u - 1;
   for (int m = k - 1; m >= 1; --m) {
@@ -497,6 +496,11 @@ void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
     i = j - 1;
   }
   B[0] = 0;
+}
+
+void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B) {
+  solve_layers(w, u, k, threads);
+  backtrack(w, u, k, B);
 }
 
 }  // namespace kmeans

@@ -113,6 +113,10 @@ bool demand_hint(Work& w, int64_t u, int k, int threads, int64_t* G, int64_t* X,
 void solve_layers(Work& w, int64_t u, int k, int threads, LayerValues* out = nullptr,
                   double slack = kCapSlack);
 
+// The boundaries B[0..k] of the partition the argmins w.J of layers 1..k-1 give (from row u - 1
+// of the last layer down).
+void backtrack(const Work& w, int64_t u, int k, int64_t* B);
+
 // Optimal boundaries B[0..k] of the u sorted values into k contiguous clusters (k < u).
 void exact_partition(Work& w, int64_t u, int k, int threads, int64_t* B);
 

@@ -14,6 +14,7 @@
 #include "common/parallel.h"
 #include "kmeans/dp_split.h"
 #include "kmeans/exact_dp_cpu.h"
+#include "kmeans/scale.h"
 
 // The error-free transforms need every product and sum rounded on its own: no contraction of
 // a * b + c into a fused multiply-add behind their back (the fused ones are explicit).
@@ -283,28 +284,11 @@ void exact_partition_precise(Work& w, int64_t u, int k, int threads, int ev, dou
     }
     std::swap(d, dnext);
   }
-  B[k] = u;
-  int64_t i = u - 1;
-  for (int m = k - 1; m >= 1; --m) {
-    const int64_t j = w.J[(size_t)m * u + i];
-    B[m] = j;
-    i = j - 1;
-  }
-  B[0] = 0;
+  backtrack(w, u, k, B);
 }
 
 void segment_means(const double* v, const double* W, const int64_t* B, int k, double* c) {
-  for (int j = 0; j < k; ++j) {
-    const int64_t a = B[j], e = B[j + 1];
-    double H = 0.0;
-    for (int64_t t = a; t < e; ++t) H += W[t];
-    double m = 0.0;
-    if (H > 0.0)
-      for (int64_t t = a; t < e; ++t) m += (W[t] / H) * v[t];
-    else
-      m = 0.5 * v[a] + 0.5 * v[e - 1];
-    c[j] = m;
-  }
+  for (int j = 0; j < k; ++j) c[j] = convex_mean(v, W, B[j], B[j + 1]);
 }
 
 }  // namespace kmeans
