@@ -27,6 +27,7 @@
 #include "common/args.h"
 #include "common/parallel.h"
 #include "common/runtime.h"
+#include "kmeans/exact_dp_precise.h"
 #include "kmeans/kmeans.h"
 #include "hessian/hessian.h"
 #include "covariance/covariance.h"
@@ -262,6 +263,9 @@ PYBIND11_MODULE(_C, m) {
                                   {"given", static_cast<int>(kmeans::Init::given)}});
   m.attr("kmeans_diameters") = codes({{"squared", static_cast<int>(kmeans::Diameter::squared)},
                                       {"linear", static_cast<int>(kmeans::Diameter::linear)}});
+  // the exact method's trust bound (exact_dp_precise.h): the CUDA backend, which has no
+  // double-double DP, sends the rows that fail it to the CPU
+  m.attr("kmeans_exact_trust_ratio") = kmeans::kTrustRatio;
   m.attr("kmeans_status") = codes({{"ok", kmeans::kOk},
                                    {"nonfinite_x", kmeans::kNonFiniteX},
                                    {"nonfinite_w", kmeans::kNonFiniteW},

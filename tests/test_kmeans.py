@@ -726,6 +726,64 @@ def test_exact_trust_bound_keeps_ordinary_data_on_the_fast_path():
         assert _trust_ratio(x, w, float(r.cost)) > TRUST_RATIO * 10
 
 
+def test_trust_ratio_is_the_compiled_one():
+    C = popcomp._backend.compiled()
+    if C is None:
+        pytest.skip("no compiled core")
+    assert C.kmeans_exact_trust_ratio == TRUST_RATIO
+
+
+def _stack_rows(rows):
+    """Rows of equal length as (x, w) tensors (float64)."""
+    return (torch.stack([torch.as_tensor(x, dtype=torch.float64) for x, _ in rows]),
+            torch.stack([torch.as_tensor(w, dtype=torch.float64) for _, w in rows]))
+
+
+def test_cuda_backend_check_flags_what_the_cpu_bound_flags():
+    """The CUDA backend has no double-double DP: it solves again on the CPU the exact rows its
+    check (exact_untrusted_rows, any device: run here on CPU tensors) flags. The check is a
+    conservative form of the CPU's bound: it flags every badly scaled row the CPU's bound
+    flags, no ordinary row, no row of cost 0; it is invariant to powers of two on the values
+    and the weights (no overflow at 1e+-200) and to its chunking."""
+    from popcomp.ops.backends.cuda.kmeans1d import exact_untrusted_rows
+
+    rng = np.random.default_rng(3)
+    n, k = 2000, 8
+    bad = [_badly_scaled_large(case, seed) for case, seed in
+           [("low", 2), ("low", 10), ("mixed", 0), ("mixed", 1), ("mixed", 3)]]
+    ordinary = [(rng.standard_normal(n), rng.random(n) + 0.01),
+                (rng.standard_t(3, n), np.exp(rng.uniform(np.log(1e-2), 0.0, n))),
+                (rng.laplace(size=n), rng.standard_normal(n) ** 2 + 1e-2)]
+    few = [(np.repeat(rng.standard_normal(k), n // k), rng.random(n) + 0.5)]  # k values: cost 0
+    x, w = _stack_rows([(a.numpy(), b.numpy()) for a, b in bad] + ordinary + few)
+    r = popcomp.kmeans1d(x, k, w, method="exact")
+    flags = exact_untrusted_rows(x, w, r.labels, k, TRUST_RATIO)
+    want = [True] * len(bad) + [False] * (len(ordinary) + len(few))
+    assert flags.tolist() == want
+    for i in range(len(bad)):  # as the CPU's own bound says
+        assert _trust_ratio(x[i], w[i], float(r.cost[i])) > TRUST_RATIO
+    # invariances: powers of two on values and weights, any chunking, weights None
+    for sx, sw in ((2.0 ** 600, 2.0 ** -700), (2.0 ** -650, 2.0 ** 640)):
+        got = exact_untrusted_rows(x * sx, w * sw, r.labels, k, TRUST_RATIO)
+        assert got.tolist() == want
+    assert exact_untrusted_rows(x, w, r.labels, k, TRUST_RATIO, budget=777).tolist() == want
+    r1 = popcomp.kmeans1d(x[len(bad):], k, method="exact")
+    assert not exact_untrusted_rows(x[len(bad):], None, r1.labels, k, TRUST_RATIO).any()
+    # the write-back (CPU tensors standing in for the device's): flagged rows get the CPU
+    # backend's answer in place of what the device gave, the others are left as they were
+    from popcomp.ops.backends.cuda.kmeans1d import solve_untrusted_on_cpu
+
+    outs = (torch.full_like(r.centers, float("nan")), r.labels.clone(),
+            torch.full_like(r.cost, float("nan")), torch.full_like(r.n_iter, -1))
+    solve_untrusted_on_cpu(x, w, k, 0.0, "exact", "kmeans++", None, 300, 0.0, 0, "squared", outs)
+    flagged = torch.tensor(want)
+    torch.testing.assert_close(outs[0][flagged], r.centers[flagged], rtol=0, atol=0)
+    torch.testing.assert_close(outs[2][flagged], r.cost[flagged], rtol=0, atol=0)
+    assert torch.equal(outs[1], r.labels)
+    assert outs[0][~flagged].isnan().all() and outs[2][~flagged].isnan().all()
+    assert (outs[3][~flagged] == -1).all() and (outs[3][flagged] >= 0).all()
+
+
 # ---- the CUDA kernel against the CPU kernel ---------------------------------------------------
 def both(x, w, k, **kw):
     ic = kw.get("init_centers")
@@ -783,6 +841,23 @@ def test_cuda_single_large_problem(dtype, method, cuda_device):
     x, w = data(1, n, dtype, 4)
     cpu, gpu = both(x, w, 16, method=method, max_iter=100)
     assert_same(cpu, gpu, label_frac=0.9999)
+
+
+def test_cuda_badly_scaled_exact_rows_are_solved_on_the_cpu(cuda_device):
+    # the CUDA DP alone is 0.6% to 2e5x above the optimum on these rows; the backend's check
+    # sends them to the CPU (double-double DP): the same exact cost as the CPU, beside an
+    # ordinary row that stays on the device
+    rows = [_badly_scaled_large(case, seed) for case, seed in [("low", 2), ("mixed", 0)]]
+    rng = np.random.default_rng(5)
+    rows.append((torch.from_numpy(rng.standard_normal(2000)), torch.from_numpy(rng.random(2000) + 0.5)))
+    x, w = torch.stack([a for a, _ in rows]), torch.stack([b for _, b in rows])
+    cpu = popcomp.kmeans1d(x, 8, w, method="exact")
+    gpu = popcomp.kmeans1d(x.to(cuda_device), 8, w.to(cuda_device), method="exact")
+    for i in range(x.shape[0]):
+        want = kmeans_labels_cost_exact(x[i], w[i], cpu.labels[i])
+        got = kmeans_labels_cost_exact(x[i], w[i], gpu.labels[i].cpu())
+        assert abs(float((got - want) / want)) <= 1e-12, i
+    torch.testing.assert_close(gpu.cost.cpu(), cpu.cost, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
