@@ -219,11 +219,13 @@ def test_linear_every_batch_size(devices, bits, gran, n, small_chunks):
 @pytest.mark.parametrize("bits", range(1, 9))
 @pytest.mark.parametrize("gran,n", [("channel", 100), ("g50", 130), ("g32", 300), ("tensor", 33)])
 def test_large_batch_kernel(devices, bits, gran, n):
-    # batches from 31 rows on: on an AVX-512 CPU the compiled large-batch kernel (panels of 12
-    # weight rows, tiles of 32 x rows, sums in blocks of 256 inputs), elsewhere decode + GEMM
+    # batches from 23 rows on: on an AVX-512 CPU from 24 the compiled large-batch kernel (panels
+    # of 12 weight rows, tiles of 32 x rows, sums in blocks of 256 inputs), elsewhere the row
+    # kernels and then decode + GEMM
     packed, cb, gs, W = make_weight(29, n, bits, gran, torch.float16, devices, seed=bits)
     bias = torch.randn(29, device=devices)
-    for M, dt in ((31, torch.float32), (32, torch.float32), (33, torch.bfloat16),
+    for M, dt in ((23, torch.float32), (24, torch.float16), (31, torch.float32),
+                  (32, torch.float32), (33, torch.bfloat16),
                   (64, torch.float16), (97, torch.float32), (130, torch.float32)):
         base = torch.randn(M, n + 3, device=devices).to(dt)
         x = base[:, 1 : n + 1]  # rows n + 3 apart

@@ -86,7 +86,7 @@ CASES = [  # bits, k, granularity (0 tensor, -1 channel, g > 0 group), in, M, cb
     (6, 50, 50, 257, 2, torch.float32, torch.float32),
     (1, 2, 7, 31, 17, torch.float16, torch.float16),
     (8, 256, 32, 96, 9, torch.float32, torch.bfloat16),
-    # from 32 rows of x, the AVX-512 large-batch kernel (palettized_outer.inc)
+    # from 24 rows of x, the AVX-512 large-batch kernel (palettized_outer.inc)
     (4, 16, -1, 4096 + 5, 40, torch.float16, torch.float32),
     (3, 8, 128, 300, 33, torch.float32, torch.bfloat16),
     (2, 4, 0, 100, 64, torch.float16, torch.float16),

@@ -601,8 +601,12 @@ int threads_for(int num_threads, int64_t work) {
 int dtype_size(DType t) { return t == DType::f64 ? 8 : t == DType::f32 ? 4 : 2; }
 
 constexpr int64_t kMaxBatch = 8;  // x rows per pass over the weight
-// From this many rows of x, the large-batch kernel where the ISA has one (palettized_outer.inc)
-constexpr int64_t kOuterMinM = 32;
+// From this many rows of x, the large-batch kernel where the ISA has one (palettized_outer.inc;
+// its tiles are 32 rows, so its time is flat below 32). Measured, 2 threads, 4 bits: the row
+// kernels lead up to 20 rows (Linear(4096, 4096) batch 20: 5.5 ms against 6.0), the two tie at
+// 24 on Linear(384, 1536), and from 24 the large-batch kernel leads (4096 x 4096 batch 24:
+// 6.0 ms against 6.8; batch 31: 6.0 against 8.7).
+constexpr int64_t kOuterMinM = 24;
 
 void linear_with(Isa isa, const Params& p, const LinearArgs& a, int num_threads) {
   check_linear(p, a, "palettized_linear_cpu");

@@ -1,7 +1,7 @@
 """The CPU kernels of popcomp::palettized_linear and popcomp::palettized_decode (the compiled lookup-table kernels; torch's GEMM on decoded row chunks for large batches without AVX-512), and the compiled core's arguments for both devices.
 
 The compiled matmul reads the packed indices and the codebooks directly. On a CPU with
-AVX-512 it serves every batch: from 32 rows of x on, its large-batch kernel decodes panels of
+AVX-512 it serves every batch: from 24 rows of x on, its large-batch kernel decodes panels of
 12 weight rows into a buffer of its own and runs them as register-blocked outer products at
 about the FMA peak. Elsewhere batches above ``GEMM_MIN_M`` rows are compute bound and the
 row kernels' 8-row passes fall behind a BLAS GEMM: chunks of weight rows (``CHUNK_BYTES`` of
