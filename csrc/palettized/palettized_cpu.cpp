@@ -653,8 +653,12 @@ void linear_with(Isa isa, const Params& p, const LinearArgs& a, int num_threads)
       cc.nm = nm;
       const LinearKernel kern = ops.linear(p.bits, nm, general);
       const int64_t tiles = (p.rows + kern.rows - 1) / kern.rows;
+      // tiles handed out 16 at a time as threads come free: a thread descheduled by another
+      // job holds up the call by one chunk, not by its whole static share (4096 x 4096 batch 1
+      // beside a busy process, 90th percentile of 200 calls: 0.42 ms against 4.4 ms; alone
+      // within noise)
 #if defined(POPCOMP_OPENMP)
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 16)
 #endif
       for (int64_t t = 0; t < tiles; ++t)
         kern.fn(cc, t * kern.rows, (int)std::min<int64_t>(kern.rows, p.rows - t * kern.rows));
@@ -681,7 +685,7 @@ void decode_with(Isa isa, const Params& p, const DecodeArgs& a, int num_threads)
   const int nt = threads_for(num_threads, a.n);
   (void)nt;
 #if defined(POPCOMP_OPENMP)
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
 #endif
   for (int64_t i = 0; i < a.n; ++i) f(c, i, i + 1);
 }
