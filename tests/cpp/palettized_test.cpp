@@ -629,21 +629,22 @@ int main(int argc, char** argv) {
         }
   }
   // the large-batch kernel's chunks of x rows (about 1 MiB of X^T: 32 rows at 4101 inputs)
-  // and its blocks of 256 inputs, over several panels and threads
+  // and its blocks of 256 inputs, over several panels and threads; in_features 0 (the bias)
   for (Isa isa : isas)
     for (int bits : {2, 3, 4, 8})
-      for (int gran = 0; gran < 3; ++gran) {
+      for (int gran = 0; gran < 3; ++gran)
+        for (int64_t in : {(int64_t)4101, (int64_t)0}) {
         Case c;
         c.bits = bits;
         c.k = 1 << bits;
         c.gran = gran;
         c.group = 128;
-        c.in = 4101;
+        c.in = in;
         c.rows = 25;
         c.M = 70;
         c.xt = xts[bits % 3];
         c.cbt = gran == 1 ? DType::f16 : DType::f32;
-        c.bias = gran != 0;
+        c.bias = gran != 0 || in == 0;
         c.bt = DType::f32;
         c.x_pad = 1;
         c.threads = 2;
