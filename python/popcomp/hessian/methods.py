@@ -325,7 +325,7 @@ class Hutchinson(Method):
             loss = 0.5 * (out - out.detach()).float().square().sum()
         else:
             loss = check_scalar_loss(self.loss_fn(out, targets)) * self.scale(out, targets, B)
-        _finite(float(loss), "the loss")
+        _finite(float(loss.detach()), "the loss")
         grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
         pairs = [(n, p, g) for n, p, g in zip(self.names, self._params, grads)
                  if g is not None and g.requires_grad]
