@@ -12,6 +12,8 @@
 // 256 KB streamed from L2 per output row), and two passes of 8 with two output rows per tile
 // are about 1.7x faster than one pass of 16. Group sizes that are not a multiple of
 // 32 look the block's weights up one by one (block_weights_general), then the same FMAs.
+// From kOuterMinM rows of x, an AVX-512 CPU runs the large-batch kernel instead
+// (palettized_outer.inc: decoded panels of 12 weight rows, register-blocked outer products).
 // decode: the same decode and look-up, stored as fp32 / fp16 / bf16 rows.
 // The instruction set is chosen at run time (AVX-512 F/BW/VL/DQ, AVX2 + FMA + F16C, portable),
 // as the K-means kernels choose theirs.
