@@ -37,6 +37,14 @@ def _check_linreg_dims(d: int, n: int) -> None:
         )
 
 
+def _nonneg_t(name: str, x) -> torch.Tensor:
+    """``x`` as a tensor (:func:`_as_t`), every entry >= 0; errors name ``name``."""
+    t = _as_t(x)
+    if bool((t < 0).any()):
+        raise ValueError(f"{name} must be >= 0")
+    return t
+
+
 def theorem1_bound(sigma2: float, n: int, mi_compressed=float("inf"), mi_data=float("inf")):
     """bu2020 Theorem 1, eq. (10): |gen(μ, P_{Ŵ|S})| ≤ √(2σ²/n · min{I(W;Ŵ), I(S;W)}).
 
@@ -90,9 +98,7 @@ def theorem3_bound(rate, n: int, C: float, sigma_x_norm: float = 1.0, noise_var:
     the largest ‖Ŵ − w*‖² observed. Elementwise in ``rate``.
     """
     _check_pos("n", n)
-    r = _as_t(rate)
-    if bool((r < 0).any()):
-        raise ValueError("rate must be >= 0")
+    r = _nonneg_t("rate", rate)
     return 2.0 * sigma_ell_sq(C, sigma_x_norm, noise_var) * torch.sqrt(r / n)
 
 
@@ -100,9 +106,7 @@ def theorem4_rate_upper(D, d: int, n: int, noise_var: float = 1.0):
     """bu2020 Theorem 4, eq. (22): R(D) ≤ d/2 · (ln(d σ'² / ((n − d − 1) D)))⁺, D ≥ 0 (nats)."""
     _check_linreg_dims(d, n)
     noise_var = _check_pos("noise_var", noise_var, strict=False)
-    D = _as_t(D)
-    if bool((D < 0).any()):
-        raise ValueError("D must be >= 0")
+    D = _nonneg_t("D", D)
     v = d * noise_var / (n - d - 1.0)
     return 0.5 * d * torch.clamp(torch.log(v / D), min=0.0)
 
@@ -111,9 +115,7 @@ def theorem4_distortion_upper(R, d: int, n: int, noise_var: float = 1.0):
     """bu2020 Theorem 4, eq. (23): D(R) ≤ d σ'² / (n − d − 1) · exp(−2R/d), R ≥ 0 (nats)."""
     _check_linreg_dims(d, n)
     noise_var = _check_pos("noise_var", noise_var, strict=False)
-    R = _as_t(R)
-    if bool((R < 0).any()):
-        raise ValueError("R must be >= 0")
+    R = _nonneg_t("R", R)
     return d * noise_var / (n - d - 1.0) * torch.exp(-2.0 * R / d)
 
 
@@ -141,9 +143,7 @@ def oracle_alpha(D, d: int, n: int, noise_var: float = 1.0, convention: str = "c
     """
     _check_linreg_dims(d, n)
     noise_var = _check_pos("noise_var", noise_var)
-    D = _as_t(D)
-    if bool((D < 0).any()):
-        raise ValueError("D must be >= 0")
+    D = _nonneg_t("D", D)
     if convention == "consistent":
         return (n - d - 1.0) * D / (d * float(noise_var))
     if convention == "printed":
@@ -257,9 +257,7 @@ def integer_entropy_upper(var) -> torch.Tensor:
     Proof: with U ~ Unif(−½, ½) independent of N, h(N + U) = H(N), Var(N + U) = Var N + 1/12,
     and the Gaussian maximizes differential entropy at a given variance. Elementwise.
     """
-    v = _as_t(var)
-    if bool((v < 0).any()):
-        raise ValueError("var must be >= 0")
+    v = _nonneg_t("var", var)
     return 0.5 * torch.log(2 * math.pi * math.e * (v + 1.0 / 12.0))
 
 
