@@ -84,8 +84,7 @@ struct DCtx : Layout {
 
 // Codebook row of weight row r, group gi (gi counts groups of the row; 0 without groups).
 PC_AI int64_t cb_row(const Layout& L, int64_t r, int64_t gi) {
-  if (L.p->group_size > 0) return r * L.groups + gi;
-  return L.p->cb_rows == 1 ? 0 : r;
+  return codebook_row_of_group(r, gi, L.p->group_size, L.groups, L.p->cb_rows);
 }
 
 // y[m0 + m, r] = s[m] + bias[r] for the nm rows of this call, in y's dtype.

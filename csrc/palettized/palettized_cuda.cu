@@ -86,11 +86,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ int64_t codebook_row_of(const KArgs& a, int64_t r, int64_t gi) {
-  if (a.group_size > 0) return r * a.groups + gi;
-  return a.cb_rows == 1 ? 0 : r;
-}
-
 // BITS: compile-time bits for kTable / kDirect (0 with kGeneral: a.bits at run time).
 template <int BITS, int MT, int MODE>
 __global__ void __launch_bounds__(kThreads, MODE == kTable ? 4 : 3) linear_kernel(KArgs a) {
@@ -148,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, MODE == kTable ? 4 : 3) linear_kerne
         const char* cbp[RW];  // kDirect: the codebook row of each row
 #pragma unroll
         for (int rr = 0; rr < RW; ++rr) {
-          const int64_t cbrow = codebook_row_of(a, row[rr], gi);
+          const int64_t cbrow = codebook_row_of_group(row[rr], gi, a.group_size, a.groups, a.cb_rows);
           if constexpr (MODE == kTable) {
             if (cbrow != tab_group[rr]) {  // this lane's column of the table
               float* t = tab + (warp * RW + rr) * NT * 32 + lane;

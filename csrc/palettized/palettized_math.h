@@ -86,12 +86,19 @@ PC_HD int word_index(const uint32_t* w, int i) {
 }
 
 // ---- codebook addressing -----------------------------------------------------------------
-// Codebook row of element (r, c): per tensor (cb_rows == 1 with group_size 0), per channel
-// (row r) or per group (row r * groups + c / group_size).
+// Codebook row of group gi of weight row r (gi counts the groups of the row; 0 without
+// groups): per tensor (cb_rows == 1 with group_size 0), per channel (row r) or per group (row
+// r * groups + gi).
+PC_HD int64_t codebook_row_of_group(int64_t r, int64_t gi, int64_t group_size, int64_t groups,
+                                    int64_t cb_rows) {
+  if (group_size > 0) return r * groups + gi;
+  return cb_rows == 1 ? 0 : r;
+}
+// Codebook row of element (r, c).
 PC_HD int64_t codebook_row(int64_t r, int64_t c, int64_t group_size, int64_t groups,
                            int64_t cb_rows) {
-  if (group_size > 0) return r * groups + c / group_size;
-  return cb_rows == 1 ? 0 : r;
+  return codebook_row_of_group(r, group_size > 0 ? c / group_size : 0, group_size, groups,
+                               cb_rows);
 }
 
 // Walks the columns of a row from c0 on, one at a time, keeping the group (c / group_size)
