@@ -51,11 +51,8 @@ def _plan(cfg: PalettizeConfig, name: str, shape: Tuple[int, ...], dtype: torch.
           ) -> PaletteMeta:
     k, bits = cfg.resolve()
     gran = cfg.granularity_spec
-    gran.check(shape, name)
-    fan_in = math.prod(shape[1:])
-    rows = {"per_tensor": 1, "per_channel": shape[0]}.get(gran.name)
-    if rows is None:
-        rows = shape[0] * (fan_in // gran.group_size)
+    # the codebook rows of a weight of this shape (checked), from a tensor without data
+    rows = gran.rows(torch.empty(shape, device="meta"), name).shape[0]
     return PaletteMeta(tuple(shape), dtype, k, bits, gran.name, gran.group_size, rows)
 
 
