@@ -627,7 +627,7 @@ void linear_with(Isa isa, const Params& p, const LinearArgs& a, int num_threads)
   c.bias_dtype = a.bias_dtype;
   c.y = a.y;
   c.y_dtype = a.x_dtype;
-  const bool general = p.group_size > 0 && p.group_size % kBlock != 0;
+  const bool general = general_groups(p.group_size);
   const int64_t mc = std::min<int64_t>(a.M, kMaxBatch);
   std::unique_ptr<float[]> xbuf(new float[(size_t)std::max<int64_t>(1, mc * c.xs)]);
   c.xb = xbuf.get();
@@ -682,7 +682,7 @@ void decode_with(Isa isa, const Params& p, const DecodeArgs& a, int num_threads)
   c.row_ids = a.row_ids;
   c.row_begin = a.row_begin;
   c.out = a.out;
-  const DecodeFn f = ops.decode(p.bits, a.out_dtype, p.group_size > 0 && p.group_size % kBlock != 0);
+  const DecodeFn f = ops.decode(p.bits, a.out_dtype, general_groups(p.group_size));
   const int nt = threads_for(num_threads, a.n);
   (void)nt;
 #if defined(POPCOMP_OPENMP)

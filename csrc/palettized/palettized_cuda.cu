@@ -274,9 +274,7 @@ void linear_cuda(const Params& p, const LinearArgs& a, int device, void* stream)
   k.cbt = p.cb_dtype;
   k.xt = a.x_dtype;
   k.bt = a.bias_dtype;
-  const int mode = p.group_size > 0 && p.group_size % kBlock != 0 ? kGeneral
-                   : p.bits <= 4                                  ? kTable
-                                                                  : kDirect;
+  const int mode = general_groups(p.group_size) ? kGeneral : p.bits <= 4 ? kTable : kDirect;
   const int mt = a.M <= 1 ? 1 : a.M == 2 ? 2 : a.M <= 4 ? 4 : 8;
   LinearKernel f = mt == 1 ? pick<1>(p.bits, mode)
                    : mt == 2 ? pick<2>(p.bits, mode)

@@ -101,6 +101,12 @@ PC_HD int64_t codebook_row(int64_t r, int64_t c, int64_t group_size, int64_t gro
                                cb_rows);
 }
 
+// Whether a block of 32 columns may straddle two codebooks (group_size > 0 and not a multiple
+// of 32): the kernels then take their general path (per-column groups, scalar look-ups).
+PC_HD bool general_groups(int64_t group_size) {
+  return group_size > 0 && group_size % kBlock != 0;
+}
+
 // Walks the columns of a row from c0 on, one at a time, keeping the group (c / group_size)
 // without a division per column (group_size > 0).
 struct GroupCursor {
