@@ -34,16 +34,39 @@ constexpr int kThreads = kCudaWarps * 32;
 constexpr int kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = 2147483647;
 
-struct KArgs {
+// What both kernels read about the weight (weight_args).
+struct WArgs {
   const uint8_t* packed;
   const void* cb;
+  int64_t rows, in, rb, groups, group_size, cb_rows;
+  int k, bits;
+  DType cbt;
+};
+
+WArgs weight_args(const Params& p, const uint8_t* packed, const void* cb) {
+  WArgs w;
+  w.packed = packed;
+  w.cb = cb;
+  w.rows = p.rows;
+  w.in = p.in;
+  w.rb = row_bytes(p.in, p.bits);
+  w.groups = groups_per_row(p.in, p.group_size);
+  w.group_size = p.group_size;
+  w.cb_rows = p.cb_rows;
+  w.k = p.k;
+  w.bits = p.bits;
+  w.cbt = p.cb_dtype;
+  return w;
+}
+
+struct KArgs : WArgs {
   const void* x;
   const void* bias;
   void* y;
-  int64_t rows, in, rb, nblocks, groups, group_size, cb_rows, xstride, M;
-  int k, tail, bits;
+  int64_t nblocks, xstride, M;
+  int tail;
   int vec;  // 16: rows 16-byte aligned (uint4 loads); 8: 8-byte aligned (uint2); 4: words
-  DType cbt, xt, bt;
+  DType xt, bt;
 };
 
 // Mode of the look-up: kTable (bits <= 4, a block in one codebook), kDirect (bits >= 5, a block
@@ -200,14 +223,11 @@ __global__ void __launch_bounds__(kThreads, MODE == kTable ? 4 : 3) linear_kerne
   }
 }
 
-struct DArgs {
-  const uint8_t* packed;
-  const void* cb;
+struct DArgs : WArgs {
   const int64_t* row_ids;
   void* out;
-  int64_t rows, in, rb, groups, group_size, cb_rows, row_begin, n;
-  int k, bits;
-  DType cbt, ot;
+  int64_t row_begin, n;
+  DType ot;
 };
 
 __global__ void __launch_bounds__(256) decode_kernel(DArgs a) {
@@ -252,26 +272,16 @@ void linear_cuda(const Params& p, const LinearArgs& a, int device, void* stream)
   args::require(reinterpret_cast<uintptr_t>(a.packed) % 4 == 0, fn,
                 "packed must be 4-byte aligned (the start of a uint8 tensor's storage or of a row)");
   KArgs k;
-  k.packed = a.packed;
-  k.cb = a.codebook;
+  static_cast<WArgs&>(k) = weight_args(p, a.packed, a.codebook);
   k.x = a.x;
   k.bias = a.bias;
   k.y = a.y;
-  k.rows = p.rows;
-  k.in = p.in;
-  k.rb = row_bytes(p.in, p.bits);
   k.nblocks = padded_in(p.in) / kBlock;
-  k.groups = groups_per_row(p.in, p.group_size);
-  k.group_size = p.group_size;
-  k.cb_rows = p.cb_rows;
   k.xstride = a.x_row_stride;
   k.M = a.M;
-  k.k = p.k;
   k.tail = (int)(p.in - (k.nblocks > 0 ? k.nblocks - 1 : 0) * kBlock);
-  k.bits = p.bits;
   const uintptr_t base = reinterpret_cast<uintptr_t>(a.packed);
   k.vec = (base % 16 == 0 && k.rb % 16 == 0) ? 16 : (base % 8 == 0 && k.rb % 8 == 0) ? 8 : 4;
-  k.cbt = p.cb_dtype;
   k.xt = a.x_dtype;
   k.bt = a.bias_dtype;
   const int mode = general_groups(p.group_size) ? kGeneral : p.bits <= 4 ? kTable : kDirect;
@@ -295,21 +305,11 @@ void decode_cuda(const Params& p, const DecodeArgs& a, int device, void* stream)
   check_decode(p, a, fn);
   if (a.n == 0 || p.in == 0) return;
   DArgs d;
-  d.packed = a.packed;
-  d.cb = a.codebook;
+  static_cast<WArgs&>(d) = weight_args(p, a.packed, a.codebook);
   d.row_ids = a.row_ids;
   d.out = a.out;
-  d.rows = p.rows;
-  d.in = p.in;
-  d.rb = row_bytes(p.in, p.bits);
-  d.groups = groups_per_row(p.in, p.group_size);
-  d.group_size = p.group_size;
-  d.cb_rows = p.cb_rows;
   d.row_begin = a.row_begin;
   d.n = a.n;
-  d.k = p.k;
-  d.bits = p.bits;
-  d.cbt = p.cb_dtype;
   d.ot = a.out_dtype;
   const int64_t gx = (p.in + 255) / 256;
   args::require(gx <= kMaxGridX, fn, "in_features must be <= " + std::to_string(kMaxGridX * 256) +
