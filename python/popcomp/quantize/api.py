@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .._model import all_names
+from .._validate import check_finite
 from .config import PalettizeConfig, QuantizeConfig, resolve_beta
 from .modules import (
     PaletteMeta, Palettized, dense_base, replace_module, to_dense, to_palettized, weight_matrix,
@@ -171,8 +172,7 @@ def _check_hessian(hessian, targets: List[Tuple[str, nn.Module]], pnames: Mappin
             )
         if not h.is_floating_point():
             raise TypeError(f"hessian[{key!r}] must be floating point, got {h.dtype}")
-        if not bool(torch.isfinite(h).all()):
-            raise ValueError(f"hessian[{key!r}] contains NaN or Inf")
+        check_finite(f"hessian[{key!r}]", h)
         if bool((h < 0).any()):
             raise ValueError(f"hessian[{key!r}] has negative entries (a Hessian diagonal estimate "
                              "must be non-negative; clamp it, or use method='fisher'/'ggn')")
