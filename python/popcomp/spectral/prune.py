@@ -28,7 +28,10 @@ from .quantities import (
     leverage_from_eigh, paper_tau, width_from_lambda,
 )
 from .reconstruct import output_matrix, reconstruction
-from .sites import Site, consumer_weight, rewrite_site, run_batch, structural_sites, units_on_dim1, unsupported
+from .sites import (
+    Site, consumer_weight, rewrite_site, run_batch, run_hooked, structural_sites, units_on_dim1,
+    unsupported,
+)
 
 __all__ = ["spectral_prune", "PruneReport", "LayerReport", "DEFAULT_THETA"]
 
@@ -273,13 +276,8 @@ def _count_flops(model: nn.Module, sample, forward: Forward, device) -> int:
             k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
             total[0] += 2 * out.numel() * k
 
-    hs = [mm.register_forward_hook(hook) for mm in model.modules() if is_layer(mm, (nn.Linear, nn.Conv2d))]
-    try:
-        with torch.no_grad():
-            run_batch(model, sample, forward, device)
-    finally:
-        for h in hs:
-            h.remove()
+    run_hooked(model, [mm.register_forward_hook(hook) for mm in model.modules()
+                       if is_layer(mm, (nn.Linear, nn.Conv2d))], sample, forward, device)
     try:
         n = batch_size(input_of(sample) if forward is None else sample)
     except ValueError:

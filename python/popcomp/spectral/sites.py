@@ -21,8 +21,8 @@ from .._model import (
 )
 from .reconstruct import pruned_next_weight
 
-__all__ = ["Site", "find_sites", "structural_sites", "rewrite_site", "run_batch", "consumer_weight",
-           "unsupported"]
+__all__ = ["Site", "find_sites", "structural_sites", "rewrite_site", "run_batch", "run_hooked",
+           "consumer_weight", "unsupported"]
 
 # element-wise (or per-sample random, as dropout in training) layers: they commute with Flatten
 # and with the selection of units (the shared activations plus what this rule allows)
@@ -66,6 +66,18 @@ def run_batch(model: nn.Module, batch: Any, forward: Optional[Callable[[nn.Modul
     if forward is not None:
         return forward(model, batch)
     return call_model(model, to_device(input_of(batch), None if device is None else torch.device(device)))
+
+
+def run_hooked(model: nn.Module, hooks: List[Any], batch: Any,
+               forward: Optional[Callable[[nn.Module, Any], Any]], device) -> Any:
+    """:func:`run_batch` without grad, then the ``hooks`` (handles registered for this run)
+    removed, also when it raises."""
+    try:
+        with torch.no_grad():
+            return run_batch(model, batch, forward, device)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 # ---- structure -----------------------------------------------------------------------------------
@@ -220,13 +232,8 @@ def units_on_dim1(model: nn.Module, sites: List[Site], sample, forward, device) 
             seen.setdefault(path, set()).add(x.dim() if isinstance(x, torch.Tensor) else -1)
         return pre
 
-    hooks = [get_submodule(model, nb).register_forward_pre_hook(make_hook(nb)) for nb in {c[1] for c in checks}]
-    try:
-        with torch.no_grad():
-            run_batch(model, sample, forward, device)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, [get_submodule(model, nb).register_forward_pre_hook(make_hook(nb))
+                       for nb in {c[1] for c in checks}], sample, forward, device)
     bad = {name for name, nb, d in checks if seen.get(nb, {d}) != {d}}
     kept = [s for s in sites if s.name not in bad]
     for s in kept:
