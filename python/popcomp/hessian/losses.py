@@ -32,14 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._model import slice_sample
+from .modules import acc_dtype
 
 __all__ = ["FUNCTIONAL_LOSSES", "LOSS_FACTORS", "LossFactor", "OutputFactor", "SampleScale",
            "check_scalar_loss", "loss_factor", "loss_module", "probe_reduction"]
-
-
-def _work(out: torch.Tensor) -> torch.dtype:
-    """The dtype the factors are computed in: float64 for a float64 output, else float32."""
-    return torch.float64 if out.dtype == torch.float64 else torch.float32
 
 
 class LossFactor:
@@ -95,7 +91,7 @@ class CrossEntropyFactor(LossFactor):
     def _probs(self, out, targets):
         """Softmax (B, C, P) and the square roots of the positions' weights (B, P)."""
         B, C, P = self._shape(out)
-        p = torch.softmax(out.to(_work(out)), dim=1).reshape(B, C, P)
+        p = torch.softmax(out.to(acc_dtype(out)), dim=1).reshape(B, C, P)
         if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
             w = (targets.reshape(B, P) != self.loss_fn.ignore_index).to(p.dtype)
         else:
@@ -147,7 +143,7 @@ class _ElementwiseFactor(LossFactor):
 
     def exact(self, out, targets):
         n, w = self._n_w(out)
-        d = self.diag(out.to(_work(out)), w).reshape(out.shape[0], n)
+        d = self.diag(out.to(acc_dtype(out)), w).reshape(out.shape[0], n)
         cols = torch.diag_embed(d.sqrt()).permute(1, 0, 2)  # (n, B, n): cols[j, b, j]
         return cols.reshape(n, *out.shape).to(out.dtype)
 
@@ -161,7 +157,7 @@ class MSEFactor(_ElementwiseFactor):
 
     def sampled(self, out, targets, M, gen):
         n, w = self._n_w(out)
-        f = out.to(_work(out))
+        f = out.to(acc_dtype(out))
         d = self.diag(f, w).reshape(out.shape[0], n)
         eps = torch.randn((M, out.shape[0], n), generator=gen, device=f.device, dtype=f.dtype)
         return (eps * d.sqrt() / math.sqrt(M)).reshape(M, *out.shape).to(out.dtype)
@@ -183,7 +179,7 @@ class OutputFactor(_ElementwiseFactor):
     def sampled(self, out, targets, M, gen):
         n = int(math.prod(out.shape[1:]))
         eps = torch.randint(0, 2, (M, out.shape[0], n), generator=gen, device=out.device)
-        eps = eps.to(_work(out)).mul_(2).sub_(1).div_(math.sqrt(M))
+        eps = eps.to(acc_dtype(out)).mul_(2).sub_(1).div_(math.sqrt(M))
         return eps.reshape(M, *out.shape).to(out.dtype)
 
 
@@ -203,7 +199,7 @@ class BCEWithLogitsFactor(_ElementwiseFactor):
 
     def sampled(self, out, targets, M, gen):
         n, w = self._n_w(out)
-        s = torch.sigmoid(out.to(_work(out))).reshape(out.shape[0], n)
+        s = torch.sigmoid(out.to(acc_dtype(out))).reshape(out.shape[0], n)
         y = torch.bernoulli(s.expand(M, *s.shape), generator=gen)
         return ((s - y) * math.sqrt(w) / math.sqrt(M)).reshape(M, *out.shape).to(out.dtype)
 

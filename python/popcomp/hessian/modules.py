@@ -26,23 +26,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.checks import SUMSQ_DTYPES
+
 __all__ = ["LAZY_REDUCERS", "REDUCERS", "ModuleReducer", "Site", "bias_sumsq", "reducer_for",
            "select_sites", "sumsq"]
-
-_OP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 Pairs = Sequence[Tuple[torch.Tensor, torch.Tensor]]
 
 
 def acc_dtype(p: torch.Tensor) -> torch.dtype:
-    """The accumulator dtype of parameter ``p``: float64 for float64, else float32."""
+    """The accumulator dtype of parameter ``p`` (and the dtype the loss factors of a model
+    output ``p`` are computed in): float64 for float64, else float32."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 def _as_op_dtype(t: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     if acc.dtype == torch.float64:
         return t.double()
-    return t if t.dtype in _OP_DTYPES else t.float()
+    return t if t.dtype in SUMSQ_DTYPES else t.float()
 
 
 def sumsq(acc: torch.Tensor, g: torch.Tensor, x: torch.Tensor) -> None:
