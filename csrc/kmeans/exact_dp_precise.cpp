@@ -14,7 +14,6 @@
 #include "common/parallel.h"
 #include "kmeans/dp_split.h"
 #include "kmeans/exact_dp_cpu.h"
-#include "kmeans/scale.h"
 
 // The error-free transforms need every product and sum rounded on its own: no contraction of
 // a * b + c into a fused multiply-add behind their back (the fused ones are explicit).
@@ -285,10 +284,6 @@ void exact_partition_precise(Work& w, int64_t u, int k, int threads, int ev, dou
     std::swap(d, dnext);
   }
   backtrack(w, u, k, B);
-}
-
-void segment_means(const double* v, const double* W, const int64_t* B, int k, double* c) {
-  for (int j = 0; j < k; ++j) c[j] = convex_mean(v, W, B[j], B[j + 1]);
 }
 
 }  // namespace kmeans

@@ -39,11 +39,6 @@ constexpr double kTrustRatio = 1e-6;
 bool fast_partition_trusted(const double* v, const double* W, int64_t u, int k,
                             const int64_t* B, double* c);
 
-// c[j]: the weighted mean of the values [B[j], B[j + 1]) as a convex combination summed over the
-// segment (no overflow where the values are near the end of the range); the midpoint of a
-// segment of zero weight.
-void segment_means(const double* v, const double* W, const int64_t* B, int k, double* c);
-
 // Optimal boundaries B[0..k] of the u sorted distinct values into k contiguous clusters (k < u),
 // by the DP in double-double arithmetic. The centred values are formed exactly from the
 // values x_t 2^ev (x: w.vo, the original values; ev: the power of two of the scaled problem, 0

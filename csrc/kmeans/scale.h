@@ -123,5 +123,10 @@ PC_HD double convex_mean(const double* vo, const double* W, int64_t a, int64_t e
   return m;
 }
 
+// c[j] = convex_mean of segment [B[j], B[j + 1]) for the k segments of a partition.
+PC_HD void segment_means(const double* v, const double* W, const int64_t* B, int k, double* c) {
+  for (int j = 0; j < k; ++j) c[j] = convex_mean(v, W, B[j], B[j + 1]);
+}
+
 }  // namespace kmeans
 }  // namespace popcomp
