@@ -93,14 +93,14 @@ def cpu_scratch(shape, dtype) -> torch.Tensor:
     return buf[:n].view(dtype).view(shape)
 
 
-def decoded_gemm(x2, packed, codebook, bias, y, bits, in_features, group_size, decode,
-                 dtype, chunk_bytes=None, scratch=None):
-    """y = x2 @ W_hat^T (+ bias) by chunks of weight rows: ``decode(out, row_begin, n)`` writes
-    rows [row_begin, row_begin + n) of W_hat into out; the GEMM runs in ``dtype`` and writes
-    y's columns (through a chunk buffer when y has another dtype). A chunk takes about
-    ``chunk_bytes`` (default: the reference module's CHUNK_BYTES); ``scratch(shape, dtype)``
-    gives its buffer (default: a new tensor on x2's device)."""
-    rows = packed.shape[0]
+def decoded_gemm(x2, bias, y, decode, dtype, chunk_bytes=None, scratch=None):
+    """y = x2 @ W_hat^T (+ bias) for x2 (M, in_features) and y (M, rows), by chunks of weight
+    rows: ``decode(out, row_begin, n)`` writes rows [row_begin, row_begin + n) of W_hat into
+    out; the GEMM runs in ``dtype`` and writes y's columns (through a chunk buffer when y has
+    another dtype). A chunk takes about ``chunk_bytes`` (default: the reference module's
+    CHUNK_BYTES); ``scratch(shape, dtype)`` gives its buffer (default: a new tensor on x2's
+    device)."""
+    rows, in_features = y.shape[1], x2.shape[1]
     step = min(rows, chunk_rows(in_features, torch.finfo(dtype).bits // 8, chunk_bytes))
     if scratch is None:
         w = torch.empty((step, in_features), dtype=dtype, device=x2.device)
@@ -139,8 +139,7 @@ def palettized_linear_cpu(x, packed, codebook, bias, bits, in_features, group_si
                                                       group_size, out, r0, n),
                                         num_threads=num_threads())
 
-            decoded_gemm(x2, packed, codebook, bias, y, bits, in_features, group_size, decode,
-                         torch.float32, scratch=cpu_scratch)
+            decoded_gemm(x2, bias, y, decode, torch.float32, scratch=cpu_scratch)
         else:
             C.palettized_linear_cpu(**linear_args(x2, packed, codebook, bias, y, bits,
                                                   in_features, group_size),

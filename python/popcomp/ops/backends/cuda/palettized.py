@@ -42,8 +42,7 @@ def palettized_linear_cuda(x, packed, codebook, bias, bits, in_features, group_s
                                                        group_size, out, r0, n),
                                          device=device, stream=stream)
 
-            decoded_gemm(x2, packed, codebook, bias, y, bits, in_features, group_size, decode,
-                         x.dtype, CHUNK_BYTES)
+            decoded_gemm(x2, bias, y, decode, x.dtype, CHUNK_BYTES)
         else:
             C.palettized_linear_cuda(**linear_args(x2, packed, codebook, bias, y, bits,
                                                    in_features, group_size),
