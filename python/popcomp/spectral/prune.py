@@ -296,13 +296,14 @@ def _flat_out(y) -> torch.Tensor:
 def _relative_error(model: nn.Module, work: nn.Module, batches, forward: Forward, device,
                     max_batches: Optional[int], bar: bool) -> float:
     """``‖f − f♯‖_n / ‖f‖_n`` over the data (both models as they are)."""
-    num = den = 0.0
+    num = den = 0.0  # summed on the outputs' device, read once at the end
     with torch.no_grad():
         for batch in _limited(batches, max_batches, bar, "spectral_prune: error"):
             y = _flat_out(run_batch(model, batch, forward, device)).to(torch.float64)
             y2 = _flat_out(run_batch(work, batch, forward, device)).to(torch.float64)
-            num += float(((y - y2) ** 2).sum())
-            den += float((y**2).sum())
+            num = num + ((y - y2) ** 2).sum()
+            den = den + (y**2).sum()
+    num, den = float(num), float(den)
     return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
