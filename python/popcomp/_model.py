@@ -274,11 +274,11 @@ def all_reduce_sum(tensors: List[torch.Tensor], count: float = 0.0) -> Tuple[Lis
     """Sums ``tensors`` (copies, in one flat all-reduce) and ``count`` over the ranks of
     torch.distributed when it is initialized; otherwise returns copies and ``count`` as given.
     With the NCCL backend CPU tensors travel through the current CUDA device."""
-    out = [t.clone() for t in tensors]
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return out, count
+        return [t.clone() for t in tensors], count
     import torch.distributed as dist
 
+    out = list(tensors)  # replaced by the reduced copies below
     dev = out[0].device if out else torch.device("cpu")
     if dist.get_backend() == "nccl" and dev.type != "cuda":
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -296,6 +296,7 @@ def all_reduce_sum(tensors: List[torch.Tensor], count: float = 0.0) -> Tuple[Lis
             off = 0
             for i in idx:
                 n = out[i].numel()
-                out[i] = flat[off : off + n].view_as(out[i]).to(out[i].device).clone()
+                # its own storage (one copy; not a view of flat: safetensors refuses shared ones)
+                out[i] = flat[off : off + n].view_as(out[i]).to(out[i].device, copy=True)
                 off += n
     return out, count
