@@ -89,7 +89,7 @@ PC_AI int64_t cb_row(const Layout& L, int64_t r, int64_t gi) {
 
 // y[m0 + m, r] = s[m] + bias[r] for the nm rows of this call, in y's dtype.
 inline void store_outputs(const Ctx& c, int64_t r, const float* s) {
-  const float b = c.bias ? (float)load_as_double(c.bias, c.bias_dtype, r) : 0.f;
+  const float b = c.bias ? load_as_float(c.bias, c.bias_dtype, r) : 0.f;
   for (int m = 0; m < c.nm; ++m) store_as(c.y, c.y_dtype, (c.m0 + m) * c.p->rows + r, s[m] + b);
 }
 
