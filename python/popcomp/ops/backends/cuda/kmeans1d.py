@@ -37,16 +37,23 @@ def exact_untrusted_rows(x, weights, labels, k: int, ratio: float, budget: int =
         r1 = min(rows, r0 + rstep)
         R = r1 - r0
 
-        def chunks():
+        def convert():
             for c0 in range(0, n, cstep):
                 xs = x[r0:r1, c0 : c0 + cstep].double()
                 ws = (weights[r0:r1, c0 : c0 + cstep].double() if weights is not None
                       else torch.ones_like(xs))
                 yield xs, ws, labels[r0:r1, c0 : c0 + cstep].long()
 
-        inf = torch.tensor(float("inf"), dtype=torch.float64, device=x.device)
-        lo = torch.full((R,), float("inf"), dtype=torch.float64, device=x.device)
-        hi, wmax = torch.full_like(lo, -float("inf")), torch.zeros_like(lo)
+        # the float64 copies made once for the three passes where a row chunk is one piece
+        # (rows of at most ``budget`` values), else again for each pass
+        kept = list(convert()) if n <= cstep else None
+
+        def chunks():
+            return kept if kept is not None else convert()
+
+        inf = float("inf")
+        lo = torch.full((R,), inf, dtype=torch.float64, device=x.device)
+        hi, wmax = torch.full_like(lo, -inf), torch.zeros_like(lo)
         for xs, ws, _ in chunks():
             pos = ws > 0
             lo = torch.minimum(lo, torch.where(pos, xs, inf).amin(1))
@@ -62,7 +69,7 @@ def exact_untrusted_rows(x, weights, labels, k: int, ratio: float, budget: int =
 
         H = torch.zeros(R, k, dtype=torch.float64, device=x.device)
         S = torch.zeros_like(H)
-        vlo, vhi = torch.full_like(H, float("inf")), torch.full_like(H, -float("inf"))
+        vlo, vhi = torch.full_like(H, inf), torch.full_like(H, -inf)
         Wn = torch.zeros_like(lo)
         for xs, ws, lab in chunks():
             vn, wn = normalized(xs, ws)
