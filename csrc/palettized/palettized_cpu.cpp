@@ -82,6 +82,9 @@ struct DCtx : Layout {
   void* out = nullptr;
 };
 
+// Bytes of an element of dtype t.
+PC_AI int dtype_size(DType t) { return t == DType::f64 ? 8 : t == DType::f32 ? 4 : 2; }
+
 // Codebook row of weight row r, group gi (gi counts groups of the row; 0 without groups).
 PC_AI int64_t cb_row(const Layout& L, int64_t r, int64_t gi) {
   return codebook_row_of_group(r, gi, L.p->group_size, L.groups, L.p->cb_rows);
@@ -598,8 +601,6 @@ int threads_for(int num_threads, int64_t work) {
   if ((int64_t)nt > work) nt = (int)std::max<int64_t>(1, work);
   return nt;
 }
-
-int dtype_size(DType t) { return t == DType::f64 ? 8 : t == DType::f32 ? 4 : 2; }
 
 constexpr int64_t kMaxBatch = 8;  // x rows per pass over the weight
 // From this many rows of x, the large-batch kernel where the ISA has one (palettized_outer.inc;
