@@ -65,7 +65,7 @@ def palettized_decode_reference(packed: torch.Tensor, codebook: torch.Tensor, bi
         idx = idx + (r * G + c // group_size) * K
     elif codebook.shape[0] != 1 or rows == 1:
         idx = idx + torch.arange(rows, device=packed.device).unsqueeze(1) * K
-    return codebook.reshape(-1)[idx].to(dtype)
+    return codebook.reshape(-1).to(dtype)[idx]  # cast the codebook, not the gathered weight
 
 
 def palettized_linear_reference(x: torch.Tensor, packed: torch.Tensor, codebook: torch.Tensor,
