@@ -68,6 +68,12 @@ def check_max(flag: str, value, hi: int) -> None:
         raise UserError(f"{flag} must be <= {hi}, got {value}")
 
 
+def check_finite_lo(flag: str, value: float, strict: bool) -> None:
+    """A UserError naming ``flag`` unless ``value`` is finite and > 0 (``strict``) or >= 0."""
+    if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+        raise UserError(f"{flag} must be finite and {'>' if strict else '>='} 0, got {value}")
+
+
 def check_common(args) -> None:
     """The options every command has (``--seed``, ``--device``) and the shared numeric ones
     (``--threads``, ``--epochs``, ``--trials``, ``--models``, ``--d``, ``--hidden`` ... where

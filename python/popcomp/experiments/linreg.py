@@ -31,8 +31,8 @@ from typing import Dict, List
 import torch
 
 from .. import theory as T
-from ._common import (UserError, ensure_out, mean_se, progress, pyplot, resolve_device,
-                      resolve_options, savefig, write_json, write_table)
+from ._common import (UserError, check_finite_lo, ensure_out, mean_se, progress, pyplot,
+                      resolve_device, resolve_options, savefig, write_json, write_table)
 
 # dest -> (default, default under --quick); options given explicitly are never changed
 PRESETS = {"trials": (10000, 2000), "kmax": (10, 6)}
@@ -71,8 +71,7 @@ def validate(args) -> None:
         )
     if args.chunk < 1:
         raise UserError(f"--chunk must be >= 1, got {args.chunk}")
-    if not (args.resolution > 0 and math.isfinite(args.resolution)):
-        raise UserError(f"--resolution must be finite and > 0, got {args.resolution}")
+    check_finite_lo("--resolution", args.resolution, strict=True)
 
 
 def resolve(args) -> None:

@@ -37,10 +37,10 @@ from typing import Dict
 
 import torch
 
-from ..data import load_digits, subset
+from ..data import load_digits
 from ._common import (
-    UserError, float_list, int_list, mean_se, progress, pyplot, resolve_options, savefig, start,
-    write_json, write_table
+    UserError, check_finite_lo, float_list, int_list, mean_se, progress, pyplot, resolve_options,
+    savefig, start, write_json, write_table
 )
 from ._nn import entropy_bits, evaluate, hessian_diagonal, make_mlp, train
 
@@ -91,19 +91,15 @@ def validate(args) -> None:
         raise UserError(f"--epochs must be >= 1, got {args.epochs}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
-        raise UserError(f"--weight-decay must be finite and >= 0, got {args.weight_decay}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UserError(f"--lr must be finite and > 0, got {args.lr}")
+    check_finite_lo("--weight-decay", args.weight_decay, strict=False)
+    check_finite_lo("--lr", args.lr, strict=True)
     args.K = sorted(set(int_list("--clusters", args.clusters)))
     if not args.K or min(args.K) < 1 or max(args.K) > K_MAX:
         raise UserError(f"--clusters must list integers in 1..{K_MAX}, got {args.clusters!r}")
     betas = float_list("--betas", args.betas)
-    if not all(math.isfinite(b) for b in betas):
+    if not all(math.isfinite(b) and b >= 0 for b in betas):
         raise UserError(f"--betas must be finite and >= 0, got {args.betas!r}")
     args.beta_grid = sorted(set([0.0] + betas))
-    if min(args.beta_grid) < 0:
-        raise UserError(f"--betas must be finite and >= 0, got {args.betas!r}")
     if len(args.beta_grid) < 2:
         raise UserError("--betas must contain at least one β > 0 for DRHW")
     if args.threads < 1:
