@@ -690,6 +690,21 @@ def test_filter_fn_selects_modules_and_leaves_the_others_alone():
     assert list(hh) == ["norm.weight", "norm.bias"]
 
 
+def test_params_in_any_order_and_repeated_are_accumulated_once_in_model_order():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    X, Y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    for method in H.METHODS:
+        kw = dict(method=method, seed=0, progress=False)
+        h = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)],
+                       params=["2.weight", "0.weight", "2.weight"], **kw)
+        ref = H.diagonal(model, nn.CrossEntropyLoss(), [(X, Y)], params=["0.weight", "2.weight"],
+                         **kw)
+        assert list(h) == ["0.weight", "2.weight"], method
+        for k in ref:
+            torch.testing.assert_close(h[k], ref[k])
+
+
 def test_tied_weight_selected_in_one_module_is_refused():
     emb = nn.Embedding(10, 4)
     head = nn.Linear(4, 10, bias=False)

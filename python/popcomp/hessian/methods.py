@@ -32,7 +32,7 @@ from .._model import call_model, output_tensor
 from .chain import Chain
 from .generic import backprop_columns, record
 from .losses import LossFactor, SampleScale, check_scalar_loss, loss_factor
-from .modules import FilterFn, Site, select_sites
+from .modules import FilterFn, Site, asked_params, select_sites
 
 __all__ = ["LABEL_FREE", "REGISTRY", "Fisher", "GGN", "GGNMC", "Hutchinson", "Method",
            "NonFiniteBatch", "Options", "ThroughModules"]
@@ -298,16 +298,7 @@ class Hutchinson(Method):
     def __init__(self, model, loss_fn, params, opts):
         super().__init__(model, loss_fn, params, opts)
         named = dict(model.named_parameters())
-        if opts.filter_fn is not None:
-            pid = {id(p): n for n, p in named.items()}
-            chosen = {pid[id(p)] for mn, m in model.named_modules() if opts.filter_fn(m, mn)
-                      for p in m.parameters(recurse=False) if id(p) in pid}
-            names = [n for n in named if n in chosen
-                     and (n in params if params is not None else named[n].requires_grad)]
-        else:  # the rule of modules.select_sites: named in params, else trainable
-            names = list(params) if params is not None else [
-                n for n, p in named.items() if p.requires_grad]
-        self.names = names
+        self.names = asked_params(model, params, opts.filter_fn)  # any module type
         self._params = [named[n] for n in self.names]
         self._vmap_ok = True
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from ..ops.checks import SUMSQ_DTYPES
 
-__all__ = ["LAZY_REDUCERS", "REDUCERS", "ModuleReducer", "Site", "bias_sumsq", "reducer_for",
-           "select_sites", "sumsq"]
+__all__ = ["LAZY_REDUCERS", "REDUCERS", "ModuleReducer", "Site", "asked_params", "bias_sumsq",
+           "reducer_for", "select_sites", "sumsq"]
 
 Pairs = Sequence[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -330,6 +330,25 @@ class Site(NamedTuple):
 FilterFn = Callable[[nn.Module, str], bool]
 
 
+def asked_params(model: nn.Module, params: Optional[Iterable[str]],
+                 filter_fn: Optional[FilterFn] = None) -> List[str]:
+    """The names of the parameters asked for, in ``model.named_parameters()`` order: those
+    named in ``params`` (frozen or not), else the trainable ones; with ``filter_fn(module,
+    name)`` only those of the modules it selects (asked of the modules holding parameters)."""
+    named = dict(model.named_parameters())
+    sel = None if params is None else set(params)
+    chosen = None
+    if filter_fn is not None:
+        pname = {id(p): n for n, p in named.items()}
+        chosen = set()
+        for mname, mod in model.named_modules():
+            own = [pname[id(p)] for p in mod.parameters(recurse=False)]
+            if own and filter_fn(mod, mname):
+                chosen.update(own)
+    return [n for n, p in named.items() if (chosen is None or n in chosen)
+            and (n in sel if sel is not None else p.requires_grad)]
+
+
 def select_sites(model: nn.Module, params: Optional[Iterable[str]], method: str,
                  filter_fn: Optional[FilterFn] = None) -> Tuple[List[Site], List[str]]:
     """The modules of ``model`` to accumulate and the parameter names (in module order, as in
@@ -342,7 +361,7 @@ def select_sites(model: nn.Module, params: Optional[Iterable[str]], method: str,
     named = dict(model.named_parameters())
     pname = {id(p): n for n, p in named.items()}
     params = None if params is None else list(params)
-    sel = None if params is None else set(params)
+    asked = set(asked_params(model, params, filter_fn))
     holders: Dict[int, List[str]] = {}  # id(parameter) -> the modules holding it
     for mname, mod in model.named_modules():
         for _, p in mod.named_parameters(recurse=False):
@@ -353,8 +372,8 @@ def select_sites(model: nn.Module, params: Optional[Iterable[str]], method: str,
     for mname, mod in model.named_modules():
         own = [(pname.get(id(p), pn), p) for pn, p in mod.named_parameters(recurse=False)]
         if filter_fn is not None and own and not filter_fn(mod, mname):
-            continue
-        wanted = [(fn, p) for fn, p in own if (fn in sel if sel is not None else p.requires_grad)]
+            continue  # (it may share an asked-for parameter with a module filter_fn selects)
+        wanted = [(fn, p) for fn, p in own if fn in asked]
         if not wanted:
             continue  # nothing asked for: no work, any type
         red = reducer_for(mod)
@@ -380,7 +399,7 @@ def select_sites(model: nn.Module, params: Optional[Iterable[str]], method: str,
             f"between), but these modules have parameters it cannot handle: "
             f"{', '.join(unsupported)}. Use method='hutchinson', or {how}."
         )
-    if sel is not None:
+    if params is not None:
         bad = [p for p in params if p not in names]
         if bad:
             raise ValueError(f"params: {bad} do not belong to modules supported by {method!r}"
