@@ -239,8 +239,8 @@ def load(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
                 dev = mod.weight_packed.device
                 for b, t in zip(PAL_BUFFERS, (packed, cb, padding)):
                     mod._buffers.pop(b, None)
-                    if t is not None:
-                        mod.register_buffer(b, t.to(dev).clone())
+                    if t is not None:  # of the file's shape; load_state_dict fills it
+                        mod.register_buffer(b, torch.empty_like(t, device=dev))
                 mod.palette = meta
                 continue
             dev = mod.weight.device
