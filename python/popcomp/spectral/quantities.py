@@ -16,7 +16,7 @@ eigenvalues below 0 (rounding) are clamped to 0.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
