@@ -243,6 +243,15 @@ def test_float64_entries_near_1e300_stay_finite_and_float32_overflow_is_an_error
     ref = fisher_oracle(model, mse, X, Y)
     assert float(h["0.weight"].max()) > 1e299 and all(bool(torch.isfinite(v).all()) for v in h.values())
     assert_maps(h, ref, rtol=1e-12, dtype=F64)
+    # hutchinson sums its probes in float64 too: a Linear with one input and no bias has a
+    # diagonal Hessian (2 sum_s x_s^2 per weight), which one probe gives exactly
+    lin = nn.Sequential(nn.Linear(1, 2, bias=False)).double()
+    X1 = torch.randn(4, 1, dtype=F64) * 1e150
+    hh = H.diagonal(lin, mse, [(X1, torch.zeros(4, 2, dtype=F64))], method="hutchinson", seed=0,
+                    progress=False)
+    assert hh["0.weight"].dtype == F64
+    torch.testing.assert_close(hh["0.weight"], (2 * X1.square().sum()).expand(2, 1), rtol=1e-12,
+                               atol=0)
     # the same data in a float32 model overflows float32: an error naming the parameters
     m32 = nn.Sequential(nn.Linear(3, 2))
     X32, Y32 = torch.randn(4, 3) * 1e15, torch.randn(4, 2) * 1e15

@@ -352,8 +352,9 @@ class Hutchinson(Method):
                         c.append(h)
                 hz = [None if c[0] is None else torch.stack(c) for c in cols]
             for (name, _, _), z, h in zip(pairs, zs, hz):
-                if h is not None:
-                    acc[name].add_((z * h).float().sum(0), alpha=1.0 / self.opts.num_probes)
+                if h is not None:  # summed in the accumulator's dtype (float64 stays float64)
+                    a = acc[name]
+                    a.add_(torch.sum(z * h, 0, dtype=a.dtype), alpha=1.0 / self.opts.num_probes)
 
 
 def _math_attention():
