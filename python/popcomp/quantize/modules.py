@@ -228,8 +228,8 @@ class _PalettizedTransposedLinear(Palettized):
         return super().dequantize_weight().t().contiguous()  # (in, out), as the module stores it
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dtype not in OP_DTYPES:  # the (out, in) matrix, not weight's (in, out) copy
-            return F.linear(input, Palettized.dequantize_weight(self), self.bias)
+        if input.dtype not in OP_DTYPES:
+            return F.linear(input, self.weight.t(), self.bias)
         m = self.palette
         return torch.ops.popcomp.palettized_linear(input, self.weight_packed, self.weight_codebook,
                                                    self.bias, m.bits, self.fan_in, m.group_size or 0)
