@@ -60,6 +60,12 @@ struct DecodeArgs {
 // ---- sizes of layout v2 ------------------------------------------------------------------
 inline int64_t padded_in(int64_t in) { return (in + 31) / 32 * 32; }
 inline int64_t row_bytes(int64_t in, int bits) { return padded_in(in) / 32 * 4 * bits; }
+inline int64_t blocks_per_row(int64_t in) { return padded_in(in) / 32; }
+// columns of a row's last block that exist (1..32; 0 when in == 0)
+inline int last_block_columns(int64_t in) {
+  const int64_t nb = blocks_per_row(in);
+  return (int)(in - (nb > 0 ? nb - 1 : 0) * 32);
+}
 inline int64_t groups_per_row(int64_t in, int64_t group_size) {
   return group_size > 0 ? (in + group_size - 1) / group_size : 1;
 }

@@ -59,8 +59,8 @@ Layout make_layout(const Params& p, const uint8_t* packed, const void* cb) {
   L.cb = cb;
   L.rb = row_bytes(p.in, p.bits);
   L.bb = 4 * p.bits;
-  L.nblocks = padded_in(p.in) / kBlock;
-  L.tail = (int)(p.in - (L.nblocks > 0 ? L.nblocks - 1 : 0) * kBlock);
+  L.nblocks = blocks_per_row(p.in);
+  L.tail = last_block_columns(p.in);
   L.groups = groups_per_row(p.in, p.group_size);
   return L;
 }

@@ -276,10 +276,10 @@ void linear_cuda(const Params& p, const LinearArgs& a, int device, void* stream)
   k.x = a.x;
   k.bias = a.bias;
   k.y = a.y;
-  k.nblocks = padded_in(p.in) / kBlock;
+  k.nblocks = blocks_per_row(p.in);
   k.xstride = a.x_row_stride;
   k.M = a.M;
-  k.tail = (int)(p.in - (k.nblocks > 0 ? k.nblocks - 1 : 0) * kBlock);
+  k.tail = last_block_columns(p.in);
   const uintptr_t base = reinterpret_cast<uintptr_t>(a.packed);
   k.vec = (base % 16 == 0 && k.rb % 16 == 0) ? 16 : (base % 8 == 0 && k.rb % 8 == 0) ? 8 : 4;
   k.xt = a.x_dtype;
