@@ -623,6 +623,51 @@ def test_chain_convolutions_equal_the_hessian_and_the_generic_path(dim):
     assert_close_maps(f, fisher_oracle(model, nn.CrossEntropyLoss(), X, Y), tol=1e-4)
 
 
+class _NumpySquare(torch.autograd.Function):
+    """x * x with a backward through numpy: no batching rule, so no vmapped backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * torch.from_numpy(g.detach().numpy())
+
+
+class _SquareNet(nn.Module):  # generic path; the square after the first layer
+    def __init__(self, numpy_square):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+        self.numpy_square = numpy_square
+
+    def forward(self, x):
+        h = self.a(x)
+        h = _NumpySquare.apply(h) if self.numpy_square else h * h
+        return self.c(torch.tanh(self.b(torch.tanh(h))))
+
+
+@pytest.mark.parametrize("method", ["ggn", "ggn_mc"])
+def test_generic_path_without_a_batching_rule_backprops_column_by_column(method):
+    # the vmapped backward fails past the layers above the square (their part of the graph
+    # freed by then): the columns go one by one through the kept graph, on every batch
+    torch.manual_seed(0)
+    ref_model, model = _SquareNet(False), _SquareNet(True)
+    model.load_state_dict(ref_model.state_dict())
+    X, Y = torch.randn(6, 3), torch.randint(0, 3, (6,))
+    data = [(X[:3], Y[:3]), (X[3:], Y[3:])]
+    kw = dict(seed=0, mc_samples=3)
+    acc = H.HessianAccumulator(model, nn.CrossEntropyLoss(), method, **kw)
+    h = acc.accumulate(data, progress=False).result()
+    assert acc._estimator._batched is False  # tried once, then column by column
+    ref = H.HessianAccumulator(ref_model, nn.CrossEntropyLoss(), method, **kw)
+    ref = ref.accumulate(data, progress=False).result()
+    for k in ref:
+        torch.testing.assert_close(h[k], ref[k], rtol=1e-5, atol=1e-7)
+
+
 def test_chain_does_not_scale_the_loss_gradient_in_place():
     # d/do (o - y).sum() is an expanded (stride 0) tensor of ones: no in-place product on it
     torch.manual_seed(9)

@@ -1,5 +1,6 @@
 """The generic autograd path of fisher/ggn/ggn_mc for any model: module inputs and outputs
-recorded by forward hooks, columns backpropagated to those outputs by (vmapped) autograd."""
+recorded by forward hooks, columns backpropagated to those outputs by (vmapped) autograd
+(:func:`backprop_columns`, also hutchinson's backward of its probes)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -92,23 +93,28 @@ def record(forward: Callable[[Any], Any], inputs: Any, sites: Sequence[Site],
     return out, [(s, [(r.inp, r.out) for r in recs[s.name]]) for s in sites if recs[s.name]]
 
 
-def backprop_columns(out: torch.Tensor, layer_outs: Sequence[torch.Tensor], cols: torch.Tensor
-                     ) -> List[Optional[torch.Tensor]]:
-    """The columns (R, *out.shape) at the model output carried back to each of ``layer_outs``
-    (R, *layer_out.shape; None where a layer output does not reach the model output): one
-    vmapped backward, or one backward per column where the graph has no batching rule."""
-    if cols.shape[0] == 1:  # one column (ggn_mc with one sample): no vmap needed
-        gs = torch.autograd.grad(out, layer_outs, cols[0], allow_unused=True)
-        return [None if g is None else g.unsqueeze(0) for g in gs]
-    try:
-        return list(torch.autograd.grad(out, layer_outs, cols, is_grads_batched=True,
-                                        allow_unused=True))
-    except RuntimeError:
-        res: List[List[Optional[torch.Tensor]]] = [[] for _ in layer_outs]
-        R = cols.shape[0]
-        for c in range(R):
-            gs = torch.autograd.grad(out, layer_outs, cols[c], retain_graph=c + 1 < R,
-                                     allow_unused=True)
-            for lst, g in zip(res, gs):
-                lst.append(g)
-        return [None if lst[0] is None else torch.stack(lst) for lst in res]
+def backprop_columns(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+                     cols: Sequence[torch.Tensor], *, retain_graph: bool = False,
+                     batched: bool = True) -> Tuple[List[Optional[torch.Tensor]], bool]:
+    """The R columns ``cols`` (one (R, *output.shape) tensor per tensor of ``outputs``) carried
+    back to each of ``inputs``: (R, *input.shape) per input (None where it does not reach the
+    outputs), by one vmapped backward (when ``batched`` and R > 1), else -- or where the graph
+    has no batching rule -- one backward per column. The graph is kept through the vmapped
+    attempt (a failed one may have freed part of it) and after the last backward when
+    ``retain_graph``. Also returns ``batched``, False once the vmapped backward failed (the
+    caller may skip it next time)."""
+    R = cols[0].shape[0]
+    if batched and R > 1:
+        try:
+            return list(torch.autograd.grad(outputs, inputs, cols, retain_graph=True,
+                                            allow_unused=True, is_grads_batched=True)), True
+        except RuntimeError:
+            batched = False
+    res: List[List[Optional[torch.Tensor]]] = [[] for _ in inputs]
+    for c in range(R):
+        gs = torch.autograd.grad(outputs, inputs, [col[c] for col in cols],
+                                 retain_graph=retain_graph or c + 1 < R, allow_unused=True)
+        for lst, g in zip(res, gs):
+            lst.append(g)
+    return [None if lst[0] is None else lst[0].unsqueeze(0) if R == 1 else torch.stack(lst)
+            for lst in res], batched

@@ -135,6 +135,7 @@ class ThroughModules(Method):
         self.chain = None if opts.output_fn is not None else Chain.build(model, self.sites)
         self._bound: Optional[Acc] = None  # the accumulators _site_acc was built for
         self._site_acc: Dict[str, Acc] = {}
+        self._batched = True  # the columns' vmapped backward works (generic path)
         # BatchNorms: in training mode they couple the samples (checked per batch)
         self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -156,7 +157,8 @@ class ThroughModules(Method):
         cols = self.output_columns(out, targets, B)
         if cols is None:
             return [None] * len(layer_outs)
-        return backprop_columns(out, layer_outs, cols)
+        grads, self._batched = backprop_columns([out], layer_outs, [cols], batched=self._batched)
+        return grads
 
     def update(self, acc, inputs, targets, B):
         if self.chain is not None and self.chain.ready(inputs):
@@ -300,7 +302,7 @@ class Hutchinson(Method):
         named = dict(model.named_parameters())
         self.names = asked_params(model, params, opts.filter_fn)  # any module type
         self._params = [named[n] for n in self.names]
-        self._vmap_ok = True
+        self._batched = True  # the probes' vmapped double backward works
 
     def update(self, acc, inputs, targets, B):
         # fused attention kernels (flash / memory-efficient SDPA) have no double backward: the
@@ -328,29 +330,14 @@ class Hutchinson(Method):
         while left > 0:
             n = min(left, self.probe_chunk)
             left -= n
-            last = left == 0
             zs = []
             for p in ps:
                 z = torch.randint(0, 2, (n, *p.shape), generator=self.generator(p.device),
                                   device=p.device).to(p.dtype)
                 zs.append(z.mul_(2).sub_(1))
-            hz = None
-            if n > 1 and self._vmap_ok:
-                try:  # all probes of the chunk in one vmapped double-backward
-                    # the graph kept: a failed batched backward may have freed part of it
-                    hz = torch.autograd.grad(gs, ps, zs, retain_graph=True, allow_unused=True,
-                                             is_grads_batched=True)
-                except RuntimeError:
-                    self._vmap_ok = False
-            if hz is None:
-                cols: List[List[Optional[torch.Tensor]]] = [[] for _ in ps]
-                for j in range(n):
-                    hj = torch.autograd.grad(gs, ps, [z[j] for z in zs],
-                                             retain_graph=not (last and j == n - 1),
-                                             allow_unused=True)
-                    for c, h in zip(cols, hj):
-                        c.append(h)
-                hz = [None if c[0] is None else torch.stack(c) for c in cols]
+            # all probes of the chunk in one vmapped double backward where the graph allows it
+            hz, self._batched = backprop_columns(gs, ps, zs, retain_graph=left > 0,
+                                                 batched=self._batched)
             for (name, _, _), z, h in zip(pairs, zs, hz):
                 if h is not None:  # summed in the accumulator's dtype (float64 stays float64)
                     a = acc[name]
