@@ -5,7 +5,6 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -29,12 +28,7 @@ struct Elem<DType::f64> {
   static bool finite(const void* p, int64_t i) { return std::isfinite(get(p, i)); }
   static bool negative(const void* p, int64_t i) { return get(p, i) < 0.0; }
   static Key key(const void* p, int64_t i) { return double_key(get(p, i) + 0.0); }  // -0 -> +0
-  static double value(Key k) {
-    uint64_t b = (k & 0x8000000000000000ull) ? (k & 0x7fffffffffffffffull) : ~k;
-    double d;
-    std::memcpy(&d, &b, 8);
-    return d;
-  }
+  static double value(Key k) { return key_to_double(k); }
 };
 template <>
 struct Elem<DType::f32> {

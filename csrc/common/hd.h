@@ -130,6 +130,16 @@ PC_HD uint64_t double_key(double d) {
 #endif
   return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
 }
+PC_HD double key_to_double(uint64_t k) {
+  const uint64_t b = (k & 0x8000000000000000ull) ? (k & 0x7fffffffffffffffull) : ~k;
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double((long long)b);
+#else
+  double d;
+  std::memcpy(&d, &b, 8);
+  return d;
+#endif
+}
 // 16-bit patterns (fp16 / bf16) -> order-preserving 16-bit key.
 PC_HD uint32_t half_key(uint16_t h) {
   return (h & 0x8000u) ? (uint32_t)(~h & 0xffffu) : (uint32_t)(h | 0x8000u);
