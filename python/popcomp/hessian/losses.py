@@ -178,8 +178,9 @@ class OutputFactor(_ElementwiseFactor):
 
     def sampled(self, out, targets, M, gen):
         n = int(math.prod(out.shape[1:]))
-        eps = torch.randint(0, 2, (M, out.shape[0], n), generator=gen, device=out.device)
-        eps = eps.to(acc_dtype(out)).mul_(2).sub_(1).div_(math.sqrt(M))
+        eps = torch.randint(0, 2, (M, out.shape[0], n), generator=gen, device=out.device,
+                            dtype=acc_dtype(out))  # no int64 copy
+        eps = eps.mul_(2).sub_(1).div_(math.sqrt(M))
         return eps.reshape(M, *out.shape).to(out.dtype)
 
 

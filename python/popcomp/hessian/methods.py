@@ -333,7 +333,7 @@ class Hutchinson(Method):
             zs = []
             for p in ps:
                 z = torch.randint(0, 2, (n, *p.shape), generator=self.generator(p.device),
-                                  device=p.device).to(p.dtype)
+                                  device=p.device, dtype=p.dtype)  # no int64 copy
                 zs.append(z.mul_(2).sub_(1))
             # all probes of the chunk in one vmapped double backward where the graph allows it
             hz, self._batched = backprop_columns(gs, ps, zs, retain_graph=left > 0,
