@@ -193,11 +193,11 @@ __global__ void sumsq_reduce_kernel(const S* __restrict__ slabs, int64_t elems, 
   }
 }
 
-// The launches for the accumulation scalar S (acc of S; the slabs of S in the workspace).
+// The launches for the accumulation scalar S (acc of S; the slabs of S in the workspace); every
+// size > 0 (the callers return early otherwise).
 template <typename S>
 void launch(const SumSqParams& p, const void* g, const void* x, S* acc, void* workspace,
             size_t workspace_bytes, int device, void* stream) {
-  if (p.B <= 0 || p.R <= 0 || p.T <= 0 || p.out <= 0 || p.in <= 0) return;
   DeviceGuard guard(device);
   int sms = 0;
   PC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
