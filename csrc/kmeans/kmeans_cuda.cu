@@ -144,10 +144,7 @@ __device__ __forceinline__ uint64_t raw_key(const void* x, DType t, int64_t i) {
 
 __device__ __forceinline__ double key_value(uint64_t key, DType t) {
   switch (t) {
-    case DType::f64: {
-      uint64_t b = (key & 0x8000000000000000ull) ? (key & 0x7fffffffffffffffull) : ~key;
-      return __longlong_as_double((long long)b);
-    }
+    case DType::f64: return key_to_double(key);
     case DType::f32: return (double)key_to_float((uint32_t)key);
     case DType::f16: return (double)half_bits_to_float(half_key_to_bits((uint32_t)key));
     default: return (double)bf16_bits_to_float(half_key_to_bits((uint32_t)key));
